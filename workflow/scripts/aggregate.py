@@ -1,0 +1,25 @@
+"""Rule aggregate: merge the shards of the ranks that succeeded and report what is missing."""
+
+import logging
+import sys
+from pathlib import Path
+
+from esmshard import EsmShardError, logs
+from esmshard.aggregate import aggregate
+
+logs.setup(snakemake.log[0])
+log = logging.getLogger("esmshard.aggregate")
+try:
+    manifest = aggregate(
+        Path(snakemake.input.index).parent,
+        snakemake.input.plan,
+        snakemake.input.statuses,
+        snakemake.output.embeddings,
+        snakemake.output.manifest,
+        snakemake.output.missing,
+        require_complete=snakemake.params.require_complete,
+    )
+except EsmShardError as error:
+    log.error("%s", error)
+    sys.exit(1)
+log.info("%d of %d sequences embedded into %s", manifest["embedded"], manifest["sequences"], manifest["output"])

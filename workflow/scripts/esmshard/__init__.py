@@ -1,0 +1,40 @@
+"""esmshard: ESM-2 embeddings for large FASTA inputs, one shard per GPU rank.
+
+One module per concern; none of them knows about Snakemake:
+
+- ``fasta``: streaming FASTA reading and validation
+- ``index``: the sequence index (IDs, sources, offsets, lengths, cleaned residues)
+- ``plan``: balancing sequences over ranks
+- ``gpu``: counting GPUs and leasing one exclusively
+- ``model``: loading ESM-2 checkpoints in fair-esm's format
+- ``batching``: token-budget batches
+- ``engine``: the forward pass and pooling
+- ``shard``: shard files
+- ``rank``: one rank's run, from index to shard
+- ``aggregate``: merging shards into one file and reporting what is missing
+"""
+
+import contextlib
+import os
+from pathlib import Path
+
+
+class EsmShardError(Exception):
+    """An error the user can fix; the message says what and where, in one line."""
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Yield a temporary path next to ``path``; rename it into place only on success.
+
+    A reader never sees a half-written file, and a failure leaves whatever was at ``path``
+    before untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

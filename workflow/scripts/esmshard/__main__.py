@@ -1,0 +1,31 @@
+"""Command-line tools: ``python -m esmshard random-checkpoint PATH``."""
+
+import argparse
+
+from esmshard.architectures import ESM2_MODELS
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m esmshard")
+    commands = parser.add_subparsers(dest="command", required=True)
+    random = commands.add_parser(
+        "random-checkpoint",
+        help="write an ESM-2 checkpoint with RANDOM weights (real architecture) in fair-esm's format",
+    )
+    random.add_argument("path")
+    random.add_argument("--like", choices=sorted(ESM2_MODELS), help="copy the shape of a released model")
+    random.add_argument("--layers", type=int, default=2)
+    random.add_argument("--embed-dim", type=int, default=32)
+    random.add_argument("--heads", type=int, default=4)
+    random.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    from esmshard.model import write_random_checkpoint
+
+    layers, dim, heads = ESM2_MODELS[args.like] if args.like else (args.layers, args.embed_dim, args.heads)
+    path = write_random_checkpoint(args.path, layers, dim, heads, args.seed)
+    print(f"wrote {path}: ESM-2 architecture ({layers} layers, dim {dim}, {heads} heads) with RANDOM weights")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Streaming FASTA reading with the validation policy ESM-2 needs.
+
+Every record is checked as it streams by, so that bad input stops the run before any model
+work. Memory holds one record at a time.
+"""
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from esmshard import EsmShardError
+
+# The 25 residue letters ESM-2's alphabet knows: the 20 standard amino acids plus X B U Z O.
+ESM_RESIDUES = b"ACDEFGHIKLMNPQRSTVWYXBUZO"
+INVALID_POLICIES = ("error", "replace")
+
+_DELETE_VALID = bytes(ESM_RESIDUES)
+# Maps every byte that is not an ESM-2 residue to X (used with invalid_residues: replace).
+_TO_X = bytes(c if c in ESM_RESIDUES else ord("X") for c in range(256))
+
+
+@dataclass
+class Record:
+    id: str
+    residues: bytes  # upper-case, validated
+    offset: int  # byte offset of the '>' line in the (decompressed) file
+    number: int  # 1-based record number within the file
+    line: int  # 1-based line number of the header
+    replaced: int  # residues mapped to X under invalid_residues: replace
+
+
+def open_maybe_gzip(path: Path):
+    """Open a FASTA file for binary reading; gzip is recognised by its magic bytes."""
+    with open(path, "rb") as handle:
+        magic = handle.read(2)
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def read_fasta(path, invalid_residues: str = "error") -> Iterator[Record]:
+    """Yield the validated records of one FASTA file (plain or gzip).
+
+    Raises EsmShardError naming the file, record and position of the first problem.
+    """
+    if invalid_residues not in INVALID_POLICIES:
+        raise ValueError(f"invalid_residues must be one of {INVALID_POLICIES}")
+    path = Path(path)
+    header = None  # (id, offset, number, line) of the record being read
+    chunks: list[bytes] = []
+    number = 0
+    offset = 0
+    try:
+        with open_maybe_gzip(path) as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                line = raw.strip()
+                if line.startswith(b">"):
+                    if header is not None:
+                        yield _finish(path, header, chunks, invalid_residues)
+                    number += 1
+                    header = (_parse_id(path, line, number, line_no), offset, number, line_no)
+                    chunks = []
+                elif line:
+                    if header is None:
+                        raise EsmShardError(_not_fasta(path, line, line_no))
+                    chunks.append(b"".join(line.split()))
+                offset += len(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as error:
+        raise EsmShardError(f"{path}: cannot read file: {error}") from None
+    if header is None:
+        raise EsmShardError(f"{path}: no FASTA records (empty file or no '>' header lines)")
+    yield _finish(path, header, chunks, invalid_residues)
+
+
+def _parse_id(path: Path, line: bytes, number: int, line_no: int) -> str:
+    words = line[1:].split()
+    if not words:
+        raise EsmShardError(f"{path}: record {number} (line {line_no}): header has no sequence ID")
+    try:
+        return words[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise EsmShardError(
+            f"{path}: record {number} (line {line_no}): sequence ID is not valid UTF-8"
+        ) from None
+
+
+def _not_fasta(path: Path, line: bytes, line_no: int) -> str:
+    if line.startswith(b"@"):
+        kind = "this looks like FASTQ, not FASTA"
+    else:
+        kind = "text before the first '>' header; this is not FASTA"
+    return f"{path}: line {line_no}: {kind} (starts with {line[:20]!r})"
+
+
+def _finish(path: Path, header, chunks: list[bytes], invalid_residues: str) -> Record:
+    seq_id, offset, number, line_no = header
+    where = f"{path}: record {number} ('{seq_id}', line {line_no})"
+    residues = b"".join(chunks).upper()
+    if residues.endswith(b"*"):  # one stop codon from a translated ORF
+        residues = residues[:-1]
+    if not residues:
+        raise EsmShardError(f"{where}: record has no residues")
+    invalid = residues.translate(None, _DELETE_VALID)
+    replaced = 0
+    if invalid:
+        if invalid_residues == "error":
+            position = next(i for i, c in enumerate(residues) if c not in ESM_RESIDUES)
+            char = chr(residues[position])
+            raise EsmShardError(
+                f"{where}: residue {position + 1} is {char!r}, which is not one of ESM-2's 25 "
+                f"letters ({ESM_RESIDUES.decode()}); fix the input or set "
+                f"'invalid_residues: replace' to map such characters to X"
+            )
+        replaced = len(invalid)
+        residues = residues.translate(_TO_X)
+    return Record(seq_id, residues, offset, number, line_no, replaced)

@@ -1,0 +1,116 @@
+"""Loading ESM-2 checkpoints in fair-esm's file format, safely, with current torch.
+
+fair-esm 2.0.0's own loader calls torch.load without weights_only (which fails on torch >= 2.6,
+whose default is the safe unpickler) and insists on a contact-regression file next to a local
+checkpoint. Here the checkpoint is read with the safe unpickler, allowing only the one non-tensor
+type fair-esm checkpoints hold (argparse.Namespace, their config), checked to be ESM-2, and built
+by fair-esm's own code. Contact regression weights are never needed for embeddings.
+"""
+
+import argparse
+import logging
+import pickle
+import warnings
+from pathlib import Path
+
+import esm
+import torch
+
+from esmshard import EsmShardError
+from esmshard.architectures import ESM2_MODELS
+
+log = logging.getLogger(__name__)
+
+MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+SAFE_GLOBALS = [argparse.Namespace]
+_CONFIG_FIELDS = ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "token_dropout")
+
+
+def resolve_checkpoint(model: str) -> Path:
+    """The local checkpoint file for a released model name (downloaded once) or a path."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        return path
+    if model in ESM2_MODELS:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / f"{model}.pt"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            url = MODEL_URL.format(name=model)
+            log.info("downloading %s to %s", url, path)
+            try:
+                torch.hub.download_url_to_file(url, str(path), progress=False)
+            except Exception as error:  # any network or HTTP failure
+                raise EsmShardError(
+                    f"model: cannot download {model} from {url} ({error}); "
+                    f"download it elsewhere and set 'model' to the file's path"
+                ) from None
+        return path
+    raise EsmShardError(
+        f"model: {model!r} is neither an existing checkpoint file nor a released ESM-2 model "
+        f"({', '.join(ESM2_MODELS)})"
+    )
+
+
+def load_model(model: str):
+    """(fair-esm ESM2 module in eval mode on the CPU, its Alphabet) for a name or a path."""
+    path = resolve_checkpoint(model)
+    data = _read_checkpoint(path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Regression weights not found")
+        try:
+            # "esm2" selects fair-esm's ESM-2 builder; the file name may be anything.
+            network, alphabet = esm.pretrained.load_model_and_alphabet_core("esm2", data)
+        except (RuntimeError, KeyError, AttributeError) as error:
+            raise EsmShardError(f"model: {path} does not hold ESM-2 weights: {error}") from None
+    return network.eval(), alphabet
+
+
+def _read_checkpoint(path: Path) -> dict:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise EsmShardError(
+            f"model: {path} is not a checkpoint in fair-esm's format that loads safely: {first_line}"
+        ) from None
+    config = data.get("cfg", {}).get("model") if isinstance(data, dict) else None
+    weights = data.get("model") if isinstance(data, dict) else None
+    if (
+        not isinstance(config, argparse.Namespace)
+        or not all(hasattr(config, field) for field in _CONFIG_FIELDS)
+        or not isinstance(weights, dict)
+        or not any(key.endswith("embed_tokens.weight") for key in weights)
+    ):
+        raise EsmShardError(
+            f"model: {path} is not an ESM-2 checkpoint (expected fair-esm's layout: "
+            f"cfg.model with {', '.join(_CONFIG_FIELDS)}, and model weights)"
+        )
+    return data
+
+
+def write_random_checkpoint(path, layers: int, embed_dim: int, heads: int, seed: int = 0) -> Path:
+    """Write an ESM-2 checkpoint with random weights in fair-esm's released file layout.
+
+    For tests, the demo without network, and speed benchmarks: the architecture is real, the
+    weights are not, so its embeddings mean nothing biologically.
+    """
+    torch.manual_seed(seed)
+    network = esm.ESM2(num_layers=layers, embed_dim=embed_dim, attention_heads=heads, token_dropout=True)
+    with torch.no_grad():
+        for name, tensor in network.named_parameters():
+            if "layer_norm" in name:  # make LayerNorms non-trivial so tests see their effect
+                tensor.add_(0.1 * torch.randn_like(tensor))
+    weights = {}
+    for name, tensor in network.state_dict().items():
+        if name.startswith("contact_head."):
+            continue  # released checkpoints keep these in a separate regression file
+        prefix = "encoder." if name.startswith("lm_head.") else "encoder.sentence_encoder."
+        weights[prefix + name] = tensor.clone()
+    config = argparse.Namespace(
+        encoder_layers=layers, encoder_embed_dim=embed_dim, encoder_attention_heads=heads, token_dropout=True
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"cfg": {"model": config}, "model": weights}, path)
+    return path
