@@ -14,16 +14,17 @@ from esmshard.rank import read_token
 def resolve_world_size():
     """config world_size, else the GPUs visible where the workflow is planned (at least 1).
 
-    The planning process passes its count to the jobs it starts (locally or through SLURM,
-    which exports the environment) so that a job on another node sees the same number.
+    The planning process passes the number to the jobs it starts (envvars below), so that a
+    job on another node, which sees other GPUs, plans with the same number.
     """
     if config.get("world_size"):
-        return int(config["world_size"])
-    if not workflow.is_main_process and "ESMSHARD_WORLD_SIZE" in os.environ:
-        return int(os.environ["ESMSHARD_WORLD_SIZE"])
-    detected = max(1, count_visible_gpus())
-    os.environ["ESMSHARD_WORLD_SIZE"] = str(detected)
-    return detected
+        world_size = int(config["world_size"])
+    elif not workflow.is_main_process and "ESMSHARD_WORLD_SIZE" in os.environ:
+        world_size = int(os.environ["ESMSHARD_WORLD_SIZE"])
+    else:
+        world_size = max(1, count_visible_gpus())
+    os.environ["ESMSHARD_WORLD_SIZE"] = str(world_size)
+    return world_size
 
 
 def check_model(model):
@@ -44,6 +45,12 @@ def warn_without_params_trigger():
 
 
 WORLD_SIZE = resolve_world_size()
+
+
+envvars:
+    "ESMSHARD_WORLD_SIZE",
+
+
 RANKS = list(range(WORLD_SIZE))
 check_model(config["model"])
 

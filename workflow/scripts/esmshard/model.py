@@ -9,7 +9,6 @@ by fair-esm's own code. Contact regression weights are never needed for embeddin
 
 import argparse
 import logging
-import pickle
 import warnings
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def load_model(model: str):
             # "esm2" selects fair-esm's ESM-2 builder; the file name may be anything.
             network, alphabet = esm.pretrained.load_model_and_alphabet_core("esm2", data)
         except (RuntimeError, KeyError, AttributeError) as error:
-            raise EsmShardError(f"model: {path} does not hold ESM-2 weights: {error}") from None
+            raise EsmShardError(f"model: {path} does not hold ESM-2 weights: {_one_line(error)}") from None
     return network.eval(), alphabet
 
 
@@ -69,10 +68,9 @@ def _read_checkpoint(path: Path) -> dict:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except Exception as error:  # the safe unpickler raises many kinds on foreign files
         raise EsmShardError(
-            f"model: {path} is not a checkpoint in fair-esm's format that loads safely: {first_line}"
+            f"model: {path} is not a checkpoint in fair-esm's format that loads safely: {_one_line(error)}"
         ) from None
     config = data.get("cfg", {}).get("model") if isinstance(data, dict) else None
     weights = data.get("model") if isinstance(data, dict) else None
@@ -87,6 +85,11 @@ def _read_checkpoint(path: Path) -> dict:
             f"cfg.model with {', '.join(_CONFIG_FIELDS)}, and model weights)"
         )
     return data
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def write_random_checkpoint(path, layers: int, embed_dim: int, heads: int, seed: int = 0) -> Path:

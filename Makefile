@@ -1,0 +1,22 @@
+# make demo: set up a virtual environment and run the demo.  make test: set up and run the tests.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: setup demo test lint
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -r requirements.txt
+	touch $@
+
+demo: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash demo/run.sh
+
+test: setup
+	$(PYTHON) -m pytest
+
+lint: setup
+	$(VENV)/bin/snakefmt --check workflow
+	$(VENV)/bin/snakemake --lint

@@ -1,0 +1,57 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from esmshard.model import write_random_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+AMINO = "ACDEFGHIKLMNPQRSTVWY"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A real ESM-2 architecture (2 layers, width 32) with random weights, in fair-esm's format."""
+    return write_random_checkpoint(tmp_path_factory.mktemp("model") / "esm2_tiny.pt", 2, 32, 4, seed=1)
+
+
+def random_sequences(n: int, seed: int = 0, median: int = 120, cap: int = 1400) -> dict[str, str]:
+    """Protein-like sequences with log-normal lengths (not all equal, some over 1022)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(median), 0.7, n).astype(int), 1, cap)
+    return {f"seq{i:05d}": "".join(rng.choice(list(AMINO), size=length)) for i, length in enumerate(lengths)}
+
+
+def write_fasta(path: Path, records: dict[str, str], width: int = 60) -> Path:
+    with open(path, "w") as handle:
+        for seq_id, seq in records.items():
+            handle.write(f">{seq_id} some description\n")
+            for i in range(0, len(seq), width):
+                handle.write(seq[i : i + width] + "\n")
+    return path
+
+
+def run_snakemake(workdir: Path, config: dict, *args: str, env: dict | None = None, cores: int = 2):
+    """Run the real snakemake command on the workflow in ``workdir``; returns CompletedProcess."""
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [
+        str(Path(sys.executable).with_name("snakemake")),
+        "--snakefile", str(SNAKEFILE),
+        "--directory", str(workdir),
+        "--configfile", str(workdir / "config.yaml"),
+        "--cores", str(cores),
+        *args,
+    ]
+    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ESMSHARD_FAIL_RANKS": "", **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600)
+
+
+def read_embeddings(path: Path) -> tuple[list[str], np.ndarray, dict]:
+    with h5py.File(path, "r") as h5:
+        return list(h5["ids"].asstr()[:]), h5["embeddings"][:], dict(h5.attrs)

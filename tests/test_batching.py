@@ -1,0 +1,20 @@
+import numpy as np
+
+from esmshard.batching import padded_batches
+
+
+def test_batches_fit_the_budget_and_cover_every_sequence_once():
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(np.log(300), 0.8, 2000).astype(int), 1, 1022)
+    batches = padded_batches(lengths, 8192)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) * (lengths[batch].max() + 2) <= 8192
+    # longest first and similar lengths together
+    assert lengths[batches[0]].max() == lengths.max()
+
+
+def test_a_sequence_over_the_budget_gets_a_batch_of_its_own():
+    batches = padded_batches(np.array([10, 1000, 10]), 500)
+    assert [b.tolist() for b in batches] == [[1], [0, 2]]

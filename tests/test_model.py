@@ -1,0 +1,68 @@
+import argparse
+
+import pytest
+import torch
+
+from esmshard import EsmShardError
+from esmshard.model import load_model, resolve_checkpoint, write_random_checkpoint
+
+
+def test_tiny_checkpoint_loads_through_the_released_format(tiny_checkpoint):
+    network, alphabet = load_model(str(tiny_checkpoint))
+    assert (network.num_layers, network.embed_dim, network.attention_heads) == (2, 32, 4)
+    assert not network.training
+    saved = torch.load(tiny_checkpoint, weights_only=False)
+    assert isinstance(saved["cfg"]["model"], argparse.Namespace)
+    assert all(k.startswith(("encoder.sentence_encoder.", "encoder.lm_head")) for k in saved["model"])
+    assert not any("contact_head" in k for k in saved["model"])  # as released: no regression weights
+    key = "encoder.sentence_encoder.layers.1.self_attn.k_proj.weight"
+    assert torch.equal(network.layers[1].self_attn.k_proj.weight, saved["model"][key])
+
+
+def test_any_file_name_works_without_regression_file(tmp_path):
+    path = write_random_checkpoint(tmp_path / "my finetuned model.pt", 1, 16, 2)
+    network, _ = load_model(str(path))
+    assert network.num_layers == 1
+
+
+def test_text_file_is_rejected(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("not a checkpoint")
+    with pytest.raises(EsmShardError, match=f"model: {path} is not a checkpoint in fair-esm's format"):
+        load_model(str(path))
+
+
+def test_other_torch_file_is_rejected(tmp_path):
+    path = tmp_path / "linear.pt"
+    torch.save(torch.nn.Linear(3, 3).state_dict(), path)
+    with pytest.raises(EsmShardError, match="is not an ESM-2 checkpoint"):
+        load_model(str(path))
+
+
+def test_esm_layout_with_wrong_weights_is_rejected(tmp_path, tiny_checkpoint):
+    data = torch.load(tiny_checkpoint, weights_only=False)
+    data["model"] = {k: v for k, v in data["model"].items() if "layers.1." not in k}
+    path = tmp_path / "broken.pt"
+    torch.save(data, path)
+    with pytest.raises(EsmShardError, match="does not hold ESM-2 weights: .*Missing key"):
+        load_model(str(path))
+
+
+class Payload:
+    """Unpickling this would call a function: what a malicious checkpoint does."""
+
+    def __reduce__(self):
+        return (print, ("unpickled arbitrary code",))
+
+
+def test_arbitrary_pickled_objects_are_refused(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"cfg": {"model": Payload()}, "model": {}}, path)
+    with pytest.raises(EsmShardError, match="loads safely"):
+        load_model(str(path))
+    assert "unpickled arbitrary code" not in capsys.readouterr().out
+
+
+def test_unknown_model_name(tmp_path):
+    with pytest.raises(EsmShardError, match="neither an existing checkpoint file nor a released ESM-2 model"):
+        resolve_checkpoint("esm2_t99_1T_UR50D")

@@ -1,0 +1,28 @@
+import numpy as np
+import pytest
+
+from esmshard.plan import balance, imbalance, sequence_costs
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1000, 20000])
+def test_balanced_within_two_percent_on_realistic_lengths(n, world_size):
+    rng = np.random.default_rng(n + world_size)
+    lengths = np.clip(rng.lognormal(np.log(300), 0.8, n).astype(int), 1, 5000)
+    costs = sequence_costs(lengths, embed_dim=1280)
+    ranks, rank_costs = balance(costs, world_size)
+    assert imbalance(rank_costs) <= 1.02
+    assert sorted(set(ranks.tolist())) == list(range(world_size))
+    assert np.isclose(rank_costs.sum(), costs.sum())  # every sequence counted exactly once
+    assert np.allclose(rank_costs, [costs[ranks == r].sum() for r in range(world_size)])
+
+
+def test_cost_grows_faster_than_length_and_caps_at_1022():
+    costs = sequence_costs(np.array([100, 1000, 1022, 5000]), embed_dim=320)
+    assert costs[1] / costs[0] > 10
+    assert costs[2] == costs[3]
+
+
+def test_single_rank_takes_everything():
+    ranks, rank_costs = balance(sequence_costs(np.array([5, 50, 500]), 320), 1)
+    assert ranks.tolist() == [0, 0, 0] and imbalance(rank_costs) == 1.0

@@ -1,0 +1,41 @@
+"""The project's own hygiene: lint, formatting, and one set of pinned versions."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import REPO, SNAKEFILE
+
+BIN = Path(sys.executable).parent
+
+
+def test_snakemake_lint_is_clean(tmp_path):
+    result = subprocess.run(
+        [BIN / "snakemake", "--snakefile", SNAKEFILE, "--directory", tmp_path, "--configfile",
+         REPO / "config/config.yaml", "--lint"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+
+
+def test_snakefmt_formatting(tmp_path):
+    result = subprocess.run([BIN / "snakefmt", "--check", REPO / "workflow"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_conda_and_pip_pin_the_same_versions():
+    pip = dict(
+        re.match(r"([\w-]+)==([\w.]+)", line).groups()
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    conda = {}
+    for dep in yaml.safe_load((REPO / "environment.yml").read_text())["dependencies"]:
+        for entry in dep["pip"] if isinstance(dep, dict) else [dep]:
+            name, _, version = re.split(r"(==|=)", entry) if "=" in entry else (entry, "", "")
+            conda[name] = version
+    assert {name: conda.get(name) for name in pip} == pip

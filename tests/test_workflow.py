@@ -1,0 +1,205 @@
+"""The real snakemake command on the tiny model, as a user runs it."""
+
+import json
+import re
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import random_sequences, read_embeddings, run_snakemake, write_fasta
+from test_engine import fair_esm_mean
+from esmshard.model import load_model
+
+
+@pytest.fixture(scope="module")
+def records():
+    records = random_sequences(60, seed=11, median=150)
+    records["len1"] = "M"
+    records["len2"] = "MK"
+    records["long3000"] = random_sequences(1, seed=12, median=3000, cap=3000)["seq00000"]
+    return records
+
+
+@pytest.fixture(scope="module")
+def fasta(tmp_path_factory, records):
+    return write_fasta(tmp_path_factory.mktemp("input") / "proteins.fasta", records)
+
+
+def config_for(fasta, model, **extra):
+    return {"fasta": [str(fasta)], "model": str(model), "progress_seconds": 0.5, **extra}
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table snakemake prints: which rules ran, how many jobs each."""
+    table = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+def planned_ids(workdir, rank):
+    with h5py.File(workdir / "results/index/plan.h5") as plan, h5py.File(workdir / "results/index/sequences.h5") as index:
+        return list(index["id"].asstr()[:][plan["rank"][:] == rank])
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, fasta, tiny_checkpoint):
+    """Three ranks, nothing failing."""
+    workdir = tmp_path_factory.mktemp("clean3")
+    result = run_snakemake(workdir, config_for(fasta, tiny_checkpoint, world_size=3))
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+def test_three_ranks_give_fair_esm_embeddings_in_input_order(clean_run, records, tiny_checkpoint):
+    ids, embeddings, attrs = read_embeddings(clean_run / "results/embeddings.h5")
+    assert ids == list(records)
+    network, alphabet = load_model(str(tiny_checkpoint))
+    for seq_id, vector in zip(ids, embeddings):
+        assert np.abs(vector - fair_esm_mean(network, alphabet, records[seq_id], 2)).max() <= 1e-5
+    with h5py.File(clean_run / "results/embeddings.h5") as h5:
+        assert h5["truncated"][:].tolist() == [len(s) > 1022 for s in records.values()]
+        assert h5["lengths"][:].tolist() == [len(s) for s in records.values()]
+    assert attrs["model"] == str(tiny_checkpoint) and attrs["layer"] == 2 and attrs["pooling"] == "mean"
+    assert attrs["dtype"] == "float32" and attrs["world_size"] == 3 and "fair-esm" in json.loads(attrs["versions"])
+    manifest = json.loads((clean_run / "results/manifest.json").read_text())
+    assert manifest["complete"] and manifest["ranks_succeeded"] == [0, 1, 2] and manifest["missing"] == 0
+    assert (clean_run / "results/missing_ids.txt").read_text() == ""
+
+
+def test_each_rank_writes_its_planned_share_with_progress(clean_run):
+    for rank in range(3):
+        with h5py.File(clean_run / f"results/shards/shard_{rank}.h5") as shard:
+            assert list(shard["ids"].asstr()[:]) == planned_ids(clean_run, rank)
+            assert shard.attrs["rank"] == rank and shard.attrs["world_size"] == 3
+        log = (clean_run / f"logs/embed/rank_{rank}.log").read_text()
+        assert re.search(r"sequences \(100.0%\), .* residues/s, elapsed .*, ETA 0:00:00", log)
+    index_log = (clean_run / "logs/index.log").read_text()
+    assert "rank cost max/mean" in index_log
+
+
+def test_one_rank_equals_three_ranks(tmp_path, clean_run, fasta, tiny_checkpoint):
+    result = run_snakemake(tmp_path, config_for(fasta, tiny_checkpoint, world_size=1))
+    assert result.returncode == 0, result.stderr
+    ids1, emb1, _ = read_embeddings(tmp_path / "results/embeddings.h5")
+    ids3, emb3, _ = read_embeddings(clean_run / "results/embeddings.h5")
+    assert ids1 == ids3
+    assert np.abs(emb1 - emb3).max() <= 1e-5
+
+
+def test_failed_rank_gives_partial_result_then_a_rerun_retries_only_it(tmp_path, clean_run, fasta, tiny_checkpoint):
+    config = config_for(fasta, tiny_checkpoint, world_size=3)
+    first = run_snakemake(tmp_path, config, env={"ESMSHARD_FAIL_RANKS": "1"})
+    assert first.returncode == 0, first.stderr
+    assert re.search(r"WARNING: rank\(s\) 1 failed: \d+ of 63 sequences are missing", first.stderr)
+    assert "attempt 2 of 2" in (tmp_path / "logs/embed/rank_1.log").read_text()  # retried once
+
+    missing = planned_ids(tmp_path, 1)
+    manifest = json.loads((tmp_path / "results/manifest.json").read_text())
+    assert not manifest["complete"] and manifest["ranks_succeeded"] == [0, 2]
+    assert [f["rank"] for f in manifest["ranks_failed"]] == [1]
+    assert "fault injected" in manifest["ranks_failed"][0]["error"]
+    assert manifest["ranks_failed"][0]["missing_ids"] == missing and manifest["missing"] == len(missing)
+    assert (tmp_path / "results/missing_ids.txt").read_text().split() == missing
+    ids, _, attrs = read_embeddings(tmp_path / "results/embeddings.h5")
+    all_ids, _, _ = read_embeddings(clean_run / "results/embeddings.h5")
+    assert ids == [i for i in all_ids if i not in set(missing)]
+    assert list(attrs["ranks_failed"]) == [1]
+    assert not (tmp_path / "results/shards/shard_1.h5").exists()
+
+    kept = {r: (tmp_path / f"results/shards/shard_{r}.h5").stat() for r in (0, 2)}
+    second = run_snakemake(tmp_path, config)
+    assert second.returncode == 0, second.stderr
+    assert job_counts(second.stderr) == {"embed": 1, "aggregate": 1, "all": 1}
+    assert "wildcards: rank=1" in second.stderr
+    for rank, before in kept.items():
+        after = (tmp_path / f"results/shards/shard_{rank}.h5").stat()
+        assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    ids, embeddings, _ = read_embeddings(tmp_path / "results/embeddings.h5")
+    clean_ids, clean_embeddings, _ = read_embeddings(clean_run / "results/embeddings.h5")
+    assert ids == clean_ids and np.array_equal(embeddings, clean_embeddings)
+    assert json.loads((tmp_path / "results/manifest.json").read_text())["complete"]
+
+    third = run_snakemake(tmp_path, config)
+    assert third.returncode == 0 and "Nothing to be done" in third.stderr
+
+
+def test_all_ranks_failing_fails_the_run(tmp_path, fasta, tiny_checkpoint):
+    config = config_for(fasta, tiny_checkpoint, world_size=2, retries=0)
+    result = run_snakemake(tmp_path, config, env={"ESMSHARD_FAIL_RANKS": "0,1"})
+    assert result.returncode != 0
+    assert "no rank succeeded, so there are no embeddings (rank 0: RuntimeError: fault injected" in result.stderr
+    assert not (tmp_path / "results/embeddings.h5").exists()
+
+
+def test_require_complete_turns_a_failed_rank_into_a_failure(tmp_path, fasta, tiny_checkpoint):
+    config = config_for(fasta, tiny_checkpoint, world_size=2, retries=0, require_complete=True)
+    result = run_snakemake(tmp_path, config, env={"ESMSHARD_FAIL_RANKS": "1"})
+    assert result.returncode != 0
+    assert re.search(r"require_complete is set and rank\(s\) 1 failed \(\d+ sequences missing\)", result.stderr)
+    assert not (tmp_path / "results/embeddings.h5").exists()
+
+
+def test_a_file_that_is_not_a_checkpoint_is_reported(tmp_path, fasta):
+    bogus = tmp_path / "weights.pt"
+    bogus.write_text("hello")
+    result = run_snakemake(tmp_path, config_for(fasta, bogus, world_size=1, retries=0))
+    assert result.returncode != 0
+    assert f"model: {bogus} is not a checkpoint in fair-esm's format" in result.stderr
+
+
+BAD_INPUTS = {
+    "duplicate within a file": ({"a.fasta": ">x\nMKV\n>y\nMK\n>x\nMKV\n"}, r"duplicate sequence ID 'x': .*a.fasta record 1 .*a.fasta record 3"),
+    "duplicate across files": ({"a.fasta": ">x\nMKV\n", "b.fasta": ">x\nMKV\n"}, r"duplicate sequence ID 'x': .*a.fasta record 1 .*b.fasta record 1"),
+    "record without residues": ({"a.fasta": ">x\nMKV\n>y\n>z\nMK\n"}, r"a.fasta: record 2 \('y', line 3\): record has no residues"),
+    "file without records": ({"a.fasta": ">x\nMKV\n", "b.fasta": ""}, r"b.fasta: no FASTA records"),
+    "FASTQ": ({"a.fastq": "@r1\nACGT\n+\nIIII\n"}, r"a.fastq: line 1: this looks like FASTQ"),
+    "character outside the alphabet": ({"a.fasta": ">x\nMKV\n>y\nMK#V\n"}, r"a.fasta: record 2 \('y', line 3\): residue 3 is '#'"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_stops_before_any_model_work(tmp_path, tiny_checkpoint, case):
+    files, message = BAD_INPUTS[case]
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    config = config_for(tmp_path / "missing", tiny_checkpoint, world_size=2)
+    config["fasta"] = [str(tmp_path / name) for name in files]
+    result = run_snakemake(tmp_path, config)
+    assert result.returncode != 0
+    assert re.search(message, result.stderr), result.stderr[-3000:]
+    assert not (tmp_path / "results/shards").exists() and not (tmp_path / "results/status").exists()
+    assert not (tmp_path / "results/embeddings.h5").exists()
+    assert not list((tmp_path / "results/index").glob("*")) if (tmp_path / "results/index").exists() else True
+
+
+def test_replace_policy_maps_unknown_letters_to_x(tmp_path, tiny_checkpoint):
+    (tmp_path / "a.fasta").write_text(">x\nMKJV*\n>y\nmk-v\n")
+    result = run_snakemake(tmp_path, config_for(tmp_path / "a.fasta", tiny_checkpoint, world_size=1, invalid_residues="replace"))
+    assert result.returncode == 0, result.stderr
+    assert "replaced 2 residues outside ESM-2's alphabet with X" in (tmp_path / "logs/index.log").read_text()
+    ids, embeddings, _ = read_embeddings(tmp_path / "results/embeddings.h5")
+    network, alphabet = load_model(str(tiny_checkpoint))
+    assert ids == ["x", "y"]
+    assert np.abs(embeddings[1] - fair_esm_mean(network, alphabet, "MKXV", 2)).max() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"dtype": "float64"}, "'float64' is not one of \\['float32', 'float16'\\]"),
+        ({"modle": "x"}, "Additional properties are not allowed \\('modle' was unexpected\\)"),
+        ({"world_size": 0}, "0 is less than the minimum of 1"),
+        ({"model": "esm2_t99_1T_UR50D"}, "config 'model': 'esm2_t99_1T_UR50D' is neither an existing checkpoint"),
+    ],
+)
+def test_bad_config_values_are_named(tmp_path, fasta, tiny_checkpoint, change, message):
+    result = run_snakemake(tmp_path, {**config_for(fasta, tiny_checkpoint), **change}, "-n")
+    assert result.returncode != 0
+    assert re.search(message, result.stderr + result.stdout), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("visible, ranks", [("", 1), ("0", 1), ("0,1,2,3", 4), ("2,3", 2)])
+def test_world_size_defaults_to_visible_gpus(tmp_path, fasta, tiny_checkpoint, visible, ranks):
+    result = run_snakemake(tmp_path, config_for(fasta, tiny_checkpoint), "-n", env={"CUDA_VISIBLE_DEVICES": visible})
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stdout + result.stderr)["embed"] == ranks
