@@ -203,3 +203,16 @@ def test_world_size_defaults_to_visible_gpus(tmp_path, fasta, tiny_checkpoint, v
     result = run_snakemake(tmp_path, config_for(fasta, tiny_checkpoint), "-n", env={"CUDA_VISIBLE_DEVICES": visible})
     assert result.returncode == 0, result.stderr
     assert job_counts(result.stdout + result.stderr)["embed"] == ranks
+
+
+def test_reference_engine_through_the_workflow(tmp_path, clean_run, fasta, records, tiny_checkpoint):
+    result = run_snakemake(tmp_path, config_for(fasta, tiny_checkpoint, world_size=2, engine="reference"))
+    assert result.returncode == 0, result.stderr
+    ids, embeddings, attrs = read_embeddings(tmp_path / "results/embeddings.h5")
+    packed_ids, packed, packed_attrs = read_embeddings(clean_run / "results/embeddings.h5")
+    assert attrs["engine"] == "reference" and packed_attrs["engine"] == "packed"
+    assert ids == packed_ids == list(records)
+    network, alphabet = load_model(str(tiny_checkpoint))
+    for seq_id, vector in zip(ids[:20], embeddings[:20]):
+        assert np.abs(vector - fair_esm_mean(network, alphabet, records[seq_id], 2)).max() <= 1e-5
+    assert np.abs(embeddings - packed).max() <= 1e-4

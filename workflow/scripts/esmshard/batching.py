@@ -21,3 +21,30 @@ def padded_batches(lengths, tokens_per_batch: int, extra_tokens: int = 2) -> lis
             batches.append(order[start:end])
             start = end
     return batches
+
+
+def packed_batches(lengths, tokens_per_batch: int, extra_tokens: int = 2) -> list[np.ndarray]:
+    """Split positions 0..n-1 into batches of at most ``tokens_per_batch`` real tokens (no padding).
+
+    First-fit-decreasing in linear time: each batch takes the longest remaining sequences while
+    they fit, then is topped up with the shortest remaining ones, so a batch is full to within
+    the shortest sequence left. A sequence over the budget makes a batch of its own.
+    """
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    tokens = (lengths[order] + extra_tokens).tolist()
+    batches: list[np.ndarray] = []
+    front, back = 0, len(order) - 1
+    while front <= back:
+        used, start = tokens[front], front
+        front += 1
+        while front <= back and used + tokens[front] <= tokens_per_batch:
+            used += tokens[front]
+            front += 1
+        taken_from_back = []
+        while front <= back and used + tokens[back] <= tokens_per_batch:
+            used += tokens[back]
+            taken_from_back.append(back)
+            back -= 1
+        batches.append(np.concatenate([order[start:front], order[taken_from_back]]))
+    return batches

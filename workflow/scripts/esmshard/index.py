@@ -160,6 +160,10 @@ class SequenceIndex:
             ids = h5["id"].asstr()[:]
         return ids if positions is None else ids[positions]
 
-    def sequence(self, position: int) -> str:
+    def residues(self, position: int) -> np.ndarray:
+        """The sequence's residues as uint8 ASCII codes (a view of the memory map)."""
         start = self.starts[position]
-        return self._residues[start : start + self.lengths[position]].tobytes().decode("ascii")
+        return self._residues[start : start + self.lengths[position]]
+
+    def sequence(self, position: int) -> str:
+        return self.residues(position).tobytes().decode("ascii")

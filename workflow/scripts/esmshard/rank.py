@@ -30,20 +30,57 @@ class RankSettings:
     model: str
     layer: int = -1
     pooling: str = "mean"
-    precision: str = "auto"  # float32 on the CPU; float16 on a GPU
+    precision: str = "auto"  # float32 on the CPU; on a GPU bfloat16 (packed) or float16 (reference)
     dtype: str = "float32"
-    tokens_per_batch: int = 4096
-    engine: str = "reference"
+    tokens_per_batch: int | None = None  # None: from free GPU memory (packed) or 4096 (reference)
+    engine: str = "packed"
     progress_seconds: float = 30.0
+
+
+def make_engine(network, alphabet, device: str, settings: RankSettings):
+    from esmshard.engine import PackedEngine, ReferenceEngine
+
+    precision = settings.precision
+    if precision == "auto":
+        precision = "float32" if device == "cpu" else ("bfloat16" if settings.engine == "packed" else "float16")
+    engine_class = PackedEngine if settings.engine == "packed" else ReferenceEngine
+    return engine_class(network, alphabet, device, precision, settings.layer), precision
+
+
+def plan_batches(engine, capped_lengths, settings: RankSettings):
+    from esmshard.batching import packed_batches, padded_batches
+    from esmshard.engine import PackedEngine
+
+    if isinstance(engine, PackedEngine):
+        budget = settings.tokens_per_batch or engine.default_tokens_per_batch()
+        return packed_batches(capped_lengths, budget), budget
+    budget = settings.tokens_per_batch or 4096
+    return padded_batches(capped_lengths, budget), budget
 
 
 def run_rank(index_dir, plan_path, rank: int, shard_path, settings: RankSettings) -> dict:
     """Embed rank ``rank``'s sequences into ``shard_path``; returns throughput figures."""
     import torch  # after the GPU lease has set CUDA_VISIBLE_DEVICES
 
-    from esmshard.batching import padded_batches
-    from esmshard.engine import ReferenceEngine
     from esmshard.model import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.monotonic()
+    network, alphabet = load_model(settings.model)
+    engine, precision = make_engine(network, alphabet, device, settings)
+    log.info(
+        "model %s (%d layers, dim %d) on %s, %s engine in %s, layer %d; loaded in %.1f s",
+        settings.model, network.num_layers, network.embed_dim,
+        torch.cuda.get_device_name() if device == "cuda" else "cpu", settings.engine, precision,
+        engine.layer, time.monotonic() - started,
+    )
+    del network  # the packed engine holds its own copy of the weights
+    _inject_fault(rank)
+    return embed_to_shard(index_dir, plan_path, rank, shard_path, engine, settings, precision)
+
+
+def embed_to_shard(index_dir, plan_path, rank: int, shard_path, engine, settings: RankSettings, precision: str) -> dict:
+    """The rank's planned sequences through ``engine`` into a complete shard file."""
     from esmshard.shard import ShardWriter
 
     index = SequenceIndex(index_dir)
@@ -54,23 +91,12 @@ def run_rank(index_dir, plan_path, rank: int, shard_path, settings: RankSettings
         raise EsmShardError(f"rank {rank} is outside the plan's world size {world_size}")
     positions = np.flatnonzero(planned_rank == rank)
     lengths = index.lengths[positions]
-    ids = index.ids(positions)
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = settings.precision
-    if precision == "auto":
-        precision = "float16" if device == "cuda" else "float32"
-    started = time.monotonic()
-    network, alphabet = load_model(settings.model)
-    engine = ReferenceEngine(network, alphabet, device, precision, settings.layer)
+    capped = np.minimum(lengths, MAX_RESIDUES)
+    batches, budget = plan_batches(engine, capped, settings)
     log.info(
-        "rank %d/%d: %d sequences, %d residues; model %s (%d layers, dim %d) on %s in %s, layer %d; loaded in %.1f s",
-        rank, world_size, len(positions), int(lengths.sum()), settings.model, network.num_layers,
-        engine.dim, torch.cuda.get_device_name() if device == "cuda" else "cpu", precision, engine.layer,
-        time.monotonic() - started,
+        "rank %d/%d: %d sequences, %d residues, %d batches of at most %d tokens",
+        rank, world_size, len(positions), int(capped.sum()), len(batches), budget,
     )
-    _inject_fault(rank)
-
     attrs = {
         "model": str(settings.model),
         "layer": engine.layer,
@@ -82,13 +108,12 @@ def run_rank(index_dir, plan_path, rank: int, shard_path, settings: RankSettings
         "world_size": world_size,
         "max_residues": MAX_RESIDUES,
     }
-    capped = np.minimum(lengths, MAX_RESIDUES)
     progress = Progress(len(positions), int(capped.sum()), settings.progress_seconds, rank)
     with atomic_output(shard_path) as tmp:
-        writer = ShardWriter(tmp, ids, lengths, engine.dim, settings.dtype, attrs)
-        for batch in padded_batches(capped, settings.tokens_per_batch):
-            sequences = [index.sequence(p) for p in positions[batch]]
-            writer.write(batch, engine.embed(sequences), lengths[batch] > MAX_RESIDUES)
+        writer = ShardWriter(tmp, index.ids(positions), lengths, engine.dim, settings.dtype, attrs)
+        read = lambda batch: [index.residues(p) for p in positions[batch]]  # noqa: E731
+        for batch, vectors in engine.embed_batches(batches, read):
+            writer.write(batch, vectors, lengths[batch] > MAX_RESIDUES)
             progress.update(len(batch), int(capped[batch].sum()))
         writer.close()
     return progress.finish()
