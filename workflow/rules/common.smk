@@ -77,5 +77,6 @@ def embed_settings():
         "dtype": config["dtype"],
         "tokens_per_batch": config["tokens_per_batch"],
         "engine": config["engine"],
+        "compile": config["compile"],
         "progress_seconds": config["progress_seconds"],
     }

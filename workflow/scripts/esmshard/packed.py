@@ -15,6 +15,7 @@ from torch import nn
 # Token dropout in training masked 15% x 80% of tokens; at inference fair-esm rescales the
 # embeddings by (1 - 0.12) / (1 - observed mask ratio), and embeddings here contain no masks.
 TOKEN_DROPOUT_SCALE = 1 - 0.15 * 0.8
+LAYER_NORM_EPS = 1e-5  # fair-esm's ESM1bLayerNorm is torch.nn.LayerNorm with its default eps
 
 
 class PackedLayer(nn.Module):
@@ -35,23 +36,44 @@ class PackedLayer(nn.Module):
         self.fc1 = _copy(layer.fc1, dtype)
         self.fc2 = _copy(layer.fc2, dtype)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_len: int):
-        # x: [T, D] float32; cos, sin: [T, d] float32
-        T, D = x.shape
-        dtype = self.qkv.weight.dtype
-        qkv = self.qkv(self.attn_norm(x).to(dtype)).view(T, 3, self.heads, D // self.heads)
-        q, k, v = qkv.unbind(dim=1)  # [T, H, d] each
-        q = _rotate(q, cos, sin)
-        k = _rotate(k, cos, sin)
-        attended = attention(q, k, v, cu_seqlens, max_len).reshape(T, D)  # softmax(q k^T / sqrt(d)) v
-        x = x + self.out_proj(attended).float()
-        x = x + self.fc2(F.gelu(self.fc1(self.ffn_norm(x).to(dtype)))).float()
-        return x
+    def forward(self, x, cos, sin, cu_seqlens, max_len: int, steps):
+        # x: [T, D] float32; cos, sin: [T, d] float32. steps: the two pointwise-heavy halves, plain
+        # or torch.compile'd; they take tensors only, so one compiled graph serves every layer.
+        attention_inputs, attention_output_and_ffn = steps
+        norm1, norm2 = self.attn_norm, self.ffn_norm
+        q, k, v = attention_inputs(x, cos, sin, norm1.weight, norm1.bias, self.qkv.weight, self.qkv.bias, self.heads)
+        attended = attention(q, k, v, cu_seqlens, max_len)  # [T, H, d]: softmax(q k^T / sqrt(d)) v
+        return attention_output_and_ffn(
+            x, attended, self.out_proj.weight, self.out_proj.bias, norm2.weight, norm2.bias,
+            self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+        )
+
+
+def attention_inputs(x, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, heads: int):
+    """LayerNorm, fused q/k/v projection, rotary on q and k: [T, D] -> 3 x [T, H, d]."""
+    T, D = x.shape
+    normed = F.layer_norm(x, (D,), norm_weight, norm_bias, LAYER_NORM_EPS).to(qkv_weight.dtype)
+    q, k, v = F.linear(normed, qkv_weight, qkv_bias).view(T, 3, heads, D // heads).unbind(dim=1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+
+def attention_output_and_ffn(x, attended, out_weight, out_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
+                             fc2_weight, fc2_bias):
+    """Output projection and residual, then LayerNorm, fc1, exact GELU, fc2 and residual."""
+    T, D = x.shape
+    x = x + F.linear(attended.reshape(T, D), out_weight, out_bias).float()
+    normed = F.layer_norm(x, (D,), norm_weight, norm_bias, LAYER_NORM_EPS).to(fc1_weight.dtype)
+    return x + F.linear(F.gelu(F.linear(normed, fc1_weight, fc1_bias)), fc2_weight, fc2_bias).float()
 
 
 class PackedESM2(nn.Module):
-    def __init__(self, network, dtype: torch.dtype = torch.bfloat16):
-        """Built from a loaded fair-esm ESM2 (float32 weights), sharing nothing with it."""
+    def __init__(self, network, dtype: torch.dtype = torch.bfloat16, compile: bool = False):
+        """Built from a loaded fair-esm ESM2 (float32 weights), sharing nothing with it.
+
+        ``compile`` fuses the pointwise work around the matrix products with torch.compile;
+        one graph serves every layer, and the token count is a dynamic dimension, so batches
+        of any size reuse it without recompiling.
+        """
         super().__init__()
         self.num_layers = network.num_layers
         self.embed_dim = network.embed_dim
@@ -63,6 +85,8 @@ class PackedESM2(nn.Module):
         self.final_norm = _float32_copy(network.emb_layer_norm_after)
         inv_freq = network.layers[0].self_attn.rot_emb.inv_freq.detach().float().clone()
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [d / 2]
+        steps = (attention_inputs, attention_output_and_ffn)
+        self.steps = tuple(torch.compile(step, dynamic=True) for step in steps) if compile else steps
 
     def forward(self, tokens, positions, cu_seqlens, max_len: int, layer: int):
         """Hidden states [T, D] (float32) after ``layer`` (0: embeddings; num_layers: final, normed).
@@ -76,7 +100,7 @@ class PackedESM2(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)  # [T, d]
         cos, sin = angles.cos(), angles.sin()
         for block in self.layers[:layer]:
-            x = block(x, cos, sin, cu_seqlens, max_len)
+            x = block(x, cos, sin, cu_seqlens, max_len, self.steps)
         if layer == self.num_layers:
             x = self.final_norm(x)
         return x
@@ -112,6 +136,7 @@ def _copy(linear: nn.Linear, dtype) -> nn.Linear:
 
 
 def _float32_copy(norm: nn.LayerNorm) -> nn.LayerNorm:
+    assert norm.eps == LAYER_NORM_EPS, norm.eps
     copy = nn.LayerNorm(norm.normalized_shape, eps=norm.eps)
     copy.load_state_dict(norm.state_dict())
     return copy.float()

@@ -34,6 +34,7 @@ class RankSettings:
     dtype: str = "float32"
     tokens_per_batch: int | None = None  # None: from free GPU memory (packed) or 4096 (reference)
     engine: str = "packed"
+    compile: bool = True  # torch.compile the packed engine's layers (GPU only)
     progress_seconds: float = 30.0
 
 
@@ -43,8 +44,10 @@ def make_engine(network, alphabet, device: str, settings: RankSettings):
     precision = settings.precision
     if precision == "auto":
         precision = "float32" if device == "cpu" else ("bfloat16" if settings.engine == "packed" else "float16")
-    engine_class = PackedEngine if settings.engine == "packed" else ReferenceEngine
-    return engine_class(network, alphabet, device, precision, settings.layer), precision
+    if settings.engine == "packed":
+        compile = settings.compile and device == "cuda"
+        return PackedEngine(network, alphabet, device, precision, settings.layer, compile), precision
+    return ReferenceEngine(network, alphabet, device, precision, settings.layer), precision
 
 
 def plan_batches(engine, capped_lengths, settings: RankSettings):

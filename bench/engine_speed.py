@@ -1,0 +1,167 @@
+"""Speed of the embed job against fair-esm, on one GPU, same synthetic proteins, same run.
+
+    python bench/engine_speed.py --models esm2_t33_650M_UR50D esm2_t36_3B_UR50D
+
+For each model (RANDOM weights of the real shape: speed does not depend on the values):
+  (a) fair-esm in fp16 the way its scripts/extract.py runs it: sequences in memory, length-sorted
+      padded batches of --baseline-tokens tokens, per-sequence mean of the last layer;
+  (b) esmshard's embed job end to end: index read, tokenising, packed bf16 forward, pooling and
+      the HDF5 shard write (the rank's work after its model is loaded).
+Prints residues/s, b/a, peak GPU memory, the fraction of the FLOP limit (2 x parameters FLOPs per
+token at 790 TFLOP/s, the bf16 rate measured on an H200), and the numerics of (b) against
+fair-esm's fp32 forward on a length-stratified subset (cosine >= 0.9999, relative L2 <= 1e-2).
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import esm
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
+from esmshard.architectures import ESM2_MODELS, MAX_RESIDUES  # noqa: E402
+from esmshard.engine import PackedEngine  # noqa: E402
+from esmshard.index import SequenceIndex, build_index  # noqa: E402
+from esmshard.plan import balance, sequence_costs, write_plan  # noqa: E402
+from esmshard.rank import RankSettings, embed_to_shard  # noqa: E402
+
+PEAK_FLOPS = 790e12
+AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
+
+
+def synthetic_fasta(path: Path, n: int, median: int, seed: int = 0) -> None:
+    """Log-normal lengths (median ~``median``, capped at 1022), uniform random residues."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(median), 0.6, n).astype(int), 20, MAX_RESIDUES)
+    with open(path, "wb") as handle:
+        for i, length in enumerate(lengths):
+            handle.write(b">syn%07d\n" % i + AMINO[rng.integers(0, 20, length)].tobytes() + b"\n")
+
+
+def fair_esm_fp16(network, alphabet, sequences: list[str], tokens_per_batch: int, layer: int) -> float:
+    """extract.py's loop in fp16; returns seconds (synchronised)."""
+    dataset = esm.FastaBatchedDataset([str(i) for i in range(len(sequences))], sequences)
+    batches = dataset.get_batch_indices(tokens_per_batch, extra_toks_per_seq=1)
+    loader = torch.utils.data.DataLoader(
+        dataset, collate_fn=alphabet.get_batch_converter(MAX_RESIDUES), batch_sampler=batches
+    )
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with torch.no_grad():
+        for labels, strs, toks in loader:
+            out = network(toks.to("cuda", non_blocking=True), repr_layers=[layer])["representations"][layer]
+            for i, s in enumerate(strs):
+                out[i, 1 : min(len(s), MAX_RESIDUES) + 1].mean(0).clone().cpu()
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def reference_means(network, alphabet, sequences: list[str], layer: int) -> np.ndarray:
+    converter = alphabet.get_batch_converter(MAX_RESIDUES)
+    means = []
+    with torch.no_grad():
+        for s in sequences:
+            _, _, toks = converter([("x", s)])
+            out = network(toks.cuda(), repr_layers=[layer])["representations"][layer]
+            means.append(out[0, 1 : len(s) + 1].float().mean(0).cpu().numpy())
+    return np.stack(means)
+
+
+def run_model(name: str, args, workdir: Path) -> dict:
+    layers, dim, heads = ESM2_MODELS[name]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        network = esm.ESM2(num_layers=layers, embed_dim=dim, attention_heads=heads, token_dropout=True).eval()
+    alphabet = network.alphabet
+    params = sum(p.numel() for p in network.parameters())
+    index = SequenceIndex(workdir / "index")
+    sequences = [index.sequence(i) for i in range(len(index))]
+    residues = int(np.minimum(index.lengths, MAX_RESIDUES).sum())
+    limit = PEAK_FLOPS / (2 * params)  # tokens/s at the FLOP limit
+
+    # (b) first, while the fp32 network is the only copy on the GPU besides the packed one
+    settings = RankSettings(model=name, tokens_per_batch=args.tokens_per_batch, progress_seconds=1e9)
+    engine = PackedEngine(network, alphabet, "cuda", "bfloat16", -1, compile=not args.no_compile)
+    engine.embed([index.residues(i) for i in range(min(64, len(index)))])  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    embed_to_shard(workdir / "index", workdir / "index/plan.h5", 0, workdir / "shard.h5", engine, settings, "bfloat16")
+    packed_seconds = time.perf_counter() - started
+    packed_peak = torch.cuda.max_memory_allocated()
+    del engine
+
+    # numerics of (b) on a length-stratified subset against fair-esm fp32
+    order = np.argsort(index.lengths)
+    subset = order[np.linspace(0, len(order) - 1, args.check).astype(int)]
+    with h5py.File(workdir / "shard.h5") as shard:
+        packed_vectors = shard["embeddings"][:][subset]
+    reference = reference_means(network, alphabet, [sequences[i] for i in subset], layers)
+    cosine = (packed_vectors * reference).sum(1) / (
+        np.linalg.norm(packed_vectors, axis=1) * np.linalg.norm(reference, axis=1)
+    )
+    rel_l2 = np.linalg.norm(packed_vectors - reference, axis=1) / np.linalg.norm(reference, axis=1)
+
+    # (a) fair-esm fp16
+    network = network.half()
+    fair_esm_fp16(network, alphabet, sequences[:64], args.baseline_tokens, layers)  # warm-up
+    torch.cuda.reset_peak_memory_stats()
+    baseline_seconds = fair_esm_fp16(network, alphabet, sequences, args.baseline_tokens, layers)
+    baseline_peak = torch.cuda.max_memory_allocated()
+    del network
+    torch.cuda.empty_cache()
+
+    tokens = residues + 2 * len(sequences)
+    return {
+        "model": name,
+        "params": params,
+        "residues": residues,
+        "baseline": (residues / baseline_seconds, baseline_peak, tokens / baseline_seconds / limit),
+        "packed": (residues / packed_seconds, packed_peak, tokens / packed_seconds / limit),
+        "cos_min": float(cosine.min()),
+        "rel_l2_max": float(rel_l2.max()),
+        "limit_residues": limit * residues / tokens,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["esm2_t33_650M_UR50D", "esm2_t36_3B_UR50D"])
+    parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--median", type=int, default=300)
+    parser.add_argument("--tokens-per-batch", type=int, default=None, help="packed engine; default: from free memory")
+    parser.add_argument("--baseline-tokens", type=int, default=4096, help="fair-esm padded tokens per batch (extract.py: 4096)")
+    parser.add_argument("--check", type=int, default=200, help="sequences compared with fair-esm fp32")
+    parser.add_argument("--no-compile", action="store_true", help="run the packed engine eagerly")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="esmshard-bench-"))
+    synthetic_fasta(workdir / "proteins.fasta", args.n, args.median)
+    summary = build_index([workdir / "proteins.fasta"], workdir / "index")
+    lengths = SequenceIndex(workdir / "index").lengths
+    ranks, rank_costs = balance(sequence_costs(lengths, 1280), 1)
+    write_plan(workdir / "index/plan.h5", ranks, rank_costs, summary.fingerprint)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.n} synthetic proteins, median length "
+          f"{int(np.median(lengths))}, {summary.n_residues} residues; RANDOM weights of the real shapes")
+
+    rows = [run_model(name, args, workdir) for name in args.models]
+    print(f"\n| model | path | residues/s | vs fair-esm fp16 | peak GPU memory | of FLOP limit | numerics vs fp32 |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for row in rows:
+        base, packed = row["baseline"], row["packed"]
+        print(f"| {row['model']} | fair-esm fp16, {args.baseline_tokens} padded tokens/batch | {base[0]:,.0f} | 1.00x "
+              f"| {base[1] / 2**30:.1f} GiB | {100 * base[2]:.0f}% | |")
+        print(f"| {row['model']} | esmshard embed job (packed bf16) | {packed[0]:,.0f} | {packed[0] / base[0]:.2f}x "
+              f"| {packed[1] / 2**30:.1f} GiB | {100 * packed[2]:.0f}% | cos min {row['cos_min']:.6f}, "
+              f"rel L2 max {row['rel_l2_max']:.1e} |")
+    for row in rows:
+        print(f"{row['model']}: FLOP limit {row['limit_residues']:,.0f} residues/s ({row['params'] / 1e6:.0f}M params)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Whole-workflow scaling: the real snakemake run with N ranks on N GPUs, same input.
+
+    python bench/scaling.py --ranks 4 [--ranks 1] [--residues 100e6]
+
+Writes (once, cached in --cache) a synthetic FASTA of log-normal lengths (median ~300, capped
+at 1022) with at least --residues residues and an ESM-2 650M checkpoint with RANDOM weights,
+then times `snakemake --cores C --resources gpu=N` from start to finish for each N, and prints
+wall time, residues/s and each rank's own rate. Run the N you want in separate calls if one
+call cannot hold them all; results accumulate in --cache/scaling.jsonl.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "workflow" / "scripts"))
+sys.path.insert(0, str(REPO / "bench"))
+from engine_speed import synthetic_fasta  # noqa: E402
+from esmshard.architectures import ESM2_MODELS  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ranks", type=int, action="append", required=True)
+    parser.add_argument("--residues", type=float, default=100e6)
+    parser.add_argument("--model", default="esm2_t33_650M_UR50D", choices=sorted(ESM2_MODELS))
+    parser.add_argument("--cache", default="/tmp/esmshard-scaling")
+    args = parser.parse_args()
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    fasta = cache / "proteins.fasta"
+    if not fasta.exists():
+        n = int(args.residues / 330 * 1.03)  # mean length of the capped log-normal is ~330
+        synthetic_fasta(fasta, n, 300, seed=1)
+    checkpoint = cache / f"{args.model}_RANDOM_WEIGHTS.pt"
+    if not checkpoint.exists():
+        from esmshard.model import write_random_checkpoint
+
+        write_random_checkpoint(checkpoint, *ESM2_MODELS[args.model], seed=0)
+
+    for ranks in args.ranks:
+        workdir = cache / f"run{ranks}"
+        subprocess.run(["rm", "-rf", str(workdir)], check=True)
+        workdir.mkdir()
+        config = {"fasta": [str(fasta)], "model": str(checkpoint), "world_size": ranks, "progress_seconds": 10}
+        (workdir / "config.yaml").write_text(json.dumps(config))
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, range(ranks)))}
+        command = ["snakemake", "--snakefile", str(REPO / "workflow/Snakefile"), "--directory", str(workdir),
+                   "--configfile", str(workdir / "config.yaml"), "--cores", str(4 * ranks + 2),
+                   "--resources", f"gpu={ranks}", "--quiet", "all"]
+        started = time.monotonic()
+        subprocess.run(command, check=True, env=env)
+        wall = time.monotonic() - started
+        with h5py.File(workdir / "results/embeddings.h5") as h5:
+            residues = int(np.minimum(h5["lengths"][:], 1022).sum())
+            n = len(h5["ids"])
+        statuses = [json.loads((workdir / f"results/status/rank_{r}.json").read_text()) for r in range(ranks)]
+        row = {
+            "ranks": ranks,
+            "sequences": n,
+            "residues": residues,
+            "wall_s": round(wall, 1),
+            "residues_per_s": round(residues / wall),
+            "rank_residues_per_s": [s["residues_per_second"] for s in statuses],
+            "rank_seconds": [s["seconds"] for s in statuses],
+        }
+        print(json.dumps(row), flush=True)
+        with open(cache / "scaling.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    rows = [json.loads(line) for line in open(cache / "scaling.jsonl")]
+    one = next((r for r in rows if r["ranks"] == 1), None)
+    print("\n| ranks | sequences | residues | wall time (whole snakemake run) | residues/s | speed-up vs 1 rank |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        speedup = f"{one['wall_s'] / r['wall_s']:.2f}x" if one else "-"
+        print(f"| {r['ranks']} | {r['sequences']:,} | {r['residues']:,} | {r['wall_s']:.1f} s | {r['residues_per_s']:,} | {speedup} |")
+
+
+if __name__ == "__main__":
+    main()
