@@ -44,7 +44,7 @@ def test_esm_layout_with_wrong_weights_is_rejected(tmp_path, tiny_checkpoint):
     data["model"] = {k: v for k, v in data["model"].items() if "layers.1." not in k}
     path = tmp_path / "broken.pt"
     torch.save(data, path)
-    with pytest.raises(EsmShardError, match="does not hold ESM-2 weights: .*Missing key"):
+    with pytest.raises(EsmShardError, match="does not hold ESM-2 weights: missing layers.1.fc1.bias, .* and 12 more"):
         load_model(str(path))
 
 
@@ -53,6 +53,23 @@ class Payload:
 
     def __reduce__(self):
         return (print, ("unpickled arbitrary code",))
+
+
+def test_wrong_shapes_are_rejected(tmp_path, tiny_checkpoint):
+    data = torch.load(tiny_checkpoint, weights_only=False)
+    data["cfg"]["model"].encoder_embed_dim = 48
+    path = tmp_path / "mismatch.pt"
+    torch.save(data, path)
+    with pytest.raises(EsmShardError, match="does not hold ESM-2 weights: .*size mismatch"):
+        load_model(str(path))
+
+
+def test_legacy_serialization_loads_too(tmp_path, tiny_checkpoint):
+    data = torch.load(tiny_checkpoint, weights_only=False)
+    path = tmp_path / "legacy.pt"
+    torch.save(data, path, _use_new_zipfile_serialization=False)
+    network, _ = load_model(str(path))
+    assert network.num_layers == 2
 
 
 def test_arbitrary_pickled_objects_are_refused(tmp_path, capsys):

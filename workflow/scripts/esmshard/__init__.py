@@ -8,7 +8,8 @@ One module per concern; none of them knows about Snakemake:
 - ``gpu``: counting GPUs and leasing one exclusively
 - ``model``: loading ESM-2 checkpoints in fair-esm's format
 - ``batching``: token-budget batches
-- ``engine``: the forward pass and pooling
+- ``packed``: ESM-2 over packed (unpadded) token streams
+- ``engine``: forward passes (fair-esm reference and packed) and pooling
 - ``shard``: shard files
 - ``rank``: one rank's run, from index to shard
 - ``aggregate``: merging shards into one file and reporting what is missing

@@ -112,7 +112,7 @@ class PackedEngine:
     def __init__(self, network, alphabet, device: str, precision: str, layer: int, compile: bool = False):
         self.device = torch.device(device)
         self.layer = resolve_layer(layer, network.num_layers)
-        self.model = PackedESM2(network, PRECISIONS[precision], compile).to(self.device).eval()
+        self.model = PackedESM2(network, PRECISIONS[precision], self.device, compile).eval()
         self.tokenizer = Tokenizer(alphabet)
         self.dim = network.embed_dim
         self._pin = self.device.type == "cuda"

@@ -9,7 +9,7 @@ by fair-esm's own code. Contact regression weights are never needed for embeddin
 
 import argparse
 import logging
-import warnings
+import re
 from pathlib import Path
 
 import esm
@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
 SAFE_GLOBALS = [argparse.Namespace]
+_CHECKPOINT_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
+_CONTACT_REGRESSION = {"contact_head.regression.weight", "contact_head.regression.bias"}
 _CONFIG_FIELDS = ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "token_dropout")
 
 
@@ -51,23 +53,59 @@ def resolve_checkpoint(model: str) -> Path:
 
 
 def load_model(model: str):
-    """(fair-esm ESM2 module in eval mode on the CPU, its Alphabet) for a name or a path."""
+    """(fair-esm ESM2 module in eval mode on the CPU, its Alphabet) for a name or a path.
+
+    The module is fair-esm's ESM2, built on the meta device and given the checkpoint's tensors
+    (memory-mapped where the file allows), so no time or memory goes into a random
+    initialisation that would be overwritten: this matters for the 3B and 15B models.
+    """
     path = resolve_checkpoint(model)
     data = _read_checkpoint(path)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Regression weights not found")
-        try:
-            # "esm2" selects fair-esm's ESM-2 builder; the file name may be anything.
-            network, alphabet = esm.pretrained.load_model_and_alphabet_core("esm2", data)
-        except (RuntimeError, KeyError, AttributeError) as error:
-            raise EsmShardError(f"model: {path} does not hold ESM-2 weights: {_one_line(error)}") from None
-    return network.eval(), alphabet
+    config = data["cfg"]["model"]
+    # fair-esm's names carry these prefixes in its checkpoints (see its _load_model_and_alphabet_core_v2)
+    state = {_CHECKPOINT_PREFIX.sub("", name): tensor for name, tensor in data["model"].items()}
+    with torch.device("meta"):
+        network = esm.ESM2(
+            num_layers=config.encoder_layers,
+            embed_dim=config.encoder_embed_dim,
+            attention_heads=config.encoder_attention_heads,
+            alphabet="ESM-1b",
+            token_dropout=config.token_dropout,
+        )
+    expected = set(network.state_dict())
+    missing = sorted(expected - set(state) - _CONTACT_REGRESSION)
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise EsmShardError(
+            f"model: {path} does not hold ESM-2 weights: missing {_few(missing)}, unexpected {_few(unexpected)}"
+        )
+    try:
+        network.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as error:  # e.g. a tensor of the wrong shape for its config
+        raise EsmShardError(f"model: {path} does not hold ESM-2 weights: {_one_line(error)}") from None
+    # Released checkpoints keep the contact regression in a separate file; contacts are never
+    # predicted here, so it gets zeros instead of being required.
+    network.contact_head.to_empty(device="cpu")
+    torch.nn.init.zeros_(network.contact_head.regression.weight)
+    torch.nn.init.zeros_(network.contact_head.regression.bias)
+    return network.eval(), network.alphabet
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _read_checkpoint(path: Path) -> dict:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            try:  # memory-mapped: tensors are read when used, not all up front
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):
+                    raise
+                data = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
     except Exception as error:  # the safe unpickler raises many kinds on foreign files
         raise EsmShardError(
             f"model: {path} is not a checkpoint in fair-esm's format that loads safely: {_one_line(error)}"

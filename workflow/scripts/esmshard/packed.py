@@ -21,20 +21,20 @@ LAYER_NORM_EPS = 1e-5  # fair-esm's ESM1bLayerNorm is torch.nn.LayerNorm with it
 class PackedLayer(nn.Module):
     """One pre-LayerNorm transformer layer of ESM-2, with q, k and v in one projection."""
 
-    def __init__(self, layer, dtype: torch.dtype):
+    def __init__(self, layer, dtype: torch.dtype, device):
         super().__init__()
         attn = layer.self_attn
         self.heads = attn.num_heads
-        self.attn_norm = _float32_copy(layer.self_attn_layer_norm)
-        self.qkv = nn.Linear(attn.embed_dim, 3 * attn.embed_dim)
-        with torch.no_grad():
-            self.qkv.weight.copy_(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-            self.qkv.bias.copy_(torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
-        self.qkv.to(dtype)
-        self.out_proj = _copy(attn.out_proj, dtype)
-        self.ffn_norm = _float32_copy(layer.final_layer_norm)
-        self.fc1 = _copy(layer.fc1, dtype)
-        self.fc2 = _copy(layer.fc2, dtype)
+        self.attn_norm = _copy(layer.self_attn_layer_norm, torch.float32, device)
+        self.qkv = _linear(
+            torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+            torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
+            dtype, device,
+        )
+        self.out_proj = _copy(attn.out_proj, dtype, device)
+        self.ffn_norm = _copy(layer.final_layer_norm, torch.float32, device)
+        self.fc1 = _copy(layer.fc1, dtype, device)
+        self.fc2 = _copy(layer.fc2, dtype, device)
 
     def forward(self, x, cos, sin, cu_seqlens, max_len: int, steps):
         # x: [T, D] float32; cos, sin: [T, d] float32. steps: the two pointwise-heavy halves, plain
@@ -67,8 +67,8 @@ def attention_output_and_ffn(x, attended, out_weight, out_bias, norm_weight, nor
 
 
 class PackedESM2(nn.Module):
-    def __init__(self, network, dtype: torch.dtype = torch.bfloat16, compile: bool = False):
-        """Built from a loaded fair-esm ESM2 (float32 weights), sharing nothing with it.
+    def __init__(self, network, dtype: torch.dtype = torch.bfloat16, device="cpu", compile: bool = False):
+        """Built on ``device`` from a loaded fair-esm ESM2 (float32 weights), sharing nothing with it.
 
         ``compile`` fuses the pointwise work around the matrix products with torch.compile;
         one graph serves every layer, and the token count is a dynamic dimension, so batches
@@ -80,10 +80,10 @@ class PackedESM2(nn.Module):
         self.dtype = dtype
         self.token_dropout = network.token_dropout
         self.mask_idx = network.mask_idx
-        self.embed_tokens = nn.Embedding.from_pretrained(network.embed_tokens.weight.detach().float().clone())
-        self.layers = nn.ModuleList(PackedLayer(layer, dtype) for layer in network.layers)
-        self.final_norm = _float32_copy(network.emb_layer_norm_after)
-        inv_freq = network.layers[0].self_attn.rot_emb.inv_freq.detach().float().clone()
+        self.embed_tokens = nn.Embedding.from_pretrained(network.embed_tokens.weight.to(device, torch.float32, copy=True))
+        self.layers = nn.ModuleList(PackedLayer(layer, dtype, device) for layer in network.layers)
+        self.final_norm = _copy(network.emb_layer_norm_after, torch.float32, device)
+        inv_freq = network.layers[0].self_attn.rot_emb.inv_freq.to(device, torch.float32, copy=True)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [d / 2]
         steps = (attention_inputs, attention_output_and_ffn)
         self.steps = tuple(torch.compile(step, dynamic=True) for step in steps) if compile else steps
@@ -129,14 +129,22 @@ def attention(q, k, v, cu_seqlens, max_len: int):
     return out
 
 
-def _copy(linear: nn.Linear, dtype) -> nn.Linear:
-    copy = nn.Linear(linear.in_features, linear.out_features)
-    copy.load_state_dict(linear.state_dict())
-    return copy.to(dtype)
+def _linear(weight, bias, dtype, device) -> nn.Linear:
+    """An nn.Linear holding copies of these tensors (no random initialisation first)."""
+    linear = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], device=device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    return linear
 
 
-def _float32_copy(norm: nn.LayerNorm) -> nn.LayerNorm:
-    assert norm.eps == LAYER_NORM_EPS, norm.eps
-    copy = nn.LayerNorm(norm.normalized_shape, eps=norm.eps)
-    copy.load_state_dict(norm.state_dict())
-    return copy.float()
+def _copy(module, dtype, device):
+    """A copy of an nn.Linear, or of an nn.LayerNorm (fair-esm's eps), in dtype on device."""
+    if isinstance(module, nn.LayerNorm):
+        assert module.eps == LAYER_NORM_EPS, module.eps
+        copy = nn.utils.skip_init(nn.LayerNorm, module.normalized_shape, eps=module.eps, device=device, dtype=dtype)
+        with torch.no_grad():
+            copy.weight.copy_(module.weight)
+            copy.bias.copy_(module.bias)
+        return copy
+    return _linear(module.weight, module.bias, dtype, device)
