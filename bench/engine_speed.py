@@ -91,7 +91,8 @@ def run_model(name: str, args, workdir: Path) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    embed_to_shard(workdir / "index", workdir / "index/plan.h5", 0, workdir / "shard.h5", engine, settings, "bfloat16")
+    embed_to_shard(workdir / "index", workdir / "index/plan.h5", 0, workdir / "shard.h5", workdir / "work", engine,
+                   settings, "bfloat16")
     packed_seconds = time.perf_counter() - started
     packed_peak = torch.cuda.max_memory_allocated()
     del engine

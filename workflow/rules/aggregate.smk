@@ -15,5 +15,6 @@ rule aggregate:
         "../../environment.yml"
     params:
         require_complete=config["require_complete"],
+        token_files=[token_file(rank) for rank in RANKS],
     script:
         "../scripts/aggregate.py"

@@ -79,4 +79,6 @@ def embed_settings():
         "engine": config["engine"],
         "compile": config["compile"],
         "progress_seconds": config["progress_seconds"],
+        "chunk_sequences": config["chunk_sequences"],
+        "chunk_seconds": config["chunk_seconds"],
     }

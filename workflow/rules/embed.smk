@@ -25,5 +25,7 @@ rule embed:
         attempts=config["retries"] + 1,
         settings=embed_settings(),
         gpu_lock_dir=config["gpu_lock_dir"],
+        work_dir="results/work",
+        timeout=config["timeout"],
     script:
         "../scripts/embed.py"

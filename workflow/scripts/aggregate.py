@@ -14,6 +14,7 @@ try:
         Path(snakemake.input.index).parent,
         snakemake.input.plan,
         snakemake.input.statuses,
+        snakemake.params.token_files,
         snakemake.output.embeddings,
         snakemake.output.manifest,
         snakemake.output.missing,

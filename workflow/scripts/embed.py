@@ -1,5 +1,6 @@
 """Rule embed: one rank. Leases a GPU before CUDA starts, embeds the rank's sequences into its
-shard, and records the outcome in the status file that the rule declares."""
+shard (resuming from chunks an earlier attempt left), and records the outcome in the status
+file that the rule declares."""
 
 import logging
 import sys
@@ -7,12 +8,23 @@ from pathlib import Path
 
 from esmshard import logs
 from esmshard.gpu import pin_gpu
-from esmshard.rank import RankSettings, record_failure, run_rank, write_status
+from esmshard.rank import (
+    RankSettings,
+    Stopped,
+    TimedOut,
+    disarm_timeout,
+    handle_stop_signals,
+    parse_duration,
+    record_failure,
+    run_rank,
+    write_status,
+)
 
 logs.setup(snakemake.log[0])
 log = logging.getLogger("esmshard.embed")
 rank = int(snakemake.wildcards.rank)
 attempt, attempts = int(snakemake.resources.attempt), int(snakemake.params.attempts)
+handle_stop_signals(parse_duration(snakemake.params.timeout))
 
 lease = pin_gpu(snakemake.params.gpu_lock_dir)
 log.info("rank %d, attempt %d of %d, device %s", rank, attempt, attempts, f"GPU {lease.gpu}" if lease.gpu else "CPU")
@@ -21,7 +33,16 @@ try:
 
     torch.set_num_threads(snakemake.threads)
     settings = RankSettings(**snakemake.params.settings)
-    stats = run_rank(Path(snakemake.input.index).parent, snakemake.input.plan, rank, snakemake.params.shard, settings)
+    index_dir = Path(snakemake.input.index).parent
+    stats = run_rank(index_dir, snakemake.input.plan, rank, snakemake.params.shard, snakemake.params.work_dir, settings)
+    disarm_timeout()
+except Stopped as stop:
+    log.error("rank %d %s; finished work is kept in chunks and a rerun resumes from it", rank, stop)
+    sys.exit(128 + stop.signum)
+except TimedOut as error:
+    log.error("rank %d ran past its timeout (%s); finished work is kept in chunks", rank, snakemake.params.timeout)
+    record_failure(snakemake.output.status, snakemake.params.token_file, rank, error, attempt)
+    sys.exit(0)
 except Exception as error:
     if attempt < attempts:
         log.error("rank %d failed on attempt %d of %d: %s; snakemake will retry", rank, attempt, attempts, error)

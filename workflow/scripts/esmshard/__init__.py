@@ -17,7 +17,10 @@ One module per concern; none of them knows about Snakemake:
 
 import contextlib
 import os
+import signal
 from pathlib import Path
+
+CRASH_ENV = "ESMSHARD_CRASH_AT"  # for tests: the rank kills itself (SIGKILL) at this named point
 
 
 class EsmShardError(Exception):
@@ -39,3 +42,9 @@ def atomic_output(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def crash_point(name: str) -> None:
+    """Die here, as a SIGKILL would, when the environment asks for it (crash-safety tests)."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -15,7 +15,7 @@ import numpy as np
 from esmshard import EsmShardError, atomic_output
 from esmshard.index import SequenceIndex
 from esmshard.plan import read_plan
-from esmshard.rank import read_status
+from esmshard.rank import new_token, read_status
 from esmshard.shard import read_attrs, read_ids
 
 log = logging.getLogger(__name__)
@@ -25,20 +25,34 @@ SHARED_ATTRS = ("model", "layer", "pooling", "precision", "dtype", "engine", "fi
 _BLOCK_ROWS = 16384
 
 
-def aggregate(index_dir, plan_path, status_paths, out_path, manifest_path, missing_path, require_complete=False) -> dict:
+def aggregate(index_dir, plan_path, status_paths, token_paths, out_path, manifest_path, missing_path,
+              require_complete=False) -> dict:
+    """Merge the shards of the ranks whose status says they succeeded.
+
+    A shard that turns out damaged (unreadable, or not exactly its planned IDs and settings)
+    counts as a failed rank, and its token (``token_paths``) changes so that the next run of
+    the workflow recomputes it.
+    """
     index = SequenceIndex(index_dir)
     planned_rank, world_size, fingerprint = read_plan(plan_path)
     if len(status_paths) != world_size:
         raise EsmShardError(f"{len(status_paths)} rank status files for a plan of {world_size} ranks")
     statuses = [read_status(path) for path in status_paths]
-    ok_ranks = [r for r, status in enumerate(statuses) if status["ok"]]
     failed = {r: status.get("error", "unknown error") for r, status in enumerate(statuses) if not status["ok"]}
-
     all_ids = index.ids()
-    missing = {r: all_ids[planned_rank == r].tolist() for r in failed}
+    shards = {r: Path(status["shard"]) for r, status in enumerate(statuses) if status["ok"]}
+    attrs, damaged = _check_shards(shards, planned_rank, all_ids, fingerprint, world_size)
+    for rank, problem in damaged.items():
+        log.warning("rank %d: %s; it counts as failed and the next run recomputes it", rank, problem)
+        new_token(token_paths[rank])
+        failed[rank] = problem
+        del shards[rank]
+    ok_ranks = sorted(shards)
+
+    missing = {r: all_ids[planned_rank == r].tolist() for r in sorted(failed)}
     n_missing = sum(len(ids) for ids in missing.values())
     if not ok_ranks:
-        details = "; ".join(f"rank {r}: {error}" for r, error in failed.items())
+        details = "; ".join(f"rank {r}: {error}" for r, error in sorted(failed.items()))
         raise EsmShardError(f"no rank succeeded, so there are no embeddings ({details}); see the rank logs")
     if failed and require_complete:
         raise EsmShardError(
@@ -46,8 +60,6 @@ def aggregate(index_dir, plan_path, status_paths, out_path, manifest_path, missi
             f"rerun snakemake to retry them"
         )
 
-    shards = {r: Path(statuses[r]["shard"]) for r in ok_ranks}
-    attrs = _check_shards(shards, planned_rank, all_ids, fingerprint, world_size)
     keep = np.isin(planned_rank, ok_ranks)
     with atomic_output(out_path) as tmp:
         _merge(tmp, shards, planned_rank, keep, all_ids, index.lengths, attrs)
@@ -85,40 +97,51 @@ def _list(ranks) -> str:
     return ", ".join(str(r) for r in sorted(ranks))
 
 
-def _check_shards(shards: dict, planned_rank, all_ids, fingerprint: str, world_size: int) -> dict:
-    """Check every shard against the plan and each other; returns their shared attributes."""
-    shared = None
-    width = None
+def _check_shards(shards: dict, planned_rank, all_ids, fingerprint: str, world_size: int):
+    """(attributes the good shards share, {rank: problem} for damaged shards)."""
+    shared, width, versions = None, None, None
+    damaged = {}
     for rank, path in shards.items():
-        if not path.is_file():
-            raise EsmShardError(f"rank {rank} reported success but its shard {path} does not exist")
+        problem = _shard_problem(path, rank, planned_rank, all_ids, fingerprint, world_size)
+        if problem:
+            damaged[rank] = f"shard {path} {problem}"
+            continue
         attrs = read_attrs(path)
-        problem = None
-        if attrs.get("fingerprint") != fingerprint:
-            problem = "was made from a different sequence index"
-        elif attrs.get("rank") != rank or attrs.get("world_size") != world_size:
-            problem = f"is rank {attrs.get('rank')} of {attrs.get('world_size')}, not rank {rank} of {world_size}"
-        else:
-            ids = read_ids(path)
-            planned = all_ids[planned_rank == rank]
-            if len(ids) != len(set(ids)):
-                problem = "holds duplicate IDs"
-            elif len(ids) != len(planned) or not np.array_equal(ids, planned):
-                extra = set(ids) - set(planned)
-                lost = set(planned) - set(ids)
-                problem = f"does not hold exactly the planned IDs ({len(lost)} missing, {len(extra)} extra, or out of order)"
         with h5py.File(path, "r") as h5:
             shard_width = h5["embeddings"].shape[1]
-        if problem is None and width is not None and shard_width != width:
-            problem = f"has embeddings of width {shard_width}, other shards {width}"
         these = {key: attrs.get(key) for key in SHARED_ATTRS}
-        if problem is None and shared is not None and these != shared:
-            differ = [key for key in SHARED_ATTRS if these[key] != shared[key]]
-            problem = f"was made with other settings ({', '.join(differ)}) than the other shards"
-        if problem:
-            raise EsmShardError(f"shard {path} {problem}; delete it and its status file to recompute it")
+        if shared is not None and (these != shared or shard_width != width):
+            differ = [key for key in SHARED_ATTRS if these[key] != shared[key]] or ["width"]
+            raise EsmShardError(
+                f"shard {path} was made with other settings ({', '.join(differ)}) than the other shards; "
+                f"delete results/status and rerun"
+            )
         shared, width, versions = these, shard_width, attrs.get("versions")
-    return {**shared, "versions": versions}
+    return ({**shared, "versions": versions} if shared else None), damaged
+
+
+def _shard_problem(path: Path, rank: int, planned_rank, all_ids, fingerprint: str, world_size: int):
+    if not path.is_file():
+        return "does not exist"
+    try:
+        attrs = read_attrs(path)
+        ids = read_ids(path)
+        with h5py.File(path, "r") as h5:
+            rows = h5["embeddings"].shape[0]
+            h5["embeddings"][-1:]  # the last rows must be readable too
+    except Exception as error:  # a torn or corrupt file raises many kinds
+        return f"is unreadable ({' '.join(str(error).split())[:200]})"
+    if attrs.get("fingerprint") != fingerprint:
+        return "was made from a different sequence index"
+    if attrs.get("rank") != rank or attrs.get("world_size") != world_size:
+        return f"is rank {attrs.get('rank')} of {attrs.get('world_size')}, not rank {rank} of {world_size}"
+    planned = all_ids[planned_rank == rank]
+    if len(ids) != len(set(ids)):
+        return "holds duplicate IDs"
+    if rows != len(ids) or not np.array_equal(ids, planned):
+        lost, extra = len(set(planned) - set(ids)), len(set(ids) - set(planned))
+        return f"does not hold exactly the planned IDs ({lost} missing, {extra} extra, or out of order)"
+    return None
 
 
 def _merge(path, shards: dict, planned_rank, keep, all_ids, lengths, attrs: dict) -> None:

@@ -1,21 +1,27 @@
 """One rank's run: its planned sequences from the index to a complete shard file.
 
-Also the rank's outcome record (the status file the workflow declares) and the soft-failure
+Finished work is kept in chunk files (``chunks.py``) as the rank goes, so a rank killed at any
+moment resumes where its last chunk ended; SIGTERM and SIGINT flush the finished batches into a
+chunk and stop the rank with a non-zero exit (``Stopped``), and a rank over its time limit does
+the same (``TimedOut``). Also the rank's outcome record (the status file the workflow declares) and the soft-failure
 rule: an attempt before the last re-raises so the scheduler retries; the last attempt records
 the failure, with a fresh token that makes the next run of the workflow retry the rank.
 """
 
+import contextlib
 import json
 import logging
 import os
 import secrets
+import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from esmshard import EsmShardError, atomic_output
+from esmshard import EsmShardError, atomic_output, crash_point
 from esmshard.architectures import MAX_RESIDUES
 from esmshard.index import SequenceIndex
 from esmshard.plan import read_plan
@@ -36,6 +42,8 @@ class RankSettings:
     engine: str = "packed"
     compile: bool = True  # torch.compile the packed engine's layers (GPU only)
     progress_seconds: float = 30.0
+    chunk_sequences: int = 10000  # finished work goes to disk every this many sequences ...
+    chunk_seconds: float = 300.0  # ... or this many seconds, whichever comes first
 
 
 def make_engine(network, alphabet, device: str, settings: RankSettings):
@@ -61,7 +69,7 @@ def plan_batches(engine, capped_lengths, settings: RankSettings):
     return padded_batches(capped_lengths, budget), budget
 
 
-def run_rank(index_dir, plan_path, rank: int, shard_path, settings: RankSettings) -> dict:
+def run_rank(index_dir, plan_path, rank: int, shard_path, work_dir, settings: RankSettings) -> dict:
     """Embed rank ``rank``'s sequences into ``shard_path``; returns throughput figures."""
     import torch  # after the GPU lease has set CUDA_VISIBLE_DEVICES
 
@@ -79,11 +87,13 @@ def run_rank(index_dir, plan_path, rank: int, shard_path, settings: RankSettings
     )
     del network  # the packed engine holds its own copy of the weights
     _inject_fault(rank)
-    return embed_to_shard(index_dir, plan_path, rank, shard_path, engine, settings, precision)
+    return embed_to_shard(index_dir, plan_path, rank, shard_path, work_dir, engine, settings, precision)
 
 
-def embed_to_shard(index_dir, plan_path, rank: int, shard_path, engine, settings: RankSettings, precision: str) -> dict:
-    """The rank's planned sequences through ``engine`` into a complete shard file."""
+def embed_to_shard(index_dir, plan_path, rank: int, shard_path, work_dir, engine, settings, precision) -> dict:
+    """The rank's planned sequences through ``engine`` into a complete shard file, resuming
+    from the chunks of an earlier attempt with the same identity."""
+    from esmshard.chunks import ChunkStore, PendingRows, work_key
     from esmshard.shard import ShardWriter
 
     index = SequenceIndex(index_dir)
@@ -93,33 +103,179 @@ def embed_to_shard(index_dir, plan_path, rank: int, shard_path, engine, settings
     if not 0 <= rank < world_size:
         raise EsmShardError(f"rank {rank} is outside the plan's world size {world_size}")
     positions = np.flatnonzero(planned_rank == rank)
+    ids = index.ids(positions)
     lengths = index.lengths[positions]
     capped = np.minimum(lengths, MAX_RESIDUES)
-    batches, budget = plan_batches(engine, capped, settings)
-    log.info(
-        "rank %d/%d: %d sequences, %d residues, %d batches of at most %d tokens",
-        rank, world_size, len(positions), int(capped.sum()), len(batches), budget,
-    )
-    attrs = {
-        "model": str(settings.model),
+    identity = {  # everything that changes the numbers of this rank's shard
+        "fingerprint": index.fingerprint,
+        "model": model_identity(settings.model),
         "layer": engine.layer,
         "pooling": settings.pooling,
+        "dtype": settings.dtype,
         "precision": precision,
         "engine": settings.engine,
-        "fingerprint": index.fingerprint,
+        "max_residues": MAX_RESIDUES,
         "rank": rank,
         "world_size": world_size,
-        "max_residues": MAX_RESIDUES,
     }
     progress = Progress(len(positions), int(capped.sum()), settings.progress_seconds, rank)
-    with atomic_output(shard_path) as tmp:
-        writer = ShardWriter(tmp, index.ids(positions), lengths, engine.dim, settings.dtype, attrs)
-        read = lambda batch: [index.residues(p) for p in positions[batch]]  # noqa: E731
-        for batch, vectors in engine.embed_batches(batches, read):
-            writer.write(batch, vectors, lengths[batch] > MAX_RESIDUES)
+    chunk_dir = Path(work_dir) / work_key(identity) / f"rank_{rank}"
+    if shard_is_complete(shard_path, identity, ids, engine.dim):
+        log.info("rank %d: %s is already complete for these settings; keeping it", rank, shard_path)
+        shutil.rmtree(chunk_dir, ignore_errors=True)  # left over if a kill came right after the rename
+        progress.update(len(ids), int(capped.sum()), computed=False)
+        return progress.finish()
+
+    store = ChunkStore(chunk_dir, ids, engine.dim, settings.dtype, identity)
+    batches, budget = plan_batches(engine, capped, settings)
+    # Batches keep their composition across restarts (same budget), so a rerun computes the
+    # very same batches as an uninterrupted run would; only fully finished ones are skipped.
+    todo = [batch[~store.covered[batch]] for batch in batches]
+    todo = [batch for batch in todo if len(batch)]
+    log.info(
+        "rank %d/%d: %d sequences, %d residues, %d batches of at most %d tokens; "
+        "%d sequences already in %d chunks in %s",
+        rank, world_size, len(positions), int(capped.sum()), len(todo), budget,
+        int(store.covered.sum()), len(store.paths), store.directory,
+    )
+    progress.update(int(store.covered.sum()), int(capped[store.covered].sum()), computed=False)
+    pending = PendingRows()
+    last_chunk = time.monotonic()
+    read = lambda batch: [index.residues(p) for p in positions[batch]]  # noqa: E731
+    try:
+        for batch, vectors in engine.embed_batches(todo, read):
+            pending.add(batch, vectors, lengths[batch] > MAX_RESIDUES)
             progress.update(len(batch), int(capped[batch].sum()))
+            if pending.count >= settings.chunk_sequences or time.monotonic() - last_chunk >= settings.chunk_seconds:
+                with signals_deferred():
+                    store.write(*pending.take())
+                last_chunk = time.monotonic()
+    except BaseException:
+        if pending.count:  # keep every finished batch, whatever stops the rank
+            with signals_deferred():
+                store.write(*pending.take())
+        log.info("rank %d: kept %d of %d sequences in chunks", rank, int(store.covered.sum()), len(positions))
+        raise
+    if pending.count:
+        with signals_deferred():
+            store.write(*pending.take())
+
+    log.info("rank %d: assembling %s from %d chunks", rank, shard_path, len(store.paths))
+    with signals_deferred(), atomic_output(shard_path) as tmp:
+        writer = ShardWriter(tmp, ids, lengths, engine.dim, settings.dtype, shard_attrs(identity, settings.model))
+        for chunk_positions, vectors, truncated in store.read():
+            writer.write(chunk_positions, vectors, truncated)
         writer.close()
+        crash_point("shard-written")
+    crash_point("shard-renamed")
+    store.remove()  # the shard now holds everything the chunks held
     return progress.finish()
+
+
+def model_identity(model: str) -> str:
+    """The model as it affects the numbers: a released name, or a file with its size and time."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return model
+
+
+def shard_attrs(identity: dict, model: str) -> dict:
+    """The shard's attributes: its identity, with the model as the user named it."""
+    return {**identity, "model": str(model), "model_identity": identity["model"]}
+
+
+def shard_is_complete(path, identity: dict, ids: np.ndarray, dim: int) -> bool:
+    """Whether ``path`` is a whole, readable shard of exactly these IDs and settings."""
+    import h5py
+
+    from esmshard.shard import plain_attr
+
+    if not Path(path).is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as h5:
+            expected = shard_attrs(identity, plain_attr(h5.attrs.get("model")))
+            same = all(plain_attr(h5.attrs.get(k)) == v for k, v in expected.items())
+            complete = (
+                same
+                and h5["embeddings"].shape == (len(ids), dim)
+                and np.array_equal(h5["ids"].asstr()[:], ids)
+                and len(h5["embeddings"][-1:]) == min(1, len(ids))
+            )
+    except Exception as error:  # torn or corrupt
+        log.warning("%s is damaged (%s); recomputing it", path, " ".join(str(error).split())[:200])
+        return False
+    return complete
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGINT: finished work is on disk and the rank exits non-zero to be retried."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class TimedOut(Exception):
+    """The rank ran past its time limit: finished work is on disk, the rank counts as failed."""
+
+
+_deferred = {"depth": 0, "pending": None}
+
+
+def _on_signal(signum, frame):
+    error = TimedOut("rank ran past its time limit") if signum == signal.SIGALRM else Stopped(signum)
+    if _deferred["depth"]:
+        _deferred["pending"] = _deferred["pending"] or error  # raised when the write is done
+    else:
+        raise error
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """A chunk or shard write finishes before a stop signal is acted on."""
+    _deferred["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferred["depth"] -= 1
+    if not _deferred["depth"] and _deferred["pending"] is not None:
+        error, _deferred["pending"] = _deferred["pending"], None
+        raise error
+
+
+def handle_stop_signals(timeout_seconds: float | None = None) -> None:
+    """SIGTERM/SIGINT raise Stopped, and (with a timeout) SIGALRM raises TimedOut, in the main thread."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+        signal.signal(signum, _on_signal)
+    if timeout_seconds:
+        signal.setitimer(signal.ITIMER_REAL, timeout_seconds)
+
+
+def disarm_timeout() -> None:
+    """The work is done: no alarm may end the process now (at exit Python restores SIGALRM's
+    default action, which would kill it)."""
+    signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def parse_duration(value) -> float | None:
+    """Seconds from a number or a string such as '90s', '45m', '12h', '2d', '1:30:00'."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    text = str(value).strip()
+    if ":" in text:
+        seconds = 0.0
+        for part in text.split(":"):
+            seconds = seconds * 60 + float(part)
+        return seconds
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
 
 
 class Progress:
@@ -128,12 +284,15 @@ class Progress:
     def __init__(self, total_sequences: int, total_residues: int, interval: float, rank: int):
         self.total_sequences, self.total_residues = total_sequences, total_residues
         self.interval, self.rank = interval, rank
-        self.sequences = self.residues = 0
+        self.sequences = self.residues = self.reused_residues = 0
         self.started = self.last = time.monotonic()
 
-    def update(self, sequences: int, residues: int) -> None:
+    def update(self, sequences: int, residues: int, computed: bool = True) -> None:
+        """Count finished work; ``computed=False`` for work found done (not in the rate)."""
         self.sequences += sequences
         self.residues += residues
+        if not computed:
+            self.reused_residues += residues
         now = time.monotonic()
         if now - self.last >= self.interval:
             self.last = now
@@ -141,7 +300,7 @@ class Progress:
 
     def _log(self, now: float) -> None:
         elapsed = max(now - self.started, 1e-9)
-        rate = self.residues / elapsed
+        rate = (self.residues - self.reused_residues) / elapsed
         eta = (self.total_residues - self.residues) / rate if rate else float("nan")
         log.info(
             "rank %d: %d/%d sequences (%.1f%%), %d/%d residues, %.0f residues/s, elapsed %s, ETA %s",
@@ -154,11 +313,13 @@ class Progress:
         now = time.monotonic()
         self._log(now)
         seconds = now - self.started
+        computed = self.residues - self.reused_residues
         return {
             "sequences": self.sequences,
             "residues": self.residues,
+            "residues_computed": computed,
             "seconds": round(seconds, 3),
-            "residues_per_second": round(self.residues / max(seconds, 1e-9), 1),
+            "residues_per_second": round(computed / max(seconds, 1e-9), 1),
         }
 
 
@@ -192,8 +353,13 @@ def read_token(path) -> str:
         return ""
 
 
+def new_token(path) -> None:
+    """Change the rank's token: the next run of the workflow reruns the rank."""
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(secrets.token_hex(8) + "\n")
+
+
 def record_failure(status_path, token_path, rank: int, error: BaseException, attempt: int) -> None:
     """Last attempt failed: record it, and change the token so the next run retries this rank."""
-    with atomic_output(token_path) as tmp:
-        Path(tmp).write_text(secrets.token_hex(8) + "\n")
+    new_token(token_path)
     write_status(status_path, rank=rank, ok=False, attempt=attempt, error=f"{type(error).__name__}: {error}")

@@ -64,7 +64,7 @@ class ShardWriter:
 
 def read_attrs(path) -> dict:
     with h5py.File(path, "r") as h5:
-        return {key: _plain(value) for key, value in h5.attrs.items()}
+        return {key: plain_attr(value) for key, value in h5.attrs.items()}
 
 
 def read_ids(path) -> np.ndarray:
@@ -72,7 +72,8 @@ def read_ids(path) -> np.ndarray:
         return h5["ids"].asstr()[:]
 
 
-def _plain(value):
+def plain_attr(value):
+    """An HDF5 attribute as a plain Python value (numpy scalars and bytes converted)."""
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, bytes):

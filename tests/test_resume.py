@@ -1,0 +1,282 @@
+"""Crash safety inside a rank: kills, stop signals, time limits, damaged files, changed settings.
+
+Everything runs the real snakemake command on the tiny model, on the CPU, where results are
+deterministic: a resumed run must give bit-identical embeddings to an uninterrupted one.
+"""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import SNAKEFILE, random_sequences, read_embeddings, run_snakemake, write_fasta
+
+
+@pytest.fixture(scope="module")
+def fasta(tmp_path_factory):
+    return write_fasta(tmp_path_factory.mktemp("input") / "proteins.fasta", random_sequences(3000, seed=3, median=120))
+
+
+def config_for(fasta, model, **extra):
+    return {"fasta": [str(fasta)], "model": str(model), "retries": 0, "chunk_sequences": 150,
+            "progress_seconds": 0.5, **extra}
+
+
+def start_snakemake(workdir: Path, config: dict) -> subprocess.Popen:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [str(Path(sys.executable).with_name("snakemake")), "--snakefile", str(SNAKEFILE), "--directory",
+               str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ESMSHARD_FAIL_RANKS": ""}
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def rank_of(pid: int, workdir: Path) -> str:
+    """Which rank a job process is: the rank log it holds open."""
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = os.readlink(fd)
+            if target.startswith(str(workdir / "logs/embed/rank_")):
+                return target.rsplit("_", 1)[1].split(".")[0]
+    except OSError:
+        pass
+    return "?"
+
+
+def embed_processes(workdir: Path) -> list[int]:
+    """PIDs of the workflow's running embed jobs (the rank processes)."""
+    marker = f"{workdir}/.snakemake/scripts/".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if marker in cmdline and b"embed.py" in cmdline and entry.name.isdigit():
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_for(condition, timeout: float = 60, step: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    return None
+
+
+def chunk_files(workdir: Path) -> list[Path]:
+    return sorted((workdir / "results/work").glob("*/rank_*/chunk_*.h5"))
+
+
+def assert_same_embeddings(workdir: Path, clean: Path):
+    ids, embeddings, _ = read_embeddings(workdir / "results/embeddings.h5")
+    clean_ids, clean_embeddings, _ = read_embeddings(clean / "results/embeddings.h5")
+    assert ids == clean_ids and len(set(ids)) == len(ids)
+    assert embeddings.tobytes() == clean_embeddings.tobytes()  # bit for bit
+    return len(ids)
+
+
+@pytest.fixture(scope="module")
+def clean2(tmp_path_factory, fasta, tiny_checkpoint):
+    workdir = tmp_path_factory.mktemp("clean2")
+    result = run_snakemake(workdir, config_for(fasta, tiny_checkpoint, world_size=2))
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def clean1(tmp_path_factory, fasta, tiny_checkpoint):
+    workdir = tmp_path_factory.mktemp("clean1")
+    result = run_snakemake(workdir, config_for(fasta, tiny_checkpoint, world_size=1))
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+def phase_of(log_text: str) -> str:
+    last = log_text.strip().splitlines()[-1] if log_text.strip() else ""
+    if "assembling" in last:
+        return "assembling the shard"
+    if "wrote chunk" in last:
+        return "after a chunk write"
+    if "sequences (" in last or "batches of at most" in last:
+        return "embedding"
+    return "starting up / loading the model"
+
+
+def test_sigkill_at_random_moments_then_rerun_gives_identical_embeddings(tmp_path, fasta, tiny_checkpoint, clean2):
+    rng = random.Random(20261128)
+    config = config_for(fasta, tiny_checkpoint, world_size=2)
+    kills, reruns, rounds, rows, phases = 0, 0, 0, 0, Counter()
+    while kills < 20:
+        rounds += 1
+        workdir = tmp_path / f"round{rounds}"
+        workdir.mkdir()
+        while True:
+            process = start_snakemake(workdir, config)
+            reruns += 1
+            pids = wait_for(lambda: embed_processes(workdir) or process.poll() is not None)
+            if pids is True or pids is None or process.poll() is not None:
+                break  # nothing left to embed this round
+            time.sleep(rng.uniform(1.0, 4.0))  # startup takes ~2 s of it
+            victims = embed_processes(workdir)
+            if victims:
+                victim = rng.choice(victims)
+                log = workdir / f"logs/embed/rank_{rank_of(victim, workdir)}.log"
+                os.kill(victim, signal.SIGKILL)
+                kills += 1
+                phases[phase_of(log.read_text()) if log.exists() else "starting up / loading the model"] += 1
+            process.wait(timeout=300)
+        assert process.wait(timeout=300) == 0, process.stderr.read()
+        rows += assert_same_embeddings(workdir, clean2)
+        assert not chunk_files(workdir)  # chunks are gone once their shard is in place
+    # and at the exact moments a random kill rarely hits: a chunk written but not yet renamed,
+    # the shard written but not renamed, the shard renamed but its chunks not yet removed
+    for point in ("chunk-written", "shard-written", "shard-renamed"):
+        rounds += 1
+        workdir = tmp_path / point
+        workdir.mkdir()
+        crashed = run_snakemake(workdir, config, env={"ESMSHARD_CRASH_AT": point})
+        assert crashed.returncode != 0 and "SIGKILL" in crashed.stderr
+        kills += 1
+        phases[point] += 1
+        rerun = run_snakemake(workdir, config)
+        reruns += 2
+        assert rerun.returncode == 0, rerun.stderr
+        rows += assert_same_embeddings(workdir, clean2)
+        assert not chunk_files(workdir)
+    summary = {"kills": kills, "snakemake runs": reruns, "rounds": rounds, "rows compared": rows,
+               "mismatches": 0, "kill phases": dict(phases)}
+    print("kill test:", json.dumps(summary))
+    (Path(os.environ.get("ESMSHARD_KILL_REPORT", tmp_path / "kill_report.json"))).write_text(json.dumps(summary))
+
+
+def stop_after_first_chunk(workdir: Path, config: dict, signum=signal.SIGTERM):
+    """Run until the first chunk is on disk, then send ``signum`` to the rank; returns seconds to exit."""
+    before = set(chunk_files(workdir))
+    process = start_snakemake(workdir, config)
+    assert wait_for(lambda: set(chunk_files(workdir)) - before, timeout=120), "no chunk was written"
+    (pid,) = embed_processes(workdir)
+    sent = time.monotonic()
+    os.kill(pid, signum)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=30)
+    seconds = time.monotonic() - sent
+    assert process.wait(timeout=120) != 0
+    return seconds
+
+
+def rank_status(workdir: Path, rank: int = 0) -> dict:
+    return json.loads((workdir / f"results/status/rank_{rank}.json").read_text())
+
+
+def test_sigterm_keeps_finished_work_and_the_rerun_computes_only_the_rest(tmp_path, fasta, tiny_checkpoint, clean1):
+    config = config_for(fasta, tiny_checkpoint, world_size=1)
+    seconds = stop_after_first_chunk(tmp_path, config)
+    assert seconds < 5
+    log = (tmp_path / "logs/embed/rank_0.log").read_text()
+    assert "stopped by SIGTERM" in log
+    kept = int(re.search(r"kept (\d+) of 3000 sequences in chunks", log)[1])
+    assert kept >= 150
+    result = run_snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "logs/embed/rank_0.log").read_text()
+    assert f"{kept} sequences already in" in log
+    status = rank_status(tmp_path)
+    assert status["residues_computed"] < status["residues"]
+    assert_same_embeddings(tmp_path, clean1)
+
+
+def test_sigint_behaves_like_sigterm(tmp_path, fasta, tiny_checkpoint):
+    seconds = stop_after_first_chunk(tmp_path, config_for(fasta, tiny_checkpoint, world_size=1), signal.SIGINT)
+    assert seconds < 5
+    assert "stopped by SIGINT" in (tmp_path / "logs/embed/rank_0.log").read_text()
+    assert chunk_files(tmp_path)
+
+
+def test_corrupt_and_torn_chunks_are_recomputed(tmp_path, fasta, tiny_checkpoint, clean1):
+    config = config_for(fasta, tiny_checkpoint, world_size=1, chunk_sequences=100)
+    stop_after_first_chunk(tmp_path, config)
+    chunks = chunk_files(tmp_path)
+    data = bytearray(chunks[0].read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 4096] = os.urandom(4096)
+    chunks[0].write_bytes(bytes(data))
+    if len(chunks) > 1:
+        chunks[1].write_bytes(chunks[1].read_bytes()[:2000])  # torn
+    (chunks[0].parent / ".chunk_000099.h5.tmp123").write_bytes(b"half-written")
+    result = run_snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "logs/embed/rank_0.log").read_text()
+    assert re.search(r"discarding chunk .*chunk_000000.h5 \(", log)
+    assert_same_embeddings(tmp_path, clean1)
+
+
+def test_a_damaged_shard_is_detected_and_recomputed(tmp_path, fasta, tiny_checkpoint, clean2):
+    config = config_for(fasta, tiny_checkpoint, world_size=2)
+    assert run_snakemake(tmp_path, config).returncode == 0
+    shard = tmp_path / "results/shards/shard_1.h5"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = run_snakemake(tmp_path, config, "--forcerun", "aggregate")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"rank 1: shard .*shard_1.h5 is unreadable", result.stderr)
+    manifest = json.loads((tmp_path / "results/manifest.json").read_text())
+    assert [f["rank"] for f in manifest["ranks_failed"]] == [1]
+    result = run_snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stderr
+    assert "wildcards: rank=1" in result.stderr and "wildcards: rank=0" not in result.stderr
+    assert_same_embeddings(tmp_path, clean2)
+
+
+def test_changed_settings_never_reuse_stale_work(tmp_path, fasta, tiny_checkpoint):
+    from esmshard.model import write_random_checkpoint
+
+    config = config_for(fasta, tiny_checkpoint, world_size=1)
+    stop_after_first_chunk(tmp_path, config)
+    assert chunk_files(tmp_path)
+    for change in ({"layer": 1}, {"model": str(write_random_checkpoint(tmp_path / "other.pt", 2, 32, 4, seed=9))}):
+        changed = {**config, **change}
+        stop_after_first_chunk(tmp_path, changed)
+        assert "0 sequences already in 0 chunks" in (tmp_path / "logs/embed/rank_0.log").read_text()
+    result = run_snakemake(tmp_path, changed)
+    assert result.returncode == 0, result.stderr
+    assert rank_status(tmp_path)["residues_computed"] < rank_status(tmp_path)["residues"]  # its own chunks reused
+    _, _, attrs = read_embeddings(tmp_path / "results/embeddings.h5")
+    assert attrs["model"] == changed["model"]
+
+
+def test_timeout_stops_the_rank_keeps_its_work_and_counts_it_failed(tmp_path, fasta):
+    from esmshard.model import write_random_checkpoint
+
+    # a model slow enough on the CPU that the rank cannot finish in its 8 seconds
+    slower = write_random_checkpoint(tmp_path / "esm2_slower.pt", 6, 96, 4, seed=5)
+    config = config_for(fasta, slower, world_size=1, chunk_sequences=100, timeout="8s")
+    (tmp_path / "timed").mkdir()
+    result = run_snakemake(tmp_path / "timed", config)
+    assert result.returncode != 0
+    assert "no rank succeeded" in result.stderr and "TimedOut" in result.stderr
+    assert rank_status(tmp_path / "timed")["ok"] is False
+    assert chunk_files(tmp_path / "timed")
+    result = run_snakemake(tmp_path / "timed", {**config, "timeout": None})
+    assert result.returncode == 0, result.stderr
+    assert rank_status(tmp_path / "timed")["residues_computed"] < rank_status(tmp_path / "timed")["residues"]
+    (tmp_path / "clean").mkdir()
+    assert run_snakemake(tmp_path / "clean", {**config, "timeout": None}).returncode == 0
+    assert_same_embeddings(tmp_path / "timed", tmp_path / "clean")
+
+
+@pytest.mark.parametrize("text, seconds", [(90, 90.0), ("90s", 90.0), ("45m", 2700.0), ("12h", 43200.0),
+                                           ("1d", 86400.0), ("1:30:00", 5400.0), (None, None)])
+def test_durations(text, seconds):
+    from esmshard.rank import parse_duration
+
+    assert parse_duration(text) == seconds
