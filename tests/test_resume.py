@@ -257,9 +257,9 @@ def test_changed_settings_never_reuse_stale_work(tmp_path, fasta, tiny_checkpoin
 def test_timeout_stops_the_rank_keeps_its_work_and_counts_it_failed(tmp_path, fasta):
     from esmshard.model import write_random_checkpoint
 
-    # a model slow enough on the CPU that the rank cannot finish in its 8 seconds
+    # a model slow enough on the CPU (~10 s of work) that the rank cannot finish in its 9 seconds
     slower = write_random_checkpoint(tmp_path / "esm2_slower.pt", 6, 96, 4, seed=5)
-    config = config_for(fasta, slower, world_size=1, chunk_sequences=100, timeout="8s")
+    config = config_for(fasta, slower, world_size=1, chunk_sequences=100, timeout="9s")
     (tmp_path / "timed").mkdir()
     result = run_snakemake(tmp_path / "timed", config)
     assert result.returncode != 0

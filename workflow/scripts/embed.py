@@ -3,6 +3,8 @@ shard (resuming from chunks an earlier attempt left), and records the outcome in
 file that the rule declares."""
 
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -27,7 +29,12 @@ attempt, attempts = int(snakemake.resources.attempt), int(snakemake.params.attem
 handle_stop_signals(parse_duration(snakemake.params.timeout))
 
 lease = pin_gpu(snakemake.params.gpu_lock_dir)
-log.info("rank %d, attempt %d of %d, device %s", rank, attempt, attempts, f"GPU {lease.gpu}" if lease.gpu else "CPU")
+where = {"host": socket.gethostname(), "gpu": lease.gpu, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+log.info(
+    "rank %d, attempt %d of %d, device %s, host %s%s", rank, attempt, attempts,
+    f"GPU {lease.gpu}" if lease.gpu else "CPU", where["host"],
+    f", SLURM job {where['slurm_job_id']}" if where["slurm_job_id"] else "",
+)
 try:
     import torch
 
@@ -50,4 +57,4 @@ except Exception as error:
     log.exception("rank %d failed on its last attempt (%d); recording the failure", rank, attempt)
     record_failure(snakemake.output.status, snakemake.params.token_file, rank, error, attempt)
     sys.exit(0)
-write_status(snakemake.output.status, rank=rank, ok=True, attempt=attempt, shard=snakemake.params.shard, **stats)
+write_status(snakemake.output.status, rank=rank, ok=True, attempt=attempt, shard=snakemake.params.shard, **where, **stats)

@@ -1,0 +1,93 @@
+"""The workflow through profiles/slurm on a real single-node SLURM cluster started on this machine
+(tests/slurm/start.sh: slurmctld, slurmd and munge from Debian, four fake GPUs)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, SNAKEFILE, random_sequences, read_embeddings, run_snakemake, write_fasta
+
+SLURM_SCRIPTS = REPO / "tests" / "slurm"
+
+
+@pytest.fixture(scope="module")
+def slurm_conf(tmp_path_factory):
+    # outside pytest's private temporary directories: munged runs as the munge user
+    state = Path(os.environ.get("ESMSHARD_SLURM_STATE", "/tmp/esmshard-slurm"))
+    started = subprocess.run(["bash", str(SLURM_SCRIPTS / "start.sh"), str(state)],
+                             capture_output=True, text=True, timeout=600)
+    if started.returncode != 0:
+        message = f"SLURM could not be started here: {started.stderr[-2000:]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # never skipped silently in CI
+        pytest.skip(message)
+    conf = re.search(r"export SLURM_CONF=(\S+)", started.stdout)[1]
+    yield conf
+    subprocess.run(["bash", str(SLURM_SCRIPTS / "stop.sh"), str(state)], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def fasta(tmp_path_factory):
+    return write_fasta(tmp_path_factory.mktemp("input") / "proteins.fasta", random_sequences(400, seed=21, median=120))
+
+
+def through_slurm(workdir: Path, config: dict, slurm_conf: str, env: dict | None = None):
+    """snakemake --profile profiles/slurm, with the placeholders filled in for the test cluster."""
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    command = [
+        str(Path(sys.executable).with_name("snakemake")), "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
+        "--configfile", str(workdir / "config.yaml"), "--profile", str(REPO / "profiles/slurm"),
+        "--default-resources", "slurm_account=test", "slurm_partition=debug", "runtime=10", "mem_mb=1000",
+        "--set-resources", "embed:slurm_partition=debug", "embed:cpus_per_task=2", "embed:mem_mb=1000",
+        "--slurm-init-seconds-before-status-checks", "2", "--jobs", "8",
+    ]
+    full_env = {**os.environ, "SLURM_CONF": slurm_conf, "ESMSHARD_FAIL_RANKS": "", **(env or {})}
+    full_env.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=900)
+
+
+def statuses(workdir: Path, ranks: int) -> list[dict]:
+    return [json.loads((workdir / f"results/status/rank_{r}.json").read_text()) for r in range(ranks)]
+
+
+def test_four_ranks_run_as_four_slurm_jobs_on_one_gpu_each(tmp_path, fasta, tiny_checkpoint, slurm_conf):
+    config = {"fasta": [str(fasta)], "model": str(tiny_checkpoint), "world_size": 4, "threads_per_rank": 2}
+    (tmp_path / "slurm").mkdir()
+    result = through_slurm(tmp_path / "slurm", config, slurm_conf)
+    assert result.returncode == 0, result.stderr[-5000:]
+    ranks = statuses(tmp_path / "slurm", 4)
+    job_ids = [status["slurm_job_id"] for status in ranks]
+    assert all(job_ids) and len(set(job_ids)) == 4  # each rank its own SLURM job
+    for status in ranks:
+        assert re.fullmatch(r"\d", status["gpu"])  # exactly one GPU index, set by SLURM
+    (tmp_path / "local").mkdir()
+    local = run_snakemake(tmp_path / "local", config)
+    assert local.returncode == 0, local.stderr
+    ids, embeddings, _ = read_embeddings(tmp_path / "slurm/results/embeddings.h5")
+    local_ids, local_embeddings, _ = read_embeddings(tmp_path / "local/results/embeddings.h5")
+    assert ids == local_ids
+    assert np.abs(embeddings - local_embeddings).max() <= 1e-6
+
+
+def test_a_failed_rank_under_slurm_and_the_rerun(tmp_path, fasta, tiny_checkpoint, slurm_conf):
+    config = {"fasta": [str(fasta)], "model": str(tiny_checkpoint), "world_size": 4, "retries": 0}
+    first = through_slurm(tmp_path, config, slurm_conf, env={"ESMSHARD_FAIL_RANKS": "1"})
+    assert first.returncode == 0, first.stderr[-5000:]
+    manifest = json.loads((tmp_path / "results/manifest.json").read_text())
+    assert [f["rank"] for f in manifest["ranks_failed"]] == [1] and manifest["ranks_succeeded"] == [0, 2, 3]
+    assert "fault injected" in manifest["ranks_failed"][0]["error"]
+    before = {r: (tmp_path / f"results/shards/shard_{r}.h5").stat().st_mtime_ns for r in (0, 2, 3)}
+    second = through_slurm(tmp_path, config, slurm_conf)
+    assert second.returncode == 0, second.stderr[-5000:]
+    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", second.stderr)
+    assert len(submitted) == 2, second.stderr[-5000:]  # rank 1 and the aggregation, nothing else
+    assert "wildcards: rank=1" in second.stderr
+    assert {r: (tmp_path / f"results/shards/shard_{r}.h5").stat().st_mtime_ns for r in (0, 2, 3)} == before
+    assert json.loads((tmp_path / "results/manifest.json").read_text())["complete"]
