@@ -151,7 +151,7 @@ def main():
           f"{int(np.median(lengths))}, {summary.n_residues} residues; RANDOM weights of the real shapes")
 
     rows = [run_model(name, args, workdir) for name in args.models]
-    print(f"\n| model | path | residues/s | vs fair-esm fp16 | peak GPU memory | of FLOP limit | numerics vs fp32 |")
+    print("\n| model | path | residues/s | vs fair-esm fp16 | peak GPU memory | of FLOP limit | numerics vs fp32 |")
     print("|---|---|---:|---:|---:|---:|---|")
     for row in rows:
         base, packed = row["baseline"], row["packed"]

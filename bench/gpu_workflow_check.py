@@ -52,7 +52,8 @@ def main():
     parser.add_argument("--fasta", nargs="+", required=True)
     parser.add_argument("--workdir", default="/tmp/esmshard-gpu-check")
     parser.add_argument("--precision", default="auto")
-    parser.add_argument("--tokens-per-batch", type=int, default=4096)
+    parser.add_argument("--engine", default="packed", choices=["packed", "reference"])
+    parser.add_argument("--tokens-per-batch", type=int, default=None)
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -65,6 +66,7 @@ def main():
         "fasta": [str(Path(f).resolve()) for f in args.fasta],
         "model": str(checkpoint),
         "precision": args.precision,
+        "engine": args.engine,
         "tokens_per_batch": args.tokens_per_batch,
         "progress_seconds": 5,
     }

@@ -52,6 +52,26 @@ def run_snakemake(workdir: Path, config: dict, *args: str, env: dict | None = No
     return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600)
 
 
+def completed_run(workdir: Path, config: dict, *args: str, env: dict | None = None) -> Path:
+    """A snakemake run that must succeed; returns its directory."""
+    result = run_snakemake(workdir, config, *args, env=env)
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+def assert_same_embeddings(workdir: Path, other: Path, atol: float = 0.0) -> int:
+    """Both runs' embeddings.h5 hold the same IDs in the same order and the same vectors
+    (bit for bit when atol is 0); returns the number of rows compared."""
+    ids, embeddings, _ = read_embeddings(workdir / "results/embeddings.h5")
+    other_ids, other_embeddings, _ = read_embeddings(other / "results/embeddings.h5")
+    assert ids == other_ids and len(set(ids)) == len(ids)
+    if atol:
+        assert np.abs(embeddings - other_embeddings).max() <= atol
+    else:
+        assert embeddings.tobytes() == other_embeddings.tobytes()
+    return len(ids)
+
+
 def read_embeddings(path: Path) -> tuple[list[str], np.ndarray, dict]:
     with h5py.File(path, "r") as h5:
         return list(h5["ids"].asstr()[:]), h5["embeddings"][:], dict(h5.attrs)

@@ -15,11 +15,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from conftest import SNAKEFILE, random_sequences, read_embeddings, run_snakemake, write_fasta
+from conftest import (
+    SNAKEFILE,
+    assert_same_embeddings,
+    completed_run,
+    random_sequences,
+    read_embeddings,
+    run_snakemake,
+    write_fasta,
+)
 
 
 @pytest.fixture(scope="module")
@@ -80,28 +87,14 @@ def chunk_files(workdir: Path) -> list[Path]:
     return sorted((workdir / "results/work").glob("*/rank_*/chunk_*.h5"))
 
 
-def assert_same_embeddings(workdir: Path, clean: Path):
-    ids, embeddings, _ = read_embeddings(workdir / "results/embeddings.h5")
-    clean_ids, clean_embeddings, _ = read_embeddings(clean / "results/embeddings.h5")
-    assert ids == clean_ids and len(set(ids)) == len(ids)
-    assert embeddings.tobytes() == clean_embeddings.tobytes()  # bit for bit
-    return len(ids)
-
-
 @pytest.fixture(scope="module")
 def clean2(tmp_path_factory, fasta, tiny_checkpoint):
-    workdir = tmp_path_factory.mktemp("clean2")
-    result = run_snakemake(workdir, config_for(fasta, tiny_checkpoint, world_size=2))
-    assert result.returncode == 0, result.stderr
-    return workdir
+    return completed_run(tmp_path_factory.mktemp("clean2"), config_for(fasta, tiny_checkpoint, world_size=2))
 
 
 @pytest.fixture(scope="module")
 def clean1(tmp_path_factory, fasta, tiny_checkpoint):
-    workdir = tmp_path_factory.mktemp("clean1")
-    result = run_snakemake(workdir, config_for(fasta, tiny_checkpoint, world_size=1))
-    assert result.returncode == 0, result.stderr
-    return workdir
+    return completed_run(tmp_path_factory.mktemp("clean1"), config_for(fasta, tiny_checkpoint, world_size=1))
 
 
 def phase_of(log_text: str) -> str:
@@ -223,7 +216,7 @@ def test_corrupt_and_torn_chunks_are_recomputed(tmp_path, fasta, tiny_checkpoint
 
 def test_a_damaged_shard_is_detected_and_recomputed(tmp_path, fasta, tiny_checkpoint, clean2):
     config = config_for(fasta, tiny_checkpoint, world_size=2)
-    assert run_snakemake(tmp_path, config).returncode == 0
+    completed_run(tmp_path, config)
     shard = tmp_path / "results/shards/shard_1.h5"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     result = run_snakemake(tmp_path, config, "--forcerun", "aggregate")
@@ -270,7 +263,7 @@ def test_timeout_stops_the_rank_keeps_its_work_and_counts_it_failed(tmp_path, fa
     assert result.returncode == 0, result.stderr
     assert rank_status(tmp_path / "timed")["residues_computed"] < rank_status(tmp_path / "timed")["residues"]
     (tmp_path / "clean").mkdir()
-    assert run_snakemake(tmp_path / "clean", {**config, "timeout": None}).returncode == 0
+    completed_run(tmp_path / "clean", {**config, "timeout": None})
     assert_same_embeddings(tmp_path / "timed", tmp_path / "clean")
 
 

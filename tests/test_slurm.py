@@ -8,11 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, SNAKEFILE, random_sequences, read_embeddings, run_snakemake, write_fasta
+from conftest import REPO, SNAKEFILE, assert_same_embeddings, completed_run, random_sequences, write_fasta
 
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
 
@@ -68,12 +67,8 @@ def test_four_ranks_run_as_four_slurm_jobs_on_one_gpu_each(tmp_path, fasta, tiny
     for status in ranks:
         assert re.fullmatch(r"\d", status["gpu"])  # exactly one GPU index, set by SLURM
     (tmp_path / "local").mkdir()
-    local = run_snakemake(tmp_path / "local", config)
-    assert local.returncode == 0, local.stderr
-    ids, embeddings, _ = read_embeddings(tmp_path / "slurm/results/embeddings.h5")
-    local_ids, local_embeddings, _ = read_embeddings(tmp_path / "local/results/embeddings.h5")
-    assert ids == local_ids
-    assert np.abs(embeddings - local_embeddings).max() <= 1e-6
+    completed_run(tmp_path / "local", config)
+    assert_same_embeddings(tmp_path / "slurm", tmp_path / "local", atol=1e-6)
 
 
 def test_a_failed_rank_under_slurm_and_the_rerun(tmp_path, fasta, tiny_checkpoint, slurm_conf):

@@ -7,7 +7,14 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import random_sequences, read_embeddings, run_snakemake, write_fasta
+from conftest import (
+    assert_same_embeddings,
+    completed_run,
+    random_sequences,
+    read_embeddings,
+    run_snakemake,
+    write_fasta,
+)
 from test_engine import fair_esm_mean
 from esmshard.model import load_model
 
@@ -44,10 +51,7 @@ def planned_ids(workdir, rank):
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory, fasta, tiny_checkpoint):
     """Three ranks, nothing failing."""
-    workdir = tmp_path_factory.mktemp("clean3")
-    result = run_snakemake(workdir, config_for(fasta, tiny_checkpoint, world_size=3))
-    assert result.returncode == 0, result.stderr
-    return workdir
+    return completed_run(tmp_path_factory.mktemp("clean3"), config_for(fasta, tiny_checkpoint, world_size=3))
 
 
 def test_three_ranks_give_fair_esm_embeddings_in_input_order(clean_run, records, tiny_checkpoint):
@@ -78,12 +82,8 @@ def test_each_rank_writes_its_planned_share_with_progress(clean_run):
 
 
 def test_one_rank_equals_three_ranks(tmp_path, clean_run, fasta, tiny_checkpoint):
-    result = run_snakemake(tmp_path, config_for(fasta, tiny_checkpoint, world_size=1))
-    assert result.returncode == 0, result.stderr
-    ids1, emb1, _ = read_embeddings(tmp_path / "results/embeddings.h5")
-    ids3, emb3, _ = read_embeddings(clean_run / "results/embeddings.h5")
-    assert ids1 == ids3
-    assert np.abs(emb1 - emb3).max() <= 1e-5
+    completed_run(tmp_path, config_for(fasta, tiny_checkpoint, world_size=1))
+    assert_same_embeddings(tmp_path, clean_run, atol=1e-5)
 
 
 def test_failed_rank_gives_partial_result_then_a_rerun_retries_only_it(tmp_path, clean_run, fasta, tiny_checkpoint):
@@ -114,9 +114,7 @@ def test_failed_rank_gives_partial_result_then_a_rerun_retries_only_it(tmp_path,
     for rank, before in kept.items():
         after = (tmp_path / f"results/shards/shard_{rank}.h5").stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    ids, embeddings, _ = read_embeddings(tmp_path / "results/embeddings.h5")
-    clean_ids, clean_embeddings, _ = read_embeddings(clean_run / "results/embeddings.h5")
-    assert ids == clean_ids and np.array_equal(embeddings, clean_embeddings)
+    assert_same_embeddings(tmp_path, clean_run)
     assert json.loads((tmp_path / "results/manifest.json").read_text())["complete"]
 
     third = run_snakemake(tmp_path, config)

@@ -12,7 +12,6 @@ Layout (HDF5):
 import json
 import platform
 from importlib import metadata
-from pathlib import Path
 
 import h5py
 import numpy as np
