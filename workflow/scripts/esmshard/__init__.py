@@ -12,7 +12,9 @@ One module per concern; none of them knows about Snakemake:
 - ``engine``: forward passes (fair-esm reference and packed) and pooling
 - ``shard``: shard files
 - ``rank``: one rank's run, from index to shard
+- ``chunks``: finished work inside a rank, kept across crashes
 - ``aggregate``: merging shards into one file and reporting what is missing
+- ``reader``: reading embeddings back by ID, and exporting them
 """
 
 import contextlib

@@ -1,4 +1,8 @@
-"""Command-line tools: ``python -m esmshard random-checkpoint PATH``."""
+"""Command-line tools.
+
+    python -m esmshard random-checkpoint PATH [--like esm2_t33_650M_UR50D]
+    python -m esmshard export results/embeddings.h5 OUT_DIR [--format npy|pt]
+"""
 
 import argparse
 
@@ -18,7 +22,21 @@ def main(argv=None) -> None:
     random.add_argument("--embed-dim", type=int, default=32)
     random.add_argument("--heads", type=int, default=4)
     random.add_argument("--seed", type=int, default=0)
+    export = commands.add_parser("export", help="embeddings.h5 to .npy + ids.txt, or to extract.py's .pt files")
+    export.add_argument("embeddings")
+    export.add_argument("out_dir")
+    export.add_argument("--format", choices=["npy", "pt"], default="npy")
     args = parser.parse_args(argv)
+
+    if args.command == "export":
+        from esmshard.reader import export_npy, export_pt
+
+        if args.format == "npy":
+            vectors, ids = export_npy(args.embeddings, args.out_dir)
+            print(f"wrote {vectors} and {ids}")
+        else:
+            print(f"wrote {export_pt(args.embeddings, args.out_dir)} .pt files to {args.out_dir}")
+        return
 
     from esmshard.model import write_random_checkpoint
 
