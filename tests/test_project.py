@@ -1,6 +1,8 @@
 """The project's own hygiene: lint, formatting, and one set of pinned versions."""
 
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +41,15 @@ def test_conda_and_pip_pin_the_same_versions():
             name, _, version = re.split(r"(==|=)", entry) if "=" in entry else (entry, "", "")
             conda[name] = version
     assert {name: conda.get(name) for name in pip} == pip
+
+
+def test_the_demo_command_runs_and_says_where_the_embeddings_are(tmp_path):
+    for part in ("workflow", "config", "demo"):
+        shutil.copytree(REPO / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "environment.yml", tmp_path)  # the rules' conda: environment
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(["bash", "demo/run.sh"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"Embeddings: results/embeddings.h5 \(10 sequences x \d+ dims", result.stdout)
+    if "RANDOM" in result.stdout:  # no network: the stand-in model must say what it is
+        assert "The embeddings are NOT meaningful" in result.stdout
