@@ -16,7 +16,7 @@ from esmshard import EsmShardError, atomic_output
 from esmshard.index import SequenceIndex
 from esmshard.plan import read_plan
 from esmshard.rank import new_token, read_status
-from esmshard.shard import read_attrs, read_ids
+from esmshard.shard import read_attrs, shard_problem
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,8 @@ def _check_shards(shards: dict, planned_rank, all_ids, fingerprint: str, world_s
     shared, width, versions = None, None, None
     damaged = {}
     for rank, path in shards.items():
-        problem = _shard_problem(path, rank, planned_rank, all_ids, fingerprint, world_size)
+        expected = {"fingerprint": fingerprint, "rank": rank, "world_size": world_size}
+        problem = shard_problem(path, all_ids[planned_rank == rank], expected)
         if problem:
             damaged[rank] = f"shard {path} {problem}"
             continue
@@ -118,30 +119,6 @@ def _check_shards(shards: dict, planned_rank, all_ids, fingerprint: str, world_s
             )
         shared, width, versions = these, shard_width, attrs.get("versions")
     return ({**shared, "versions": versions} if shared else None), damaged
-
-
-def _shard_problem(path: Path, rank: int, planned_rank, all_ids, fingerprint: str, world_size: int):
-    if not path.is_file():
-        return "does not exist"
-    try:
-        attrs = read_attrs(path)
-        ids = read_ids(path)
-        with h5py.File(path, "r") as h5:
-            rows = h5["embeddings"].shape[0]
-            h5["embeddings"][-1:]  # the last rows must be readable too
-    except Exception as error:  # a torn or corrupt file raises many kinds
-        return f"is unreadable ({' '.join(str(error).split())[:200]})"
-    if attrs.get("fingerprint") != fingerprint:
-        return "was made from a different sequence index"
-    if attrs.get("rank") != rank or attrs.get("world_size") != world_size:
-        return f"is rank {attrs.get('rank')} of {attrs.get('world_size')}, not rank {rank} of {world_size}"
-    planned = all_ids[planned_rank == rank]
-    if len(ids) != len(set(ids)):
-        return "holds duplicate IDs"
-    if rows != len(ids) or not np.array_equal(ids, planned):
-        lost, extra = len(set(planned) - set(ids)), len(set(ids) - set(planned))
-        return f"does not hold exactly the planned IDs ({lost} missing, {extra} extra, or out of order)"
-    return None
 
 
 def _merge(path, shards: dict, planned_rank, keep, all_ids, lengths, attrs: dict) -> None:

@@ -94,7 +94,7 @@ def embed_to_shard(index_dir, plan_path, rank: int, shard_path, work_dir, engine
     """The rank's planned sequences through ``engine`` into a complete shard file, resuming
     from the chunks of an earlier attempt with the same identity."""
     from esmshard.chunks import ChunkStore, PendingRows, work_key
-    from esmshard.shard import ShardWriter
+    from esmshard.shard import ShardWriter, shard_problem
 
     index = SequenceIndex(index_dir)
     planned_rank, world_size, fingerprint = read_plan(plan_path)
@@ -120,7 +120,12 @@ def embed_to_shard(index_dir, plan_path, rank: int, shard_path, work_dir, engine
     }
     progress = Progress(len(positions), int(capped.sum()), settings.progress_seconds, rank)
     chunk_dir = Path(work_dir) / work_key(identity) / f"rank_{rank}"
-    if shard_is_complete(shard_path, identity, ids, engine.dim):
+    # the model as named may differ (another path to the same file); its identity may not
+    expected = {key: value for key, value in shard_attrs(identity, settings.model).items() if key != "model"}
+    problem = shard_problem(shard_path, ids, expected, engine.dim)
+    if problem and Path(shard_path).exists():
+        log.warning("rank %d: the existing %s %s; computing it again", rank, shard_path, problem)
+    if not problem:
         log.info("rank %d: %s is already complete for these settings; keeping it", rank, shard_path)
         shutil.rmtree(chunk_dir, ignore_errors=True)  # left over if a kill came right after the rename
         progress.update(len(ids), int(capped.sum()), computed=False)
@@ -184,30 +189,6 @@ def model_identity(model: str) -> str:
 def shard_attrs(identity: dict, model: str) -> dict:
     """The shard's attributes: its identity, with the model as the user named it."""
     return {**identity, "model": str(model), "model_identity": identity["model"]}
-
-
-def shard_is_complete(path, identity: dict, ids: np.ndarray, dim: int) -> bool:
-    """Whether ``path`` is a whole, readable shard of exactly these IDs and settings."""
-    import h5py
-
-    from esmshard.shard import plain_attr
-
-    if not Path(path).is_file():
-        return False
-    try:
-        with h5py.File(path, "r") as h5:
-            expected = shard_attrs(identity, plain_attr(h5.attrs.get("model")))
-            same = all(plain_attr(h5.attrs.get(k)) == v for k, v in expected.items())
-            complete = (
-                same
-                and h5["embeddings"].shape == (len(ids), dim)
-                and np.array_equal(h5["ids"].asstr()[:], ids)
-                and len(h5["embeddings"][-1:]) == min(1, len(ids))
-            )
-    except Exception as error:  # torn or corrupt
-        log.warning("%s is damaged (%s); recomputing it", path, " ".join(str(error).split())[:200])
-        return False
-    return complete
 
 
 class Stopped(Exception):

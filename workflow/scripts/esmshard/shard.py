@@ -13,6 +13,8 @@ import json
 import platform
 from importlib import metadata
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 
@@ -66,9 +68,28 @@ def read_attrs(path) -> dict:
         return {key: plain_attr(value) for key, value in h5.attrs.items()}
 
 
-def read_ids(path) -> np.ndarray:
-    with h5py.File(path, "r") as h5:
-        return h5["ids"].asstr()[:]
+def shard_problem(path, ids: np.ndarray, expected: dict, dim: int | None = None) -> str | None:
+    """None when ``path`` is a whole, readable shard of exactly ``ids`` (in order) whose attributes
+    include ``expected``; otherwise what is wrong, as the end of a sentence about the shard."""
+    if not Path(path).is_file():
+        return "does not exist"
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = {key: plain_attr(h5.attrs.get(key)) for key in expected}
+            stored = h5["ids"].asstr()[:]
+            shape = h5["embeddings"].shape
+            h5["embeddings"][-1:]  # the last rows must be readable too
+    except Exception as error:  # a torn or corrupt file raises many kinds
+        return f"is unreadable ({' '.join(str(error).split())[:200]})"
+    differ = [key for key in expected if attrs[key] != expected[key]]
+    if differ:
+        return f"was made with other settings ({', '.join(differ)})"
+    if dim is not None and shape[1:] != (dim,):
+        return f"has embeddings of width {shape[1:]}, not {dim}"
+    if shape[0] != len(ids) or not np.array_equal(stored, ids):
+        lost, extra = len(set(ids) - set(stored)), len(set(stored) - set(ids))
+        return f"does not hold exactly the planned IDs ({lost} missing, {extra} extra, or out of order)"
+    return None
 
 
 def plain_attr(value):
