@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scrip
 from esmshard.architectures import ESM2_MODELS, MAX_RESIDUES  # noqa: E402
 from esmshard.engine import PackedEngine  # noqa: E402
 from esmshard.index import SequenceIndex, build_index  # noqa: E402
+from esmshard.outputs import OutputSpec  # noqa: E402
 from esmshard.plan import balance, sequence_costs, write_plan  # noqa: E402
 from esmshard.rank import RankSettings, embed_to_shard  # noqa: E402
 
@@ -86,7 +87,8 @@ def run_model(name: str, args, workdir: Path) -> dict:
 
     # (b) first, while the fp32 network is the only copy on the GPU besides the packed one
     settings = RankSettings(model=name, tokens_per_batch=args.tokens_per_batch, progress_seconds=1e9)
-    engine = PackedEngine(network, alphabet, "cuda", "bfloat16", -1, compile=not args.no_compile)
+    spec = OutputSpec.resolve([-1], ["mean"], layers)
+    engine = PackedEngine(network, alphabet, "cuda", "bfloat16", spec, compile=not args.no_compile)
     engine.embed([index.residues(i) for i in range(min(64, len(index)))])  # warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -101,7 +103,7 @@ def run_model(name: str, args, workdir: Path) -> dict:
     order = np.argsort(index.lengths)
     subset = order[np.linspace(0, len(order) - 1, args.check).astype(int)]
     with h5py.File(workdir / "shard.h5") as shard:
-        packed_vectors = shard["embeddings"][:][subset]
+        packed_vectors = shard[f"mean/layer_{layers}"][:][subset]
     reference = reference_means(network, alphabet, [sequences[i] for i in subset], layers)
     cosine = (packed_vectors * reference).sum(1) / (
         np.linalg.norm(packed_vectors, axis=1) * np.linalg.norm(reference, axis=1)

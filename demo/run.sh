@@ -23,7 +23,8 @@ import json
 import h5py
 manifest = json.load(open("results/manifest.json"))
 with h5py.File(manifest["output"]) as h5:
-    shape = h5["embeddings"].shape
+    (layer,) = h5.attrs["layers"]
+    shape = h5[f"mean/layer_{layer}"].shape
     model = h5.attrs["model"]
 print(f"\nEmbeddings: {manifest['output']} ({shape[0]} sequences x {shape[1]} dims, model {model});"
       f" {manifest['missing']} missing; manifest: results/manifest.json")

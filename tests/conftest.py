@@ -72,6 +72,10 @@ def assert_same_embeddings(workdir: Path, other: Path, atol: float = 0.0) -> int
     return len(ids)
 
 
-def read_embeddings(path: Path) -> tuple[list[str], np.ndarray, dict]:
+def read_embeddings(path: Path, name: str | None = None) -> tuple[list[str], np.ndarray, dict]:
+    """IDs, the dataset ``name`` (default: the mean of the only layer) and the attributes."""
     with h5py.File(path, "r") as h5:
-        return list(h5["ids"].asstr()[:]), h5["embeddings"][:], dict(h5.attrs)
+        if name is None:
+            (layer,) = h5.attrs["layers"]
+            name = f"mean/layer_{layer}"
+        return list(h5["ids"].asstr()[:]), h5[name][:], dict(h5.attrs)

@@ -6,7 +6,7 @@ from esmshard.batching import packed_batches, padded_batches
 def test_batches_fit_the_budget_and_cover_every_sequence_once():
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(np.log(300), 0.8, 2000).astype(int), 1, 1022)
-    batches = padded_batches(lengths, 8192)
+    batches = padded_batches(lengths + 2, 8192)
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == list(range(len(lengths)))
     for batch in batches:
@@ -16,7 +16,7 @@ def test_batches_fit_the_budget_and_cover_every_sequence_once():
 
 
 def test_a_sequence_over_the_budget_gets_a_batch_of_its_own():
-    batches = padded_batches(np.array([10, 1000, 10]), 500)
+    batches = padded_batches(np.array([10, 1000, 10]) + 2, 500)
     assert [b.tolist() for b in batches] == [[1], [0, 2]]
 
 
@@ -24,7 +24,7 @@ def test_packed_batches_fill_the_budget_without_padding():
     rng = np.random.default_rng(1)
     lengths = np.clip(rng.lognormal(np.log(300), 0.8, 5000).astype(int), 1, 1022)
     budget = 32768
-    batches = packed_batches(lengths, budget)
+    batches = packed_batches(lengths + 2, budget)
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == list(range(len(lengths)))
     tokens = [int((lengths[b] + 2).sum()) for b in batches]
@@ -35,5 +35,13 @@ def test_packed_batches_fill_the_budget_without_padding():
 
 
 def test_packed_batch_over_budget_stands_alone():
-    batches = packed_batches(np.array([5, 2000, 5, 7]), 1000)
+    batches = packed_batches(np.array([5, 2000, 5, 7]) + 2, 1000)
     assert [sorted(b.tolist()) for b in batches] == [[1], [0, 2, 3]]
+
+
+def test_windowed_sequences_count_every_window():
+    widths, rows = np.array([1024, 300, 1024, 50]), np.array([4, 1, 1, 1])
+    batches = padded_batches(widths, 5 * 1024, rows)
+    assert [b.tolist() for b in batches] == [[0, 2], [1, 3]]
+    for batch in batches:
+        assert rows[batch].sum() * widths[batch].max() <= 5 * 1024

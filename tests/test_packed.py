@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from conftest import AMINO
-from esmshard.engine import PackedEngine, Tokenizer
+from esmshard.engine import PackedEngine, ReferenceEngine, Tokenizer
 from esmshard.model import load_model, write_random_checkpoint
-from test_engine import fair_esm_mean
+from test_engine import fair_esm_mean, fair_esm_outputs, spec_for, split_rows
 
 LENGTHS = (300, 1, 2, 50, 1022, 3000, 77, 2)
 
@@ -21,65 +21,141 @@ def wider(tmp_path_factory):
     return load_model(str(write_random_checkpoint(tmp_path_factory.mktemp("m") / "esm2_w64.pt", 4, 64, 4, seed=3)))
 
 
-@pytest.mark.parametrize("layer", [-1, 2, 0])
-def test_packed_cpu_float32_equals_fair_esm(wider, layer):
+def test_packed_cpu_float32_equals_fair_esm(wider):
+    """Every output, of layers 0, mid and last at once, in one mixed batch: max abs diff <= 1e-4."""
     network, alphabet = wider
-    engine = PackedEngine(network, alphabet, "cpu", "float32", layer)
+    engine = PackedEngine(network, alphabet, "cpu", "float32", spec_for(network, (-1, 2, 0), ("mean", "bos", "per_residue")))
     residues = random_residues(LENGTHS)
     embedded = engine.embed(residues)
-    for r, vector in zip(residues, embedded):
-        expected = fair_esm_mean(network, alphabet, r.tobytes().decode(), engine.layer)
-        assert np.abs(vector - expected).max() <= 1e-4, len(r)
+    lengths = [min(len(r), 1022) for r in residues]
+    for layer in (0, 2, 4):
+        per_residue = split_rows(embedded[f"per_residue/layer_{layer}"], lengths)
+        for i, r in enumerate(residues):
+            expected = fair_esm_outputs(network, alphabet, r.tobytes().decode(), layer)
+            assert np.abs(embedded[f"mean/layer_{layer}"][i] - expected["mean"]).max() <= 1e-4, len(r)
+            assert np.abs(embedded[f"bos/layer_{layer}"][i] - expected["bos"]).max() <= 1e-4, len(r)
+            assert np.abs(per_residue[i] - expected["per_residue"]).max() <= 1e-4, len(r)
 
 
 def test_packed_with_the_tiny_model(tiny_checkpoint):
     network, alphabet = load_model(str(tiny_checkpoint))
-    engine = PackedEngine(network, alphabet, "cpu", "float32", -1)
+    engine = PackedEngine(network, alphabet, "cpu", "float32", spec_for(network))
     residues = random_residues(LENGTHS, seed=1)
-    for r, vector in zip(residues, engine.embed(residues)):
+    for r, vector in zip(residues, engine.embed(residues)["mean/layer_2"]):
         assert np.abs(vector - fair_esm_mean(network, alphabet, r.tobytes().decode(), 2)).max() <= 1e-4
 
 
 def test_compiled_layers_match_and_compile_once(wider):
     torch._dynamo.reset()
     network, alphabet = wider
-    eager = PackedEngine(network, alphabet, "cpu", "float32", -1)
-    compiled = PackedEngine(network, alphabet, "cpu", "float32", -1, compile=True)
+    eager = PackedEngine(network, alphabet, "cpu", "float32", spec_for(network))
+    compiled = PackedEngine(network, alphabet, "cpu", "float32", spec_for(network), compile=True)
     for seed, lengths in enumerate([(300, 1, 2, 50), (1022, 3000), (7, 8, 9, 10, 11)]):
         residues = random_residues(lengths, seed=seed)
-        assert np.abs(compiled.embed(residues) - eager.embed(residues)).max() <= 1e-5
+        assert np.abs(compiled.embed(residues)["mean/layer_4"] - eager.embed(residues)["mean/layer_4"]).max() <= 1e-5
     # one graph per half-layer serves all 4 layers and every batch size
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 def test_pack_makes_one_stream_with_restarting_positions(tiny_checkpoint):
-    _, alphabet = load_model(str(tiny_checkpoint))
-    batch = Tokenizer(alphabet).pack([np.frombuffer(b"MKV", np.uint8), np.frombuffer(b"W" * 1030, np.uint8)])
+    network, alphabet = load_model(str(tiny_checkpoint))
+    batch = Tokenizer(alphabet, spec_for(network)).pack([np.frombuffer(b"MKV", np.uint8), np.frombuffer(b"W" * 1030, np.uint8)])
     assert batch.cu_seqlens.tolist() == [0, 5, 5 + 1024]
     assert batch.max_len == 1024
     assert batch.tokens[:5].tolist() == [alphabet.cls_idx] + [alphabet.get_idx(c) for c in "MKV"] + [alphabet.eos_idx]
     assert batch.positions[:7].tolist() == [0, 1, 2, 3, 4, 0, 1]
-    assert batch.seq_index.tolist() == [0] * 5 + [1] * 1024
-    assert np.allclose(batch.pool_weight[:5].numpy(), [0, 1 / 3, 1 / 3, 1 / 3, 0])
-    assert batch.pool_weight.sum().item() == pytest.approx(2.0)
+    assert batch.residue_tokens[:4].tolist() == [1, 2, 3, 6] and batch.residue_seq[:4].tolist() == [0, 0, 0, 1]
+    assert np.allclose(batch.mean_weight[:4].numpy(), [1 / 3, 1 / 3, 1 / 3, 1 / 1022])
+    assert batch.mean_weight.sum().item() == pytest.approx(2.0)
+    assert batch.residue_rows_out == 3 + 1022 and batch.bos_tokens.tolist() == [0, 5]
+
+
+def test_windows_cover_a_long_protein_and_average_where_they_overlap(tiny_checkpoint):
+    network, alphabet = load_model(str(tiny_checkpoint))
+    spec = spec_for(network, long_sequences="window")
+    windows = spec.windows(2500)
+    assert len(windows) == 4 and windows[0] == (0, 1022) and windows[-1] == (1478, 2500)
+    assert all(end - start == 1022 and next_start <= end - 512 for (start, end), (next_start, _) in zip(windows, windows[1:]))
+    batch = Tokenizer(alphabet, spec).pack([np.frombuffer(b"A" * 2500, np.uint8), np.frombuffer(b"MK", np.uint8)])
+    assert batch.cu_seqlens.tolist() == [1024 * k for k in range(5)] + [4096 + 4]
+    assert batch.residue_rows_out == 2502
+    coverage = np.bincount(batch.residue_rows.numpy(), minlength=2502)
+    assert coverage.min() == 1 and np.allclose(batch.residue_weight.numpy(), 1 / coverage[batch.residue_rows.numpy()])
+    assert batch.mean_weight[batch.residue_seq == 0].sum().item() == pytest.approx(1.0)
+    assert np.allclose(batch.bos_weight.numpy(), [0.25] * 4 + [1])
+
+
+def test_a_window_of_a_long_protein_is_a_single_pass_where_context_suffices(tiny_checkpoint):
+    """With attention that cannot carry information between positions (v and out projections
+    zero), the model works position by position: every residue's context suffices, and the
+    windowed per-residue vectors of a 2,500-residue protein must equal one pass over all of it."""
+    network, alphabet = load_model(str(tiny_checkpoint))
+    with torch.no_grad():
+        for layer in network.layers:
+            layer.self_attn.v_proj.weight.zero_()
+            layer.self_attn.out_proj.weight.zero_()
+    protein = random_residues((2500,), seed=5)[0]
+    per_residue_mean = spec_for(network, poolings=("mean", "per_residue"), long_sequences="window")
+    windowed = PackedEngine(network, alphabet, "cpu", "float32", per_residue_mean).embed([protein])
+    single_pass = PackedEngine(network, alphabet, "cpu", "float32", per_residue_mean).model
+    tokens = Tokenizer(alphabet, per_residue_mean).table[protein]
+    tokens = torch.tensor([alphabet.cls_idx, *tokens, alphabet.eos_idx])
+    with torch.inference_mode():
+        ((_, hidden),) = single_pass.hidden_states(tokens, torch.arange(len(tokens)), torch.tensor([0, len(tokens)], dtype=torch.int32), len(tokens), (2,))
+    assert windowed["per_residue/layer_2"].shape == (2500, 32)
+    assert np.abs(windowed["per_residue/layer_2"] - hidden[1:-1].numpy()).max() <= 1e-5
+    # the mean is over the whole protein (float32 sums of 2,500 rows: the CPU tolerance of 1e-4)
+    assert np.abs(windowed["mean/layer_2"][0] - windowed["per_residue/layer_2"].astype(np.float64).mean(0)).max() <= 1e-4
+
+
+def test_windows_with_real_attention_equal_each_window_where_only_it_covers(tiny_checkpoint):
+    network, alphabet = load_model(str(tiny_checkpoint))
+    spec = spec_for(network, poolings=("per_residue", "bos"), long_sequences="window")
+    protein = random_residues((2500,), seed=6)[0]
+    engine = PackedEngine(network, alphabet, "cpu", "float32", spec)
+    windowed = engine.embed([protein])
+    plain = PackedEngine(network, alphabet, "cpu", "float32", spec_for(network, poolings=("per_residue", "bos")))
+    windows = spec.windows(2500)
+    alone = [plain.embed([protein[start:end]]) for start, end in windows]
+    total, coverage = np.zeros((2500, 32)), np.zeros(2500)
+    for (start, end), single in zip(windows, alone):
+        total[start:end] += single["per_residue/layer_2"]
+        coverage[start:end] += 1
+    assert set(coverage) == {1, 2, 3}
+    assert np.abs(windowed["per_residue/layer_2"] - total / coverage[:, None]).max() <= 1e-5
+    only_first = windows[1][0]  # residues only the first window covers: exactly its own pass
+    assert np.array_equal(windowed["per_residue/layer_2"][:only_first], alone[0]["per_residue/layer_2"][:only_first])
+    assert np.abs(windowed["bos/layer_2"][0] - np.mean([a["bos/layer_2"][0] for a in alone], axis=0)).max() <= 1e-5
+
+
+def test_reference_and_packed_engines_agree_on_windows(tiny_checkpoint):
+    network, alphabet = load_model(str(tiny_checkpoint))
+    spec = spec_for(network, (-1, 0), ("mean", "bos", "per_residue"), long_sequences="window")
+    residues = random_residues((2500, 40, 1100), seed=8)
+    packed = PackedEngine(network, alphabet, "cpu", "float32", spec).embed(residues)
+    reference = ReferenceEngine(network, alphabet, "cpu", "float32", spec).embed(residues)
+    for name in spec.names:
+        assert np.abs(packed[name] - reference[name]).max() <= 1e-4, name
 
 
 def test_out_of_memory_halves_the_batch_until_it_fits(tiny_checkpoint, monkeypatch):
     network, alphabet = load_model(str(tiny_checkpoint))
-    engine = PackedEngine(network, alphabet, "cpu", "float32", -1)
+    engine = PackedEngine(network, alphabet, "cpu", "float32", spec_for(network, poolings=("mean", "per_residue")))
     residues = random_residues((40, 30, 300, 5, 90, 60, 7, 200), seed=2)
     expected = engine.embed(residues)
-    real_pooled = engine.pooled
+    real_outputs = engine.outputs
     tried = []
 
-    def pooled_with_small_memory(batch):
+    def outputs_with_small_memory(batch):
         tried.append(len(batch.tokens))
         if len(batch.tokens) > 310:
             raise torch.OutOfMemoryError("simulated")
-        return real_pooled(batch)
+        return real_outputs(batch)
 
-    monkeypatch.setattr(engine, "pooled", pooled_with_small_memory)
-    assert np.allclose(engine.embed(residues), expected, atol=1e-6)
+    monkeypatch.setattr(engine, "outputs", outputs_with_small_memory)
+    split = engine.embed(residues)
+    for name in expected:
+        assert np.allclose(split[name], expected[name], atol=1e-6)
     assert tried[0] == sum(len(r) + 2 for r in residues) and max(tried[1:]) <= 700
 
     tried.clear()
@@ -89,11 +165,14 @@ def test_out_of_memory_halves_the_batch_until_it_fits(tiny_checkpoint, monkeypat
 
 def test_embed_batches_yields_every_batch_in_order(tiny_checkpoint):
     network, alphabet = load_model(str(tiny_checkpoint))
-    engine = PackedEngine(network, alphabet, "cpu", "float32", -1)
+    engine = PackedEngine(network, alphabet, "cpu", "float32", spec_for(network, poolings=("mean", "per_residue")))
     residues = random_residues((5, 50, 500, 20, 1100), seed=4)
     batches = [np.array([2, 0]), np.array([4]), np.array([1, 3])]
     out = list(engine.embed_batches(batches, lambda batch: [residues[i] for i in batch]))
     assert [b.tolist() for b, _ in out] == [b.tolist() for b in batches]
     everything = engine.embed(residues)
-    for batch, vectors in out:
-        assert np.allclose(vectors, everything[batch], atol=1e-6)
+    lengths = [min(len(r), 1022) for r in residues]
+    per_residue = split_rows(everything["per_residue/layer_2"], lengths)
+    for batch, outputs in out:
+        assert np.allclose(outputs["mean/layer_2"], everything["mean/layer_2"][batch], atol=1e-6)
+        assert np.allclose(outputs["per_residue/layer_2"], np.concatenate([per_residue[i] for i in batch]), atol=1e-6)

@@ -7,50 +7,78 @@ import numpy as np
 import pytest
 import torch
 
+from esmshard.outputs import OutputSpec
 from esmshard.reader import load_embeddings
+from esmshard.shard import ShardWriter
+
+IDS = [f"sp|P{i:05d}|X" for i in range(50)] + ["a/b"]
 
 
 @pytest.fixture
 def embeddings_file(tmp_path):
+    """Mean, BOS and per-residue vectors of layers 6 and 3 of a 6-layer model, as the workflow writes them."""
     path = tmp_path / "embeddings.h5"
     rng = np.random.default_rng(0)
-    ids = [f"sp|P{i:05d}|X" for i in range(50)] + ["a/b"]
-    with h5py.File(path, "w") as h5:
-        h5.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype())
-        h5.create_dataset("embeddings", data=rng.normal(size=(len(ids), 8)).astype(np.float32))
-        h5.attrs["layer"] = 6
-    return path, ids
+    lengths = rng.integers(1, 40, len(IDS))
+    spec = OutputSpec.resolve([-1, 3], ["mean", "bos", "per_residue"], 6)
+    outputs = {name: rng.normal(size=(len(IDS), 8)) for name in spec.names}
+    for layer in spec.layers:
+        outputs[f"per_residue/layer_{layer}"] = rng.normal(size=(lengths.sum(), 8))
+    writer = ShardWriter(path, IDS, lengths, spec, 8, "float32", {})
+    writer.write(np.arange(len(IDS)), outputs)
+    writer.close()
+    return path, lengths
 
 
 def test_load_all_and_by_id_in_the_order_asked(embeddings_file):
-    path, ids = embeddings_file
-    all_ids, everything = load_embeddings(path)
-    assert all_ids == ids and everything.shape == (51, 8)
+    path, _ = embeddings_file
+    all_ids, everything = load_embeddings(path, layer=6)
+    assert all_ids == IDS and everything.shape == (51, 8)
     wanted = ["a/b", "sp|P00007|X", "sp|P00003|X", "sp|P00007|X"]
-    got_ids, vectors = load_embeddings(path, wanted)
+    got_ids, vectors = load_embeddings(path, wanted, layer=-1)
     assert got_ids == wanted
     assert np.array_equal(vectors, everything[[50, 7, 3, 7]])
+    _, bos = load_embeddings(path, wanted, pooling="bos", layer=3)
+    assert np.array_equal(bos, load_embeddings(path, pooling="bos", layer=3)[1][[50, 7, 3, 7]])
 
 
-def test_unknown_id_is_named(embeddings_file):
+def test_per_residue_vectors_come_one_array_per_protein(embeddings_file):
+    path, lengths = embeddings_file
+    ids, per_residue = load_embeddings(path, pooling="per_residue", layer=3)
+    assert [len(v) for v in per_residue] == lengths.tolist()
+    with h5py.File(path) as h5:  # the one-line h5py read of docs/output-format.md
+        offsets, flat = h5["residue_offsets"][:], h5["per_residue/layer_3"][:]
+    assert np.array_equal(per_residue[7], flat[offsets[7] : offsets[8]])
+    _, two = load_embeddings(path, ["sp|P00007|X", "a/b"], pooling="per_residue", layer=3)
+    assert np.array_equal(two[0], per_residue[7]) and np.array_equal(two[1], per_residue[50])
+
+
+def test_unknown_id_layer_or_pooling_is_named(embeddings_file):
     path, _ = embeddings_file
     with pytest.raises(KeyError, match="zzz"):
-        load_embeddings(path, ["sp|P00001|X", "zzz"])
+        load_embeddings(path, ["sp|P00001|X", "zzz"], layer=6)
+    with pytest.raises(KeyError, match=r"holds layers \[3, 6\]: say which one"):
+        load_embeddings(path)
+    with pytest.raises(KeyError, match="no layer 4"):
+        load_embeddings(path, layer=4)
 
 
 def test_export_npy_and_fair_esm_pt(embeddings_file, tmp_path):
-    path, ids = embeddings_file
+    path, lengths = embeddings_file
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
     def run(*args):
         subprocess.run([sys.executable, "-m", "esmshard", "export", str(path), *args], check=True, env=env)
 
     run(str(tmp_path / "npy"))
-    _, everything = load_embeddings(path)
-    assert np.array_equal(np.load(tmp_path / "npy/embeddings.npy"), everything)
-    assert (tmp_path / "npy/ids.txt").read_text().split() == ids
+    _, means = load_embeddings(path, layer=6)
+    assert np.array_equal(np.load(tmp_path / "npy/mean_layer_6.npy"), means)
+    assert (tmp_path / "npy/ids.txt").read_text().split() == IDS
+    assert np.load(tmp_path / "npy/residue_offsets.npy")[-1] == np.load(tmp_path / "npy/per_residue_layer_3.npy").shape[0]
     run(str(tmp_path / "pt"), "--format", "pt")
     saved = torch.load(tmp_path / "pt" / "sp|P00004|X.pt")
     assert saved["label"] == "sp|P00004|X"
-    assert torch.equal(saved["mean_representations"][6], torch.from_numpy(everything[4]))
+    assert torch.equal(saved["mean_representations"][6], torch.from_numpy(means[4]))
+    assert torch.equal(saved["bos_representations"][3], torch.from_numpy(load_embeddings(path, pooling="bos", layer=3)[1][4]))
+    assert saved["representations"][6].shape == (lengths[4], 8)
     assert (tmp_path / "pt" / "a%2Fb.pt").exists()

@@ -236,7 +236,7 @@ def test_changed_settings_never_reuse_stale_work(tmp_path, fasta, tiny_checkpoin
     config = config_for(fasta, tiny_checkpoint, world_size=1)
     stop_after_first_chunk(tmp_path, config)
     assert chunk_files(tmp_path)
-    for change in ({"layer": 1}, {"model": str(write_random_checkpoint(tmp_path / "other.pt", 2, 32, 4, seed=9))}):
+    for change in ({"layers": [1]}, {"model": str(write_random_checkpoint(tmp_path / "other.pt", 2, 32, 4, seed=9))}):
         changed = {**config, **change}
         stop_after_first_chunk(tmp_path, changed)
         assert "0 sequences already in 0 chunks" in (tmp_path / "logs/embed/rank_0.log").read_text()

@@ -15,8 +15,11 @@ from conftest import (
     run_snakemake,
     write_fasta,
 )
-from test_engine import fair_esm_mean
+from test_engine import fair_esm_mean, fair_esm_outputs
+from esmshard.engine import PackedEngine
 from esmshard.model import load_model
+from esmshard.outputs import OutputSpec
+from esmshard.reader import load_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +66,7 @@ def test_three_ranks_give_fair_esm_embeddings_in_input_order(clean_run, records,
     with h5py.File(clean_run / "results/embeddings.h5") as h5:
         assert h5["truncated"][:].tolist() == [len(s) > 1022 for s in records.values()]
         assert h5["lengths"][:].tolist() == [len(s) for s in records.values()]
-    assert attrs["model"] == str(tiny_checkpoint) and attrs["layer"] == 2 and attrs["pooling"] == "mean"
+    assert attrs["model"] == str(tiny_checkpoint) and list(attrs["layers"]) == [2] and list(attrs["pooling"]) == ["mean"]
     assert attrs["dtype"] == "float32" and attrs["world_size"] == 3 and "fair-esm" in json.loads(attrs["versions"])
     manifest = json.loads((clean_run / "results/manifest.json").read_text())
     assert manifest["complete"] and manifest["ranks_succeeded"] == [0, 1, 2] and manifest["missing"] == 0
@@ -214,3 +217,33 @@ def test_reference_engine_through_the_workflow(tmp_path, clean_run, fasta, recor
     for seq_id, vector in zip(ids[:20], embeddings[:20]):
         assert np.abs(vector - fair_esm_mean(network, alphabet, records[seq_id], 2)).max() <= 1e-5
     assert np.abs(embeddings - packed).max() <= 1e-4
+
+
+def test_every_output_at_once_lands_in_input_order(tmp_path, fasta, records, tiny_checkpoint):
+    """Three layers, mean + BOS + per-residue, float16 on disk, windows for the 3,000-residue
+    protein, three ranks: the merged file holds each output in input order, equal to fair-esm
+    for every protein the model takes whole, and to the engine's own windows for the long one."""
+    config = config_for(fasta, tiny_checkpoint, world_size=3, layers=[-1, 0, 1], dtype="float16",
+                        pooling=["per_residue", "mean", "bos"], long_sequences="window", chunk_sequences=7)
+    completed_run(tmp_path, config)
+    merged = tmp_path / "results/embeddings.h5"
+    with h5py.File(merged) as h5:
+        assert sorted(name for name in h5 if isinstance(h5[name], h5py.Group)) == ["bos", "mean", "per_residue"]
+        assert sorted(h5["per_residue"]) == ["layer_0", "layer_1", "layer_2"]
+        assert h5["per_residue/layer_2"].dtype == np.float16 and h5["mean/layer_0"].shape == (len(records), 32)
+        assert h5["residue_offsets"][-1] == sum(len(s) for s in records.values())  # windows: nothing truncated
+        assert not h5["truncated"][:].any() and h5.attrs["long_sequences"] == "window"
+    network, alphabet = load_model(str(tiny_checkpoint))
+    for layer in (0, 1, 2):
+        ids, means = load_embeddings(merged, layer=layer)
+        _, bos = load_embeddings(merged, pooling="bos", layer=layer)
+        _, per_residue = load_embeddings(merged, pooling="per_residue", layer=layer)
+        assert ids == list(records)
+        for i, seq_id in enumerate(ids[:-1]):  # every protein but the 3,000-residue one
+            expected = fair_esm_outputs(network, alphabet, records[seq_id], layer)
+            for got, want in ((means[i], expected["mean"]), (bos[i], expected["bos"]), (per_residue[i], expected["per_residue"])):
+                assert np.allclose(got, want, rtol=2e-3, atol=2e-3), (seq_id, layer)
+    spec = OutputSpec.resolve([-1, 0, 1], ["per_residue"], 2, "window")
+    long = PackedEngine(network, alphabet, "cpu", "float32", spec).embed([np.frombuffer(records["long3000"].encode(), np.uint8)])
+    assert per_residue[-1].shape == (len(records["long3000"]), 32)
+    assert np.allclose(per_residue[-1], long["per_residue/layer_2"], rtol=2e-3, atol=2e-3)

@@ -71,8 +71,10 @@ def rank_token(wildcards):
 def embed_settings():
     return {
         "model": config["model"],
-        "layer": config["layer"],
+        "layers": config["layers"],
         "pooling": config["pooling"],
+        "long_sequences": config["long_sequences"],
+        "window_overlap": config["window_overlap"],
         "precision": config["precision"],
         "dtype": config["dtype"],
         "tokens_per_batch": config["tokens_per_batch"],

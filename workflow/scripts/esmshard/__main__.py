@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     random.add_argument("--embed-dim", type=int, default=32)
     random.add_argument("--heads", type=int, default=4)
     random.add_argument("--seed", type=int, default=0)
-    export = commands.add_parser("export", help="embeddings.h5 to .npy + ids.txt, or to extract.py's .pt files")
+    export = commands.add_parser("export", help="embeddings.h5 to .npy files + ids.txt, or to extract.py's .pt files")
     export.add_argument("embeddings")
     export.add_argument("out_dir")
     export.add_argument("--format", choices=["npy", "pt"], default="npy")
@@ -32,8 +32,7 @@ def main(argv=None) -> None:
         from esmshard.reader import export_npy, export_pt
 
         if args.format == "npy":
-            vectors, ids = export_npy(args.embeddings, args.out_dir)
-            print(f"wrote {vectors} and {ids}")
+            print("wrote " + ", ".join(str(path) for path in export_npy(args.embeddings, args.out_dir)))
         else:
             print(f"wrote {export_pt(args.embeddings, args.out_dir)} .pt files to {args.out_dir}")
         return

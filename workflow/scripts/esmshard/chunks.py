@@ -1,7 +1,8 @@
 """Finished work inside a rank, kept across any kill: chunk files in an undeclared work directory.
 
-A chunk holds the vectors of some of the rank's sequences: ``positions`` (rank-local),
-``ids``, ``embeddings`` and ``truncated``, attributes identifying everything that changes the
+A chunk holds the outputs of some of the rank's sequences: ``positions`` (rank-local), ``ids``,
+one dataset per output (rows in the order of ``positions``; per-residue outputs hold each
+sequence's rows one after another), attributes identifying everything that changes the
 numbers, and a checksum of its contents. It is written to a temporary name, flushed to disk and renamed, so a chunk either
 exists whole or not at all. On restart every chunk is checked (readable, checksum, same identity, IDs
 exactly the planned ones at its positions, no overlap, right shapes); a chunk that fails is
@@ -20,7 +21,8 @@ import h5py
 import numpy as np
 
 from esmshard import atomic_output, crash_point
-from esmshard.shard import DTYPES, plain_attr
+from esmshard.outputs import pooling_of
+from esmshard.shard import DTYPES, plain_attr, write_attrs
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +33,12 @@ def work_key(identity: dict) -> str:
 
 
 class ChunkStore:
-    def __init__(self, directory, ids: np.ndarray, dim: int, dtype: str, identity: dict):
+    def __init__(self, directory, ids: np.ndarray, embedded_lengths: np.ndarray, names: list[str], dim: int,
+                 dtype: str, identity: dict):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.ids, self.dim, self.dtype, self.identity = ids, dim, dtype, identity
+        self.ids, self.embedded_lengths, self.names = ids, embedded_lengths, names
+        self.dim, self.dtype, self.identity = dim, dtype, identity
         self.covered = np.zeros(len(ids), bool)
         self.paths: list[Path] = []
         for stray in self.directory.glob(".chunk_*"):  # temporaries of a killed write
@@ -56,18 +60,19 @@ class ChunkStore:
                     return "made with other settings"
                 positions = h5["positions"][:]
                 ids = h5["ids"].asstr()[:]
-                vectors, truncated = h5["embeddings"][:], h5["truncated"][:]
+                outputs = {name: h5[name][:] for name in self.names}
                 stored_checksum = plain_attr(h5.attrs.get("checksum"))
         except Exception as error:  # a torn or corrupt file raises many kinds
             return f"unreadable: {' '.join(str(error).split())[:200]}"
-        if stored_checksum != _checksum(positions, vectors, truncated):
+        if stored_checksum != _checksum(positions, outputs):
             return "its contents do not match its checksum"
-        shapes = (vectors.shape, truncated.shape, vectors.dtype)
         n = len(positions)
-        if shapes != ((n, self.dim), (n,), np.dtype(DTYPES[self.dtype])):
-            return f"wrong shapes {shapes[:2]}"
         if n == 0 or positions.min() < 0 or positions.max() >= len(self.ids) or len(np.unique(positions)) != n:
             return "positions outside the rank's plan or repeated"
+        for name, values in outputs.items():
+            rows = int(self.embedded_lengths[positions].sum()) if pooling_of(name) == "per_residue" else n
+            if values.shape != (rows, self.dim) or values.dtype != np.dtype(DTYPES[self.dtype]):
+                return f"{name} has shape {values.shape} of {values.dtype}, not {(rows, self.dim)} of {self.dtype}"
         if self.covered[positions].any():
             return "overlaps another chunk"
         if not np.array_equal(ids, self.ids[positions]):
@@ -75,18 +80,18 @@ class ChunkStore:
         self.covered[positions] = True
         return None
 
-    def write(self, positions: np.ndarray, vectors: np.ndarray, truncated: np.ndarray) -> None:
+    def write(self, positions: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
         number = 1 + max((int(p.stem.split("_")[1]) for p in self.paths), default=-1)
         path = self.directory / f"chunk_{number:06d}.h5"
-        vectors = vectors.astype(DTYPES[self.dtype])
+        outputs = {name: values.astype(DTYPES[self.dtype]) for name, values in outputs.items()}
         with atomic_output(path) as tmp:
             with h5py.File(tmp, "w") as h5:
                 h5.create_dataset("positions", data=positions)
                 h5.create_dataset("ids", data=self.ids[positions].astype(object), dtype=h5py.string_dtype())
-                h5.create_dataset("embeddings", data=vectors)
-                h5.create_dataset("truncated", data=truncated)
-                h5.attrs.update(self.identity)
-                h5.attrs["checksum"] = _checksum(positions, vectors, truncated)
+                for name, values in outputs.items():
+                    h5.create_dataset(name, data=values)
+                write_attrs(h5, self.identity)
+                h5.attrs["checksum"] = _checksum(positions, outputs)
             with open(tmp, "rb") as handle:  # on disk before the rename makes it count
                 os.fsync(handle.fileno())
             crash_point("chunk-written")
@@ -95,19 +100,19 @@ class ChunkStore:
         log.info("wrote %s (%d sequences; %d of %d done)", path.name, len(positions), self.covered.sum(), len(self.ids))
 
     def read(self):
-        """(positions, vectors, truncated) of every chunk, one chunk in memory at a time."""
+        """(positions, {name: values}) of every chunk, one chunk in memory at a time."""
         for path in self.paths:
             with h5py.File(path, "r") as h5:
-                yield h5["positions"][:], h5["embeddings"][:], h5["truncated"][:]
+                yield h5["positions"][:], {name: h5[name][:] for name in self.names}
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _checksum(positions, vectors, truncated) -> str:
+def _checksum(positions, outputs: dict) -> str:
     """Catches silent corruption of the values, which HDF5 itself would read back without error."""
     digest = hashlib.blake2b(digest_size=16)
-    for array in (positions, vectors, truncated):
+    for array in (positions, *(outputs[name] for name in sorted(outputs))):
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
 
@@ -118,13 +123,16 @@ class PendingRows:
     def __init__(self):
         self.parts: list[tuple] = []
         self.count = 0
+        self.nbytes = 0
 
-    def add(self, positions, vectors, truncated) -> None:
-        self.parts.append((positions, vectors, truncated))
+    def add(self, positions, outputs: dict) -> None:
+        self.parts.append((positions, outputs))
         self.count += len(positions)
+        self.nbytes += sum(values.nbytes for values in outputs.values())
 
     def take(self):
-        rows = tuple(np.concatenate([part[i] for part in self.parts]) for i in range(3))
-        self.parts, self.count = [], 0
-        return rows
-
+        """(positions, {name: values}) of everything added, in the order added."""
+        positions = np.concatenate([part[0] for part in self.parts])
+        outputs = {name: np.concatenate([part[1][name] for part in self.parts]) for name in self.parts[0][1]}
+        self.parts, self.count, self.nbytes = [], 0, 0
+        return positions, outputs

@@ -1,26 +1,28 @@
-"""Engines turn batches of residue strings into one pooled vector per sequence.
+"""Engines turn batches of residue strings into the outputs of ``outputs.OutputSpec``.
 
-- ``ReferenceEngine``: fair-esm's own ESM2.forward on padded batches, pooled like its extract.py.
+- ``ReferenceEngine``: fair-esm's own ESM2.forward on padded batches.
 - ``PackedEngine``: the packed forward of ``packed.py`` on unpadded token streams, with
   tokenising on a background thread, pinned host memory and asynchronous copies, pooling on the
   device, and batches split in half on CUDA out-of-memory.
 
-Both pool the mean over residue positions of the chosen layer, without BOS, EOS and padding
-(the vector ``scripts/extract.py --include mean`` writes), on at most 1022 residues.
+Both tokenise with ``Tokenizer.pack`` and pool with ``pool``: means over residue positions
+without BOS and EOS (the vector ``scripts/extract.py --include mean`` writes), BOS vectors, and
+per-residue vectors, windows of long proteins averaged where they overlap.
 ``embed_batches(batches, read)`` takes batches of positions and a function that returns their
-residues (uint8 arrays), and yields ``(batch, vectors [len(batch), dim] float32)`` in order.
+residues (uint8 arrays), and yields ``(batch, {dataset name: array})`` in order: pooled outputs
+[len(batch), dim], per-residue outputs [sum of the batch's embedded lengths, dim], float32.
 """
 
 import logging
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from esmshard.architectures import MAX_RESIDUES
 from esmshard.fasta import ESM_RESIDUES
+from esmshard.outputs import OutputSpec, pooling_of
 from esmshard.packed import PackedESM2
 
 log = logging.getLogger(__name__)
@@ -28,92 +30,139 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_layer(layer: int, num_layers: int) -> int:
-    """A layer number in 0..num_layers; negative numbers count from the end (-1: last)."""
-    resolved = num_layers + 1 + layer if layer < 0 else layer
-    if not 0 <= resolved <= num_layers:
-        raise ValueError(f"layer {layer} is outside this model's layers 0..{num_layers} (or -1..-{num_layers + 1})")
-    return resolved
-
-
-class ReferenceEngine:
-    def __init__(self, network, alphabet, device: str, precision: str, layer: int):
-        self.device = torch.device(device)
-        self.dtype = PRECISIONS[precision]
-        if self.device.type == "cpu" and self.dtype != torch.float32:
-            raise ValueError("on the CPU the reference engine runs in float32 only")
-        self.network = network.to(device=self.device, dtype=self.dtype).eval()
-        self.layer = resolve_layer(layer, network.num_layers)
-        self.batch_converter = alphabet.get_batch_converter(truncation_seq_length=MAX_RESIDUES)
-        self.dim = network.embed_dim
-
-    def embed_batches(self, batches, read):
-        for batch in batches:
-            yield batch, self.embed([residues.tobytes().decode() for residues in read(batch)])
-
-    @torch.inference_mode()
-    def embed(self, sequences: list[str]) -> np.ndarray:
-        """[len(sequences), dim] float32 mean embeddings."""
-        _, _, tokens = self.batch_converter([(str(i), s) for i, s in enumerate(sequences)])
-        tokens = tokens.to(self.device, non_blocking=True)
-        out = self.network(tokens, repr_layers=[self.layer])["representations"][self.layer]  # [B, T, D]
-        lengths = torch.tensor([min(len(s), MAX_RESIDUES) for s in sequences], device=self.device)
-        positions = torch.arange(out.shape[1], device=self.device)
-        residue_mask = (positions[None, :] >= 1) & (positions[None, :] <= lengths[:, None])  # [B, T]
-        summed = (out.float() * residue_mask[:, :, None]).sum(dim=1)  # [B, D]
-        return (summed / lengths[:, None]).cpu().numpy()
-
-
 @dataclass
 class PackedBatch:
-    """One unpadded token stream on the host (pinned when bound for a GPU)."""
+    """One unpadded token stream of P pieces (sequences or windows of them) for B sequences
+    with R residue rows out; on the host (pinned when bound for a GPU) or on the device.
+
+    R' residue tokens go in (overlapping windows repeat residues); each is added, weighted, to
+    its row of the per-residue output and to its sequence's mean."""
 
     tokens: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64, 0 at every <cls>
-    cu_seqlens: torch.Tensor  # [B+1] int32
-    seq_index: torch.Tensor  # [T] int64, which sequence each token belongs to
-    pool_weight: torch.Tensor  # [T] float32, 1/L on residues, 0 on <cls> and <eos>
-    max_len: int
+    cu_seqlens: torch.Tensor  # [P+1] int32, where each piece starts
+    token_piece: torch.Tensor  # [T] int64, the piece of each token
+    residue_tokens: torch.Tensor  # [R'] int64, where the residue tokens are in the stream
+    residue_rows: torch.Tensor  # [R'] int64, their per-residue output row (0..R-1)
+    residue_seq: torch.Tensor  # [R'] int64, their sequence (0..B-1)
+    residue_weight: torch.Tensor  # [R'] float32, 1 / windows covering the residue
+    mean_weight: torch.Tensor  # [R'] float32, residue_weight / embedded length
+    bos_tokens: torch.Tensor  # [P] int64, where each piece's <cls> is
+    bos_seq: torch.Tensor  # [P] int64, its sequence
+    bos_weight: torch.Tensor  # [P] float32, 1 / pieces of its sequence
+    sequences: int  # B
+    residue_rows_out: int  # R
+    max_len: int  # longest piece, in tokens
 
     def to(self, device) -> "PackedBatch":
-        move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return PackedBatch(*(move(t) for t in (self.tokens, self.positions, self.cu_seqlens, self.seq_index,
-                                               self.pool_weight)), self.max_len)
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = value.to(device, non_blocking=True)
+        return PackedBatch(**moved)
 
 
 class Tokenizer:
     """Residue bytes to ESM-2 token ids, vectorised, producing packed streams."""
 
-    def __init__(self, alphabet):
+    def __init__(self, alphabet, spec: OutputSpec):
         self.table = np.full(256, alphabet.unk_idx, np.int64)
         for code in ESM_RESIDUES:
             self.table[code] = alphabet.get_idx(chr(code))
-        self.cls_idx, self.eos_idx = alphabet.cls_idx, alphabet.eos_idx
+        self.cls_idx, self.eos_idx, self.padding_idx = alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx
+        self.spec = spec
 
     def pack(self, residues: list[np.ndarray], pin: bool = False) -> PackedBatch:
-        lengths = np.array([min(len(r), MAX_RESIDUES) for r in residues], np.int64)  # [B]
-        sizes = lengths + 2
-        cu_seqlens = np.concatenate([[0], np.cumsum(sizes)])  # [B+1]
-        seq_index = np.repeat(np.arange(len(residues)), sizes)  # [T]
-        positions = np.arange(cu_seqlens[-1]) - cu_seqlens[:-1][seq_index]  # [T]
-        is_residue = (positions >= 1) & (positions <= lengths[seq_index])
+        lengths = np.array([len(r) for r in residues], np.int64)  # [B]
+        embedded = self.spec.embedded_lengths(lengths)  # [B]
+        pieces = [(seq, start, end) for seq, n in enumerate(lengths) for start, end in self.spec.windows(int(n))]
+        piece_seq, piece_start, piece_end = (np.array(column, np.int64) for column in zip(*pieces))  # [P]
+        piece_len = piece_end - piece_start
+        sizes = piece_len + 2
+        cu_seqlens = np.concatenate([[0], np.cumsum(sizes)])  # [P+1]
+        token_piece = np.repeat(np.arange(len(pieces)), sizes)  # [T]
+        positions = np.arange(cu_seqlens[-1]) - cu_seqlens[:-1][token_piece]  # [T]
+        residue_tokens = np.flatnonzero((positions >= 1) & (positions <= piece_len[token_piece]))  # [R']
         tokens = np.empty(cu_seqlens[-1], np.int64)
-        tokens[is_residue] = self.table[np.concatenate([r[:MAX_RESIDUES] for r in residues])]
+        tokens[residue_tokens] = self.table[np.concatenate([residues[q][a:b] for q, a, b in pieces])]
         tokens[cu_seqlens[:-1]] = self.cls_idx
         tokens[cu_seqlens[1:] - 1] = self.eos_idx
-        pool_weight = np.where(is_residue, 1.0 / lengths[seq_index], 0.0).astype(np.float32)
-        tensors = [torch.from_numpy(a) for a in (tokens, positions, cu_seqlens.astype(np.int32), seq_index, pool_weight)]
+
+        residue_piece = token_piece[residue_tokens]
+        residue_seq = piece_seq[residue_piece]
+        row_start = np.concatenate([[0], np.cumsum(embedded)])[:-1]  # [B]
+        residue_rows = row_start[residue_seq] + piece_start[residue_piece] + positions[residue_tokens] - 1
+        coverage = np.bincount(residue_rows, minlength=int(embedded.sum()))  # windows over each row
+        residue_weight = 1.0 / coverage[residue_rows]
+        pieces_per_seq = np.bincount(piece_seq, minlength=len(residues))
+        arrays = {
+            "tokens": tokens, "positions": positions, "cu_seqlens": cu_seqlens.astype(np.int32),
+            "token_piece": token_piece, "residue_tokens": residue_tokens, "residue_rows": residue_rows,
+            "residue_seq": residue_seq, "residue_weight": residue_weight.astype(np.float32),
+            "mean_weight": (residue_weight / embedded[residue_seq]).astype(np.float32),
+            "bos_tokens": cu_seqlens[:-1].astype(np.int64), "bos_seq": piece_seq,
+            "bos_weight": (1.0 / pieces_per_seq[piece_seq]).astype(np.float32),
+        }
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
         if pin:
-            tensors = [t.pin_memory() for t in tensors]
-        return PackedBatch(*tensors, int(sizes.max()))
+            tensors = {name: t.pin_memory() for name, t in tensors.items()}
+        return PackedBatch(**tensors, sequences=len(residues), residue_rows_out=int(embedded.sum()),
+                           max_len=int(sizes.max()))
+
+
+def pool(hidden: torch.Tensor, batch: PackedBatch, names: list[str]) -> dict[str, torch.Tensor]:
+    """The outputs ``names`` (of one layer) from its hidden states [T, D] float32, on the device."""
+    residues = hidden[batch.residue_tokens]  # [R', D]
+    out = {}
+    for name in names:
+        pooling = pooling_of(name)
+        if pooling == "mean":
+            target, rows, values = batch.sequences, batch.residue_seq, residues * batch.mean_weight[:, None]
+        elif pooling == "per_residue":
+            target, rows, values = batch.residue_rows_out, batch.residue_rows, residues * batch.residue_weight[:, None]
+        else:  # bos
+            target, rows, values = batch.sequences, batch.bos_seq, hidden[batch.bos_tokens] * batch.bos_weight[:, None]
+        out[name] = hidden.new_zeros(target, hidden.shape[1]).index_add_(0, rows, values)
+    return out
+
+
+class ReferenceEngine:
+    def __init__(self, network, alphabet, device: str, precision: str, spec: OutputSpec):
+        self.device = torch.device(device)
+        self.dtype = PRECISIONS[precision]
+        if self.device.type == "cpu" and self.dtype != torch.float32:
+            raise ValueError("on the CPU the reference engine runs in float32 only")
+        self.network = network.to(device=self.device, dtype=self.dtype).eval()
+        self.spec = spec
+        self.tokenizer = Tokenizer(alphabet, spec)
+        self.dim = network.embed_dim
+
+    def embed_batches(self, batches, read):
+        for batch in batches:
+            yield batch, {name: t.cpu().numpy() for name, t in self.outputs(self.tokenizer.pack(read(batch))).items()}
+
+    def embed(self, residues: list[np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: t.cpu().numpy() for name, t in self.outputs(self.tokenizer.pack(residues)).items()}
+
+    @torch.inference_mode()
+    def outputs(self, packed: PackedBatch) -> dict[str, torch.Tensor]:
+        batch = packed.to(self.device)
+        pieces = len(batch.cu_seqlens) - 1
+        padded = torch.full((pieces, batch.max_len), self.tokenizer.padding_idx, device=self.device)  # [P, L]
+        padded[batch.token_piece, batch.positions] = batch.tokens
+        representations = self.network(padded, repr_layers=list(self.spec.layers))["representations"]
+        out = {}
+        for layer, hidden in representations.items():  # [P, L, D] -> [T, D], padding dropped
+            out.update(pool(hidden[batch.token_piece, batch.positions].float(), batch, self.spec.layer_names(layer)))
+        return out
 
 
 class PackedEngine:
-    def __init__(self, network, alphabet, device: str, precision: str, layer: int, compile: bool = False):
+    def __init__(self, network, alphabet, device: str, precision: str, spec: OutputSpec, compile: bool = False):
         self.device = torch.device(device)
-        self.layer = resolve_layer(layer, network.num_layers)
+        self.spec = spec
         self.model = PackedESM2(network, PRECISIONS[precision], self.device, compile).eval()
-        self.tokenizer = Tokenizer(alphabet)
+        self.tokenizer = Tokenizer(alphabet, spec)
         self.dim = network.embed_dim
         self._pin = self.device.type == "cuda"
 
@@ -125,38 +174,44 @@ class PackedEngine:
         return int(np.clip(0.5 * free / (64 * self.dim), 4096, 131072))
 
     @torch.inference_mode()
-    def pooled(self, batch: PackedBatch) -> torch.Tensor:
-        """[B, D] float32 means, on the device."""
-        hidden = self.model(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_len, self.layer)  # [T, D]
-        pooled = torch.zeros(len(batch.cu_seqlens) - 1, self.dim, device=hidden.device)
-        return pooled.index_add_(0, batch.seq_index, hidden * batch.pool_weight[:, None])
+    def outputs(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        """{dataset name: float32 tensor} on the device."""
+        out = {}
+        hidden_states = self.model.hidden_states(batch.tokens, batch.positions, batch.cu_seqlens, batch.max_len,
+                                                 self.spec.layers)
+        for layer, hidden in hidden_states:  # [T, D]
+            out.update(pool(hidden, batch, self.spec.layer_names(layer)))
+        return out
 
-    def embed(self, residues: list[np.ndarray]) -> np.ndarray:
-        return self._pooled_splitting_on_oom(residues, self.tokenizer.pack(residues, self._pin)).cpu().numpy()
+    def embed(self, residues: list[np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self._outputs_splitting_on_oom(residues, self.tokenizer.pack(residues, self._pin))
+        return {name: t.cpu().numpy() for name, t in outputs.items()}
 
-    def _pooled_splitting_on_oom(self, residues, packed: PackedBatch) -> torch.Tensor:
+    def _outputs_splitting_on_oom(self, residues, packed: PackedBatch) -> dict[str, torch.Tensor]:
         try:
-            return self.pooled(packed.to(self.device))
+            return self.outputs(packed.to(self.device))
         except torch.OutOfMemoryError:
             if len(residues) == 1:
                 raise
             torch.cuda.empty_cache()
-            sizes = np.cumsum([min(len(r), MAX_RESIDUES) + 2 for r in residues])
+            sizes = np.cumsum(self.spec.tokens([len(r) for r in residues]))
             half = int(np.clip(np.searchsorted(sizes, sizes[-1] / 2), 1, len(residues) - 1))
             log.warning("out of GPU memory on %d tokens; retrying as two batches", sizes[-1])
-            parts = (residues[:half], residues[half:])
-            return torch.cat([self._pooled_splitting_on_oom(p, self.tokenizer.pack(p, self._pin)) for p in parts])
+            parts = [self._outputs_splitting_on_oom(p, self.tokenizer.pack(p, self._pin))
+                     for p in (residues[:half], residues[half:])]
+            return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
     def embed_batches(self, batches, read):
         """Yields results in order; the host tokenises ahead, and batch i is copied back and
         handed out while the device already runs batch i+1."""
         prepared = _prefetch(((batch, residues, self.tokenizer.pack(residues, self._pin))
                               for batch in batches for residues in [read(batch)]), depth=3)
-        in_flight = None  # (batch, host result, event)
+        in_flight = None  # (batch, host results, event)
         for batch, residues, packed in prepared:
-            pooled = self._pooled_splitting_on_oom(residues, packed)
-            host = torch.empty(pooled.shape, dtype=pooled.dtype, pin_memory=self._pin)
-            host.copy_(pooled, non_blocking=True)
+            host = {}
+            for name, result in self._outputs_splitting_on_oom(residues, packed).items():
+                host[name] = torch.empty(result.shape, dtype=result.dtype, pin_memory=self._pin)
+                host[name].copy_(result, non_blocking=True)
             event = torch.cuda.Event() if self.device.type == "cuda" else None
             if event is not None:
                 event.record()
@@ -171,7 +226,7 @@ def _finish(in_flight):
     batch, host, event = in_flight
     if event is not None:
         event.synchronize()
-    return batch, host.numpy()
+    return batch, {name: tensor.numpy() for name, tensor in host.items()}
 
 
 def _prefetch(items, depth: int):

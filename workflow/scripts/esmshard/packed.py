@@ -88,8 +88,9 @@ class PackedESM2(nn.Module):
         steps = (attention_inputs, attention_output_and_ffn)
         self.steps = tuple(torch.compile(step, dynamic=True) for step in steps) if compile else steps
 
-    def forward(self, tokens, positions, cu_seqlens, max_len: int, layer: int):
-        """Hidden states [T, D] (float32) after ``layer`` (0: embeddings; num_layers: final, normed).
+    def hidden_states(self, tokens, positions, cu_seqlens, max_len: int, layers):
+        """Yields (layer, hidden states [T, D] float32) for each of ``layers`` (increasing;
+        0: embeddings; num_layers: the final, normed output), as the forward reaches it.
 
         tokens, positions: [T] int64 (positions restart at 0 on every <cls>); cu_seqlens: [B+1] int32.
         """
@@ -99,11 +100,11 @@ class PackedESM2(nn.Module):
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, d / 2]
         angles = torch.cat([angles, angles], dim=-1)  # [T, d]
         cos, sin = angles.cos(), angles.sin()
-        for block in self.layers[:layer]:
-            x = block(x, cos, sin, cu_seqlens, max_len, self.steps)
-        if layer == self.num_layers:
-            x = self.final_norm(x)
-        return x
+        for layer in range(max(layers) + 1):
+            if layer > 0:
+                x = self.layers[layer - 1](x, cos, sin, cu_seqlens, max_len, self.steps)
+            if layer in layers:
+                yield layer, (self.final_norm(x) if layer == self.num_layers else x)
 
 
 def _rotate(x, cos, sin):

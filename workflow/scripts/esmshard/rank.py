@@ -31,11 +31,17 @@ log = logging.getLogger(__name__)
 FAULT_ENV = "ESMSHARD_FAIL_RANKS"  # comma-separated ranks that fail on purpose (for tests)
 
 
+# Pending per-residue results go to a chunk at this size, so host memory stays bounded.
+CHUNK_BYTES = 1 << 30
+
+
 @dataclass
 class RankSettings:
     model: str
-    layer: int = -1
-    pooling: str = "mean"
+    layers: tuple[int, ...] = (-1,)
+    pooling: tuple[str, ...] = ("mean",)
+    long_sequences: str = "truncate"  # or "window"
+    window_overlap: int = 512
     precision: str = "auto"  # float32 on the CPU; on a GPU bfloat16 (packed) or float16 (reference)
     dtype: str = "float32"
     tokens_per_batch: int | None = None  # None: from free GPU memory (packed) or 4096 (reference)
@@ -48,25 +54,31 @@ class RankSettings:
 
 def make_engine(network, alphabet, device: str, settings: RankSettings):
     from esmshard.engine import PackedEngine, ReferenceEngine
+    from esmshard.outputs import OutputSpec
 
+    spec = OutputSpec.resolve(settings.layers, settings.pooling, network.num_layers, settings.long_sequences,
+                              settings.window_overlap)
     precision = settings.precision
     if precision == "auto":
         precision = "float32" if device == "cpu" else ("bfloat16" if settings.engine == "packed" else "float16")
     if settings.engine == "packed":
         compile = settings.compile and device == "cuda"
-        return PackedEngine(network, alphabet, device, precision, settings.layer, compile), precision
-    return ReferenceEngine(network, alphabet, device, precision, settings.layer), precision
+        return PackedEngine(network, alphabet, device, precision, spec, compile), precision
+    return ReferenceEngine(network, alphabet, device, precision, spec), precision
 
 
-def plan_batches(engine, capped_lengths, settings: RankSettings):
+def plan_batches(engine, lengths, settings: RankSettings):
+    """Batches of rank-local positions for sequences of these input lengths, and the budget."""
     from esmshard.batching import packed_batches, padded_batches
     from esmshard.engine import PackedEngine
 
+    spec = engine.spec
     if isinstance(engine, PackedEngine):
         budget = settings.tokens_per_batch or engine.default_tokens_per_batch()
-        return packed_batches(capped_lengths, budget), budget
+        return packed_batches(spec.tokens(lengths), budget), budget
     budget = settings.tokens_per_batch or 4096
-    return padded_batches(capped_lengths, budget), budget
+    widths = np.minimum(lengths, MAX_RESIDUES) + 2  # a windowed sequence's windows are all full
+    return padded_batches(widths, budget, spec.window_counts(lengths)), budget
 
 
 def run_rank(index_dir, plan_path, rank: int, shard_path, work_dir, settings: RankSettings) -> dict:
@@ -80,10 +92,10 @@ def run_rank(index_dir, plan_path, rank: int, shard_path, work_dir, settings: Ra
     network, alphabet = load_model(settings.model)
     engine, precision = make_engine(network, alphabet, device, settings)
     log.info(
-        "model %s (%d layers, dim %d) on %s, %s engine in %s, layer %d; loaded in %.1f s",
+        "model %s (%d layers, dim %d) on %s, %s engine in %s, outputs %s; loaded in %.1f s",
         settings.model, network.num_layers, network.embed_dim,
         torch.cuda.get_device_name() if device == "cuda" else "cpu", settings.engine, precision,
-        engine.layer, time.monotonic() - started,
+        ", ".join(engine.spec.names), time.monotonic() - started,
     )
     del network  # the packed engine holds its own copy of the weights
     _inject_fault(rank)
@@ -94,7 +106,7 @@ def embed_to_shard(index_dir, plan_path, rank: int, shard_path, work_dir, engine
     """The rank's planned sequences through ``engine`` into a complete shard file, resuming
     from the chunks of an earlier attempt with the same identity."""
     from esmshard.chunks import ChunkStore, PendingRows, work_key
-    from esmshard.shard import ShardWriter, shard_problem
+    from esmshard.shard import ShardWriter, dataset_shapes, shard_problem
 
     index = SequenceIndex(index_dir)
     planned_rank, world_size, fingerprint = read_plan(plan_path)
@@ -105,12 +117,12 @@ def embed_to_shard(index_dir, plan_path, rank: int, shard_path, work_dir, engine
     positions = np.flatnonzero(planned_rank == rank)
     ids = index.ids(positions)
     lengths = index.lengths[positions]
-    capped = np.minimum(lengths, MAX_RESIDUES)
+    spec = engine.spec
+    embedded = spec.embedded_lengths(lengths)
     identity = {  # everything that changes the numbers of this rank's shard
         "fingerprint": index.fingerprint,
         "model": model_identity(settings.model),
-        "layer": engine.layer,
-        "pooling": settings.pooling,
+        **spec.attrs(),
         "dtype": settings.dtype,
         "precision": precision,
         "engine": settings.engine,
@@ -118,21 +130,21 @@ def embed_to_shard(index_dir, plan_path, rank: int, shard_path, work_dir, engine
         "rank": rank,
         "world_size": world_size,
     }
-    progress = Progress(len(positions), int(capped.sum()), settings.progress_seconds, rank)
+    progress = Progress(len(positions), int(embedded.sum()), settings.progress_seconds, rank)
     chunk_dir = Path(work_dir) / work_key(identity) / f"rank_{rank}"
     # the model as named may differ (another path to the same file); its identity may not
     expected = {key: value for key, value in shard_attrs(identity, settings.model).items() if key != "model"}
-    problem = shard_problem(shard_path, ids, expected, engine.dim)
+    problem = shard_problem(shard_path, ids, expected, dataset_shapes(spec, lengths, engine.dim))
     if problem and Path(shard_path).exists():
         log.warning("rank %d: the existing %s %s; computing it again", rank, shard_path, problem)
     if not problem:
         log.info("rank %d: %s is already complete for these settings; keeping it", rank, shard_path)
         shutil.rmtree(chunk_dir, ignore_errors=True)  # left over if a kill came right after the rename
-        progress.update(len(ids), int(capped.sum()), computed=False)
+        progress.update(len(ids), int(embedded.sum()), computed=False)
         return progress.finish()
 
-    store = ChunkStore(chunk_dir, ids, engine.dim, settings.dtype, identity)
-    batches, budget = plan_batches(engine, capped, settings)
+    store = ChunkStore(chunk_dir, ids, embedded, spec.names, engine.dim, settings.dtype, identity)
+    batches, budget = plan_batches(engine, lengths, settings)
     # Batches keep their composition across restarts (same budget), so a rerun computes the
     # very same batches as an uninterrupted run would; only fully finished ones are skipped.
     todo = [batch[~store.covered[batch]] for batch in batches]
@@ -140,18 +152,19 @@ def embed_to_shard(index_dir, plan_path, rank: int, shard_path, work_dir, engine
     log.info(
         "rank %d/%d: %d sequences, %d residues, %d batches of at most %d tokens; "
         "%d sequences already in %d chunks in %s",
-        rank, world_size, len(positions), int(capped.sum()), len(todo), budget,
+        rank, world_size, len(positions), int(embedded.sum()), len(todo), budget,
         int(store.covered.sum()), len(store.paths), store.directory,
     )
-    progress.update(int(store.covered.sum()), int(capped[store.covered].sum()), computed=False)
+    progress.update(int(store.covered.sum()), int(embedded[store.covered].sum()), computed=False)
     pending = PendingRows()
     last_chunk = time.monotonic()
     read = lambda batch: [index.residues(p) for p in positions[batch]]  # noqa: E731
     try:
-        for batch, vectors in engine.embed_batches(todo, read):
-            pending.add(batch, vectors, lengths[batch] > MAX_RESIDUES)
-            progress.update(len(batch), int(capped[batch].sum()))
-            if pending.count >= settings.chunk_sequences or time.monotonic() - last_chunk >= settings.chunk_seconds:
+        for batch, outputs in engine.embed_batches(todo, read):
+            pending.add(batch, outputs)
+            progress.update(len(batch), int(embedded[batch].sum()))
+            if (pending.count >= settings.chunk_sequences or pending.nbytes >= CHUNK_BYTES
+                    or time.monotonic() - last_chunk >= settings.chunk_seconds):
                 with signals_deferred():
                     store.write(*pending.take())
                 last_chunk = time.monotonic()
@@ -167,9 +180,9 @@ def embed_to_shard(index_dir, plan_path, rank: int, shard_path, work_dir, engine
 
     log.info("rank %d: assembling %s from %d chunks", rank, shard_path, len(store.paths))
     with signals_deferred(), atomic_output(shard_path) as tmp:
-        writer = ShardWriter(tmp, ids, lengths, engine.dim, settings.dtype, shard_attrs(identity, settings.model))
-        for chunk_positions, vectors, truncated in store.read():
-            writer.write(chunk_positions, vectors, truncated)
+        writer = ShardWriter(tmp, ids, lengths, spec, engine.dim, settings.dtype, shard_attrs(identity, settings.model))
+        for chunk_positions, outputs in store.read():
+            writer.write(chunk_positions, outputs)
         writer.close()
         crash_point("shard-written")
     crash_point("shard-renamed")

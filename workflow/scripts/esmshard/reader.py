@@ -5,52 +5,104 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from esmshard.outputs import OutputSpec, dataset_name, pooling_of
 
-def load_embeddings(path, ids=None) -> tuple[list[str], np.ndarray]:
-    """(IDs, [n, dim] vectors) from an esmshard ``embeddings.h5`` or shard.
 
-    With ``ids``, only those rows are read from disk, in the order asked; an unknown ID raises
-    KeyError naming it. Without, everything is read.
+def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = None):
+    """(IDs, vectors) from an esmshard ``embeddings.h5`` or shard.
+
+    ``pooling`` and ``layer`` pick the output (``layer`` may be left out when the file holds one
+    layer). Pooled outputs come as one [n, dim] array; ``per_residue`` as a list of [length, dim]
+    arrays. With ``ids``, only those rows are read from disk, in the order asked; an unknown ID
+    raises KeyError naming it. Without, everything is read.
     """
     with h5py.File(path, "r") as h5:
+        name = _output_name(h5, pooling, layer, path)
         stored = h5["ids"].asstr()[:]
+        rows = np.arange(len(stored)) if ids is None else _rows_of(stored, list(ids), path)
+        found = [str(i) for i in stored[rows]]
+        if pooling_of(name) != "per_residue":
+            unique_rows, inverse = np.unique(rows, return_inverse=True)  # h5py reads increasing rows
+            return found, h5[name][unique_rows][inverse] if len(rows) else np.empty((0, h5[name].shape[1]))
+        offsets, dataset = h5["residue_offsets"][:], h5[name]
         if ids is None:
-            return list(stored), h5["embeddings"][:]
-        ids = list(ids)
-        order = np.argsort(stored)
-        found = np.searchsorted(stored[order], ids)
-        found = np.minimum(found, len(stored) - 1)
-        rows = order[found]
-        unknown = [i for i, row in zip(ids, rows) if stored[row] != i]
-        if unknown:
-            raise KeyError(f"{path}: {len(unknown)} ID(s) not found, e.g. {unknown[:3]}")
-        unique_rows, inverse = np.unique(rows, return_inverse=True)  # h5py reads increasing rows
-        return ids, h5["embeddings"][unique_rows][inverse]
+            everything = dataset[:]
+            return found, [everything[offsets[r] : offsets[r + 1]] for r in rows]
+        return found, [dataset[offsets[r] : offsets[r + 1]] for r in rows]
 
 
-def export_npy(path, out_dir) -> tuple[Path, Path]:
-    """``embeddings.npy`` ([n, dim]) and ``ids.txt`` (one per line, same order) in out_dir."""
+def _output_name(h5, pooling: str, layer, path) -> str:
+    spec = OutputSpec.from_attrs(h5.attrs)
+    if pooling not in spec.poolings:
+        raise KeyError(f"{path} holds no {pooling!r} output (it holds {', '.join(spec.poolings)})")
+    if layer is None:
+        if len(spec.layers) > 1:
+            raise KeyError(f"{path} holds layers {list(spec.layers)}: say which one")
+        layer = spec.layers[0]
+    if layer < 0:  # counted from the end, as in the config
+        layer = spec.num_layers + 1 + layer
+    if layer not in spec.layers:
+        raise KeyError(f"{path} holds no layer {layer} (it holds {list(spec.layers)})")
+    return dataset_name(pooling, layer)
+
+
+def _rows_of(stored: np.ndarray, ids: list, path) -> np.ndarray:
+    order = np.argsort(stored)
+    found = np.minimum(np.searchsorted(stored[order], ids), max(len(stored) - 1, 0))
+    rows = order[found]
+    unknown = [i for i, row in zip(ids, rows) if len(stored) == 0 or stored[row] != i]
+    if unknown:
+        raise KeyError(f"{path}: {len(unknown)} ID(s) not found, e.g. {unknown[:3]}")
+    return rows
+
+
+def export_npy(path, out_dir) -> list[Path]:
+    """Every output as ``<pooling>_layer_<L>.npy`` ([n, dim]; per-residue outputs [residues, dim]
+    with ``residue_offsets.npy``), and ``ids.txt`` (one per line, same order), in out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ids, vectors = load_embeddings(path)
-    np.save(out_dir / "embeddings.npy", vectors)
+    written = []
+    with h5py.File(path, "r") as h5:
+        spec = OutputSpec.from_attrs(h5.attrs)
+        names = spec.names + (["residue_offsets"] if spec.per_residue else [])
+        for name in names:
+            target = out_dir / f"{name.replace('/', '_')}.npy"
+            np.save(target, h5[name][:])
+            written.append(target)
+        ids = h5["ids"].asstr()[:]
     (out_dir / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
-    return out_dir / "embeddings.npy", out_dir / "ids.txt"
+    return [*written, out_dir / "ids.txt"]
 
 
 def export_pt(path, out_dir) -> int:
-    """One ``<id>.pt`` per sequence as fair-esm's extract.py writes with ``--include mean``:
-    ``{"label": id, "mean_representations": {layer: tensor}}`` ('/' in an ID becomes '%2F')."""
+    """One ``<id>.pt`` per sequence as fair-esm's extract.py writes them: ``{"label": id,
+    "mean_representations": {layer: [dim]}, "bos_representations": {layer: [dim]},
+    "representations": {layer: [length, dim]}}`` with the outputs the file holds ('/' in an ID
+    becomes '%2F')."""
     import torch
 
+    keys = {"mean": "mean_representations", "bos": "bos_representations", "per_residue": "representations"}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "r") as h5:
-        layer = int(h5.attrs["layer"])
+        spec = OutputSpec.from_attrs(h5.attrs)
         ids = h5["ids"].asstr()[:]
-        for start in range(0, len(ids), 4096):
-            block = h5["embeddings"][start : start + 4096]
-            for seq_id, vector in zip(ids[start : start + 4096], block):
-                result = {"label": seq_id, "mean_representations": {layer: torch.from_numpy(vector.astype(np.float32))}}
-                torch.save(result, out_dir / f"{seq_id.replace('/', '%2F')}.pt")
+        offsets = h5["residue_offsets"][:] if spec.per_residue else None
+        for start in range(0, len(ids), 1024):
+            end = min(len(ids), start + 1024)
+            blocks = {}
+            for name in spec.names:
+                if pooling_of(name) == "per_residue":
+                    blocks[name] = (h5[name][offsets[start] : offsets[end]], offsets[start])
+                else:
+                    blocks[name] = (h5[name][start:end], None)
+            for row in range(start, end):
+                result = {"label": ids[row]}
+                for pooling in spec.poolings:
+                    result[keys[pooling]] = {}
+                    for layer in spec.layers:
+                        values, base = blocks[dataset_name(pooling, layer)]
+                        vector = values[offsets[row] - base : offsets[row + 1] - base] if base is not None else values[row - start]
+                        result[keys[pooling]][layer] = torch.from_numpy(vector.astype(np.float32))
+                torch.save(result, out_dir / f"{ids[row].replace('/', '%2F')}.pt")
     return len(ids)

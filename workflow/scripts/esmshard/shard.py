@@ -1,26 +1,27 @@
 """Shard files: one rank's embeddings, in the rank's share of input order.
 
-Layout (HDF5):
-- ``ids``: [n] UTF-8 strings
-- ``embeddings``: [n, dim] float32 (or float16, config ``dtype``)
-- ``lengths``: [n] int64 residue counts of the input sequences (before any truncation)
-- ``truncated``: [n] bool, true where the sequence was cut to 1022 residues
-- attributes: model, layer, pooling, dtype, precision, engine, fingerprint (of the index), rank,
-  world_size, versions (JSON of package versions)
+Layout (HDF5; docs/output-format.md has the whole description):
+- ``ids``: [n] UTF-8 strings; ``lengths``: [n] int64 residue counts of the input sequences;
+  ``truncated``: [n] bool, true where only the first 1022 residues were embedded
+- ``residue_offsets``: [n + 1] int64, only with per-residue output
+- one dataset per output (``outputs.py``): ``mean/layer_<L>``, ``bos/layer_<L>`` [n, dim];
+  ``per_residue/layer_<L>`` [residue_offsets[-1], dim]; float32 (or float16, config ``dtype``)
+- attributes: model, layers, pooling, long_sequences, window_overlap, dtype, precision, engine,
+  fingerprint (of the index), rank, world_size, versions (JSON of package versions)
 """
 
 import json
 import platform
 from importlib import metadata
-
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from esmshard.outputs import OutputSpec, pooling_of, ranges_index, residue_offsets, runs
 
-ROW_DATASETS = ("ids", "embeddings", "lengths", "truncated")
 DTYPES = {"float32": np.float32, "float16": np.float16}
+_CHUNK_BYTES = 4 << 20  # HDF5 chunks of about 4 MiB
 
 
 def package_versions() -> str:
@@ -33,26 +34,56 @@ def package_versions() -> str:
     return json.dumps(versions, sort_keys=True)
 
 
+def dataset_shapes(spec: OutputSpec, lengths, dim: int) -> dict[str, tuple[int, int]]:
+    """Each output dataset's shape for sequences of these input lengths."""
+    n, residues = len(lengths), int(spec.embedded_lengths(lengths).sum())
+    return {name: ((residues if pooling_of(name) == "per_residue" else n), dim) for name in spec.names}
+
+
+def create_outputs(h5: h5py.File, spec: OutputSpec, ids, lengths, dim: int, dtype) -> dict[str, h5py.Dataset]:
+    """The row datasets and empty output datasets of a shard or merged file."""
+    h5.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
+    h5.create_dataset("lengths", data=np.asarray(lengths, np.int64))
+    h5.create_dataset("truncated", data=spec.truncated(lengths))
+    if spec.per_residue:
+        h5.create_dataset("residue_offsets", data=residue_offsets(spec.embedded_lengths(lengths)))
+    rows_per_chunk = max(1, _CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
+    return {
+        name: h5.create_dataset(name, shape, dtype, chunks=(max(1, min(shape[0], rows_per_chunk)), dim))
+        for name, shape in dataset_shapes(spec, lengths, dim).items()
+    }
+
+
 class ShardWriter:
     """Writes rows at their positions; wrap in ``atomic_output`` so only a closed, complete file lands."""
 
-    def __init__(self, path, ids, lengths, dim: int, dtype: str, attrs: dict):
+    def __init__(self, path, ids, lengths, spec: OutputSpec, dim: int, dtype: str, attrs: dict):
         self._h5 = h5py.File(path, "w")
-        n = len(ids)
-        self._h5.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
-        self._h5.create_dataset("lengths", data=np.asarray(lengths, np.int64))
-        self._truncated = self._h5.create_dataset("truncated", (n,), bool)
-        self._embeddings = self._h5.create_dataset(
-            "embeddings", (n, dim), DTYPES[dtype], chunks=(max(1, min(n, 1024)), dim)
-        )
-        self._written = np.zeros(n, bool)
-        self._h5.attrs.update({**attrs, "dtype": dtype, "versions": package_versions()})
+        self._datasets = create_outputs(self._h5, spec, ids, lengths, dim, DTYPES[dtype])
+        self._embedded = spec.embedded_lengths(lengths)
+        self._offsets = residue_offsets(self._embedded)
+        self._written = np.zeros(len(ids), bool)
+        write_attrs(self._h5, {**attrs, **spec.attrs(), "dtype": dtype, "versions": package_versions()})
 
-    def write(self, positions: np.ndarray, vectors: np.ndarray, truncated: np.ndarray) -> None:
+    def write(self, positions: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+        """``outputs`` hold rows in the order of ``positions``: one per sequence, or each
+        sequence's per-residue rows one after another."""
         order = np.argsort(positions)  # h5py writes rows at increasing positions only
-        positions = positions[order]
-        self._embeddings[positions] = vectors[order].astype(self._embeddings.dtype)
-        self._truncated[positions] = truncated[order]
+        sorted_positions = positions[order]
+        counts = self._embedded[positions]
+        chunk_starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
+        residue_order = ranges_index(chunk_starts[order], counts[order])  # chunk rows in position order
+        for name, values in outputs.items():
+            dataset = self._datasets[name]
+            if pooling_of(name) != "per_residue":
+                dataset[sorted_positions] = values[order].astype(dataset.dtype)
+                continue
+            values = values[residue_order].astype(dataset.dtype)
+            done = 0
+            for first, end in runs(sorted_positions):  # consecutive sequences have consecutive rows
+                start, stop = self._offsets[sorted_positions[first]], self._offsets[sorted_positions[end - 1] + 1]
+                dataset[start:stop] = values[done : done + stop - start]
+                done += stop - start
         self._written[positions] = True
 
     def close(self) -> None:
@@ -68,32 +99,45 @@ def read_attrs(path) -> dict:
         return {key: plain_attr(value) for key, value in h5.attrs.items()}
 
 
-def shard_problem(path, ids: np.ndarray, expected: dict, dim: int | None = None) -> str | None:
+def shard_problem(path, ids: np.ndarray, expected: dict, shapes: dict | None = None) -> str | None:
     """None when ``path`` is a whole, readable shard of exactly ``ids`` (in order) whose attributes
-    include ``expected``; otherwise what is wrong, as the end of a sentence about the shard."""
+    include ``expected`` and whose datasets have ``shapes``; otherwise what is wrong, as the end
+    of a sentence about the shard."""
     if not Path(path).is_file():
         return "does not exist"
     try:
         with h5py.File(path, "r") as h5:
             attrs = {key: plain_attr(h5.attrs.get(key)) for key in expected}
             stored = h5["ids"].asstr()[:]
-            shape = h5["embeddings"].shape
-            h5["embeddings"][-1:]  # the last rows must be readable too
+            found = {name: h5[name].shape for name in (shapes or {}) if name in h5}
+            for name in found:
+                h5[name][-1:]  # the last rows must be readable too
     except Exception as error:  # a torn or corrupt file raises many kinds
         return f"is unreadable ({' '.join(str(error).split())[:200]})"
     differ = [key for key in expected if attrs[key] != expected[key]]
     if differ:
         return f"was made with other settings ({', '.join(differ)})"
-    if dim is not None and shape[1:] != (dim,):
-        return f"has embeddings of width {shape[1:]}, not {dim}"
-    if shape[0] != len(ids) or not np.array_equal(stored, ids):
+    for name, shape in (shapes or {}).items():
+        if found.get(name) != tuple(shape):
+            return f"has {name} of shape {found.get(name)}, not {tuple(shape)}"
+    if len(stored) != len(ids) or not np.array_equal(stored, ids):
         lost, extra = len(set(ids) - set(stored)), len(set(stored) - set(ids))
         return f"does not hold exactly the planned IDs ({lost} missing, {extra} extra, or out of order)"
     return None
 
 
+def write_attrs(h5: h5py.File, attrs: dict) -> None:
+    """Attributes from plain values; lists of strings become HDF5 string arrays."""
+    for key, value in attrs.items():
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
+            value = np.array(value, dtype=h5py.string_dtype())
+        h5.attrs[key] = value
+
+
 def plain_attr(value):
-    """An HDF5 attribute as a plain Python value (numpy scalars and bytes converted)."""
+    """An HDF5 attribute as a plain Python value (numpy scalars, arrays and bytes converted)."""
+    if isinstance(value, np.ndarray):
+        return [plain_attr(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, bytes):

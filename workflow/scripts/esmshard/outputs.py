@@ -1,0 +1,144 @@
+"""What a run stores for each sequence: which layers, which poolings, and how long proteins are cut.
+
+Datasets, the same in chunks, shards and ``embeddings.h5`` (docs/output-format.md):
+- ``mean/layer_<L>``, ``bos/layer_<L>``: [n, dim], one vector per sequence;
+- ``per_residue/layer_<L>``: [total residues, dim], ragged: sequence i owns rows
+  ``residue_offsets[i]:residue_offsets[i + 1]`` (``residue_offsets``: [n + 1] int64).
+
+Proteins over ``MAX_RESIDUES`` are either truncated (the first 1022 residues are embedded and
+the sequence is flagged) or cut into overlapping windows of 1022 residues: each residue's vector
+is the average over the windows that cover it, the mean is over the whole protein, and BOS is
+the average of the windows' BOS vectors.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from esmshard.architectures import MAX_RESIDUES
+
+POOLINGS = ("mean", "bos", "per_residue")
+LONG_SEQUENCES = ("truncate", "window")
+
+
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """A layer number in 0..num_layers; negative numbers count from the end (-1: last)."""
+    resolved = num_layers + 1 + layer if layer < 0 else layer
+    if not 0 <= resolved <= num_layers:
+        raise ValueError(f"layer {layer} is outside this model's layers 0..{num_layers} (or -1..-{num_layers + 1})")
+    return resolved
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    layers: tuple[int, ...]  # absolute layer numbers, increasing, no repeats
+    poolings: tuple[str, ...]  # in POOLINGS order, no repeats
+    num_layers: int  # of the model
+    long_sequences: str = "truncate"
+    window_overlap: int = 512  # residues shared by neighbouring windows (window mode)
+
+    @classmethod
+    def resolve(cls, layers, poolings, num_layers: int, long_sequences="truncate", window_overlap=512):
+        unknown = set(poolings) - set(POOLINGS)
+        if unknown or not poolings:
+            raise ValueError(f"pooling must be some of {', '.join(POOLINGS)}, not {sorted(unknown) or 'nothing'}")
+        if long_sequences not in LONG_SEQUENCES:
+            raise ValueError(f"long_sequences must be one of {', '.join(LONG_SEQUENCES)}, not {long_sequences!r}")
+        if not 0 <= window_overlap < MAX_RESIDUES:
+            raise ValueError(f"window_overlap must be in 0..{MAX_RESIDUES - 1}, not {window_overlap}")
+        if not layers:
+            raise ValueError("layers must name at least one layer")
+        absolute = sorted({resolve_layer(int(layer), num_layers) for layer in layers})
+        ordered = tuple(p for p in POOLINGS if p in poolings)
+        return cls(tuple(absolute), ordered, num_layers, long_sequences, int(window_overlap))
+
+    @property
+    def names(self) -> list[str]:
+        """Every output dataset, e.g. 'mean/layer_33'."""
+        return [dataset_name(p, layer) for p in self.poolings for layer in self.layers]
+
+    def layer_names(self, layer: int) -> list[str]:
+        """The outputs taken from one layer."""
+        return [dataset_name(p, layer) for p in self.poolings]
+
+    @property
+    def per_residue(self) -> bool:
+        return "per_residue" in self.poolings
+
+    def attrs(self) -> dict:
+        """As stored in files (and part of a chunk's identity)."""
+        return {
+            "num_layers": self.num_layers,
+            "layers": list(self.layers),
+            "pooling": list(self.poolings),
+            "long_sequences": self.long_sequences,
+            "window_overlap": self.window_overlap if self.long_sequences == "window" else 0,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs) -> "OutputSpec":
+        """From a file's attributes (h5py's or plain values)."""
+        return cls(tuple(int(x) for x in attrs["layers"]), tuple(str(p) for p in attrs["pooling"]),
+                   int(attrs["num_layers"]), str(attrs["long_sequences"]), int(attrs["window_overlap"]))
+
+    def windowed(self, lengths) -> np.ndarray:
+        """[n] bool: sequences cut into windows."""
+        return (np.asarray(lengths) > MAX_RESIDUES) & (self.long_sequences == "window")
+
+    def truncated(self, lengths) -> np.ndarray:
+        """[n] bool: sequences of which only the first MAX_RESIDUES residues are embedded."""
+        return (np.asarray(lengths) > MAX_RESIDUES) & (self.long_sequences == "truncate")
+
+    def embedded_lengths(self, lengths) -> np.ndarray:
+        """[n] residues that get a vector (the per-residue rows of each sequence)."""
+        lengths = np.asarray(lengths, np.int64)
+        return np.where(self.truncated(lengths), MAX_RESIDUES, lengths)
+
+    def window_counts(self, lengths) -> np.ndarray:
+        """[n] pieces each sequence is embedded as (1 unless it is windowed)."""
+        lengths = np.asarray(lengths, np.int64)
+        step = MAX_RESIDUES - self.window_overlap
+        return np.where(self.windowed(lengths), 1 + -(-(lengths - MAX_RESIDUES) // step), 1)
+
+    def windows(self, length: int) -> list[tuple[int, int]]:
+        """(start, end) of the pieces embedded for a sequence of ``length`` residues: the
+        sequence itself, its first MAX_RESIDUES, or windows of MAX_RESIDUES spread evenly so that
+        neighbours share at least ``window_overlap`` residues."""
+        count = int(self.window_counts([length])[0])
+        if count == 1:
+            return [(0, min(length, MAX_RESIDUES))]
+        starts = np.rint(np.linspace(0, length - MAX_RESIDUES, count)).astype(int)
+        return [(int(s), int(s) + MAX_RESIDUES) for s in starts]
+
+    def tokens(self, lengths) -> np.ndarray:
+        """[n] tokens each sequence puts through the model (every piece with BOS and EOS)."""
+        lengths = np.asarray(lengths, np.int64)
+        return np.where(self.windowed(lengths), self.window_counts(lengths) * (MAX_RESIDUES + 2),
+                        np.minimum(lengths, MAX_RESIDUES) + 2)
+
+
+def dataset_name(pooling: str, layer: int) -> str:
+    return f"{pooling}/layer_{layer}"
+
+
+def pooling_of(name: str) -> str:
+    return name.split("/", 1)[0]
+
+
+def residue_offsets(embedded_lengths) -> np.ndarray:
+    """[n + 1] int64: where each sequence's per-residue rows start and end."""
+    return np.concatenate([[0], np.cumsum(embedded_lengths, dtype=np.int64)])
+
+
+def ranges_index(starts, lengths) -> np.ndarray:
+    """The concatenation of arange(start, start + length) for each pair, vectorised."""
+    starts, lengths = np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+    ends = np.cumsum(lengths)
+    return np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
+
+
+def runs(sorted_positions) -> list[tuple[int, int]]:
+    """(first, last + 1) index pairs of the runs of consecutive values in a sorted array."""
+    breaks = np.flatnonzero(np.diff(sorted_positions) != 1) + 1
+    bounds = np.concatenate([[0], breaks, [len(sorted_positions)]])
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
