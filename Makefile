@@ -5,10 +5,11 @@ PYTHON := $(VENV)/bin/python
 .PHONY: setup demo test lint
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps -e .  # from esmshard import ...: see README, From Python
 	touch $@
 
 demo: setup

@@ -1,6 +1,6 @@
 """esmshard: ESM-2 embeddings for large FASTA inputs, one shard per GPU rank.
 
-One module per concern; none of them knows about Snakemake:
+One module per concern; none of them but ``api`` knows about Snakemake:
 
 - ``fasta``: streaming FASTA reading and validation
 - ``index``: the sequence index (IDs, sources, offsets, lengths, cleaned residues)
@@ -15,6 +15,8 @@ One module per concern; none of them knows about Snakemake:
 - ``chunks``: finished work inside a rank, kept across crashes
 - ``aggregate``: merging shards into one file and reporting what is missing
 - ``reader``: reading embeddings back by ID, and exporting them
+- ``api``: running the whole workflow from Python (``run_multi_gpu_inference``,
+  ``run_esm2_multi_gpu``, importable from ``esmshard`` itself)
 """
 
 import contextlib
@@ -44,6 +46,16 @@ def atomic_output(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def __getattr__(name):
+    # The entry points load on first use: every rule script imports this package, and none
+    # of them needs the API's imports (nor could the API's modules import this one half-done).
+    if name in ("run_multi_gpu_inference", "run_esm2_multi_gpu"):
+        from esmshard import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'esmshard' has no attribute {name!r}")
 
 
 def crash_point(name: str) -> None:

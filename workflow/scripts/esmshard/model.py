@@ -52,6 +52,14 @@ def resolve_checkpoint(model: str) -> Path:
     )
 
 
+def embed_dim(model: str) -> int:
+    """The width of the model's embeddings: from the name of a released model (nothing is
+    downloaded), else from the checkpoint's config (memory-mapped: no weights are read)."""
+    if model in ESM2_MODELS and not Path(model).expanduser().is_file():
+        return ESM2_MODELS[model].embed_dim
+    return _read_checkpoint(resolve_checkpoint(model))["cfg"]["model"].encoder_embed_dim
+
+
 def load_model(model: str):
     """(fair-esm ESM2 module in eval mode on the CPU, its Alphabet) for a name or a path.
 

@@ -1,0 +1,217 @@
+"""The Python entry points, running the real workflow on the tiny model."""
+
+import json
+import re
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO, random_sequences, write_fasta
+from esmshard import api, run_esm2_multi_gpu, run_multi_gpu_inference
+from esmshard.reader import load_embeddings
+
+
+@pytest.fixture(autouse=True)
+def on_the_cpu(monkeypatch):
+    """The CPU, and no injected faults, unless a test says otherwise."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("ESMSHARD_FAIL_RANKS", "")
+
+
+@pytest.fixture(scope="module")
+def records():
+    return random_sequences(12, seed=5, median=60, cap=300)
+
+
+@pytest.fixture(scope="module")
+def fasta(tmp_path_factory, records):
+    return write_fasta(tmp_path_factory.mktemp("input") / "proteins.fasta", records)
+
+
+def tiny_config(tiny_checkpoint, **extra):
+    # one thread per rank: both ranks run at once on two cores
+    return {"model": str(tiny_checkpoint), "threads_per_rank": 1, "progress_seconds": 0.5, **extra}
+
+
+def call(function, *args, env=None, **kwargs):
+    """``function(*args, **kwargs)`` on the CPU, with ``env`` added (module fixtures cannot use
+    the autouse fixture above)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in {"CUDA_VISIBLE_DEVICES": "", "ESMSHARD_FAIL_RANKS": "", **(env or {})}.items():
+            patch.setenv(name, value)
+        return function(*args, **kwargs)
+
+
+def rank_ids(workdir, rank):
+    with h5py.File(workdir / "results/index/plan.h5") as plan, h5py.File(workdir / "results/index/sequences.h5") as index:
+        return list(index["id"].asstr()[:][plan["rank"][:] == rank])
+
+
+def test_model_config_is_checked_against_the_workflow_schema(tmp_path, fasta):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) 'modle', 'pooling_x'; the workflow's options are "):
+        run_multi_gpu_inference(fasta, tmp_path, {"model": "esm2_t6_8M_UR50D", "modle": 1, "pooling_x": 2})
+    with pytest.raises(ValueError, match="model_config must be a dict with at least 'model'"):
+        run_multi_gpu_inference(fasta, tmp_path, {"dtype": "float16"})
+    with pytest.raises(ValueError, match=r"'world_size' are set through the argument\(s\) world_size"):
+        run_multi_gpu_inference(fasta, tmp_path, {"model": "esm2_t6_8M_UR50D", "world_size": 2})
+    with pytest.raises(ValueError, match=r"config: dtype: 'float64' is not one of"):
+        run_multi_gpu_inference(fasta, tmp_path, {"model": "esm2_t6_8M_UR50D", "dtype": "float64"})
+    with pytest.raises(ValueError, match=r"config: world_size: 0 is less than the minimum of 1"):
+        run_multi_gpu_inference(fasta, tmp_path, {"model": "esm2_t6_8M_UR50D"}, world_size=0)
+    assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def test_bad_input_fails_at_the_index_before_any_embed_job(tmp_path, tiny_checkpoint):
+    fasta = tmp_path / "a.fasta"
+    fasta.write_text(">x\nMKV\n>y\nMK#V\n")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as error:
+        run_multi_gpu_inference(fasta, out, tiny_config(tiny_checkpoint), world_size=2)
+    message = str(error.value)
+    assert re.search(r"a.fasta: record 2 \('y', line 3\): residue 3 is '#'", message)
+    assert f"(snakemake output: {out / 'logs/snakemake.log'})" in message
+    assert not (out / "results/status").exists() and not (out / "results/shards").exists()
+    assert not (out / "logs/embed").exists()
+    assert "rule embed" not in (out / "logs/snakemake.log").read_text()
+
+
+def test_an_unknown_model_name_is_a_value_error(tmp_path, fasta):
+    with pytest.raises(ValueError, match="config 'model': 'esm2_t99_1T_UR50D' is neither an existing checkpoint"):
+        run_multi_gpu_inference(fasta, tmp_path, {"model": "esm2_t99_1T_UR50D"})
+
+
+def test_run_esm2_multi_gpu_runs_the_default_model_with_defaults(tmp_path):
+    # The default model cannot be downloaded here: bad input stops the call at the index,
+    # after its config was written and before any model is needed.
+    fasta = tmp_path / "a.fasta"
+    fasta.write_text(">x\n\n")
+    with pytest.raises(ValueError, match=r"a.fasta: record 1 \('x', line 1\): record has no residues"):
+        run_esm2_multi_gpu([fasta], tmp_path / "out", world_size=3)
+    config = yaml.safe_load((tmp_path / "out/config.yaml").read_text())
+    assert config == {"fasta": [str(fasta)], "model": "esm2_t33_650M_UR50D", "world_size": 3, "timeout": None}
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    assert api.DEFAULT_MODEL == schema["properties"]["model"]["default"]
+
+
+@pytest.fixture(scope="module")
+def partial_run(tmp_path_factory, fasta, tiny_checkpoint):
+    """Rank 1 fails; world_size from two 'visible GPUs' (there are none: the ranks run on the CPU).
+
+    Returns what the call returned and what it left, before complete_run calls again."""
+    out = tmp_path_factory.mktemp("run")
+    config = tiny_config(tiny_checkpoint, retries=0, gpu_lock_dir=str(out / "locks"))
+    env = {"CUDA_VISIBLE_DEVICES": "0,1", "ESMSHARD_FAIL_RANKS": "1"}
+    merged, failed = call(run_multi_gpu_inference, fasta, out, config, env=env)
+    return {
+        "out": out,
+        "config": config,
+        "merged": merged,
+        "failed": failed,
+        "ids": load_embeddings(merged)[0],
+        "missing": (out / "results/missing_ids.txt").read_text().split(),
+        "rank_1": rank_ids(out, 1),
+        "log": (out / "logs/snakemake.log").read_text(),
+    }
+
+
+@pytest.fixture(scope="module")
+def complete_run(partial_run, fasta):
+    """The same call again, now without a failing rank: it resumes."""
+    out = partial_run["out"]
+    merged, failed = call(run_multi_gpu_inference, fasta, out, partial_run["config"], env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    return out, merged, failed
+
+
+def test_a_failed_rank_gives_the_others_and_its_number(partial_run, records):
+    assert partial_run["merged"] == partial_run["out"] / "results/embeddings.h5" and partial_run["failed"] == [1]
+    assert partial_run["missing"] == partial_run["rank_1"] and partial_run["missing"]
+    assert partial_run["ids"] == [seq_id for seq_id in records if seq_id not in partial_run["missing"]]
+
+
+def test_calling_again_reruns_only_the_failed_rank(complete_run):
+    out, _, failed = complete_run
+    main_call = (out / "logs/snakemake.log").read_text().split("\n$ ")[1]
+    assert re.search(r"^embed\s+1$", main_call, re.MULTILINE) and "wildcards: rank=1" in main_call
+    assert failed == []
+
+
+def test_world_size_defaults_to_the_visible_gpus(complete_run):
+    out, _, _ = complete_run
+    assert yaml.safe_load((out / "config.yaml").read_text())["world_size"] == 2
+    assert json.loads((out / "results/manifest.json").read_text())["world_size"] == 2
+    for rank in (0, 1):
+        assert rank_ids(out, rank)
+        assert re.search(r"\(2 layers, dim 32\) on cpu", (out / f"logs/embed/rank_{rank}.log").read_text())
+
+
+def test_the_index_is_built_by_a_call_of_its_own_before_the_embed_jobs(partial_run):
+    index_call, main_call = partial_run["log"].split("\n$ ")
+    assert index_call.splitlines()[0].endswith(" ".join(api.INDEX_TARGETS))
+    assert "localrule index:" in index_call and "localrule embed:" not in index_call
+    assert "localrule embed:" in main_call and "localrule index:" not in main_call
+
+
+def test_a_complete_run_returns_the_merged_file_as_the_reader_reads_it(complete_run, records):
+    out, merged, failed = complete_run
+    assert merged == out / "results/embeddings.h5" and failed == []
+    ids, vectors = load_embeddings(merged)
+    assert ids == list(records) and vectors.shape == (len(records), 32) and np.isfinite(vectors).all()
+    some = [ids[7], ids[2]]
+    assert np.array_equal(load_embeddings(merged, some)[1], vectors[[7, 2]])
+    with h5py.File(merged) as h5:
+        assert np.array_equal(h5["embeddings"][:], vectors)
+    assert (out / "results/missing_ids.txt").read_text() == ""
+
+
+def test_a_merged_file_that_fails_its_check_is_a_value_error(tmp_path, complete_run, partial_run, fasta, monkeypatch):
+    out, _, _ = complete_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)  # keeps times: snakemake sees nothing to do
+    with h5py.File(copy / "results/embeddings.h5", "a") as h5:
+        h5["embeddings"][3, 0] = np.nan
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ValueError, match=r"embeddings.h5 fails its check: the vector of 'seq00003' \(row 3\) is not finite"):
+        run_multi_gpu_inference(fasta, copy, partial_run["config"])
+    assert "Nothing to be done" in (copy / "logs/snakemake.log").read_text()
+
+
+def test_run_esm2_multi_gpu_raises_when_a_rank_failed(tmp_path, fasta, tiny_checkpoint, monkeypatch):
+    # ESM-2 650M cannot be downloaded here: the tiny model stands in for it, the rest is real.
+    monkeypatch.setattr(api, "DEFAULT_MODEL", str(tiny_checkpoint))
+    monkeypatch.setenv("ESMSHARD_FAIL_RANKS", "1")
+    with pytest.raises(RuntimeError) as error:
+        run_esm2_multi_gpu(fasta, tmp_path, world_size=2)
+    missing, missing_file = len(rank_ids(tmp_path, 1)), tmp_path / "results/missing_ids.txt"
+    assert f"rank(s) 1 failed: {missing} of 12 sequences have no embedding (IDs in {missing_file};" in str(error.value)
+    assert (tmp_path / "results/embeddings.h5").exists()
+
+
+@pytest.fixture(scope="module")
+def timed_out(tmp_path_factory, fasta, tiny_checkpoint):
+    """Both ranks run past a timeout far shorter than loading the model takes."""
+    out = tmp_path_factory.mktemp("timeout")
+    with pytest.raises(RuntimeError) as error:
+        call(run_multi_gpu_inference, fasta, out, tiny_config(tiny_checkpoint), world_size=2, timeout=0.5)
+    return out, str(error.value)
+
+
+def test_a_rank_over_its_timeout_is_stopped_and_counts_as_failed(timed_out):
+    out, _ = timed_out
+    for rank in (0, 1):
+        status = json.loads((out / f"results/status/rank_{rank}.json").read_text())
+        assert not status["ok"] and status["error"] == "TimedOut: rank ran past its time limit"
+        assert "ran past its timeout (0.5)" in (out / f"logs/embed/rank_{rank}.log").read_text()
+    assert yaml.safe_load((out / "config.yaml").read_text())["timeout"] == 0.5
+
+
+def test_no_rank_succeeding_is_a_runtime_error_with_each_ranks_error(timed_out):
+    out, message = timed_out
+    assert message.startswith(
+        "no rank succeeded, so there are no embeddings: rank 0: TimedOut: rank ran past its time limit; "
+        "rank 1: TimedOut: rank ran past its time limit ("
+    )
+    assert str(out / "logs/snakemake.log") in message
+    assert not (out / "results/embeddings.h5").exists()

@@ -1,0 +1,247 @@
+"""Running the workflow from Python, with the entry points of the code esmshard replaces:
+
+    merged, failed_ranks = run_multi_gpu_inference(fasta_files, output_dir, {"model": ...})
+    merged = run_esm2_multi_gpu(fasta_files, output_dir)  # raises unless every rank succeeded
+
+Each call runs the real ``snakemake`` command on this repository's workflow/Snakefile with
+``--directory output_dir`` and a config file written there: first for the index alone, so that
+bad input stops the call before any model is loaded, then for everything else. Calling again
+with the same arguments resumes, as rerunning snakemake does: only what failed or is missing
+is redone. Everything snakemake prints goes to ``output_dir/logs/snakemake.log``.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import h5py
+import jsonschema
+import numpy as np
+import yaml
+
+from esmshard.gpu import count_visible_gpus
+from esmshard.index import SequenceIndex
+
+# The package lives in workflow/scripts/ and finds the workflow from there, which is why it is
+# installed editable (pip install -e .): a copy elsewhere would have no workflow next to it.
+WORKFLOW_DIR = Path(__file__).resolve().parents[2]
+SNAKEFILE = WORKFLOW_DIR / "Snakefile"
+SCHEMA = WORKFLOW_DIR / "schemas" / "config.schema.yaml"
+
+DEFAULT_MODEL = "esm2_t33_650M_UR50D"  # the schema's default (a test checks that they agree)
+# Config options that run_multi_gpu_inference takes as arguments, not in model_config.
+ARGUMENT_OPTIONS = {"fasta": "fasta_files", "world_size": "world_size", "timeout": "timeout"}
+
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "logs/snakemake.log"
+INDEX_TARGETS = ("results/index/sequences.h5", "results/index/residues.bin", "results/index/plan.h5")
+MERGED, MANIFEST, MISSING_IDS = "results/embeddings.h5", "results/manifest.json", "results/missing_ids.txt"
+_CHECK_ROWS = 16384  # rows of the merged file checked at a time
+_ESMSHARD_ERROR = re.compile(r"^esmshard: ERROR: (.+)$", re.MULTILINE)
+# An error raised while snakemake reads the workflow (e.g. an unknown model name); not the
+# CalledProcessError that only says a rule's script failed (its own message is logged above it).
+_WORKFLOW_ERROR = re.compile(r'^(?!CalledProcessError)\w+Error in file "[^"]+", line \d+:\n(.+)$', re.MULTILINE)
+
+
+def run_multi_gpu_inference(
+    fasta_files, output_dir, model_config, world_size=None, timeout=None, *, echo=False
+):
+    """Embed ``fasta_files`` with the workflow in ``output_dir``; returns (path of the merged
+    ``results/embeddings.h5``, sorted list of the ranks that failed).
+
+    - ``fasta_files``: a path or glob, or a list of them (plain or gzip).
+    - ``model_config``: workflow config options (config/config.yaml, checked against
+      workflow/schemas/config.schema.yaml); ``model`` is required.
+    - ``world_size``: number of ranks; None means one per GPU visible here
+      (CUDA_VISIBLE_DEVICES is honoured), or 1 without GPUs.
+    - ``timeout``: time limit of each rank (seconds, or a string such as "90m"); a rank over it
+      stops, keeps its finished work for the next call and counts as failed.
+    - ``echo``: also print snakemake's output (to stderr) as it runs.
+
+    The embeddings of failed ranks are missing from the merged file; their IDs are in
+    ``results/missing_ids.txt`` and ``results/manifest.json``, and calling again retries those
+    ranks only. Raises ValueError for bad arguments, bad input (with the index's message) or a
+    merged file that fails its check, and RuntimeError when no rank succeeded or the workflow
+    failed otherwise.
+    """
+    if not SNAKEFILE.is_file():
+        raise RuntimeError(
+            f"esmshard's workflow is not at {SNAKEFILE}: install esmshard from its repository with "
+            f"'pip install -e .', so that the package stays next to the workflow"
+        )
+    output_dir = Path(output_dir).resolve()
+    gpus = count_visible_gpus()
+    world_size = max(1, gpus) if world_size is None else world_size
+    config = _workflow_config(fasta_files, model_config, world_size, timeout)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    log_path = output_dir / LOG_FILE
+    log_path.parent.mkdir(exist_ok=True)
+    # Locally --resources gpu caps how many ranks run at once; without GPUs the ranks run on
+    # the CPU, and only --cores limits them.
+    gpu_slots = gpus or world_size
+    with open(log_path, "w") as log:
+        returncode, output = _snakemake(output_dir, gpu_slots, INDEX_TARGETS, log, echo)
+        if returncode:
+            reasons = _error_messages(output)
+            if reasons:
+                raise ValueError(f"{'; '.join(reasons)} (snakemake output: {log_path})")
+            raise RuntimeError(f"building the index failed: {_tail(output)} (snakemake output: {log_path})")
+        returncode, output = _snakemake(output_dir, gpu_slots, (), log, echo)
+    if returncode:
+        raise RuntimeError(_failure(output_dir, world_size, output, log_path))
+
+    manifest = json.loads((output_dir / MANIFEST).read_text())
+    merged = output_dir / MERGED
+    _check_merged(merged, output_dir, manifest, config["model"])
+    return merged, sorted(failed["rank"] for failed in manifest["ranks_failed"])
+
+
+def run_esm2_multi_gpu(fasta_files, output_dir, world_size=None):
+    """Embed ``fasta_files`` with ESM-2 650M and every default; returns the merged file's path.
+
+    As run_multi_gpu_inference, but any failed rank raises RuntimeError (naming the ranks and
+    the file of missing IDs; the other ranks' embeddings are in the merged file, and calling
+    again retries only the failed ranks).
+    """
+    merged, failed = run_multi_gpu_inference(fasta_files, output_dir, {"model": DEFAULT_MODEL}, world_size)
+    if failed:
+        manifest = json.loads((Path(output_dir) / MANIFEST).read_text())
+        raise RuntimeError(
+            f"rank(s) {', '.join(map(str, failed))} failed: {manifest['missing']} of {manifest['sequences']} "
+            f"sequences have no embedding (IDs in {Path(output_dir).resolve() / MISSING_IDS}; errors in "
+            f"{Path(output_dir).resolve() / MANIFEST}); the others are in {merged}. Call again to retry "
+            f"only the failed ranks"
+        )
+    return merged
+
+
+def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
+    """The workflow's config for these arguments, checked against the workflow's own schema.
+
+    Paths become absolute, since snakemake runs in the output directory.
+    """
+    if not isinstance(model_config, Mapping) or "model" not in model_config:
+        raise ValueError(
+            "model_config must be a dict with at least 'model' (a released ESM-2 name or a checkpoint path)"
+        )
+    schema = yaml.safe_load(SCHEMA.read_text())
+    options = set(schema["properties"]) - set(ARGUMENT_OPTIONS)
+    unknown = sorted(set(model_config) - set(schema["properties"]))
+    if unknown:
+        raise ValueError(
+            f"model_config: unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"the workflow's options are {', '.join(sorted(options))}"
+        )
+    given_as_arguments = sorted(set(model_config) & set(ARGUMENT_OPTIONS))
+    if given_as_arguments:
+        raise ValueError(
+            f"model_config: {', '.join(map(repr, given_as_arguments))} are set through the argument(s) "
+            f"{', '.join(ARGUMENT_OPTIONS[key] for key in given_as_arguments)}, not in model_config"
+        )
+    if isinstance(fasta_files, (str, os.PathLike)):
+        fasta_files = [fasta_files]
+    model = Path(model_config["model"]).expanduser()
+    config = {
+        "fasta": [os.path.abspath(os.path.expanduser(pattern)) for pattern in fasta_files],
+        **model_config,
+        "model": str(model.resolve()) if model.is_file() else str(model_config["model"]),
+        "world_size": world_size,
+        "timeout": timeout,
+    }
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(config)]
+    if errors:
+        raise ValueError(f"config: {'; '.join(errors)}")
+    return config
+
+
+def _snakemake(output_dir: Path, gpu_slots: int, targets, log, echo: bool) -> tuple[int, str]:
+    """Run snakemake for ``targets`` (none: the whole workflow); its output goes to ``log``
+    (and stderr when ``echo``). Returns (exit code, output)."""
+    command = [
+        sys.executable, "-m", "snakemake",
+        "--snakefile", str(SNAKEFILE),
+        "--directory", str(output_dir),
+        "--configfile", str(output_dir / CONFIG_FILE),
+        "--cores", "all",
+        "--resources", f"gpu={gpu_slots}",
+        "--keep-going",  # the other ranks finish even when one's job dies
+        "--rerun-incomplete",  # after an interrupted call, redo what it left half-done
+        *targets,
+    ]
+    log.write(f"$ {shlex.join(command)}\n")
+    log.flush()
+    lines = []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        for line in process.stdout:
+            log.write(line)
+            if echo:
+                sys.stderr.write(line)
+            lines.append(line)
+    log.flush()
+    return process.returncode, "".join(lines)
+
+
+def _error_messages(output: str) -> list[str]:
+    """esmshard's own error lines and errors in reading the workflow, in order, once each."""
+    messages = _ESMSHARD_ERROR.findall(output) + _WORKFLOW_ERROR.findall(output)
+    return list(dict.fromkeys(message.strip() for message in messages))
+
+
+def _tail(output: str, lines: int = 15) -> str:
+    return " | ".join(line for line in output.strip().splitlines()[-lines:])
+
+
+def _failure(output_dir: Path, world_size: int, output: str, log_path: Path) -> str:
+    """Why the workflow failed after the index: each rank's recorded error, and what was logged."""
+    problems = []
+    for rank in range(world_size):
+        status_path = output_dir / f"results/status/rank_{rank}.json"
+        if not status_path.exists():  # snakemake removes the status of a job that died
+            problems.append(f"rank {rank}: its job failed without recording a status (logs/embed/rank_{rank}.log)")
+        elif not (status := json.loads(status_path.read_text()))["ok"]:
+            problems.append(f"rank {rank}: {status['error']}")
+    where = f"rank logs in {output_dir / 'logs/embed'}, snakemake output in {log_path}"
+    if len(problems) == world_size:
+        return f"no rank succeeded, so there are no embeddings: {'; '.join(problems)} ({where})"
+    details = problems + [m for m in _error_messages(output) if m not in problems] or [_tail(output)]
+    return f"the esmshard workflow failed: {'; '.join(details)} ({where})"
+
+
+def _check_merged(merged: Path, output_dir: Path, manifest: dict, model: str) -> None:
+    """The merged file holds exactly the index's IDs less the missing ones, in input order,
+    with finite vectors of the model's width; raises ValueError otherwise."""
+    from esmshard.model import embed_dim  # torch: only once the workflow has run
+
+    missing = {seq_id for failed in manifest["ranks_failed"] for seq_id in failed["missing_ids"]}
+    index_ids = SequenceIndex(output_dir / "results/index").ids()
+    expected = [seq_id for seq_id in index_ids if seq_id not in missing]
+    width = embed_dim(model)
+    with h5py.File(merged, "r") as h5:
+        ids = h5["ids"].asstr()[:].tolist()
+        if ids != expected:
+            differ = (i for i, (got, want) in enumerate(zip(ids, expected)) if got != want)
+            row = next(differ, min(len(ids), len(expected)))
+            raise ValueError(
+                f"{merged} fails its check: its IDs are not the index's {len(expected)} IDs less the "
+                f"{len(missing)} missing ones, in input order ({len(ids)} IDs, the first difference at row {row})"
+            )
+        embeddings = h5["embeddings"]
+        if embeddings.shape != (len(expected), width):
+            raise ValueError(
+                f"{merged} fails its check: embeddings of shape {embeddings.shape}, "
+                f"expected {(len(expected), width)}"
+            )
+        for start in range(0, len(expected), _CHECK_ROWS):
+            finite = np.isfinite(embeddings[start : start + _CHECK_ROWS]).all(axis=1)
+            if not finite.all():
+                row = start + int(np.argmin(finite))
+                raise ValueError(
+                    f"{merged} fails its check: the vector of {ids[row]!r} (row {row}) is not finite"
+                )
