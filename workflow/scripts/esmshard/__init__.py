@@ -15,6 +15,7 @@ One module per concern; none of them knows about Snakemake:
 - ``chunks``: finished work inside a rank, kept across crashes
 - ``aggregate``: merging shards into one file and reporting what is missing
 - ``reader``: reading embeddings back by ID, and exporting them
+- ``report``: the figures and configuration table of ``snakemake --report``
 """
 
 import contextlib

@@ -1,0 +1,51 @@
+"""The run report: its figures and configuration table (esmshard.report)."""
+
+from esmshard.report import config_table, rank_outcomes, rank_throughput, sequences_embedded
+
+
+def ok_status(rank, seconds=2.0, rate=1000.0, sequences=10, gpu=None):
+    return {"rank": rank, "ok": True, "attempt": 1, "host": "node1", "gpu": gpu, "sequences": sequences,
+            "residues": int(rate * seconds), "seconds": seconds, "residues_per_second": rate}
+
+
+def failed_status(rank):
+    return {"rank": rank, "ok": False, "attempt": 2, "error": "RuntimeError: CUDA out of memory"}
+
+
+def manifest_for(failed: dict[int, tuple[str, list[str]]], sequences=30, embedded=20) -> dict:
+    return {"complete": not failed, "world_size": 3, "sequences": sequences, "embedded": embedded,
+            "missing": sequences - embedded, "ranks_failed": [
+                {"rank": r, "error": error, "missing_ids": ids} for r, (error, ids) in failed.items()]}
+
+
+def figure_texts(figure) -> list[str]:
+    return [t.get_text() for t in figure.texts] + [t.get_text() for axes in figure.axes for t in axes.texts]
+
+
+def test_a_failed_rank_is_drawn_as_failed_with_its_error():
+    missing = [f"s{i}" for i in range(10)]
+    statuses = [ok_status(0, gpu="0"), failed_status(1), ok_status(2, gpu="1")]
+    outcomes = rank_outcomes(statuses, manifest_for({1: ("RuntimeError: CUDA out of memory", missing)}))
+    assert [(o.rank, o.ok, o.device, o.embedded, o.missing) for o in outcomes] == [
+        (0, True, "GPU 0", 10, 0), (1, False, "", 0, 10), (2, True, "GPU 1", 10, 0)]
+    assert outcomes[1].seconds is None and outcomes[1].residues_per_second is None
+
+    texts = figure_texts(rank_throughput(outcomes))
+    assert texts.count("failed") == 2  # in both panels, at rank 1
+    assert "rank 1 failed: RuntimeError: CUDA out of memory" in texts
+    assert "20 of 30 sequences embedded; 10 missing" in sequences_embedded(outcomes, manifest_for(
+        {1: ("x", missing)})).axes[0].get_title()
+
+
+def test_a_shard_the_aggregation_rejected_counts_as_failed_although_its_status_says_ok():
+    manifest = manifest_for({0: ("shard results/shards/shard_0.h5 is unreadable", ["a", "b"])})
+    (outcome,) = rank_outcomes([ok_status(0)], manifest)
+    assert not outcome.ok and outcome.error.startswith("shard") and outcome.missing == 2
+    assert outcome.seconds is None
+
+
+def test_config_table_shows_every_value_escaped_and_the_resolved_world_size():
+    page = config_table({"model": "<m>.pt", "world_size": None, "fasta": ["a.fa"], "timeout": None}, 4)
+    assert "<th>model</th><td>&lt;m&gt;.pt</td>" in page
+    assert "<th>world_size</th><td>null (one rank per visible GPU: 4)</td>" in page
+    assert "<th>fasta</th><td>[&quot;a.fa&quot;]</td>" in page and "<th>timeout</th><td>null</td>" in page
