@@ -1,6 +1,17 @@
-"""The run report: its figures and configuration table (esmshard.report)."""
+"""The run report: its figures and configuration table (esmshard.report), and the real
+`snakemake --report` after a run."""
 
+import pytest
+
+from conftest import random_sequences, run_snakemake, write_fasta
 from esmshard.report import config_table, rank_outcomes, rank_throughput, sequences_embedded
+
+PLOTS = {  # report category -> the PNG shown there
+    "Input": "results/report/sequence_lengths.png",
+    "Ranks": "results/report/rank_throughput.png",
+    "Output": "results/report/sequences_embedded.png",
+}
+PROGRESS_SECONDS = 1  # the rank logs' interval in the workflow run below
 
 
 def ok_status(rank, seconds=2.0, rate=1000.0, sequences=10, gpu=None):
@@ -49,3 +60,25 @@ def test_config_table_shows_every_value_escaped_and_the_resolved_world_size():
     assert "<th>model</th><td>&lt;m&gt;.pt</td>" in page
     assert "<th>world_size</th><td>null (one rank per visible GPU: 4)</td>" in page
     assert "<th>fasta</th><td>[&quot;a.fa&quot;]</td>" in page and "<th>timeout</th><td>null</td>" in page
+
+
+@pytest.fixture(scope="module")
+def report_run(tmp_path_factory, tiny_checkpoint):
+    """Two ranks of which rank 1 fails (no retry), enough work for rank 0 to log progress a few
+    times; then `snakemake --report report.html`."""
+    workdir = tmp_path_factory.mktemp("report")
+    fasta = write_fasta(workdir / "proteins.fasta", random_sequences(4000, seed=5, median=120))
+    config = {"fasta": [str(fasta)], "model": str(tiny_checkpoint), "world_size": 2, "retries": 0,
+              "progress_seconds": PROGRESS_SECONDS}
+    result = run_snakemake(workdir, config, env={"ESMSHARD_FAIL_RANKS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = run_snakemake(workdir, config, "--report", str(workdir / "report.html"))
+    assert report.returncode == 0, report.stderr[-3000:]
+    return workdir
+
+
+def test_a_normal_run_makes_the_report_files(report_run):
+    for path in [*PLOTS.values(), "results/report/config.html"]:
+        assert (report_run / path).stat().st_size > 0, path
+    assert (report_run / "results/report/rank_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "report figures for 2 ranks (failed: 1)" in (report_run / "logs/report_plots.log").read_text()
