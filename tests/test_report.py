@@ -1,5 +1,9 @@
-"""The run report: its figures and configuration table (esmshard.report), and the real
-`snakemake --report` after a run."""
+"""The run report: its figures and configuration table (esmshard.report), the real
+`snakemake --report` after a run, and the rank logs' progress lines (done/total, residues/s,
+ETA) that give the details behind the per-rank figure."""
+
+import re
+from datetime import datetime
 
 import pytest
 
@@ -65,11 +69,12 @@ def test_config_table_shows_every_value_escaped_and_the_resolved_world_size():
 @pytest.fixture(scope="module")
 def report_run(tmp_path_factory, tiny_checkpoint):
     """Two ranks of which rank 1 fails (no retry), enough work for rank 0 to log progress a few
-    times; then `snakemake --report report.html`."""
+    times (small batches, so that a batch ends soon after each interval even on a busy machine;
+    one thread, as two threads on two busy cores ran 10x slower); then `snakemake --report`."""
     workdir = tmp_path_factory.mktemp("report")
     fasta = write_fasta(workdir / "proteins.fasta", random_sequences(4000, seed=5, median=120))
     config = {"fasta": [str(fasta)], "model": str(tiny_checkpoint), "world_size": 2, "retries": 0,
-              "progress_seconds": PROGRESS_SECONDS}
+              "progress_seconds": PROGRESS_SECONDS, "tokens_per_batch": 2048, "threads_per_rank": 1}
     result = run_snakemake(workdir, config, env={"ESMSHARD_FAIL_RANKS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = run_snakemake(workdir, config, "--report", str(workdir / "report.html"))
@@ -82,3 +87,20 @@ def test_a_normal_run_makes_the_report_files(report_run):
         assert (report_run / path).stat().st_size > 0, path
     assert (report_run / "results/report/rank_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "report figures for 2 ranks (failed: 1)" in (report_run / "logs/report_plots.log").read_text()
+
+
+def test_rank_log_shows_progress_with_eta_at_a_steady_interval(report_run):
+    progress = re.compile(r"^(\S+ \S+) INFO rank 0: (\d+)/(\d+) sequences \(([\d.]+)%\), .* (\d+) residues/s, "
+                          r"elapsed \S+, ETA (\d+:\d\d:\d\d)$", re.M)
+    lines = progress.findall((report_run / "logs/embed/rank_0.log").read_text())
+    assert len(lines) >= 3, lines  # at least two lines on the interval, then the final one
+    *on_interval, final = lines
+    assert final[1] == final[2] and final[3] == "100.0" and final[5] == "0:00:00"
+    done = [int(line[1]) for line in lines]
+    assert done == sorted(done) and all(0 < int(line[1]) < int(line[2]) for line in on_interval)
+    # Log times have whole seconds, so lines at least PROGRESS_SECONDS apart never share one, and
+    # lines written right after each interval (at the next batch's end) are mostly 1-2 s apart.
+    # No upper bound on every gap: on a busy machine one batch may take a few seconds.
+    times = [datetime.strptime(line[0], "%Y-%m-%d %H:%M:%S") for line in on_interval]
+    gaps = sorted((later - earlier).total_seconds() for earlier, later in zip(times, times[1:]))
+    assert gaps[0] >= PROGRESS_SECONDS and gaps[len(gaps) // 2] <= PROGRESS_SECONDS + 1, gaps
