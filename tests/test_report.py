@@ -1,9 +1,12 @@
 """The run report: its figures and configuration table (esmshard.report), the real
-`snakemake --report` after a run, and the rank logs' progress lines (done/total, residues/s,
-ETA) that give the details behind the per-rank figure."""
+`snakemake --report` page after a run opened in a headless Chromium, and the rank logs'
+progress lines (done/total, residues/s, ETA) that give the details behind the per-rank figure."""
 
+import os
 import re
+import shutil
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +107,87 @@ def test_rank_log_shows_progress_with_eta_at_a_steady_interval(report_run):
     times = [datetime.strptime(line[0], "%Y-%m-%d %H:%M:%S") for line in on_interval]
     gaps = sorted((later - earlier).total_seconds() for earlier, later in zip(times, times[1:]))
     assert gaps[0] >= PROGRESS_SECONDS and gaps[len(gaps) // 2] <= PROGRESS_SECONDS + 1, gaps
+
+
+def find_browser() -> tuple[str, str]:
+    """Chromium and its driver (Debian's chromium and chromium-driver); CI must have them."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        reason = "needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI: the report's browser test {reason}; .ci/run installs them")
+        pytest.skip(f"the report's browser test {reason}")
+    return chromium, driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, driver_path = find_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "SEVERE"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def open_category(browser, report: Path, category: str):
+    """Load the report and click the category's entry in the menu, as a reader would."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(report.as_uri())
+    menu_entry = (By.XPATH, f"//a[span[text()='{category}']]")  # the description's links have no span
+    WebDriverWait(browser, 30).until(lambda b: b.find_elements(*menu_entry))
+    browser.find_element(*menu_entry).click()
+    view = (By.XPATH, "//tbody//a[@iconname='eye']")  # the result's view button
+    WebDriverWait(browser, 10).until(lambda b: b.find_elements(*view))
+    buttons = browser.find_elements(*view)
+    assert len(buttons) == 1, f"{category}: {len(buttons)} results"
+    buttons[0].click()
+
+
+def test_report_page_shows_the_plots_and_the_config_in_a_real_browser(browser, report_run, tiny_checkpoint):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    report = report_run / "report.html"
+    browser.get(report.as_uri())
+    WebDriverWait(browser, 30).until(lambda b: "esmshard embedded the protein sequences" in b.page_source)
+    assert browser.execute_script("return Object.keys(categories).sort()") == [
+        "Configuration", "Input", "Output", "Ranks"]
+
+    for category, path in PLOTS.items():
+        open_category(browser, report, category)
+        image = WebDriverWait(browser, 10).until(
+            lambda b: b.execute_script(
+                "const img = document.querySelector('img[src^=\"data:image/png\"]');"
+                "return img && img.complete && img.naturalWidth > 0 ? img : null;"
+            )
+        )
+        assert image.get_attribute("src") == browser.execute_script(f"return results['{path}'].data_uri")
+        width, height = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
+        assert width > 400 and height > 250, (category, width, height)
+        assert image.is_displayed()
+    assert "1022" in browser.execute_script(f"return results['{PLOTS['Input']}'].caption")
+    assert "failed" in browser.execute_script(f"return results['{PLOTS['Ranks']}'].caption")
+
+    open_category(browser, report, "Configuration")
+    frame = WebDriverWait(browser, 10).until(
+        lambda b: b.find_elements(By.CSS_SELECTOR, "iframe[src^='data:text/html']"))[0]
+    browser.switch_to.frame(frame)
+    try:
+        rows = {row.find_element(By.TAG_NAME, "th").text: row.find_element(By.TAG_NAME, "td").text
+                for row in WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#config tr"))}
+    finally:
+        browser.switch_to.default_content()
+    assert rows["model"] == str(tiny_checkpoint) and rows["world_size"] == "2" and rows["retries"] == "0"
+    assert rows["progress_seconds"] == str(PROGRESS_SECONDS) and rows["engine"] == "packed"  # a default
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, errors
