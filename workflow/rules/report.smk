@@ -1,3 +1,9 @@
+# Plotting takes about a second: on a cluster it runs where snakemake runs rather than waiting
+# in the queue for a job of its own.
+localrules:
+    report_plots,
+
+
 rule report_plots:
     input:
         index="results/index/sequences.h5",
