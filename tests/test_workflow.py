@@ -112,7 +112,7 @@ def test_failed_rank_gives_partial_result_then_a_rerun_retries_only_it(tmp_path,
     kept = {r: (tmp_path / f"results/shards/shard_{r}.h5").stat() for r in (0, 2)}
     second = run_snakemake(tmp_path, config)
     assert second.returncode == 0, second.stderr
-    assert job_counts(second.stderr) == {"embed": 1, "aggregate": 1, "all": 1}
+    assert job_counts(second.stderr) == {"embed": 1, "aggregate": 1, "report_plots": 1, "all": 1}
     assert "wildcards: rank=1" in second.stderr
     for rank, before in kept.items():
         after = (tmp_path / f"results/shards/shard_{rank}.h5").stat()

@@ -15,6 +15,7 @@ One module per concern; none of them but ``api`` knows about Snakemake:
 - ``chunks``: finished work inside a rank, kept across crashes
 - ``aggregate``: merging shards into one file and reporting what is missing
 - ``reader``: reading embeddings back by ID, and exporting them
+- ``report``: the figures and configuration table of ``snakemake --report``
 - ``api``: running the whole workflow from Python (``run_multi_gpu_inference``,
   ``run_esm2_multi_gpu``, importable from ``esmshard`` itself)
 """

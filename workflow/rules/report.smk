@@ -1,0 +1,46 @@
+# Plotting takes about a second: on a cluster it runs where snakemake runs rather than waiting
+# in the queue for a job of its own.
+localrules:
+    report_plots,
+
+
+rule report_plots:
+    input:
+        index="results/index/sequences.h5",
+        statuses=[status_file(rank) for rank in RANKS],
+        manifest="results/manifest.json",
+    output:
+        lengths=report(
+            "results/report/sequence_lengths.png",
+            caption="../report/sequence_lengths.rst",
+            category="Input",
+            labels={"figure": "sequence lengths"},
+        ),
+        ranks=report(
+            "results/report/rank_throughput.png",
+            caption="../report/rank_throughput.rst",
+            category="Ranks",
+            labels={"figure": "residues/s and wall time per rank"},
+        ),
+        embedded=report(
+            "results/report/sequences_embedded.png",
+            caption="../report/sequences_embedded.rst",
+            category="Output",
+            labels={"figure": "sequences embedded and missing"},
+        ),
+        config=report(
+            "results/report/config.html",
+            caption="../report/config.rst",
+            category="Configuration",
+            labels={"table": "configuration used"},
+        ),
+    log:
+        "logs/report_plots.log",
+    conda:
+        "../../environment.yml"
+    params:
+        # The whole configuration, defaults included: the table must show what the run used,
+        # and a changed value redraws it (the params rerun trigger).
+        config=config,
+    script:
+        "../scripts/report_plots.py"

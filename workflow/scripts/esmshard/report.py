@@ -1,0 +1,219 @@
+"""The figures and the configuration table that ``snakemake --report`` shows for a run.
+
+Everything here reads files the workflow already wrote (the sequence index, the rank status
+files, the manifest) and draws with matplotlib's Agg canvas on ``Figure`` objects, never
+through pyplot, so nothing needs a display and no global plotting state is involved. A rank
+that failed has no timings; it is drawn as failed, never skipped and never an error.
+"""
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from esmshard import atomic_output
+from esmshard.architectures import MAX_RESIDUES
+from esmshard.rank import read_status
+
+OK_COLOR, FAILED_COLOR, MISSING_COLOR = "#2b6cb0", "#c53030", "#e53e3e"
+_DPI = 100
+_MAX_ERRORS_SHOWN = 4  # failed ranks named under the per-rank plot; the manifest has them all
+_LABEL_EVERY_BAR_UP_TO = 32  # ranks; beyond that, per-bar labels would overlap
+
+
+@dataclass
+class RankOutcome:
+    """One rank as the report shows it. Timings are None for a failed rank."""
+
+    rank: int
+    ok: bool
+    device: str  # "GPU 0", "CPU", or "" when the rank failed before saying
+    host: str | None
+    seconds: float | None
+    residues_per_second: float | None
+    embedded: int  # sequences of this rank in embeddings.h5
+    missing: int  # sequences of this rank that are not
+    error: str | None
+
+
+def read_lengths(index_path) -> np.ndarray:
+    """Residue counts of the input sequences, from the index's ``length`` column."""
+    with h5py.File(index_path, "r") as h5:
+        return h5["length"][:]
+
+
+def rank_outcomes(statuses: list[dict], manifest: dict) -> list[RankOutcome]:
+    """Per rank: the status file's timings and where it ran, and the manifest's verdict.
+
+    The manifest has the last word: the aggregation may have rejected the shard of a rank
+    whose status says ok (a damaged shard), and that rank is then failed too.
+    """
+    failed = {entry["rank"]: entry for entry in manifest.get("ranks_failed", [])}
+    outcomes = []
+    for position, status in enumerate(statuses):
+        rank = int(status.get("rank", position))
+        ok = bool(status.get("ok")) and rank not in failed
+        gpu = status.get("gpu")
+        device = f"GPU {gpu}" if gpu else ("CPU" if "gpu" in status else "")
+        failure = failed.get(rank, {})
+        outcomes.append(
+            RankOutcome(
+                rank=rank,
+                ok=ok,
+                device=device,
+                host=status.get("host"),
+                seconds=status.get("seconds") if ok else None,
+                residues_per_second=status.get("residues_per_second") if ok else None,
+                embedded=int(status.get("sequences", 0)) if ok else 0,
+                missing=len(failure.get("missing_ids", [])),
+                error=None if ok else failure.get("error") or status.get("error") or "unknown error",
+            )
+        )
+    return sorted(outcomes, key=lambda outcome: outcome.rank)
+
+
+def length_histogram(lengths: np.ndarray) -> Figure:
+    """Histogram of sequence lengths on a log axis (protein lengths span orders of magnitude),
+    with ESM-2's context marked: longer sequences are embedded from their first residues."""
+    figure, axes = _figure(7, 4)
+    if len(lengths) == 0:
+        axes.text(0.5, 0.5, "no sequences", ha="center", va="center", transform=axes.transAxes)
+        return figure
+    longest = int(lengths.max())
+    bins = np.unique(np.geomspace(1, max(longest, 2) + 1, 60).astype(int))
+    axes.hist(lengths, bins=bins, color=OK_COLOR)
+    axes.set_xscale("log")
+    axes.set_xlabel("sequence length (residues)")
+    axes.set_ylabel("sequences")
+    truncated = int((lengths > MAX_RESIDUES).sum())
+    axes.axvline(MAX_RESIDUES, color=FAILED_COLOR, linestyle="--", linewidth=1)
+    axes.text(
+        MAX_RESIDUES, 0.97, f" {MAX_RESIDUES}: longer ones truncated ({truncated:,})",
+        color=FAILED_COLOR, fontsize=8, va="top", transform=axes.get_xaxis_transform(),
+    )
+    axes.set_title(
+        f"{len(lengths):,} sequences, {int(lengths.sum()):,} residues; "
+        f"median {int(np.median(lengths)):,}, longest {longest:,}",
+        fontsize=10,
+    )
+    return figure
+
+
+def rank_throughput(outcomes: list[RankOutcome]) -> Figure:
+    """Residues/s (top) and wall time (bottom) per rank; a failed rank gets a red band
+    labelled 'failed' in both panels and its error under the plot."""
+    figure = Figure(figsize=(7, 5.5), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    speed, wall = figure.subplots(2, 1, sharex=True)
+    ranks = [outcome.rank for outcome in outcomes]
+    for axes, field, label in (
+        (speed, "residues_per_second", "residues/s"),
+        (wall, "seconds", "wall time (s)"),
+    ):
+        values = [getattr(outcome, field) or 0 for outcome in outcomes]
+        axes.bar(ranks, values, color=[OK_COLOR if o.ok else FAILED_COLOR for o in outcomes])
+        axes.set_ylabel(label)
+        axes.set_ylim(0, max(values + [1]) * 1.15)
+        for outcome in outcomes:
+            if not outcome.ok:
+                axes.axvspan(outcome.rank - 0.4, outcome.rank + 0.4, color=FAILED_COLOR, alpha=0.2)
+                axes.text(outcome.rank, 0.5, "failed", rotation=90, ha="center", va="center",
+                          color=FAILED_COLOR, fontweight="bold", transform=axes.get_xaxis_transform())
+            elif len(outcomes) <= _LABEL_EVERY_BAR_UP_TO:
+                value = getattr(outcome, field)
+                axes.text(outcome.rank, value, _number(value), ha="center", va="bottom", fontsize=7)
+    wall.set_xlabel("rank")
+    wall.set_xticks(ranks)
+    if len(outcomes) <= _LABEL_EVERY_BAR_UP_TO:
+        several_hosts = len({outcome.host for outcome in outcomes if outcome.host}) > 1
+        wall.set_xticklabels(
+            [f"{o.rank}\n{o.device}" + (f"\n{o.host}" if several_hosts and o.host else "") for o in outcomes],
+            fontsize=7,
+        )
+    failed = [outcome for outcome in outcomes if not outcome.ok]
+    speed.set_title(
+        f"{len(outcomes)} ranks: {len(outcomes) - len(failed)} succeeded, {len(failed)} failed", fontsize=10
+    )
+    if failed:
+        lines = [_shorten(f"rank {o.rank} failed: {o.error}", 110) for o in failed[:_MAX_ERRORS_SHOWN]]
+        if len(failed) > _MAX_ERRORS_SHOWN:
+            lines.append(f"... and {len(failed) - _MAX_ERRORS_SHOWN} more (see results/manifest.json)")
+        figure.text(0.01, 0.0, "\n".join(lines), fontsize=7, color=FAILED_COLOR, va="top", ha="left")
+    return figure
+
+
+def sequences_embedded(outcomes: list[RankOutcome], manifest: dict) -> Figure:
+    """Per rank, sequences embedded (blue) and missing (red, the ranks that failed)."""
+    figure, axes = _figure(7, 4)
+    ranks = [outcome.rank for outcome in outcomes]
+    embedded = [outcome.embedded for outcome in outcomes]
+    missing = [outcome.missing for outcome in outcomes]
+    axes.bar(ranks, embedded, color=OK_COLOR, label="embedded")
+    axes.bar(ranks, missing, bottom=embedded, color=MISSING_COLOR, label="missing")
+    axes.set_xlabel("rank")
+    axes.set_ylabel("sequences")
+    axes.set_xticks(ranks if len(ranks) <= _LABEL_EVERY_BAR_UP_TO else ranks[:: max(1, len(ranks) // 16)])
+    axes.legend(loc="upper right", fontsize=8)
+    axes.set_ylim(0, max([e + m for e, m in zip(embedded, missing)] + [1]) * 1.2)
+    total, done, lost = manifest.get("sequences", 0), manifest.get("embedded", 0), manifest.get("missing", 0)
+    status = "complete" if manifest.get("complete") else f"{lost:,} missing (IDs in results/missing_ids.txt)"
+    axes.set_title(f"{done:,} of {total:,} sequences embedded; {status}", fontsize=10)
+    return figure
+
+
+def config_table(config: dict, world_size: int) -> str:
+    """A small HTML page with every configuration value the run used (defaults included)."""
+    rows = []
+    for key in sorted(config):
+        value = config[key]
+        shown = json.dumps(value) if not isinstance(value, str) else value
+        if key == "world_size" and value is None:
+            shown = f"null (one rank per visible GPU: {world_size})"
+        rows.append(f"<tr><th>{html.escape(key)}</th><td>{html.escape(shown)}</td></tr>")
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>esmshard configuration</title>"
+        "<style>body{font-family:sans-serif;margin:1.5em;background:#fff;color:#111}"
+        "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:4px 10px;text-align:left;"
+        "vertical-align:top}th{background:#f2f2f2;font-family:monospace}td{font-family:monospace;"
+        "white-space:pre-wrap}</style></head><body>\n"
+        f"<h2>Configuration used</h2>\n<table id='config'>\n{chr(10).join(rows)}\n</table>\n</body></html>\n"
+    )
+
+
+def write_report_files(index_path, status_paths, manifest_path, config: dict, out: dict) -> list[RankOutcome]:
+    """Write every file of the report: ``out`` maps 'lengths', 'ranks', 'embedded' and
+    'config' to their paths. Returns the rank outcomes (for the log)."""
+    manifest = json.loads(Path(manifest_path).read_text())
+    outcomes = rank_outcomes([read_status(path) for path in status_paths], manifest)
+    save_png(length_histogram(read_lengths(index_path)), out["lengths"])
+    save_png(rank_throughput(outcomes), out["ranks"])
+    save_png(sequences_embedded(outcomes, manifest), out["embedded"])
+    with atomic_output(out["config"]) as tmp:
+        Path(tmp).write_text(config_table(config, manifest.get("world_size", len(outcomes))))
+    return outcomes
+
+
+def save_png(figure: Figure, path) -> None:
+    with atomic_output(path) as tmp:
+        # "tight" grows the image to hold text placed outside the axes (the failed ranks' errors)
+        figure.savefig(tmp, format="png", bbox_inches="tight", pad_inches=0.1)
+
+
+def _figure(width: float, height: float):
+    figure = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(figure)  # the Agg canvas: PNG output without any display or pyplot
+    return figure, figure.subplots()
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,23 @@
+"""Rule report_plots: the figures and configuration table that snakemake --report shows."""
+
+import logging
+
+from esmshard import logs
+from esmshard.report import write_report_files
+
+logs.setup(snakemake.log[0])
+log = logging.getLogger("esmshard.report")
+outcomes = write_report_files(
+    snakemake.input.index,
+    snakemake.input.statuses,
+    snakemake.input.manifest,
+    snakemake.params.config,
+    {name: snakemake.output[name] for name in ("lengths", "ranks", "embedded", "config")},
+)
+failed = [outcome.rank for outcome in outcomes if not outcome.ok]
+log.info(
+    "report figures for %d ranks (%s) written to %s",
+    len(outcomes),
+    f"failed: {', '.join(map(str, failed))}" if failed else "all succeeded",
+    snakemake.output.lengths.rsplit("/", 1)[0],
+)
