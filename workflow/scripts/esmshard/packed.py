@@ -85,8 +85,7 @@ class PackedESM2(nn.Module):
         self.final_norm = _copy(network.emb_layer_norm_after, torch.float32, device)
         inv_freq = network.layers[0].self_attn.rot_emb.inv_freq.to(device, torch.float32, copy=True)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [d / 2]
-        steps = (attention_inputs, attention_output_and_ffn)
-        self.steps = tuple(torch.compile(step, dynamic=True) for step in steps) if compile else steps
+        self.steps = compiled_steps() if compile else (attention_inputs, attention_output_and_ffn)
 
     def forward(self, tokens, positions, cu_seqlens, max_len: int, layer: int):
         """Hidden states [T, D] (float32) after ``layer`` (0: embeddings; num_layers: final, normed).
@@ -104,6 +103,18 @@ class PackedESM2(nn.Module):
         if layer == self.num_layers:
             x = self.final_norm(x)
         return x
+
+
+# torch.compile options for the two steps (None: inductor's defaults).
+COMPILE_OPTIONS = None
+
+
+def compiled_steps(options=None):
+    """The two steps through torch.compile, with a dynamic token count; ``options``: inductor
+    options (default: COMPILE_OPTIONS)."""
+    options = COMPILE_OPTIONS if options is None else options
+    return tuple(torch.compile(step, dynamic=True, options=options)
+                 for step in (attention_inputs, attention_output_and_ffn))
 
 
 def _rotate(x, cos, sin):
