@@ -147,7 +147,7 @@ def main():
     parser.add_argument("--checkpoint", help="load this fair-esm checkpoint with esmshard's loader (times the load)")
     parser.add_argument("--write-checkpoint", help="first write a random checkpoint of --model's shape here")
     parser.add_argument("--eager", action="store_true")
-    parser.add_argument("--options", default="{}", help="torch.compile inductor options, JSON")
+    parser.add_argument("--options", default=json.dumps(packed.COMPILE_OPTIONS), help="torch.compile inductor options, JSON")
     parser.add_argument("--label", default="")
     parser.add_argument("--tokens", type=int, nargs="*", default=[131072])
     parser.add_argument("--reps", type=int, default=5)
@@ -156,12 +156,15 @@ def main():
     parser.add_argument("--gemm-tokens", type=int, default=131072)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
+    parser.add_argument("--rotary-kernel", type=int, choices=[0, 1], default=int(packed.ROTARY_KERNEL))
+    parser.add_argument("--attention", choices=["flash", "cudnn"], default=packed.ATTENTION)
     args = parser.parse_args()
     global DEVICE
     DEVICE = args.device
     options = json.loads(args.options)
+    packed.ATTENTION = args.attention
     label = args.label or ("eager" if args.eager else args.options)
-    base = {"model": args.model, "variant": label}
+    base = {"model": args.model, "variant": label, "rotary_kernel": args.rotary_kernel, "attention": args.attention}
 
     layers, dim, heads = ESM2_MODELS[args.model]
     if args.write_checkpoint:
@@ -188,7 +191,7 @@ def main():
     loaded = time.perf_counter() - started
     engine = PackedEngine(network, alphabet, DEVICE, "bfloat16" if DEVICE == "cuda" else "float32", -1, compile=False)
     if not args.eager:
-        engine.model.steps = packed.compiled_steps(options)
+        engine.model.steps = packed.compiled_steps(options, rotary_kernel=bool(args.rotary_kernel))
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     built = time.perf_counter() - started - loaded
