@@ -113,14 +113,16 @@ class PackedESM2(nn.Module):
 
 
 # torch.compile options for the two steps ({}: inductor's defaults, 12 s to compile 650M cold).
-# TUNED_OPTIONS made 650M's forward 8.5% faster on an H200 (LayerNorm kernels about halved) but
-# took over a minute to compile cold (7 s from a warm inductor cache). Full max-autotune (GEMM
-# autotuning too) kept cuBLAS for every matrix product and took 77 s cold, for the same gain.
+# TUNED_OPTIONS made 650M's forward 8.5% faster on an H200 (LayerNorm kernels about halved), but a
+# cold 650M start with them had not finished load, build and first batch after 63 s (7 s of
+# compile from a warm inductor cache). Full max-autotune (GEMM autotuning too) kept cuBLAS for
+# every matrix product and took 77 s cold, 5 s warm, for about the same gain.
 COMPILE_OPTIONS = {}
 TUNED_OPTIONS = {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}
 # On CUDA with compile: rotary through rotary_kernel.py (Triton) instead of inductor's fused code.
 ROTARY_KERNEL = True
-# Attention kernel on CUDA: "flash" (FlashAttention-2 through varlen_attn) or "cudnn".
+# Attention kernel on CUDA: "flash" (FlashAttention-2 through varlen_attn) or "cudnn" (cuDNN with
+# cumulative sequence lengths: same error, but 32x slower at 650M and 12x at 3B on torch 2.11).
 ATTENTION = "flash"
 
 
