@@ -26,7 +26,9 @@ def rotate_qk(qkv, cos, sin, heads: int):
     return out[0], out[1]
 
 
-@triton.jit
+# T only bounds the mask: not specialising on it (divisibility by 16) keeps one compiled kernel
+# for every batch size, so no batch waits for a second JIT compile.
+@triton.jit(do_not_specialize=["T"])
 def _rotary_kernel(qkv, cos, sin, out, T, qkv_stride, cs_stride, part_stride, D: tl.constexpr, HEAD: tl.constexpr,
                    HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_T: tl.constexpr):
     # out[0] = rotary(q), out[1] = rotary(k), each [T, H, HEAD]; one program: BLOCK_T tokens x one head
