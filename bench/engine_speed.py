@@ -13,6 +13,7 @@ fair-esm's fp32 forward on a length-stratified subset (cosine >= 0.9999, relativ
 """
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
+from esmshard import packed  # noqa: E402
 from esmshard.architectures import ESM2_MODELS, MAX_RESIDUES  # noqa: E402
 from esmshard.engine import PackedEngine  # noqa: E402
 from esmshard.index import SequenceIndex, build_index  # noqa: E402
@@ -89,8 +91,11 @@ def run_model(name: str, args, workdir: Path) -> dict:
     settings = RankSettings(model=name, tokens_per_batch=args.tokens_per_batch, progress_seconds=1e9)
     spec = OutputSpec.resolve([-1], ["mean"], layers)
     engine = PackedEngine(network, alphabet, "cuda", "bfloat16", spec, compile=not args.no_compile)
+    started = time.perf_counter()
     engine.embed([index.residues(i) for i in range(min(64, len(index)))])  # warm-up
     torch.cuda.synchronize()
+    print(f"{name}: the packed engine's first batch (torch.compile) took {time.perf_counter() - started:.1f} s",
+          flush=True)
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     embed_to_shard(workdir / "index", workdir / "index/plan.h5", 0, workdir / "shard.h5", workdir / "work", engine,
@@ -141,7 +146,14 @@ def main():
     parser.add_argument("--baseline-tokens", type=int, default=4096, help="fair-esm padded tokens per batch (extract.py: 4096)")
     parser.add_argument("--check", type=int, default=200, help="sequences compared with fair-esm fp32")
     parser.add_argument("--no-compile", action="store_true", help="run the packed engine eagerly")
+    parser.add_argument("--compile-options", default=None, help="inductor options, JSON (default: packed.COMPILE_OPTIONS)")
+    parser.add_argument("--rotary-kernel", type=int, choices=[0, 1], default=None,
+                        help="compiled CUDA path: rotary through the Triton kernel (default: packed.ROTARY_KERNEL)")
     args = parser.parse_args()
+    if args.compile_options is not None:
+        packed.COMPILE_OPTIONS = json.loads(args.compile_options)
+    if args.rotary_kernel is not None:
+        packed.ROTARY_KERNEL = bool(args.rotary_kernel)
 
     workdir = Path(tempfile.mkdtemp(prefix="esmshard-bench-"))
     synthetic_fasta(workdir / "proteins.fasta", args.n, args.median)
@@ -151,16 +163,24 @@ def main():
     write_plan(workdir / "index/plan.h5", ranks, rank_costs, summary.fingerprint)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.n} synthetic proteins, median length "
           f"{int(np.median(lengths))}, {summary.n_residues} residues; RANDOM weights of the real shapes")
+    print(f"packed engine: compile {not args.no_compile} with options {packed.COMPILE_OPTIONS}, rotary kernel "
+          f"{packed.ROTARY_KERNEL}")
 
-    rows = [run_model(name, args, workdir) for name in args.models]
+    rows = []
+    for name in args.models:
+        rows.append(run_model(name, args, workdir))
+        row = rows[-1]
+        print(f"{name}: packed {row['packed'][0]:,.0f} residues/s, fair-esm fp16 {row['baseline'][0]:,.0f} "
+              f"({row['packed'][0] / row['baseline'][0]:.2f}x); cos min {row['cos_min']:.6f}, "
+              f"rel L2 max {row['rel_l2_max']:.1e}", flush=True)
     print("\n| model | path | residues/s | vs fair-esm fp16 | peak GPU memory | of FLOP limit | numerics vs fp32 |")
     print("|---|---|---:|---:|---:|---:|---|")
     for row in rows:
-        base, packed = row["baseline"], row["packed"]
+        base, ours = row["baseline"], row["packed"]
         print(f"| {row['model']} | fair-esm fp16, {args.baseline_tokens} padded tokens/batch | {base[0]:,.0f} | 1.00x "
               f"| {base[1] / 2**30:.1f} GiB | {100 * base[2]:.0f}% | |")
-        print(f"| {row['model']} | esmshard embed job (packed bf16) | {packed[0]:,.0f} | {packed[0] / base[0]:.2f}x "
-              f"| {packed[1] / 2**30:.1f} GiB | {100 * packed[2]:.0f}% | cos min {row['cos_min']:.6f}, "
+        print(f"| {row['model']} | esmshard embed job (packed bf16) | {ours[0]:,.0f} | {ours[0] / base[0]:.2f}x "
+              f"| {ours[1] / 2**30:.1f} GiB | {100 * ours[2]:.0f}% | cos min {row['cos_min']:.6f}, "
               f"rel L2 max {row['rel_l2_max']:.1e} |")
     for row in rows:
         print(f"{row['model']}: FLOP limit {row['limit_residues']:,.0f} residues/s ({row['params'] / 1e6:.0f}M params)")

@@ -52,9 +52,14 @@ class PackedLayer(nn.Module):
 def attention_inputs(x, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, heads: int):
     """LayerNorm, fused q/k/v projection, rotary on q and k: [T, D] -> 3 x [T, H, d]."""
     T, D = x.shape
-    normed = F.layer_norm(x, (D,), norm_weight, norm_bias, LAYER_NORM_EPS).to(qkv_weight.dtype)
-    q, k, v = F.linear(normed, qkv_weight, qkv_bias).view(T, 3, heads, D // heads).unbind(dim=1)
+    q, k, v = qkv_projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias).view(T, 3, heads, D // heads).unbind(1)
     return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+
+def qkv_projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias):
+    """LayerNorm and the fused q/k/v projection: [T, D] -> [T, 3D] in the compute dtype."""
+    normed = F.layer_norm(x, (x.shape[1],), norm_weight, norm_bias, LAYER_NORM_EPS).to(qkv_weight.dtype)
+    return F.linear(normed, qkv_weight, qkv_bias)
 
 
 def attention_output_and_ffn(x, attended, out_weight, out_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
@@ -85,8 +90,9 @@ class PackedESM2(nn.Module):
         self.final_norm = _copy(network.emb_layer_norm_after, torch.float32, device)
         inv_freq = network.layers[0].self_attn.rot_emb.inv_freq.to(device, torch.float32, copy=True)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [d / 2]
-        steps = (attention_inputs, attention_output_and_ffn)
-        self.steps = tuple(torch.compile(step, dynamic=True) for step in steps) if compile else steps
+        on_cuda = torch.device(device).type == "cuda"
+        self.steps = compiled_steps(rotary_kernel=on_cuda and ROTARY_KERNEL) if compile else (
+            attention_inputs, attention_output_and_ffn)
 
     def hidden_states(self, tokens, positions, cu_seqlens, max_len: int, layers):
         """Yields (layer, hidden states [T, D] float32) for each of ``layers`` (increasing;
@@ -105,6 +111,34 @@ class PackedESM2(nn.Module):
                 x = self.layers[layer - 1](x, cos, sin, cu_seqlens, max_len, self.steps)
             if layer in layers:
                 yield layer, (self.final_norm(x) if layer == self.num_layers else x)
+
+
+# torch.compile options for the two steps ({}: inductor's defaults, 12 s to compile 650M cold).
+# Tuned pointwise kernels or max-autotune made 650M's forward 7-8% faster on an H200 but took
+# over 50 s to compile cold (docs/benchmarks.md); benchmarks can set other options here.
+COMPILE_OPTIONS = {}
+# On CUDA with compile: rotary through rotary_kernel.py (Triton) instead of inductor's fused code.
+ROTARY_KERNEL = True
+
+
+def compiled_steps(rotary_kernel: bool = False):
+    """The two steps through torch.compile (COMPILE_OPTIONS), with a dynamic token count.
+    ``rotary_kernel`` (CUDA only): the first step compiles LayerNorm and projection only, and
+    q and k are rotated by the Triton kernel."""
+    options = COMPILE_OPTIONS
+    ffn = torch.compile(attention_output_and_ffn, dynamic=True, options=options)
+    if not rotary_kernel:
+        return torch.compile(attention_inputs, dynamic=True, options=options), ffn
+    from esmshard.rotary_kernel import rotate_qk  # the same float32 arithmetic as _rotate
+
+    projection = torch.compile(qkv_projection, dynamic=True, options=options)
+
+    def inputs(x, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, heads: int):
+        qkv = projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias)  # [T, 3D]
+        q, k = rotate_qk(qkv, cos, sin, heads)
+        return q, k, qkv.view(len(x), 3, heads, -1)[:, 2]
+
+    return inputs, ffn
 
 
 def _rotate(x, cos, sin):
