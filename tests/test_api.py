@@ -162,7 +162,7 @@ def test_a_complete_run_returns_the_merged_file_as_the_reader_reads_it(complete_
     some = [ids[7], ids[2]]
     assert np.array_equal(load_embeddings(merged, some)[1], vectors[[7, 2]])
     with h5py.File(merged) as h5:
-        assert np.array_equal(h5["embeddings"][:], vectors)
+        assert np.array_equal(h5["mean/layer_2"][:], vectors)
     assert (out / "results/missing_ids.txt").read_text() == ""
 
 
@@ -171,9 +171,9 @@ def test_a_merged_file_that_fails_its_check_is_a_value_error(tmp_path, complete_
     copy = tmp_path / "run"
     shutil.copytree(out, copy)  # keeps times: snakemake sees nothing to do
     with h5py.File(copy / "results/embeddings.h5", "a") as h5:
-        h5["embeddings"][3, 0] = np.nan
+        h5["mean/layer_2"][3, 0] = np.nan
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    with pytest.raises(ValueError, match=r"embeddings.h5 fails its check: the vector of 'seq00003' \(row 3\) is not finite"):
+    with pytest.raises(ValueError, match=r"embeddings.h5 fails its check: mean/layer_2 of 'seq00003' \(row 3\) is not finite"):
         run_multi_gpu_inference(fasta, copy, partial_run["config"])
     assert "Nothing to be done" in (copy / "logs/snakemake.log").read_text()
 

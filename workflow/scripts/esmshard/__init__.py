@@ -14,6 +14,7 @@ One module per concern; none of them but ``api`` knows about Snakemake:
 - ``rank``: one rank's run, from index to shard
 - ``chunks``: finished work inside a rank, kept across crashes
 - ``aggregate``: merging shards into one file and reporting what is missing
+- ``outputs``: which layers and poolings are stored, and windows for long proteins
 - ``reader``: reading embeddings back by ID, and exporting them
 - ``report``: the figures and configuration table of ``snakemake --report``
 - ``api``: running the whole workflow from Python (``run_multi_gpu_inference``,

@@ -26,6 +26,7 @@ import yaml
 
 from esmshard.gpu import count_visible_gpus
 from esmshard.index import SequenceIndex
+from esmshard.outputs import OutputSpec, pooling_of
 
 # The package lives in workflow/scripts/ and finds the workflow from there, which is why it is
 # installed editable (pip install -e .): a copy elsewhere would have no workflow next to it.
@@ -232,16 +233,24 @@ def _check_merged(merged: Path, output_dir: Path, manifest: dict, model: str) ->
                 f"{merged} fails its check: its IDs are not the index's {len(expected)} IDs less the "
                 f"{len(missing)} missing ones, in input order ({len(ids)} IDs, the first difference at row {row})"
             )
-        embeddings = h5["embeddings"]
-        if embeddings.shape != (len(expected), width):
-            raise ValueError(
-                f"{merged} fails its check: embeddings of shape {embeddings.shape}, "
-                f"expected {(len(expected), width)}"
-            )
-        for start in range(0, len(expected), _CHECK_ROWS):
-            finite = np.isfinite(embeddings[start : start + _CHECK_ROWS]).all(axis=1)
-            if not finite.all():
-                row = start + int(np.argmin(finite))
-                raise ValueError(
-                    f"{merged} fails its check: the vector of {ids[row]!r} (row {row}) is not finite"
-                )
+        spec = OutputSpec.from_attrs(h5.attrs)
+        rows = {"pooled": len(expected)}
+        if spec.per_residue:
+            offsets = h5["residue_offsets"][:]
+            embedded = spec.embedded_lengths(h5["lengths"][:])
+            if not np.array_equal(np.diff(offsets), embedded) or offsets[0] != 0:
+                raise ValueError(f"{merged} fails its check: residue_offsets do not match the sequence lengths")
+            rows["per_residue"] = int(offsets[-1])
+        for name in spec.names:
+            dataset = h5[name]
+            shape = (rows.get(pooling_of(name), rows["pooled"]), width)
+            if dataset.shape != shape:
+                raise ValueError(f"{merged} fails its check: {name} has shape {dataset.shape}, expected {shape}")
+            for start in range(0, shape[0], _CHECK_ROWS):
+                finite = np.isfinite(dataset[start : start + _CHECK_ROWS]).all(axis=1)
+                if not finite.all():
+                    row = start + int(np.argmin(finite))
+                    owner = row if pooling_of(name) != "per_residue" else int(np.searchsorted(offsets, row, "right")) - 1
+                    raise ValueError(
+                        f"{merged} fails its check: {name} of {ids[owner]!r} (row {row}) is not finite"
+                    )

@@ -77,9 +77,9 @@ def rank_outcomes(statuses: list[dict], manifest: dict) -> list[RankOutcome]:
     return sorted(outcomes, key=lambda outcome: outcome.rank)
 
 
-def length_histogram(lengths: np.ndarray) -> Figure:
+def length_histogram(lengths: np.ndarray, long_sequences: str = "truncate") -> Figure:
     """Histogram of sequence lengths on a log axis (protein lengths span orders of magnitude),
-    with ESM-2's context marked: longer sequences are embedded from their first residues."""
+    with ESM-2's context marked: longer sequences are truncated or embedded in windows."""
     figure, axes = _figure(7, 4)
     if len(lengths) == 0:
         axes.text(0.5, 0.5, "no sequences", ha="center", va="center", transform=axes.transAxes)
@@ -90,10 +90,11 @@ def length_histogram(lengths: np.ndarray) -> Figure:
     axes.set_xscale("log")
     axes.set_xlabel("sequence length (residues)")
     axes.set_ylabel("sequences")
-    truncated = int((lengths > MAX_RESIDUES).sum())
+    longer = int((lengths > MAX_RESIDUES).sum())
+    treatment = "truncated" if long_sequences == "truncate" else "embedded in windows"
     axes.axvline(MAX_RESIDUES, color=FAILED_COLOR, linestyle="--", linewidth=1)
     axes.text(
-        MAX_RESIDUES, 0.97, f" {MAX_RESIDUES}: longer ones truncated ({truncated:,})",
+        MAX_RESIDUES, 0.97, f" {MAX_RESIDUES}: longer ones {treatment} ({longer:,})",
         color=FAILED_COLOR, fontsize=8, va="top", transform=axes.get_xaxis_transform(),
     )
     axes.set_title(
@@ -190,7 +191,7 @@ def write_report_files(index_path, status_paths, manifest_path, config: dict, ou
     'config' to their paths. Returns the rank outcomes (for the log)."""
     manifest = json.loads(Path(manifest_path).read_text())
     outcomes = rank_outcomes([read_status(path) for path in status_paths], manifest)
-    save_png(length_histogram(read_lengths(index_path)), out["lengths"])
+    save_png(length_histogram(read_lengths(index_path), config["long_sequences"]), out["lengths"])
     save_png(rank_throughput(outcomes), out["ranks"])
     save_png(sequences_embedded(outcomes, manifest), out["embedded"])
     with atomic_output(out["config"]) as tmp:
