@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from esmshard.outputs import window_counts
 from esmshard.plan import balance, imbalance, sequence_costs
 
 
@@ -21,6 +22,15 @@ def test_cost_grows_faster_than_length_and_caps_at_1022():
     costs = sequence_costs(np.array([100, 1000, 1022, 5000]), embed_dim=320)
     assert costs[1] / costs[0] > 10
     assert costs[2] == costs[3]
+
+
+def test_a_windowed_protein_costs_all_its_windows():
+    lengths = np.array([300, 2500])
+    windows = window_counts(lengths, "window", 512)
+    assert windows.tolist() == [1, 4]
+    costs = sequence_costs(lengths, 1280, windows)
+    assert costs[1] == 4 * sequence_costs(np.array([1022]), 1280)[0]
+    assert costs[0] == sequence_costs(lengths, 1280)[0]
 
 
 def test_single_rank_takes_everything():

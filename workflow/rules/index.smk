@@ -11,6 +11,8 @@ rule index:
         fasta=config["fasta"],
         invalid_residues=config["invalid_residues"],
         model=config["model"],
+        long_sequences=config["long_sequences"],
+        window_overlap=config["window_overlap"],
         world_size=WORLD_SIZE,
     script:
         "../scripts/index.py"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from esmshard import EsmShardError, logs
 from esmshard.index import SequenceIndex, build_index, expand_fasta_paths
+from esmshard.outputs import window_counts
 from esmshard.plan import balance, embed_dim_for, imbalance, sequence_costs, write_plan
 
 logs.setup(snakemake.log[0])
@@ -25,7 +26,9 @@ if summary.replaced_residues:
         summary.replaced_residues,
     )
 
-costs = sequence_costs(SequenceIndex(index_dir).lengths, embed_dim_for(snakemake.params.model))
+lengths = SequenceIndex(index_dir).lengths
+windows = window_counts(lengths, snakemake.params.long_sequences, snakemake.params.window_overlap)
+costs = sequence_costs(lengths, embed_dim_for(snakemake.params.model), windows)
 ranks, rank_costs = balance(costs, snakemake.params.world_size)
 write_plan(snakemake.output.plan, ranks, rank_costs, summary.fingerprint)
 for rank, cost in enumerate(rank_costs):

@@ -96,9 +96,7 @@ class OutputSpec:
 
     def window_counts(self, lengths) -> np.ndarray:
         """[n] pieces each sequence is embedded as (1 unless it is windowed)."""
-        lengths = np.asarray(lengths, np.int64)
-        step = MAX_RESIDUES - self.window_overlap
-        return np.where(self.windowed(lengths), 1 + -(-(lengths - MAX_RESIDUES) // step), 1)
+        return window_counts(lengths, self.long_sequences, self.window_overlap)
 
     def windows(self, length: int) -> list[tuple[int, int]]:
         """(start, end) of the pieces embedded for a sequence of ``length`` residues: the
@@ -115,6 +113,14 @@ class OutputSpec:
         lengths = np.asarray(lengths, np.int64)
         return np.where(self.windowed(lengths), self.window_counts(lengths) * (MAX_RESIDUES + 2),
                         np.minimum(lengths, MAX_RESIDUES) + 2)
+
+
+def window_counts(lengths, long_sequences: str, window_overlap: int) -> np.ndarray:
+    """[n] windows of MAX_RESIDUES each sequence is embedded as (1 when not windowed)."""
+    lengths = np.asarray(lengths, np.int64)
+    windowed = (lengths > MAX_RESIDUES) & (long_sequences == "window")
+    step = MAX_RESIDUES - window_overlap
+    return np.where(windowed, 1 + -(-(lengths - MAX_RESIDUES) // step), 1)
 
 
 def dataset_name(pooling: str, layer: int) -> str:

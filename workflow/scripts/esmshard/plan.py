@@ -18,9 +18,12 @@ PLAN_FILE = "plan.h5"
 DEFAULT_EMBED_DIM = 1280  # ESM-2 650M, for checkpoints given as a path
 
 
-def sequence_costs(lengths: np.ndarray, embed_dim: int) -> np.ndarray:
+def sequence_costs(lengths: np.ndarray, embed_dim: int, window_counts=None) -> np.ndarray:
+    """Predicted cost of each sequence; a protein embedded in ``window_counts`` windows (of
+    MAX_RESIDUES each) costs that many full-length pieces."""
     tokens = np.minimum(lengths, MAX_RESIDUES).astype(np.float64) + 2  # BOS and EOS
-    return tokens + tokens**2 / (6 * embed_dim)
+    pieces = 1 if window_counts is None else np.asarray(window_counts)
+    return pieces * (tokens + tokens**2 / (6 * embed_dim))
 
 
 def embed_dim_for(model: str) -> int:
