@@ -97,7 +97,8 @@ def main():
     (workdir / "config.yaml").write_text(json.dumps(config))
     started = time.monotonic()
     command = ["snakemake", "--snakefile", str(REPO / "workflow/Snakefile"), "--directory", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), "--cores", "4", "--resources", "gpu=1"]
+               "--configfile", str(workdir / "config.yaml"), "--cores", "4", "--resources", "gpu=1",
+               "results/embeddings.h5"]
     subprocess.run(command, check=True)
     wall = time.monotonic() - started
 
