@@ -96,9 +96,8 @@ def main():
     }
     (workdir / "config.yaml").write_text(json.dumps(config))
     started = time.monotonic()
-    command = ["snakemake", "--snakefile", str(REPO / "workflow/Snakefile"), "--directory", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), "--cores", "4", "--resources", "gpu=1",
-               "results/embeddings.h5"]
+    command = ["snakemake", "results/embeddings.h5", "--snakefile", str(REPO / "workflow/Snakefile"), "--directory", str(workdir),
+               "--configfile", str(workdir / "config.yaml"), "--cores", "4", "--resources", "gpu=1"]
     subprocess.run(command, check=True)
     wall = time.monotonic() - started
 
