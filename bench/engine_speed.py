@@ -13,7 +13,6 @@ fair-esm's fp32 forward on a length-stratified subset (cosine >= 0.9999, relativ
 """
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -90,7 +89,7 @@ def run_model(name: str, args, workdir: Path) -> dict:
     # (b) first, while the fp32 network is the only copy on the GPU besides the packed one
     settings = RankSettings(model=name, tokens_per_batch=args.tokens_per_batch, progress_seconds=1e9)
     spec = OutputSpec.resolve([-1], ["mean"], layers)
-    engine = PackedEngine(network, alphabet, "cuda", "bfloat16", spec, compile=not args.no_compile)
+    engine = PackedEngine(network, alphabet, "cuda", "bfloat16", spec, compile=args.compile)
     started = time.perf_counter()
     engine.embed([index.residues(i) for i in range(min(64, len(index)))])  # warm-up
     torch.cuda.synchronize()
@@ -145,13 +144,11 @@ def main():
     parser.add_argument("--tokens-per-batch", type=int, default=None, help="packed engine; default: from free memory")
     parser.add_argument("--baseline-tokens", type=int, default=4096, help="fair-esm padded tokens per batch (extract.py: 4096)")
     parser.add_argument("--check", type=int, default=200, help="sequences compared with fair-esm fp32")
-    parser.add_argument("--no-compile", action="store_true", help="run the packed engine eagerly")
-    parser.add_argument("--compile-options", default=None, help="inductor options, JSON (default: packed.COMPILE_OPTIONS)")
+    parser.add_argument("--compile", default=True, type=lambda v: {"true": True, "false": False}.get(v, v),
+                        choices=[True, False, "tuned"], help="the config's compile: true (default), false, tuned")
     parser.add_argument("--rotary-kernel", type=int, choices=[0, 1], default=None,
                         help="compiled CUDA path: rotary through the Triton kernel (default: packed.ROTARY_KERNEL)")
     args = parser.parse_args()
-    if args.compile_options is not None:
-        packed.COMPILE_OPTIONS = json.loads(args.compile_options)
     if args.rotary_kernel is not None:
         packed.ROTARY_KERNEL = bool(args.rotary_kernel)
 
@@ -163,7 +160,7 @@ def main():
     write_plan(workdir / "index/plan.h5", ranks, rank_costs, summary.fingerprint)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.n} synthetic proteins, median length "
           f"{int(np.median(lengths))}, {summary.n_residues} residues; RANDOM weights of the real shapes")
-    print(f"packed engine: compile {not args.no_compile} with options {packed.COMPILE_OPTIONS}, rotary kernel "
+    print(f"packed engine: compile {args.compile} ({packed.COMPILE_OPTIONS.get(args.compile)}), rotary kernel "
           f"{packed.ROTARY_KERNEL}")
 
     rows = []

@@ -158,7 +158,7 @@ class ReferenceEngine:
 
 
 class PackedEngine:
-    def __init__(self, network, alphabet, device: str, precision: str, spec: OutputSpec, compile: bool = False):
+    def __init__(self, network, alphabet, device: str, precision: str, spec: OutputSpec, compile: bool | str = False):
         self.device = torch.device(device)
         self.spec = spec
         self.model = PackedESM2(network, PRECISIONS[precision], self.device, compile).eval()

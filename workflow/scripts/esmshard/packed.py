@@ -72,7 +72,7 @@ def attention_output_and_ffn(x, attended, out_weight, out_bias, norm_weight, nor
 
 
 class PackedESM2(nn.Module):
-    def __init__(self, network, dtype: torch.dtype = torch.bfloat16, device="cpu", compile: bool = False):
+    def __init__(self, network, dtype: torch.dtype = torch.bfloat16, device="cpu", compile: bool | str = False):
         """Built on ``device`` from a loaded fair-esm ESM2 (float32 weights), sharing nothing with it.
 
         ``compile`` fuses the pointwise work around the matrix products with torch.compile;
@@ -91,7 +91,7 @@ class PackedESM2(nn.Module):
         inv_freq = network.layers[0].self_attn.rot_emb.inv_freq.to(device, torch.float32, copy=True)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [d / 2]
         on_cuda = torch.device(device).type == "cuda"
-        self.steps = compiled_steps(rotary_kernel=on_cuda and ROTARY_KERNEL) if compile else (
+        self.steps = compiled_steps(COMPILE_OPTIONS[compile], on_cuda and ROTARY_KERNEL) if compile else (
             attention_inputs, attention_output_and_ffn)
 
     def hidden_states(self, tokens, positions, cu_seqlens, max_len: int, layers):
@@ -113,19 +113,19 @@ class PackedESM2(nn.Module):
                 yield layer, (self.final_norm(x) if layer == self.num_layers else x)
 
 
-# torch.compile options for the two steps ({}: inductor's defaults, 12 s to compile 650M cold).
-# Tuned pointwise kernels or max-autotune made 650M's forward 7-8% faster on an H200 but took
-# over 50 s to compile cold (docs/benchmarks.md); benchmarks can set other options here.
-COMPILE_OPTIONS = {}
+# torch.compile options for the two steps, by the config's `compile` value. true: inductor's
+# defaults (about 12 s to compile 650M cold). "tuned": the pointwise and reduction kernels are
+# autotuned too: 7-8% faster forward on an H200, about a minute more to compile cold (inductor's
+# cache makes later starts on the same machine quick); worth it for ranks that run for hours.
+COMPILE_OPTIONS = {True: {}, "tuned": {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}}
 # On CUDA with compile: rotary through rotary_kernel.py (Triton) instead of inductor's fused code.
 ROTARY_KERNEL = True
 
 
-def compiled_steps(rotary_kernel: bool = False):
-    """The two steps through torch.compile (COMPILE_OPTIONS), with a dynamic token count.
+def compiled_steps(options: dict, rotary_kernel: bool = False):
+    """The two steps through torch.compile with inductor ``options``, with a dynamic token count.
     ``rotary_kernel`` (CUDA only): the first step compiles LayerNorm and projection only, and
     q and k are rotated by the Triton kernel."""
-    options = COMPILE_OPTIONS
     ffn = torch.compile(attention_output_and_ffn, dynamic=True, options=options)
     if not rotary_kernel:
         return torch.compile(attention_inputs, dynamic=True, options=options), ffn

@@ -46,7 +46,7 @@ class RankSettings:
     dtype: str = "float32"
     tokens_per_batch: int | None = None  # None: from free GPU memory (packed) or 4096 (reference)
     engine: str = "packed"
-    compile: bool = True  # torch.compile the packed engine's layers (GPU only)
+    compile: bool | str = True  # torch.compile the packed engine's layers (GPU only); "tuned": autotuned too
     progress_seconds: float = 30.0
     chunk_sequences: int = 10000  # finished work goes to disk every this many sequences ...
     chunk_seconds: float = 300.0  # ... or this many seconds, whichever comes first
@@ -62,7 +62,7 @@ def make_engine(network, alphabet, device: str, settings: RankSettings):
     if precision == "auto":
         precision = "float32" if device == "cpu" else ("bfloat16" if settings.engine == "packed" else "float16")
     if settings.engine == "packed":
-        compile = settings.compile and device == "cuda"
+        compile = settings.compile if device == "cuda" else False
         return PackedEngine(network, alphabet, device, precision, spec, compile), precision
     return ReferenceEngine(network, alphabet, device, precision, spec), precision
 
