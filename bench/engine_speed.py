@@ -144,8 +144,8 @@ def main():
     parser.add_argument("--tokens-per-batch", type=int, default=None, help="packed engine; default: from free memory")
     parser.add_argument("--baseline-tokens", type=int, default=4096, help="fair-esm padded tokens per batch (extract.py: 4096)")
     parser.add_argument("--check", type=int, default=200, help="sequences compared with fair-esm fp32")
-    parser.add_argument("--compile", default=True, type=lambda v: {"true": True, "false": False}.get(v, v),
-                        choices=[True, False, "tuned"], help="the config's compile: true (default), false, tuned")
+    parser.add_argument("--compile", default="tuned", type=lambda v: {"true": True, "false": False}.get(v, v),
+                        choices=["tuned", True, False], help="the config's compile: tuned (default), true, false")
     parser.add_argument("--rotary-kernel", type=int, choices=[0, 1], default=None,
                         help="compiled CUDA path: rotary through the Triton kernel (default: packed.ROTARY_KERNEL)")
     args = parser.parse_args()

@@ -114,9 +114,9 @@ class PackedESM2(nn.Module):
 
 
 # torch.compile options for the two steps, by the config's `compile` value. true: inductor's
-# defaults (about 12 s to compile 650M cold). "tuned": the pointwise and reduction kernels are
-# autotuned too: 7-8% faster forward on an H200, about a minute more to compile cold (inductor's
-# cache makes later starts on the same machine quick); worth it for ranks that run for hours.
+# defaults (about 8-12 s to compile 650M). "tuned" (the default): the pointwise and reduction
+# kernels are autotuned too: 650M end to end 288k -> 317k residues/s on an H200, 3B 88k -> 93k,
+# for 20-26 s of compiling on a fresh machine (docs/benchmarks.md).
 COMPILE_OPTIONS = {True: {}, "tuned": {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}}
 # On CUDA with compile: rotary through rotary_kernel.py (Triton) instead of inductor's fused code.
 ROTARY_KERNEL = True

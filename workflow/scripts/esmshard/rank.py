@@ -46,7 +46,7 @@ class RankSettings:
     dtype: str = "float32"
     tokens_per_batch: int | None = None  # None: from free GPU memory (packed) or 4096 (reference)
     engine: str = "packed"
-    compile: bool | str = True  # torch.compile the packed engine's layers (GPU only); "tuned": autotuned too
+    compile: bool | str = "tuned"  # torch.compile the packed engine's layers (GPU only); "tuned": autotuned too
     progress_seconds: float = 30.0
     chunk_sequences: int = 10000  # finished work goes to disk every this many sequences ...
     chunk_seconds: float = 300.0  # ... or this many seconds, whichever comes first
