@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from esmshard.fasta import ESM_RESIDUES
-from esmshard.outputs import OutputSpec, pooling_of
+from esmshard.outputs import OutputSpec, pooling_of, residue_offsets
 from esmshard.packed import PackedESM2
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class Tokenizer:
 
         residue_piece = token_piece[residue_tokens]
         residue_seq = piece_seq[residue_piece]
-        row_start = np.concatenate([[0], np.cumsum(embedded)])[:-1]  # [B]
+        row_start = residue_offsets(embedded)[:-1]  # [B]
         residue_rows = row_start[residue_seq] + piece_start[residue_piece] + positions[residue_tokens] - 1
         coverage = np.bincount(residue_rows, minlength=int(embedded.sum()))  # windows over each row
         residue_weight = 1.0 / coverage[residue_rows]
@@ -139,7 +139,7 @@ class ReferenceEngine:
 
     def embed_batches(self, batches, read):
         for batch in batches:
-            yield batch, {name: t.cpu().numpy() for name, t in self.outputs(self.tokenizer.pack(read(batch))).items()}
+            yield batch, self.embed(read(batch))
 
     def embed(self, residues: list[np.ndarray]) -> dict[str, np.ndarray]:
         return {name: t.cpu().numpy() for name, t in self.outputs(self.tokenizer.pack(residues)).items()}

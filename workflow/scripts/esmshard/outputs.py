@@ -81,10 +81,6 @@ class OutputSpec:
         return cls(tuple(int(x) for x in attrs["layers"]), tuple(str(p) for p in attrs["pooling"]),
                    int(attrs["num_layers"]), str(attrs["long_sequences"]), int(attrs["window_overlap"]))
 
-    def windowed(self, lengths) -> np.ndarray:
-        """[n] bool: sequences cut into windows."""
-        return (np.asarray(lengths) > MAX_RESIDUES) & (self.long_sequences == "window")
-
     def truncated(self, lengths) -> np.ndarray:
         """[n] bool: sequences of which only the first MAX_RESIDUES residues are embedded."""
         return (np.asarray(lengths) > MAX_RESIDUES) & (self.long_sequences == "truncate")
@@ -109,10 +105,9 @@ class OutputSpec:
         return [(int(s), int(s) + MAX_RESIDUES) for s in starts]
 
     def tokens(self, lengths) -> np.ndarray:
-        """[n] tokens each sequence puts through the model (every piece with BOS and EOS)."""
-        lengths = np.asarray(lengths, np.int64)
-        return np.where(self.windowed(lengths), self.window_counts(lengths) * (MAX_RESIDUES + 2),
-                        np.minimum(lengths, MAX_RESIDUES) + 2)
+        """[n] tokens each sequence puts through the model: every piece with BOS and EOS (the
+        windows of a windowed sequence are all MAX_RESIDUES long)."""
+        return self.window_counts(lengths) * (np.minimum(lengths, MAX_RESIDUES) + 2)
 
 
 def window_counts(lengths, long_sequences: str, window_overlap: int) -> np.ndarray:
