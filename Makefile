@@ -15,8 +15,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash demo/run.sh
 
+# One worker per core, whole files per worker (their module fixtures are shared runs); the
+# SLURM and SIGKILL tests mostly wait, so they overlap with the rest.
 test: setup
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n auto --dist loadfile
 
 lint: setup
 	$(VENV)/bin/snakefmt --check workflow
