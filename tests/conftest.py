@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
+from esmshard.index import SequenceIndex
 from esmshard.model import write_random_checkpoint
+from esmshard.plan import read_plan
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
@@ -79,3 +81,9 @@ def read_embeddings(path: Path, name: str | None = None) -> tuple[list[str], np.
             (layer,) = h5.attrs["layers"]
             name = f"mean/layer_{layer}"
         return list(h5["ids"].asstr()[:]), h5[name][:], dict(h5.attrs)
+
+
+def planned_ids(workdir: Path, rank: int) -> list[str]:
+    """Every ID whose sequence rank ``rank`` embeds (its shard holds the first ID of identical ones)."""
+    plan = read_plan(workdir / "results/plan.h5")
+    return list(SequenceIndex(workdir / "results/index").ids()[plan.rank[plan.source] == rank])

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import random_sequences, write_fasta
 from esmshard import EsmShardError
-from esmshard.index import INDEX_FILE, RESIDUES_FILE, SequenceIndex, build_index, expand_fasta_paths
+from esmshard.fasta import expand_fasta_paths
+from esmshard.index import INDEX_FILE, RESIDUES_FILE, SequenceIndex, build_index
 
 
 def test_index_holds_every_sequence_in_input_order(tmp_path):

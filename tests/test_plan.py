@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from esmshard.outputs import window_counts
-from esmshard.plan import balance, imbalance, sequence_costs
+from esmshard.index import DIGEST
+from esmshard.plan import balance, distinct, imbalance, sequence_costs
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4, 8])
@@ -36,3 +37,10 @@ def test_a_windowed_protein_costs_all_its_windows():
 def test_single_rank_takes_everything():
     ranks, rank_costs = balance(sequence_costs(np.array([5, 50, 500]), 320), 1)
     assert ranks.tolist() == [0, 0, 0] and imbalance(rank_costs) == 1.0
+
+
+def test_identical_sequences_are_planned_once_at_their_first_occurrence():
+    digests = np.frombuffer(b"".join(bytes([k]) * 16 for k in [3, 1, 3, 2, 1, 3]), dtype=DIGEST)
+    first, source = distinct(digests)
+    assert first.tolist() == [0, 1, 3]  # input order of first occurrences
+    assert source.tolist() == [0, 1, 0, 2, 1, 0]  # every position knows its distinct sequence

@@ -15,6 +15,7 @@ BIN = Path(sys.executable).parent
 
 
 def test_snakemake_lint_is_clean(tmp_path):
+    shutil.copytree(REPO / "demo", tmp_path / "demo")  # the default config's input, read while parsing
     result = subprocess.run(
         [BIN / "snakemake", "--snakefile", SNAKEFILE, "--directory", tmp_path, "--configfile",
          REPO / "config/config.yaml", "--lint"],

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import (
+    planned_ids,
     assert_same_embeddings,
     completed_run,
     random_sequences,
@@ -46,10 +47,6 @@ def job_counts(output: str) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
 
 
-def planned_ids(workdir, rank):
-    with h5py.File(workdir / "results/index/plan.h5") as plan, h5py.File(workdir / "results/index/sequences.h5") as index:
-        return list(index["id"].asstr()[:][plan["rank"][:] == rank])
-
 
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory, fasta, tiny_checkpoint):
@@ -80,8 +77,7 @@ def test_each_rank_writes_its_planned_share_with_progress(clean_run):
             assert shard.attrs["rank"] == rank and shard.attrs["world_size"] == 3
         log = (clean_run / f"logs/embed/rank_{rank}.log").read_text()
         assert re.search(r"sequences \(100.0%\), .* residues/s, elapsed .*, ETA 0:00:00", log)
-    index_log = (clean_run / "logs/index.log").read_text()
-    assert "rank cost max/mean" in index_log
+    assert "rank cost max/mean" in (clean_run / "logs/plan.log").read_text()
 
 
 def test_one_rank_equals_three_ranks(tmp_path, clean_run, fasta, tiny_checkpoint):
@@ -112,7 +108,7 @@ def test_failed_rank_gives_partial_result_then_a_rerun_retries_only_it(tmp_path,
     kept = {r: (tmp_path / f"results/shards/shard_{r}.h5").stat() for r in (0, 2)}
     second = run_snakemake(tmp_path, config)
     assert second.returncode == 0, second.stderr
-    assert job_counts(second.stderr) == {"embed": 1, "aggregate": 1, "report_plots": 1, "all": 1}
+    assert job_counts(second.stderr) == {"retry_rank": 1, "embed": 1, "aggregate": 1, "report_plots": 1, "all": 1}
     assert "wildcards: rank=1" in second.stderr
     for rank, before in kept.items():
         after = (tmp_path / f"results/shards/shard_{rank}.h5").stat()
@@ -168,8 +164,8 @@ def test_bad_input_stops_before_any_model_work(tmp_path, tiny_checkpoint, case):
     result = run_snakemake(tmp_path, config)
     assert result.returncode != 0
     assert re.search(message, result.stderr), result.stderr[-3000:]
-    assert not (tmp_path / "results/shards").exists() and not (tmp_path / "results/status").exists()
-    assert not (tmp_path / "results/embeddings.h5").exists()
+    assert not (tmp_path / "results/shards").exists() and not list(tmp_path.glob("results/status/*.json"))
+    assert not (tmp_path / "results/embeddings.h5").exists() and not (tmp_path / "results/plan.h5").exists()
     assert not list((tmp_path / "results/index").glob("*")) if (tmp_path / "results/index").exists() else True
 
 

@@ -1,10 +1,10 @@
 rule aggregate:
     input:
-        index="results/index/sequences.h5",
-        plan="results/index/plan.h5",
+        index=rules.index.output.index,
+        plan=rules.plan.output.plan,
         # Every rank ends with a status file, failed or not; the script merges the shards
         # of the ranks whose status says they succeeded.
-        statuses=[status_file(rank) for rank in RANKS],
+        statuses=expand(rules.embed.output.status, rank=RANKS),
     output:
         embeddings="results/embeddings.h5",
         manifest="results/manifest.json",
@@ -15,6 +15,7 @@ rule aggregate:
         "../../environment.yml"
     params:
         require_complete=config["require_complete"],
-        token_files=[token_file(rank) for rank in RANKS],
+        store=rules.embed.params.store,
+        settings=numeric_settings(),
     script:
         "../scripts/aggregate.py"

@@ -1,14 +1,14 @@
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
-
-from snakemake.logging import logger
-
-from esmshard.architectures import ESM2_MODELS
+# The package (on sys.path since the Snakefile) is imported here only through modules that need
+# the standard library alone: Snakemake parses and lints this workflow without numpy, h5py or torch.
+from esmshard.architectures import ESM2_MODELS, released_checkpoint
+from esmshard.fasta import expand_fasta_paths
 from esmshard.gpu import count_visible_gpus
-from esmshard.rank import read_token
+from esmshard.status import failed, retry_marker
+from snakemake.logging import logger
+from esmshard.stopping import parse_duration
 
 
 def resolve_world_size():
@@ -27,21 +27,18 @@ def resolve_world_size():
     return world_size
 
 
-def check_model(model):
-    if not (model in ESM2_MODELS or Path(model).expanduser().is_file()):
-        raise ValueError(
-            f"config 'model': {model!r} is neither an existing checkpoint file nor a "
-            f"released ESM-2 model ({', '.join(ESM2_MODELS)})"
-        )
-
-
-def warn_without_params_trigger():
-    # A rank that failed on its last attempt is retried through a changed params value.
-    if "PARAMS" not in {trigger.name for trigger in workflow.rerun_triggers}:
-        logger.warning(
-            "esmshard: --rerun-triggers without 'params': ranks that failed will not be "
-            "retried by a plain rerun"
-        )
+def model_file(model):
+    """The checkpoint file, an input of every job that reads it (a path as given, or where
+    download_model puts a released model)."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        return str(path)
+    if model in ESM2_MODELS:
+        return str(released_checkpoint(model))
+    raise ValueError(
+        f"config 'model': {model!r} is neither an existing checkpoint file nor a released ESM-2 "
+        f"model ({', '.join(ESM2_MODELS)})"
+    )
 
 
 WORLD_SIZE = resolve_world_size()
@@ -52,35 +49,48 @@ envvars:
 
 
 RANKS = list(range(WORLD_SIZE))
-check_model(config["model"])
+FASTA_FILES = [str(path) for path in expand_fasta_paths(config["fasta"])]
+MODEL_FILE = model_file(config["model"])
+parse_duration(config["timeout"])  # a bad value stops here, before any job
+# Settings that change the numbers: parameters of the rules whose outputs they change. The
+# others (batch size, compile, progress, segment sizes, timeout, locks) are read from the config
+# by the jobs and rerun nothing.
+NUMERIC_SETTINGS = (
+    "layers",
+    "pooling",
+    "long_sequences",
+    "window_overlap",
+    "precision",
+    "dtype",
+    "engine",
+)
 
 
-def status_file(rank):
-    return f"results/status/rank_{rank}.json"
+def numeric_settings():
+    return {key: config[key] for key in NUMERIC_SETTINGS}
 
 
-def token_file(rank):
-    return f"results/status/rank_{rank}.token"
+def retry_if_failed(wildcards):
+    """A rank whose status records a failure is retried by the next run: it then needs a new
+    file, named after the failure, made by retry_rank."""
+    status = rules.embed.output.status.format(rank=wildcards.rank)
+    if failed(status):
+        warn_without_input_trigger(wildcards.rank)
+    marker = retry_marker(
+        status, rules.retry_rank.output.marker.replace("{rank}", wildcards.rank)
+    )
+    return marker or []
 
 
-def rank_token(wildcards):
-    """Changes when the rank's last attempt failed, which makes the next run retry the rank."""
-    return read_token(token_file(wildcards.rank))
+WARNED = set()
 
 
-def embed_settings():
-    return {
-        "model": config["model"],
-        "layers": config["layers"],
-        "pooling": config["pooling"],
-        "long_sequences": config["long_sequences"],
-        "window_overlap": config["window_overlap"],
-        "precision": config["precision"],
-        "dtype": config["dtype"],
-        "tokens_per_batch": config["tokens_per_batch"],
-        "engine": config["engine"],
-        "compile": config["compile"],
-        "progress_seconds": config["progress_seconds"],
-        "chunk_sequences": config["chunk_sequences"],
-        "chunk_seconds": config["chunk_seconds"],
-    }
+def warn_without_input_trigger(rank):
+    # The retry works through the 'input' rerun trigger (the rank's set of inputs changed);
+    # without it snakemake would say that nothing is to be done.
+    if "INPUT" not in {t.name for t in workflow.rerun_triggers} and rank not in WARNED:
+        WARNED.add(rank)
+        logger.warning(
+            f"esmshard: rank {rank} failed last time, and --rerun-triggers without 'input' "
+            f"keeps snakemake from retrying it: add 'input' to --rerun-triggers"
+        )

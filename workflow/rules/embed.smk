@@ -1,8 +1,28 @@
+localrules:
+    retry_rank,
+
+
+rule retry_rank:
+    output:
+        marker="results/status/rank_{rank}.retry_{failure}",
+    log:
+        "logs/embed/retry_{rank}_{failure}.log",
+    wildcard_constraints:
+        rank=r"\d+",
+        failure=r"\w+",
+    conda:
+        "../../environment.yml"
+    shell:
+        "echo 'rank {wildcards.rank} failed last time: retrying it' > {log}; touch {output.marker}"
+
+
 rule embed:
     input:
-        index="results/index/sequences.h5",
-        residues="results/index/residues.bin",
-        plan="results/index/plan.h5",
+        index=rules.index.output.index,
+        residues=rules.index.output.residues,
+        plan=rules.plan.output.plan,
+        checkpoint=MODEL_FILE,
+        retry=retry_if_failed,
     output:
         # The declared output is the rank's outcome; the shard itself is written next to it
         # only when complete, so that no failure (and no Snakemake clean-up) can delete it.
@@ -20,12 +40,7 @@ rule embed:
         attempt=lambda wildcards, attempt: attempt,
     params:
         shard="results/shards/shard_{rank}.h5",
-        token=rank_token,
-        token_file=lambda wildcards: token_file(wildcards.rank),
-        attempts=config["retries"] + 1,
-        settings=embed_settings(),
-        gpu_lock_dir=config["gpu_lock_dir"],
-        work_dir="results/work",
-        timeout=config["timeout"],
+        store="results/store",
+        settings=numeric_settings(),
     script:
         "../scripts/embed.py"

@@ -6,9 +6,9 @@ localrules:
 
 rule report_plots:
     input:
-        index="results/index/sequences.h5",
-        statuses=[status_file(rank) for rank in RANKS],
-        manifest="results/manifest.json",
+        index=rules.index.output.index,
+        statuses=expand(rules.embed.output.status, rank=RANKS),
+        manifest=rules.aggregate.output.manifest,
     output:
         lengths=report(
             "results/report/sequence_lengths.png",
@@ -41,6 +41,13 @@ rule report_plots:
     params:
         # The whole configuration, defaults included: the table must show what the run used,
         # and a changed value redraws it (the params rerun trigger).
-        config=config,
+        config={
+            "fasta": FASTA_FILES,
+            "model": config["model"],
+            "world_size": WORLD_SIZE,
+            "invalid_residues": config["invalid_residues"],
+            **numeric_settings(),
+            "require_complete": config["require_complete"],
+        },
     script:
         "../scripts/report_plots.py"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from esmshard import EsmShardError, logs
 from esmshard.aggregate import aggregate
+from esmshard.rank import RankSettings
 
 logs.setup(snakemake.log[0])
 log = logging.getLogger("esmshard.aggregate")
@@ -14,7 +15,8 @@ try:
         Path(snakemake.input.index).parent,
         snakemake.input.plan,
         snakemake.input.statuses,
-        snakemake.params.token_files,
+        snakemake.params.store,
+        RankSettings(**snakemake.params.settings),
         snakemake.output.embeddings,
         snakemake.output.manifest,
         snakemake.output.missing,
@@ -23,4 +25,5 @@ try:
 except EsmShardError as error:
     log.error("%s", error)
     sys.exit(1)
-log.info("%d of %d sequences embedded into %s", manifest["embedded"], manifest["sequences"], manifest["output"])
+log.info("%d of %d sequences embedded into %s (%d distinct sequences computed by this run, %d taken from the store)",
+         manifest["embedded"], manifest["sequences"], manifest["output"], manifest["computed"], manifest["reused"])

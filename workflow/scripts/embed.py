@@ -1,60 +1,55 @@
-"""Rule embed: one rank. Leases a GPU before CUDA starts, embeds the rank's sequences into its
-shard (resuming from chunks an earlier attempt left), and records the outcome in the status
-file that the rule declares."""
+"""Rule embed: one rank. Its planned sequences into its shard, through the store (a GPU is
+leased, before CUDA starts, only when there is something to compute); the outcome goes to the
+status file the rule declares. A failure on the last attempt, a stop signal (also while waiting
+for a GPU) and the rank's timeout are recorded as a failed status: the others' results are
+merged, and the next run retries this rank, resuming from the store."""
 
 import logging
 import os
 import socket
 import sys
-from pathlib import Path
 
 from esmshard import logs
-from esmshard.gpu import pin_gpu
-from esmshard.rank import (
-    RankSettings,
-    Stopped,
-    TimedOut,
-    disarm_timeout,
-    handle_stop_signals,
-    parse_duration,
-    record_failure,
-    run_rank,
-    write_status,
-)
+from esmshard.rank import RankSettings, run_rank
+from esmshard.status import record_failure, write_status
+from esmshard.stopping import Stopped, TimedOut, disarm_timeout, handle_stop_signals, parse_duration
 
 logs.setup(snakemake.log[0])
 log = logging.getLogger("esmshard.embed")
+config = snakemake.config
 rank = int(snakemake.wildcards.rank)
-attempt, attempts = int(snakemake.resources.attempt), int(snakemake.params.attempts)
-handle_stop_signals(parse_duration(snakemake.params.timeout))
-
-lease = pin_gpu(snakemake.params.gpu_lock_dir)
-where = {"host": socket.gethostname(), "gpu": lease.gpu, "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
-log.info(
-    "rank %d, attempt %d of %d, device %s, host %s%s", rank, attempt, attempts,
-    f"GPU {lease.gpu}" if lease.gpu else "CPU", where["host"],
-    f", SLURM job {where['slurm_job_id']}" if where["slurm_job_id"] else "",
-)
+attempt, attempts = int(snakemake.resources.attempt), int(config["retries"]) + 1
+where = {"host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+log.info("rank %d, attempt %d of %d, host %s%s", rank, attempt, attempts, where["host"],
+         f", SLURM job {where['slurm_job_id']}" if where["slurm_job_id"] else "")
 try:
-    import torch
-
-    torch.set_num_threads(snakemake.threads)
-    settings = RankSettings(**snakemake.params.settings)
-    index_dir = Path(snakemake.input.index).parent
-    stats = run_rank(index_dir, snakemake.input.plan, rank, snakemake.params.shard, snakemake.params.work_dir, settings)
+    handle_stop_signals(parse_duration(config["timeout"]))
+    settings = RankSettings(
+        **snakemake.params.settings,
+        tokens_per_batch=config["tokens_per_batch"],
+        compile=config["compile"],
+        progress_seconds=config["progress_seconds"],
+        segment_sequences=config["chunk_sequences"],
+        segment_seconds=config["chunk_seconds"],
+        gpu_lock_dir=config["gpu_lock_dir"],
+        threads=snakemake.threads,
+    )
+    stats = run_rank(os.path.dirname(snakemake.input.index), snakemake.input.plan, rank, snakemake.params.shard,
+                     snakemake.params.store, settings)
     disarm_timeout()
-except Stopped as stop:
-    log.error("rank %d %s; finished work is kept in chunks and a rerun resumes from it", rank, stop)
-    sys.exit(128 + stop.signum)
-except TimedOut as error:
-    log.error("rank %d ran past its timeout (%s); finished work is kept in chunks", rank, snakemake.params.timeout)
-    record_failure(snakemake.output.status, snakemake.params.token_file, rank, error, attempt)
+except (Stopped, TimedOut) as stop:
+    disarm_timeout()
+    reason = f"ran past its timeout ({config['timeout']})" if isinstance(stop, TimedOut) else str(stop)
+    log.error("rank %d %s; finished work is kept in the store and a rerun resumes from it", rank, reason)
+    record_failure(snakemake.output.status, rank, stop, attempt, **where)
     sys.exit(0)
 except Exception as error:
+    disarm_timeout()
     if attempt < attempts:
         log.error("rank %d failed on attempt %d of %d: %s; snakemake will retry", rank, attempt, attempts, error)
         raise
     log.exception("rank %d failed on its last attempt (%d); recording the failure", rank, attempt)
-    record_failure(snakemake.output.status, snakemake.params.token_file, rank, error, attempt)
+    record_failure(snakemake.output.status, rank, error, attempt, **where)
     sys.exit(0)
-write_status(snakemake.output.status, rank=rank, ok=True, attempt=attempt, shard=snakemake.params.shard, **where, **stats)
+write_status(snakemake.output.status, rank=rank, ok=True, attempt=attempt, shard=snakemake.params.shard,
+             retried=snakemake.input.get("retry") or None, **where, **stats)

@@ -23,11 +23,7 @@ One module per concern; none of them but ``api`` knows about Snakemake:
 
 import contextlib
 import os
-import signal
 from pathlib import Path
-
-CRASH_ENV = "ESMSHARD_CRASH_AT"  # for tests: the rank kills itself (SIGKILL) at this named point
-
 
 class EsmShardError(Exception):
     """An error the user can fix; the message says what and where, in one line."""
@@ -58,9 +54,3 @@ def __getattr__(name):
 
         return getattr(api, name)
     raise AttributeError(f"module 'esmshard' has no attribute {name!r}")
-
-
-def crash_point(name: str) -> None:
-    """Die here, as a SIGKILL would, when the environment asks for it (crash-safety tests)."""
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)

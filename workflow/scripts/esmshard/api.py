@@ -40,7 +40,7 @@ ARGUMENT_OPTIONS = {"fasta": "fasta_files", "world_size": "world_size", "timeout
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "logs/snakemake.log"
-INDEX_TARGETS = ("results/index/sequences.h5", "results/index/residues.bin", "results/index/plan.h5")
+INDEX_TARGETS = ("results/index/sequences.h5", "results/index/residues.bin", "results/plan.h5")
 MERGED, MANIFEST, MISSING_IDS = "results/embeddings.h5", "results/manifest.json", "results/missing_ids.txt"
 _CHECK_ROWS = 16384  # rows of the merged file checked at a time
 _ESMSHARD_ERROR = re.compile(r"^esmshard: ERROR: (.+)$", re.MULTILINE)

@@ -1,5 +1,7 @@
-"""The released ESM-2 models: names and shapes (no torch needed to read this)."""
+"""The released ESM-2 models: names, shapes and where their checkpoints live (no torch needed)."""
 
+import os
+from pathlib import Path
 from typing import NamedTuple
 
 
@@ -20,3 +22,10 @@ ESM2_MODELS = {
 
 # ESM-2 was trained on at most 1022 residues plus the BOS and EOS tokens.
 MAX_RESIDUES = 1022
+
+
+def released_checkpoint(name: str) -> Path:
+    """Where torch.hub (and so fair-esm) keeps a released model's checkpoint: a model downloaded
+    before, by fair-esm or by esmshard, is found there (torch.hub.get_dir's rule, without torch)."""
+    torch_home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
+    return Path(torch_home).expanduser() / "hub" / "checkpoints" / f"{name}.pt"

@@ -4,6 +4,7 @@ Every record is checked as it streams by, so that bad input stops the run before
 work. Memory holds one record at a time.
 """
 
+import glob
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,3 +114,21 @@ def _finish(path: Path, header, chunks: list[bytes], invalid_residues: str) -> R
         replaced = len(invalid)
         residues = residues.translate(_TO_X)
     return Record(seq_id, residues, offset, number, line_no, replaced)
+
+
+def expand_fasta_paths(patterns) -> list[Path]:
+    """Paths and globs from the config, in the order given, each file once."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    paths: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise EsmShardError(f"fasta: the pattern {pattern!r} matches no file")
+        for match in matches:
+            path = Path(match)
+            if not path.is_file():
+                raise EsmShardError(f"fasta: {path} does not exist or is not a file")
+            if path not in paths:
+                paths.append(path)
+    return paths

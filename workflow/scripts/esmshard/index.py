@@ -1,14 +1,14 @@
 """The sequence index: one row per sequence, plus the cleaned residues in one flat file.
 
 ``sequences.h5`` holds, per sequence, its ID, source file number, byte offset of its header
-in the (decompressed) source and residue count; attributes hold the source paths and a
-fingerprint of the content. ``residues.bin`` holds every sequence's validated residues back
+in the (decompressed) source, residue count and the digest of its residues (which identifies
+its embeddings in the store); attributes hold the source paths and a fingerprint of the content.
+``residues.bin`` holds every sequence's validated residues back
 to back, so that ranks read a sequence with one slice of a memory map (also from gzip input)
 and never parse or validate again. Both stay small and fast at 10 million sequences; the
 build streams, holding one record and fixed-size blocks of rows in memory.
 """
 
-import glob
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,24 +22,8 @@ from esmshard.fasta import read_fasta
 INDEX_FILE = "sequences.h5"
 RESIDUES_FILE = "residues.bin"
 _BLOCK = 65536  # rows buffered before an HDF5 append
-
-
-def expand_fasta_paths(patterns) -> list[Path]:
-    """Paths and globs from the config, in the order given, each file once."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    paths: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise EsmShardError(f"fasta: the pattern {pattern!r} matches no file")
-        for match in matches:
-            path = Path(match)
-            if not path.is_file():
-                raise EsmShardError(f"fasta: {path} does not exist or is not a file")
-            if path not in paths:
-                paths.append(path)
-    return paths
+# A sequence's residues as a 16-byte key: collisions are out of reach (2^-64 at 10^10 sequences).
+DIGEST = np.dtype((np.void, 16))
 
 
 @dataclass
@@ -72,6 +56,8 @@ def _write_index(paths, index_path: Path, residues_path: Path, invalid_residues:
             "file": h5.create_dataset("file", (0,), np.uint32, maxshape=(None,), chunks=(_BLOCK,)),
             "offset": h5.create_dataset("offset", (0,), np.int64, maxshape=(None,), chunks=(_BLOCK,)),
             "length": h5.create_dataset("length", (0,), np.int64, maxshape=(None,), chunks=(_BLOCK,)),
+            "digest": h5.create_dataset("digest", (0, DIGEST.itemsize), np.uint8, maxshape=(None, DIGEST.itemsize),
+                                        chunks=(_BLOCK, DIGEST.itemsize)),
         }
         block = {name: [] for name in columns}
 
@@ -80,8 +66,11 @@ def _write_index(paths, index_path: Path, residues_path: Path, invalid_residues:
             count = len(block["id"])
             id_hashes.append(np.fromiter(map(_id_hash, block["id"]), np.uint64, count))
             for name, dset in columns.items():
-                dset.resize((n_sequences + count,))
-                dset[n_sequences:] = np.asarray(block[name], dtype=object if name == "id" else dset.dtype)
+                dset.resize(n_sequences + count, axis=0)
+                if name == "digest":
+                    dset[n_sequences:] = np.frombuffer(b"".join(block[name]), np.uint8).reshape(count, -1)
+                else:
+                    dset[n_sequences:] = np.asarray(block[name], dtype=object if name == "id" else dset.dtype)
                 block[name].clear()
             n_sequences += count
 
@@ -91,6 +80,7 @@ def _write_index(paths, index_path: Path, residues_path: Path, invalid_residues:
                 block["file"].append(file_number)
                 block["offset"].append(record.offset)
                 block["length"].append(len(record.residues))
+                block["digest"].append(hashlib.blake2b(record.residues, digest_size=DIGEST.itemsize).digest())
                 residues_out.write(record.residues)
                 digest.update(record.id.encode() + b"\n" + record.residues + b"\n")
                 n_residues += len(record.residues)
@@ -153,6 +143,11 @@ class SequenceIndex:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def digests(self) -> np.ndarray:
+        """[n] DIGEST keys of every sequence's residues."""
+        with h5py.File(self._index_path, "r") as h5:
+            return np.ascontiguousarray(h5["digest"][:]).view(DIGEST).ravel()
 
     def ids(self, positions=None) -> np.ndarray:
         """IDs (object array of str) of all sequences, or of the given sorted positions."""

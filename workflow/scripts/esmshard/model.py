@@ -8,19 +8,22 @@ by fair-esm's own code. Contact regression weights are never needed for embeddin
 """
 
 import argparse
+import hashlib
 import logging
+import os
 import re
 from pathlib import Path
 
 import esm
 import torch
 
-from esmshard import EsmShardError
-from esmshard.architectures import ESM2_MODELS
+from esmshard import EsmShardError, atomic_output
+from esmshard.architectures import ESM2_MODELS, Architecture, released_checkpoint
 
 log = logging.getLogger(__name__)
 
 MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
+URL_ENV = "ESMSHARD_MODEL_URL"  # another source ({name} is replaced), e.g. a mirror or a file:// URL
 SAFE_GLOBALS = [argparse.Namespace]
 _CHECKPOINT_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
 _CONTACT_REGRESSION = {"contact_head.regression.weight", "contact_head.regression.bias"}
@@ -28,23 +31,14 @@ _CONFIG_FIELDS = ("encoder_layers", "encoder_embed_dim", "encoder_attention_head
 
 
 def resolve_checkpoint(model: str) -> Path:
-    """The local checkpoint file for a released model name (downloaded once) or a path."""
+    """The local checkpoint file for a path, or for a released model name (downloaded once)."""
     path = Path(model).expanduser()
     if path.is_file():
         return path
     if model in ESM2_MODELS:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / f"{model}.pt"
+        path = released_checkpoint(model)
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            url = MODEL_URL.format(name=model)
-            log.info("downloading %s to %s", url, path)
-            try:
-                torch.hub.download_url_to_file(url, str(path), progress=False)
-            except Exception as error:  # any network or HTTP failure
-                raise EsmShardError(
-                    f"model: cannot download {model} from {url} ({error}); "
-                    f"download it elsewhere and set 'model' to the file's path"
-                ) from None
+            download(model, path)
         return path
     raise EsmShardError(
         f"model: {model!r} is neither an existing checkpoint file nor a released ESM-2 model "
@@ -52,12 +46,39 @@ def resolve_checkpoint(model: str) -> Path:
     )
 
 
-def embed_dim(model: str) -> int:
-    """The width of the model's embeddings: from the name of a released model (nothing is
-    downloaded), else from the checkpoint's config (memory-mapped: no weights are read)."""
-    if model in ESM2_MODELS and not Path(model).expanduser().is_file():
-        return ESM2_MODELS[model].embed_dim
-    return _read_checkpoint(resolve_checkpoint(model))["cfg"]["model"].encoder_embed_dim
+def download(model: str, path: Path) -> Path:
+    """Download a released model to ``path``, published only once it is whole and loads."""
+    url = os.environ.get(URL_ENV, MODEL_URL).format(name=model)
+    log.info("downloading %s to %s", url, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        try:
+            torch.hub.download_url_to_file(url, str(tmp), progress=False)
+        except Exception as error:  # any network or HTTP failure
+            raise EsmShardError(
+                f"model: cannot download {model} from {url} ({_one_line(error)}); download it where there is "
+                f"network with 'python -m esmshard download {model} DIR' and set 'model' to the file's path"
+            ) from None
+        checked = architecture(tmp)
+        if checked != ESM2_MODELS[model]:
+            raise EsmShardError(f"model: {url} holds a model of shape {tuple(checked)}, not {model}")
+    return path
+
+
+def architecture(path) -> Architecture:
+    """A checkpoint's shape, from its config (memory-mapped: no weights are read)."""
+    config = _read_checkpoint(Path(path))["cfg"]["model"]
+    return Architecture(config.encoder_layers, config.encoder_embed_dim, config.encoder_attention_heads)
+
+
+def checkpoint_digest(path) -> str:
+    """The checkpoint's content, as the identity of the numbers it gives (another file at the same
+    path is another model; the same file touched or copied is the same)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_model(model: str):

@@ -107,7 +107,13 @@ class OutputSpec:
     def tokens(self, lengths) -> np.ndarray:
         """[n] tokens each sequence puts through the model: every piece with BOS and EOS (the
         windows of a windowed sequence are all MAX_RESIDUES long)."""
-        return self.window_counts(lengths) * (np.minimum(lengths, MAX_RESIDUES) + 2)
+        return self.window_counts(lengths) * piece_tokens(lengths)
+
+
+def piece_tokens(lengths) -> np.ndarray:
+    """[n] tokens of each piece a sequence is embedded as: its residues, at most MAX_RESIDUES
+    (a windowed sequence's windows are all full), with BOS and EOS."""
+    return np.minimum(np.asarray(lengths, np.int64), MAX_RESIDUES) + 2
 
 
 def window_counts(lengths, long_sequences: str, window_overlap: int) -> np.ndarray:

@@ -1,34 +1,54 @@
-"""Balancing sequences over ranks by predicted cost.
+"""Which rank embeds which sequences: each distinct sequence once, balanced by predicted cost.
+
+Identical sequences (the same residues under other IDs, common in mutant scans and ORF sets)
+are planned once, at their first occurrence; every ID gets that sequence's embeddings.
 
 A sequence of T tokens costs about 24·d·T FLOPs per layer in its linear layers and 4·d·T² in
-attention, so cost ∝ T + T²/(6·d). Longest-processing-time-first assignment (each sequence,
-most expensive first, to the least loaded rank) keeps the most loaded rank within one small
-sequence of the mean.
+attention, so cost ∝ T + T²/(6·d) for a model of width d. Longest-processing-time-first
+assignment (each sequence, most expensive first, to the least loaded rank) keeps the most
+loaded rank within one small sequence of the mean.
 """
 
 import heapq
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
 
 from esmshard import atomic_output
-from esmshard.architectures import ESM2_MODELS, MAX_RESIDUES
+from esmshard.outputs import piece_tokens
 
-PLAN_FILE = "plan.h5"
-DEFAULT_EMBED_DIM = 1280  # ESM-2 650M, for checkpoints given as a path
+
+@dataclass
+class Plan:
+    rank: np.ndarray  # [u] int32, the rank of each distinct sequence
+    position: np.ndarray  # [u] int64, the index position of its first occurrence (increasing)
+    source: np.ndarray  # [n] int64, the distinct sequence (0..u-1) at each index position
+    world_size: int
+    fingerprint: str  # of the index it was planned from
+    model: dict  # the checkpoint: path, digest (of its content), num_layers, embed_dim
+
+    def positions_of(self, rank: int) -> np.ndarray:
+        """Index positions of the rank's distinct sequences, in input order."""
+        return self.position[self.rank == rank]
+
+
+def distinct(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(index positions of each distinct digest's first occurrence, increasing;
+    [n] which of them each position is)."""
+    _, first, inverse = np.unique(digests, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    number = np.empty(len(first), np.int64)
+    number[order] = np.arange(len(first))
+    return first[order].astype(np.int64), number[inverse.ravel()]
 
 
 def sequence_costs(lengths: np.ndarray, embed_dim: int, window_counts=None) -> np.ndarray:
-    """Predicted cost of each sequence; a protein embedded in ``window_counts`` windows (of
-    MAX_RESIDUES each) costs that many full-length pieces."""
-    tokens = np.minimum(lengths, MAX_RESIDUES).astype(np.float64) + 2  # BOS and EOS
+    """Predicted cost of each sequence: every piece it is embedded as (the sequence itself, its
+    first 1022 residues, or its windows of 1022) with BOS and EOS."""
+    tokens = piece_tokens(lengths).astype(np.float64)
     pieces = 1 if window_counts is None else np.asarray(window_counts)
     return pieces * (tokens + tokens**2 / (6 * embed_dim))
-
-
-def embed_dim_for(model: str) -> int:
-    architecture = ESM2_MODELS.get(model)
-    return architecture.embed_dim if architecture else DEFAULT_EMBED_DIM
 
 
 def balance(costs: np.ndarray, world_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,20 +67,30 @@ def balance(costs: np.ndarray, world_size: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def imbalance(rank_costs: np.ndarray) -> float:
-    """Most loaded rank's cost over the mean."""
-    return float(rank_costs.max() / rank_costs.mean())
+    """Most loaded rank's cost over the mean (1 when there is nothing to do)."""
+    mean = rank_costs.mean()
+    return float(rank_costs.max() / mean) if mean else 1.0
 
 
-def write_plan(path, ranks: np.ndarray, rank_costs: np.ndarray, fingerprint: str) -> None:
+def write_plan(path, plan: Plan, rank_costs: np.ndarray) -> None:
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("rank", data=ranks)
-        h5.attrs["world_size"] = len(rank_costs)
+        h5.create_dataset("rank", data=plan.rank)
+        h5.create_dataset("position", data=plan.position)
+        h5.create_dataset("source", data=plan.source)
+        h5.attrs["world_size"] = plan.world_size
+        h5.attrs["fingerprint"] = plan.fingerprint
         h5.attrs["rank_costs"] = rank_costs
         h5.attrs["imbalance"] = imbalance(rank_costs)
-        h5.attrs["fingerprint"] = fingerprint
+        for key, value in plan.model.items():
+            h5.attrs[f"model_{key}"] = value
 
 
-def read_plan(path) -> tuple[np.ndarray, int, str]:
-    """(rank per sequence, world_size, index fingerprint)."""
+def read_plan(path) -> Plan:
     with h5py.File(path, "r") as h5:
-        return h5["rank"][:], int(h5.attrs["world_size"]), str(h5.attrs["fingerprint"])
+        model = {key[len("model_"):]: _plain(value) for key, value in h5.attrs.items() if key.startswith("model_")}
+        return Plan(h5["rank"][:], h5["position"][:], h5["source"][:], int(h5.attrs["world_size"]),
+                    str(h5.attrs["fingerprint"]), model)
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value

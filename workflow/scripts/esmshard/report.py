@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from esmshard import atomic_output
 from esmshard.architectures import MAX_RESIDUES
-from esmshard.rank import read_status
+from esmshard.status import read_status
 
 OK_COLOR, FAILED_COLOR, MISSING_COLOR = "#2b6cb0", "#c53030", "#e53e3e"
 _DPI = 100

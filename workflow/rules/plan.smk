@@ -1,0 +1,15 @@
+rule plan:
+    input:
+        index=rules.index.output.index,
+        checkpoint=MODEL_FILE,
+    output:
+        plan="results/plan.h5",
+    log:
+        "logs/plan.log",
+    conda:
+        "../../environment.yml"
+    params:
+        world_size=WORLD_SIZE,
+        settings=numeric_settings(),
+    script:
+        "../scripts/plan.py"

@@ -1,0 +1,35 @@
+"""The workflow's configuration as users give it. Standard library and PyYAML only (both come
+with Snakemake): the Snakefile uses this while it is parsed."""
+
+import yaml
+
+_YAML_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None), "array": list}
+
+
+def read_command_line_values(config: dict, schema_path) -> None:
+    """Give values from ``--config`` their YAML types where the schema wants them: Snakemake
+    leaves the items of ``layers=[-1,20]`` and the words ``null``, ``true`` and ``false`` as
+    strings. Changes ``config`` in place; the schema check comes after."""
+    with open(schema_path) as handle:
+        properties = yaml.safe_load(handle)["properties"]
+    for key, value in config.items():
+        spec = properties.get(key, {})
+        if isinstance(value, list) and spec.get("items", {}).get("type") not in (None, "string"):
+            config[key] = [_as_yaml(item, spec["items"]) for item in value]
+        else:
+            config[key] = _as_yaml(value, spec)
+
+
+def _as_yaml(value, spec: dict):
+    if not isinstance(value, str):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    types = spec.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    wanted = tuple(_YAML_TYPES[t] for t in types if t in _YAML_TYPES)
+    if isinstance(parsed, str) or not wanted or not isinstance(parsed, wanted):
+        return value
+    return parsed

@@ -1,0 +1,163 @@
+"""Finished embeddings, kept by content: the store every rank reads before computing and writes as it goes.
+
+A store directory holds the results of one set of numeric settings (the model's content, layers,
+poolings, long-protein handling, stored and compute precision, engine), named by a key of them,
+so results of other settings can never be mixed in. Inside, segment files each hold some
+sequences' outputs, keyed by the digest of their residues:
+
+- ``digests``: [m, 16] uint8, blake2b-128 of each sequence's residues (``index.sequence_digests``)
+- ``lengths``: [m] int64 input lengths (which fix the per-residue row counts)
+- one dataset per output (``outputs.py``): pooled [m, dim]; per-residue [rows, dim], each
+  sequence's rows one after another in segment order
+- attributes: the settings identity
+
+A segment is written to a temporary name, flushed to disk and renamed, so it exists whole or not
+at all; its datasets carry HDF5's Fletcher-32 checksums, so corruption is caught on any read.
+A segment that cannot be read is deleted and its sequences are computed again. Identical
+sequences (same residues under other IDs, or in another input) are computed once; a rerun
+computes only what no segment holds. Snakemake never sees the store, so it never deletes it.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from esmshard import EsmShardError, atomic_output
+from esmshard.architectures import MAX_RESIDUES
+from esmshard.faults import crash_point
+from esmshard.index import DIGEST
+from esmshard.outputs import OutputSpec, pooling_of, ranges_index, residue_offsets
+from esmshard.shard import DTYPES, plain_attr, write_attrs
+
+log = logging.getLogger(__name__)
+
+_CHUNK_BYTES = 4 << 20  # HDF5 storage chunks of about 4 MiB, each with its own checksum
+
+
+def settings_identity(model_digest: str, spec: OutputSpec, dtype: str, precision: str, engine: str) -> dict:
+    """Every setting that changes the numbers, as given (the compute precision ``auto`` resolves
+    per device; the store adds the resolved one)."""
+    return {"model_digest": model_digest, **spec.attrs(), "dtype": dtype, "precision": precision,
+            "engine": engine, "max_residues": MAX_RESIDUES}
+
+
+def store_key(identity: dict) -> str:
+    """A directory name that changes with anything in ``identity``."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Store:
+    """One settings identity's segments; ``writer`` names this process's new segments."""
+
+    def __init__(self, root, identity: dict, spec: OutputSpec, dim: int, dtype: str, writer: str = "rank"):
+        self.directory = Path(root) / store_key(identity)
+        self.identity, self.spec, self.dim, self.dtype, self.writer = identity, spec, dim, dtype, writer
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stray in self.directory.glob(f".seg_{writer}_*"):  # this writer's temporaries of a killed write
+            stray.unlink(missing_ok=True)
+        self.segments: list[Path] = []
+        keys, segment_of, row_of = [], [], []
+        for path in sorted(self.directory.glob("seg_*.h5")):
+            digests = self._digests_of(path)
+            if digests is None:
+                continue
+            keys.append(digests)
+            segment_of.append(np.full(len(digests), len(self.segments), np.int64))
+            row_of.append(np.arange(len(digests), dtype=np.int64))
+            self.segments.append(path)
+        keys = np.concatenate(keys) if keys else np.empty(0, DIGEST)
+        order = np.argsort(keys, kind="stable")
+        self._keys = keys[order]
+        self._segment = np.concatenate(segment_of)[order] if segment_of else np.empty(0, np.int64)
+        self._row = np.concatenate(row_of)[order] if row_of else np.empty(0, np.int64)
+
+    def _digests_of(self, path: Path):
+        """The segment's digests, or None (and the segment deleted) if it is not whole or not ours."""
+        try:
+            with h5py.File(path, "r") as h5:
+                identity = {key: plain_attr(h5.attrs.get(key)) for key in self.identity}
+                if identity != self.identity:
+                    problem = "made with other settings"
+                else:
+                    digests = np.ascontiguousarray(h5["digests"][:]).view(DIGEST).ravel()
+                    lengths = h5["lengths"][:]
+                    shapes = {name: h5[name].shape for name in self.spec.names}
+                    problem = self._shape_problem(len(digests), lengths, shapes)
+        except Exception as error:  # a torn or corrupt file raises many kinds
+            problem = f"unreadable: {' '.join(str(error).split())[:200]}"
+        if problem:
+            log.warning("discarding store segment %s (%s); its sequences will be computed again", path, problem)
+            path.unlink(missing_ok=True)
+            return None
+        return digests
+
+    def _shape_problem(self, n: int, lengths, shapes: dict):
+        if len(lengths) != n:
+            return f"{len(lengths)} lengths for {n} sequences"
+        residues = int(self.spec.embedded_lengths(lengths).sum())
+        for name, shape in shapes.items():
+            rows = residues if pooling_of(name) == "per_residue" else n
+            if shape != (rows, self.dim):
+                return f"{name} has shape {shape}, not {(rows, self.dim)}"
+        return None
+
+    def find(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(segment number, row) of each digest; segment -1 where the store has none."""
+        if not len(self._keys):
+            return np.full(len(digests), -1), np.full(len(digests), -1)
+        at = np.minimum(np.searchsorted(self._keys, digests), len(self._keys) - 1)
+        found = self._keys[at] == digests
+        return np.where(found, self._segment[at], -1), np.where(found, self._row[at], -1)
+
+    def write(self, digests: np.ndarray, lengths: np.ndarray, outputs: dict[str, np.ndarray]) -> Path:
+        """A new segment of these sequences' outputs (rows in the order of ``digests``)."""
+        path = self.directory / f"seg_{self.writer}_{secrets.token_hex(6)}.h5"
+        with atomic_output(path) as tmp:
+            with h5py.File(tmp, "w") as h5:
+                h5.create_dataset("digests", data=digests.view(np.uint8).reshape(-1, DIGEST.itemsize))
+                h5.create_dataset("lengths", data=np.asarray(lengths, np.int64))
+                for name, values in outputs.items():
+                    values = values.astype(DTYPES[self.dtype])
+                    rows = max(1, min(len(values), _CHUNK_BYTES // max(1, values[:1].nbytes)))
+                    h5.create_dataset(name, data=values, chunks=(rows, self.dim), fletcher32=True)
+                write_attrs(h5, self.identity)
+            with open(tmp, "rb") as handle:  # on disk before the rename makes it count
+                os.fsync(handle.fileno())
+            crash_point("segment-written")
+        log.info("wrote %s (%d sequences)", path.name, len(digests))
+        return path
+
+    def copy_to(self, writer, digests: np.ndarray) -> None:
+        """Write the outputs of ``digests`` (all in the store) to rows 0..n-1 of ``writer`` (a
+        ShardWriter), one segment in memory at a time. A segment found damaged is deleted, and
+        the error says that a retry computes its sequences again."""
+        segment, row = self.find(digests)
+        if (segment < 0).any():
+            raise EsmShardError(f"the store {self.directory} lacks {int((segment < 0).sum())} of the sequences")
+        for number in np.unique(segment).tolist():
+            positions = np.flatnonzero(segment == number)
+            writer.write(positions, self._read_rows(self.segments[number], row[positions]))
+
+    def _read_rows(self, path: Path, rows: np.ndarray) -> dict[str, np.ndarray]:
+        try:
+            with h5py.File(path, "r") as h5:
+                lengths = h5["lengths"][:]
+                outputs = {name: h5[name][:] for name in self.spec.names}
+        except Exception as error:
+            path.unlink(missing_ok=True)
+            raise EsmShardError(
+                f"store segment {path} is damaged ({' '.join(str(error).split())[:200]}); it was deleted and "
+                f"a retry computes its sequences again"
+            ) from None
+        embedded = self.spec.embedded_lengths(lengths)
+        residue_rows = ranges_index(residue_offsets(embedded)[rows], embedded[rows])
+        return {
+            name: values[residue_rows if pooling_of(name) == "per_residue" else rows]
+            for name, values in outputs.items()
+        }
