@@ -1,9 +1,13 @@
 import gzip
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+import esmshard
 from esmshard import EsmShardError
-from esmshard.fasta import read_fasta
+from esmshard.fasta import expand_fasta_paths, read_fasta
 
 
 def write(path, text: str):
@@ -66,3 +70,36 @@ def test_replace_maps_unknown_characters_to_x_and_counts_them(tmp_path):
 def test_all_25_esm_letters_are_accepted(tmp_path):
     path = write(tmp_path / "a.fasta", ">x\nACDEFGHIKLMNPQRSTVWYXBUZO\n")
     assert next(read_fasta(path)).replaced == 0
+
+
+def test_expand_paths_and_globs(tmp_path):
+    for name in ("b.fasta", "a.fasta", "c.txt"):
+        (tmp_path / name).write_text(">x\nM\n")
+    paths = expand_fasta_paths([str(tmp_path / name) for name in ("*.fasta", "a.fasta", "c.txt")])
+    assert paths == [tmp_path / "a.fasta", tmp_path / "b.fasta", tmp_path / "c.txt"]
+    with pytest.raises(EsmShardError, match=r"^fasta: the pattern '.*/\*\.fa' matches no file$"):
+        expand_fasta_paths(str(tmp_path / "*.fa"))
+    with pytest.raises(EsmShardError, match=r"^fasta: .*/missing.fasta does not exist or is not a file$"):
+        expand_fasta_paths(str(tmp_path / "missing.fasta"))
+
+
+def test_a_file_name_with_glob_characters_is_taken_literally(tmp_path):
+    (tmp_path / "data[1].fasta").write_text(">x\nM\n")
+    (tmp_path / "data1.fasta").write_text(">y\nM\n")
+    assert expand_fasta_paths(str(tmp_path / "data[1].fasta")) == [tmp_path / "data[1].fasta"]
+    assert expand_fasta_paths(str(tmp_path / "data[0-9].fasta")) == [tmp_path / "data1.fasta"]
+
+
+def test_home_is_expanded_and_paths_come_back_as_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.fasta").write_text(">x\nM\n")
+    assert expand_fasta_paths(["~/a.fasta", "~/*.fasta"]) == [tmp_path / "a.fasta"]
+    assert expand_fasta_paths(["a.fasta", "./a.fasta", str(tmp_path / "a.fasta")]) == [Path("a.fasta")]
+
+
+def test_fasta_module_needs_only_the_standard_library():
+    # The Snakefile imports it while parsing, where numpy, h5py and torch may be missing.
+    code = "import sys; sys.modules.update(numpy=None, h5py=None, torch=None); import esmshard.fasta"
+    scripts = Path(esmshard.__file__).parents[1]
+    subprocess.run([sys.executable, "-c", code], cwd=scripts, check=True)

@@ -5,7 +5,8 @@ import sys
 from pathlib import Path
 
 from esmshard import EsmShardError, logs
-from esmshard.index import SequenceIndex, build_index, expand_fasta_paths
+from esmshard.fasta import expand_fasta_paths
+from esmshard.index import SequenceIndex, build_index
 from esmshard.outputs import window_counts
 from esmshard.plan import balance, embed_dim_for, imbalance, sequence_costs, write_plan
 

@@ -1,10 +1,13 @@
 """Streaming FASTA reading with the validation policy ESM-2 needs.
 
 Every record is checked as it streams by, so that bad input stops the run before any model
-work. Memory holds one record at a time.
+work. Memory holds one record at a time. This module needs only the standard library: the
+Snakefile imports it when it is parsed, before numpy, h5py or torch need to be installed.
 """
 
+import glob
 import gzip
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,6 +31,31 @@ class Record:
     number: int  # 1-based record number within the file
     line: int  # 1-based line number of the header
     replaced: int  # residues mapped to X under invalid_residues: replace
+
+
+def expand_fasta_paths(patterns) -> list[Path]:
+    """The files that the config's ``fasta`` names: paths and globs, in the order given, each once.
+
+    ``~`` is expanded first. An entry that names an existing file is that file, even where its
+    name has glob characters (``data[1].fasta``); any other entry with glob characters is a
+    glob, whose matches come in sorted order. Paths are returned as given (after ``~``), not
+    made absolute.
+    """
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [patterns]
+    paths: dict[str, Path] = {}  # by real path, so that one file named two ways is read once
+    for pattern in map(os.path.expanduser, patterns):
+        if os.path.isfile(pattern) or not glob.has_magic(pattern):
+            matches = [pattern]
+        else:
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise EsmShardError(f"fasta: the pattern {pattern!r} matches no file")
+        for match in matches:
+            if not os.path.isfile(match):
+                raise EsmShardError(f"fasta: {match} does not exist or is not a file")
+            paths.setdefault(os.path.realpath(match), Path(match))
+    return list(paths.values())
 
 
 def open_maybe_gzip(path: Path):

@@ -8,7 +8,6 @@ and never parse or validate again. Both stay small and fast at 10 million sequen
 build streams, holding one record and fixed-size blocks of rows in memory.
 """
 
-import glob
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,24 +21,6 @@ from esmshard.fasta import read_fasta
 INDEX_FILE = "sequences.h5"
 RESIDUES_FILE = "residues.bin"
 _BLOCK = 65536  # rows buffered before an HDF5 append
-
-
-def expand_fasta_paths(patterns) -> list[Path]:
-    """Paths and globs from the config, in the order given, each file once."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    paths: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise EsmShardError(f"fasta: the pattern {pattern!r} matches no file")
-        for match in matches:
-            path = Path(match)
-            if not path.is_file():
-                raise EsmShardError(f"fasta: {path} does not exist or is not a file")
-            if path not in paths:
-                paths.append(path)
-    return paths
 
 
 @dataclass
