@@ -1,6 +1,9 @@
+import bz2
 import gzip
+import lzma
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +33,76 @@ def test_reads_gzip_by_content(tmp_path):
     with gzip.open(path, "wt") as handle:
         handle.write(">x\nMKV\n>y\nWW\n")
     assert [(r.id, r.residues) for r in read_fasta(path)] == [("x", b"MKV"), ("y", b"WW")]
+
+
+COMPRESSIONS = {"gz": gzip, "bz2": bz2, "xz": lzma}
+# Many records, so that the damage lies inside the compressed stream, not in its header.
+TEXT = "".join(f">s{i}\nMKVLLACDEFGHIK\n" for i in range(20000)).encode()
+
+
+@pytest.mark.parametrize("suffix", ["gz", "bz2", "xz"])
+def test_reads_bzip2_and_xz_by_content_like_gzip(tmp_path, suffix):
+    path = tmp_path / "a.fa"  # no telling suffix: the content decides
+    path.write_bytes(COMPRESSIONS[suffix].compress(b">x\nMKV\n>y\nWW\n"))
+    assert [(r.id, r.residues) for r in read_fasta(path)] == [("x", b"MKV"), ("y", b"WW")]
+
+
+@pytest.mark.parametrize(
+    "suffix, kind, damage, problem",
+    [
+        ("gz", "gzip", "truncated", "Compressed file ended before the end-of-stream marker was reached"),
+        ("gz", "gzip", "overwritten", "Error -3 while decompressing data: invalid"),
+        ("gz", "gzip", "trailing junk", "Not a gzipped file (b'ju')"),
+        ("bz2", "bzip2", "truncated", "Compressed file ended before the end-of-stream marker was reached"),
+        ("bz2", "bzip2", "overwritten", "Invalid data stream"),
+        ("xz", "xz", "truncated", "Compressed file ended before the end-of-stream marker was reached"),
+        # This damage first decompresses to FASTA without a line end, then fails the check.
+        ("xz", "xz", "overwritten", "Corrupt input data"),
+    ],
+)
+def test_damaged_compressed_data_is_named(tmp_path, suffix, kind, damage, problem):
+    data = COMPRESSIONS[suffix].compress(TEXT)
+    half = len(data) // 2
+    data = {
+        "truncated": data[:half],
+        "overwritten": data[:half] + bytes(64) + data[half + 64 :],
+        "trailing junk": data + b"junk",
+    }[damage]
+    path = tmp_path / f"a.fa.{suffix}"
+    path.write_bytes(data)
+    with pytest.raises(EsmShardError) as error:
+        list(read_fasta(path))
+    assert str(error.value).startswith(f"{path}: cannot read file: {problem}")
+    assert str(error.value).endswith(f" (damaged or truncated {kind} data)")
+
+
+def test_zip_and_zstd_say_what_to_do(tmp_path):
+    path = tmp_path / "a.fasta.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("a.fasta", ">x\nMKV\n")
+    with pytest.raises(EsmShardError) as error:
+        list(read_fasta(path))
+    assert str(error.value) == f"{path}: zip archives are not supported; unzip it, or gzip it"
+    path = tmp_path / "a.fasta.zst"
+    path.write_bytes(b"(\xb5/\xfd\x04\x00")
+    with pytest.raises(EsmShardError, match=r"a.fasta.zst: zstd compression is not supported; decompress it"):
+        list(read_fasta(path))
+
+
+def test_binary_junk_is_not_fasta(tmp_path):
+    path = tmp_path / "a.fasta"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    with pytest.raises(EsmShardError) as error:
+        list(read_fasta(path))
+    assert str(error.value) == (
+        f"{path}: line 1: text before the first '>' header; this is not FASTA (starts with b'\\x89PNG')"
+    )
+
+
+def test_an_unreadable_file_is_named(tmp_path):
+    with pytest.raises(EsmShardError) as error:
+        list(read_fasta(tmp_path / "missing.fasta"))
+    assert str(error.value) == f"{tmp_path / 'missing.fasta'}: cannot read file: No such file or directory"
 
 
 def test_windows_line_endings_and_inner_spaces(tmp_path):

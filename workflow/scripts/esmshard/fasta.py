@@ -5,9 +5,12 @@ work. Memory holds one record at a time. This module needs only the standard lib
 Snakefile imports it when it is parsed, before numpy, h5py or torch need to be installed.
 """
 
+import bz2
 import glob
 import gzip
+import lzma
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +24,21 @@ INVALID_POLICIES = ("error", "replace")
 _DELETE_VALID = bytes(ESM_RESIDUES)
 # Maps every byte that is not an ESM-2 residue to X (used with invalid_residues: replace).
 _TO_X = bytes(c if c in ESM_RESIDUES else ord("X") for c in range(256))
+
+# Compressions read, recognised by their magic bytes: file names can lie or lack a suffix.
+_COMPRESSIONS = {
+    b"\x1f\x8b": ("gzip", gzip.open),
+    b"BZh": ("bzip2", bz2.open),
+    b"\xfd7zXZ\x00": ("xz", lzma.open),
+}
+# Formats recognised only to say what to do instead of calling them "not FASTA".
+_UNSUPPORTED = {
+    b"PK\x03\x04": "zip archives are not supported; unzip it, or gzip it",
+    b"(\xb5/\xfd": "zstd compression is not supported; decompress it (zstd -d), or gzip it",
+}
+_READ_BLOCK = 1 << 20  # bytes read at a time
+# What a damaged or truncated compressed file raises (gzip's and bz2's errors are OSErrors).
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
 @dataclass
@@ -58,42 +76,68 @@ def expand_fasta_paths(patterns) -> list[Path]:
     return list(paths.values())
 
 
-def open_maybe_gzip(path: Path):
-    """Open a FASTA file for binary reading; gzip is recognised by its magic bytes."""
-    with open(path, "rb") as handle:
-        magic = handle.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+def open_fasta(path: Path):
+    """Open a FASTA file for binary reading, decompressed; returns (handle, compression).
+
+    The compression ('gzip', 'bzip2', 'xz', or None for plain text) comes from the content.
+    """
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as error:
+        raise EsmShardError(f"{path}: cannot read file: {error.strerror}") from None
+    for prefix, problem in _UNSUPPORTED.items():
+        if magic.startswith(prefix):
+            raise EsmShardError(f"{path}: {problem}")
+    for prefix, (compression, opener) in _COMPRESSIONS.items():
+        if magic.startswith(prefix):
+            return opener(path, "rb"), compression
+    return open(path, "rb"), None
 
 
 def read_fasta(path, invalid_residues: str = "error") -> Iterator[Record]:
-    """Yield the validated records of one FASTA file (plain or gzip).
+    """Yield the validated records of one FASTA file (plain, gzip, bzip2 or xz).
 
     Raises EsmShardError naming the file, record and position of the first problem.
     """
     if invalid_residues not in INVALID_POLICIES:
         raise ValueError(f"invalid_residues must be one of {INVALID_POLICIES}")
     path = Path(path)
+    handle, compression = open_fasta(path)
+    try:
+        with handle:
+            try:
+                yield from _records(path, handle, invalid_residues)
+            except EsmShardError:
+                # Damaged data can decompress to bad FASTA before the decompressor notices; then
+                # the damage is the problem to report, so read on to find it.
+                if compression:
+                    while handle.read(_READ_BLOCK):
+                        pass
+                raise
+    except _READ_ERRORS as error:
+        damaged = f" (damaged or truncated {compression} data)" if compression else ""
+        raise EsmShardError(f"{path}: cannot read file: {error}{damaged}") from None
+
+
+def _records(path: Path, handle, invalid_residues: str) -> Iterator[Record]:
     header = None  # (id, offset, number, line) of the record being read
     chunks: list[bytes] = []
     number = 0
     offset = 0
-    try:
-        with open_maybe_gzip(path) as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                line = raw.strip()
-                if line.startswith(b">"):
-                    if header is not None:
-                        yield _finish(path, header, chunks, invalid_residues)
-                    number += 1
-                    header = (_parse_id(path, line, number, line_no), offset, number, line_no)
-                    chunks = []
-                elif line:
-                    if header is None:
-                        raise EsmShardError(_not_fasta(path, line, line_no))
-                    chunks.append(b"".join(line.split()))
-                offset += len(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
-        raise EsmShardError(f"{path}: cannot read file: {error}") from None
+    for line_no, raw in enumerate(handle, start=1):
+        line = raw.strip()
+        if line.startswith(b">"):
+            if header is not None:
+                yield _finish(path, header, chunks, invalid_residues)
+            number += 1
+            header = (_parse_id(path, line, number, line_no), offset, number, line_no)
+            chunks = []
+        elif line:
+            if header is None:
+                raise EsmShardError(_not_fasta(path, line, line_no))
+            chunks.append(b"".join(line.split()))
+        offset += len(raw)
     if header is None:
         raise EsmShardError(f"{path}: no FASTA records (empty file or no '>' header lines)")
     yield _finish(path, header, chunks, invalid_residues)
