@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import esmshard
-from esmshard import EsmShardError
+from esmshard import EsmShardError, fasta
 from esmshard.fasta import expand_fasta_paths, read_fasta
 
 
@@ -105,9 +105,34 @@ def test_an_unreadable_file_is_named(tmp_path):
     assert str(error.value) == f"{tmp_path / 'missing.fasta'}: cannot read file: No such file or directory"
 
 
-def test_windows_line_endings_and_inner_spaces(tmp_path):
-    path = write(tmp_path / "a.fasta", ">x\r\nMK V\r\nLL\r\n")
-    assert next(read_fasta(path)).residues == b"MKVLL"
+@pytest.mark.parametrize("end", ["\r\n", "\r"], ids=["windows", "classic-mac"])
+def test_windows_and_classic_mac_line_endings(tmp_path, end):
+    path = tmp_path / "a.fasta"
+    path.write_bytes(">one first\nMK V\nlle\n\n>two\nACD*\n".replace("\n", end).encode())
+    records = list(read_fasta(path))
+    assert [(r.id, r.residues) for r in records] == [("one", b"MKVLLE"), ("two", b"ACD")]
+    assert [r.offset for r in records] == [0, path.read_bytes().index(b">two")]
+    assert [(r.number, r.line) for r in records] == [(1, 1), (2, 5)]
+
+
+def test_line_ends_split_across_read_blocks(tmp_path, monkeypatch):
+    path = tmp_path / "a.fasta"
+    path.write_bytes(b">a x\r\nMKV\r\nLL\r>b\rWW\n\n>c\nMMMMMMMMMMMMMMMMMMMM\r\nK")
+    expected = [(r.id, r.residues, r.offset, r.line) for r in read_fasta(path)]
+    assert [e[:2] for e in expected] == [("a", b"MKVLL"), ("b", b"WW"), ("c", b"MMMMMMMMMMMMMMMMMMMMK")]
+    for size in range(1, 9):
+        monkeypatch.setattr(fasta, "_READ_BLOCK", size)
+        assert [(r.id, r.residues, r.offset, r.line) for r in read_fasta(path)] == expected
+
+
+@pytest.mark.parametrize("compress", [lambda data: data, gzip.compress], ids=["plain", "gzip"])
+def test_a_utf8_byte_order_mark_is_skipped(tmp_path, compress):
+    text = "\ufeff>x\nMKV\n>y\nWW\n".encode()
+    path = tmp_path / "a.fasta"
+    path.write_bytes(compress(text))
+    records = list(read_fasta(path))
+    assert [(r.id, r.residues) for r in records] == [("x", b"MKV"), ("y", b"WW")]
+    assert [r.offset for r in records] == [3, text.index(b">y")]  # byte offsets of the '>'
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,12 @@ Snakefile imports it when it is parsed, before numpy, h5py or torch need to be i
 import bz2
 import glob
 import gzip
+import io
 import lzma
 import os
 import zlib
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Iterator
 
@@ -37,6 +39,7 @@ _UNSUPPORTED = {
     b"(\xb5/\xfd": "zstd compression is not supported; decompress it (zstd -d), or gzip it",
 }
 _READ_BLOCK = 1 << 20  # bytes read at a time
+_BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some Windows editors write
 # What a damaged or truncated compressed file raises (gzip's and bz2's errors are OSErrors).
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
@@ -124,8 +127,8 @@ def _records(path: Path, handle, invalid_residues: str) -> Iterator[Record]:
     header = None  # (id, offset, number, line) of the record being read
     chunks: list[bytes] = []
     number = 0
-    offset = 0
-    for line_no, raw in enumerate(handle, start=1):
+    offset = _skip_bom(handle)
+    for line_no, raw in enumerate(chain.from_iterable(_line_blocks(handle)), start=1):
         line = raw.strip()
         if line.startswith(b">"):
             if header is not None:
@@ -141,6 +144,35 @@ def _records(path: Path, handle, invalid_residues: str) -> Iterator[Record]:
     if header is None:
         raise EsmShardError(f"{path}: no FASTA records (empty file or no '>' header lines)")
     yield _finish(path, header, chunks, invalid_residues)
+
+
+def _skip_bom(handle) -> int:
+    """Skip a UTF-8 byte order mark; returns the bytes skipped, where the first line starts."""
+    if handle.read(len(_BOM)) == _BOM:
+        return len(_BOM)
+    handle.seek(0)
+    return 0
+
+
+def _line_blocks(handle) -> Iterator[list[bytes]]:
+    """The lines of a binary stream, a list per block read, each line with its end.
+
+    Lines end at \\n, \\r\\n or a lone \\r (classic Mac); Python's own line iteration ends them
+    only at \\n. Memory holds a block or two and the line being read.
+    """
+    pending: list[bytes] = []  # the unfinished line, perhaps spread over many blocks
+    while block := handle.read(_READ_BLOCK):
+        pending.append(block)
+        if b"\n" not in block and b"\r" not in block:
+            continue
+        text = b"".join(pending)
+        # splitlines also ends lines at a lone \r; readlines (\n only) is faster where there is none.
+        lines = text.splitlines(keepends=True) if b"\r" in text else io.BytesIO(text).readlines()
+        # The last line may go on in the next block, and a final \r may be half of a \r\n.
+        pending = [] if lines[-1].endswith(b"\n") else [lines.pop()]
+        yield lines
+    if pending:
+        yield [b"".join(pending)]
 
 
 def _parse_id(path: Path, line: bytes, number: int, line_no: int) -> str:
