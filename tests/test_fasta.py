@@ -148,6 +148,12 @@ def test_a_utf8_byte_order_mark_is_skipped(tmp_path, compress):
         (">x\nMKV-A\n", "residue 4 is '-'"),
         (">x\nMK**\n", "residue 3 is '*'"),
         ("> \nMKV\n", "record 1 (line 1): header has no sequence ID"),
+        (
+            ">x\nMK\n>a\x00b desc\nMKV\n",
+            "record 2 ('a\\x00b', line 3): sequence ID has the control character '\\x00' at position 2; "
+            "IDs must be printable",
+        ),
+        (">x\x7f\nMK\n", "record 1 ('x\\x7f', line 1): sequence ID has the control character '\\x7f'"),
     ],
 )
 def test_bad_input_names_file_record_and_position(tmp_path, text, expected):
@@ -156,6 +162,11 @@ def test_bad_input_names_file_record_and_position(tmp_path, text, expected):
         list(read_fasta(path))
     assert str(path) in str(error.value)
     assert expected in str(error.value)
+
+
+def test_ids_refuse_only_ascii_control_characters(tmp_path):
+    path = write(tmp_path / "a.fasta", ">sp|P12345|ÄB_HUMAN\u00a0x\tdesc\x01\nMKV\n")
+    assert next(read_fasta(path)).id == "sp|P12345|ÄB_HUMAN\u00a0x"
 
 
 def test_replace_maps_unknown_characters_to_x_and_counts_them(tmp_path):

@@ -11,6 +11,7 @@ import gzip
 import io
 import lzma
 import os
+import re
 import zlib
 from dataclasses import dataclass
 from itertools import chain
@@ -40,6 +41,7 @@ _UNSUPPORTED = {
 }
 _READ_BLOCK = 1 << 20  # bytes read at a time
 _BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some Windows editors write
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 # What a damaged or truncated compressed file raises (gzip's and bz2's errors are OSErrors).
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
@@ -180,11 +182,19 @@ def _parse_id(path: Path, line: bytes, number: int, line_no: int) -> str:
     if not words:
         raise EsmShardError(f"{path}: record {number} (line {line_no}): header has no sequence ID")
     try:
-        return words[0].decode("utf-8")
+        seq_id = words[0].decode("utf-8")
     except UnicodeDecodeError:
         raise EsmShardError(
             f"{path}: record {number} (line {line_no}): sequence ID is not valid UTF-8"
         ) from None
+    # No control character belongs in an ID, and HDF5 cannot store a NUL (isprintable is quick).
+    control = None if seq_id.isprintable() else _CONTROL.search(seq_id)
+    if control:
+        raise EsmShardError(
+            f"{path}: record {number} ({seq_id!r}, line {line_no}): sequence ID has the control "
+            f"character {control[0]!r} at position {control.start() + 1}; IDs must be printable"
+        )
+    return seq_id
 
 
 def _not_fasta(path: Path, line: bytes, line_no: int) -> str:
