@@ -3,7 +3,7 @@
 ``sequences.h5`` holds, per sequence, its ID, source file number, byte offset of its header
 in the (decompressed) source and residue count; attributes hold the source paths and a
 fingerprint of the content. ``residues.bin`` holds every sequence's validated residues back
-to back, so that ranks read a sequence with one slice of a memory map (also from gzip input)
+to back, so that ranks read a sequence with one slice of a memory map (also from compressed input)
 and never parse or validate again. Both stay small and fast at 10 million sequences; the
 build streams, holding one record and fixed-size blocks of rows in memory.
 """
