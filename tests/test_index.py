@@ -5,7 +5,6 @@ import pytest
 
 from conftest import random_sequences, write_fasta
 from esmshard import EsmShardError
-from esmshard.fasta import expand_fasta_paths
 from esmshard.index import INDEX_FILE, RESIDUES_FILE, SequenceIndex, build_index
 
 
@@ -70,17 +69,6 @@ def test_a_bad_record_leaves_no_index_files(tmp_path):
     assert not (tmp_path / "index" / INDEX_FILE).exists()
     assert not (tmp_path / "index" / RESIDUES_FILE).exists()
     assert not list((tmp_path / "index").iterdir())
-
-
-def test_expand_paths_and_globs(tmp_path):
-    for name in ("b.fasta", "a.fasta", "c.txt"):
-        (tmp_path / name).write_text(">x\nM\n")
-    paths = expand_fasta_paths([str(tmp_path / "*.fasta"), str(tmp_path / "a.fasta"), str(tmp_path / "c.txt")])
-    assert [p.name for p in paths] == ["a.fasta", "b.fasta", "c.txt"]
-    with pytest.raises(EsmShardError, match="matches no file"):
-        expand_fasta_paths(str(tmp_path / "*.fa"))
-    with pytest.raises(EsmShardError, match="does not exist"):
-        expand_fasta_paths(str(tmp_path / "missing.fasta"))
 
 
 def test_lengths_and_starts_address_the_residue_file(tmp_path):

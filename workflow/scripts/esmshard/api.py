@@ -55,7 +55,7 @@ def run_multi_gpu_inference(
     """Embed ``fasta_files`` with the workflow in ``output_dir``; returns (path of the merged
     ``results/embeddings.h5``, sorted list of the ranks that failed).
 
-    - ``fasta_files``: a path or glob, or a list of them (plain or gzip).
+    - ``fasta_files``: a path or glob, or a list of them (plain, gzip, bzip2 or xz).
     - ``model_config``: workflow config options (config/config.yaml, checked against
       workflow/schemas/config.schema.yaml); ``model`` is required.
     - ``world_size``: number of ranks; None means one per GPU visible here

@@ -1,12 +1,20 @@
 """Streaming FASTA reading with the validation policy ESM-2 needs.
 
 Every record is checked as it streams by, so that bad input stops the run before any model
-work. Memory holds one record at a time.
+work. Memory holds one record at a time. This module needs only the standard library: the
+Snakefile imports it when it is parsed, before numpy, h5py or torch need to be installed.
 """
 
+import bz2
 import glob
 import gzip
+import io
+import lzma
+import os
+import re
+import zlib
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +28,23 @@ _DELETE_VALID = bytes(ESM_RESIDUES)
 # Maps every byte that is not an ESM-2 residue to X (used with invalid_residues: replace).
 _TO_X = bytes(c if c in ESM_RESIDUES else ord("X") for c in range(256))
 
+# Compressions read, recognised by their magic bytes: file names can lie or lack a suffix.
+_COMPRESSIONS = {
+    b"\x1f\x8b": ("gzip", gzip.open),
+    b"BZh": ("bzip2", bz2.open),
+    b"\xfd7zXZ\x00": ("xz", lzma.open),
+}
+# Formats recognised only to say what to do instead of calling them "not FASTA".
+_UNSUPPORTED = {
+    b"PK\x03\x04": "zip archives are not supported; unzip it, or gzip it",
+    b"(\xb5/\xfd": "zstd compression is not supported; decompress it (zstd -d), or gzip it",
+}
+_READ_BLOCK = 1 << 16  # bytes read at a time; larger blocks fall out of the CPU cache, slower
+_BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark some Windows editors write
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+# What a damaged or truncated compressed file raises (gzip's and bz2's errors are OSErrors).
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+
 
 @dataclass
 class Record:
@@ -31,45 +56,125 @@ class Record:
     replaced: int  # residues mapped to X under invalid_residues: replace
 
 
-def open_maybe_gzip(path: Path):
-    """Open a FASTA file for binary reading; gzip is recognised by its magic bytes."""
-    with open(path, "rb") as handle:
-        magic = handle.read(2)
-    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+def expand_fasta_paths(patterns) -> list[Path]:
+    """The files that the config's ``fasta`` names: paths and globs, in the order given, each once.
+
+    ``~`` is expanded first. An entry that names an existing file is that file, even where its
+    name has glob characters (``data[1].fasta``); any other entry with glob characters is a
+    glob, whose matches come in sorted order. Paths are returned as given (after ``~``), not
+    made absolute.
+    """
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [patterns]
+    paths: dict[str, Path] = {}  # by real path, so that one file named two ways is read once
+    for pattern in map(os.path.expanduser, patterns):
+        if os.path.isfile(pattern) or not glob.has_magic(pattern):
+            matches = [pattern]
+        else:
+            matches = sorted(glob.glob(pattern))
+            if not matches:
+                raise EsmShardError(f"fasta: the pattern {pattern!r} matches no file")
+        for match in matches:
+            if not os.path.isfile(match):
+                raise EsmShardError(f"fasta: {match} does not exist or is not a file")
+            paths.setdefault(os.path.realpath(match), Path(match))
+    return list(paths.values())
+
+
+def open_fasta(path: Path):
+    """Open a FASTA file for binary reading, decompressed; returns (handle, compression).
+
+    The compression ('gzip', 'bzip2', 'xz', or None for plain text) comes from the content.
+    """
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as error:
+        raise EsmShardError(f"{path}: cannot read file: {error.strerror}") from None
+    for prefix, problem in _UNSUPPORTED.items():
+        if magic.startswith(prefix):
+            raise EsmShardError(f"{path}: {problem}")
+    for prefix, (compression, opener) in _COMPRESSIONS.items():
+        if magic.startswith(prefix):
+            return opener(path, "rb"), compression
+    return open(path, "rb"), None
 
 
 def read_fasta(path, invalid_residues: str = "error") -> Iterator[Record]:
-    """Yield the validated records of one FASTA file (plain or gzip).
+    """Yield the validated records of one FASTA file (plain, gzip, bzip2 or xz).
 
     Raises EsmShardError naming the file, record and position of the first problem.
     """
     if invalid_residues not in INVALID_POLICIES:
         raise ValueError(f"invalid_residues must be one of {INVALID_POLICIES}")
     path = Path(path)
+    handle, compression = open_fasta(path)
+    try:
+        with handle:
+            try:
+                yield from _records(path, handle, invalid_residues)
+            except EsmShardError:
+                # Damaged data can decompress to bad FASTA before the decompressor notices; then
+                # the damage is the problem to report, so read on to find it.
+                if compression:
+                    while handle.read(_READ_BLOCK):
+                        pass
+                raise
+    except _READ_ERRORS as error:
+        damaged = f" (damaged or truncated {compression} data)" if compression else ""
+        raise EsmShardError(f"{path}: cannot read file: {error}{damaged}") from None
+
+
+def _records(path: Path, handle, invalid_residues: str) -> Iterator[Record]:
     header = None  # (id, offset, number, line) of the record being read
     chunks: list[bytes] = []
     number = 0
-    offset = 0
-    try:
-        with open_maybe_gzip(path) as handle:
-            for line_no, raw in enumerate(handle, start=1):
-                line = raw.strip()
-                if line.startswith(b">"):
-                    if header is not None:
-                        yield _finish(path, header, chunks, invalid_residues)
-                    number += 1
-                    header = (_parse_id(path, line, number, line_no), offset, number, line_no)
-                    chunks = []
-                elif line:
-                    if header is None:
-                        raise EsmShardError(_not_fasta(path, line, line_no))
-                    chunks.append(b"".join(line.split()))
-                offset += len(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as error:
-        raise EsmShardError(f"{path}: cannot read file: {error}") from None
+    offset = _skip_bom(handle)
+    for line_no, raw in enumerate(chain.from_iterable(_line_blocks(handle)), start=1):
+        line = raw.strip()
+        if line.startswith(b">"):
+            if header is not None:
+                yield _finish(path, header, chunks, invalid_residues)
+            number += 1
+            header = (_parse_id(path, line, number, line_no), offset, number, line_no)
+            chunks = []
+        elif line:
+            if header is None:
+                raise EsmShardError(_not_fasta(path, line, line_no))
+            chunks.append(b"".join(line.split()))
+        offset += len(raw)
     if header is None:
         raise EsmShardError(f"{path}: no FASTA records (empty file or no '>' header lines)")
     yield _finish(path, header, chunks, invalid_residues)
+
+
+def _skip_bom(handle) -> int:
+    """Skip a UTF-8 byte order mark; returns the bytes skipped, where the first line starts."""
+    if handle.read(len(_BOM)) == _BOM:
+        return len(_BOM)
+    handle.seek(0)
+    return 0
+
+
+def _line_blocks(handle) -> Iterator[list[bytes]]:
+    """The lines of a binary stream, a list per block read, each line with its end.
+
+    Lines end at \\n, \\r\\n or a lone \\r (classic Mac); Python's own line iteration ends them
+    only at \\n. Memory holds a block or two and the line being read.
+    """
+    pending: list[bytes] = []  # the unfinished line, perhaps spread over many blocks
+    while block := handle.read(_READ_BLOCK):
+        pending.append(block)
+        if b"\n" not in block and b"\r" not in block:
+            continue
+        text = b"".join(pending)
+        # splitlines also ends lines at a lone \r; readlines (\n only) is faster where there is none.
+        lines = text.splitlines(keepends=True) if b"\r" in text else io.BytesIO(text).readlines()
+        # The last line may go on in the next block, and a final \r may be half of a \r\n.
+        pending = [] if lines[-1].endswith(b"\n") else [lines.pop()]
+        yield lines
+    if pending:
+        yield [b"".join(pending)]
 
 
 def _parse_id(path: Path, line: bytes, number: int, line_no: int) -> str:
@@ -77,11 +182,19 @@ def _parse_id(path: Path, line: bytes, number: int, line_no: int) -> str:
     if not words:
         raise EsmShardError(f"{path}: record {number} (line {line_no}): header has no sequence ID")
     try:
-        return words[0].decode("utf-8")
+        seq_id = words[0].decode("utf-8")
     except UnicodeDecodeError:
         raise EsmShardError(
             f"{path}: record {number} (line {line_no}): sequence ID is not valid UTF-8"
         ) from None
+    # No control character belongs in an ID, and HDF5 cannot store a NUL (isprintable is quick).
+    control = None if seq_id.isprintable() else _CONTROL.search(seq_id)
+    if control:
+        raise EsmShardError(
+            f"{path}: record {number} ({seq_id!r}, line {line_no}): sequence ID has the control "
+            f"character {control[0]!r} at position {control.start() + 1}; IDs must be printable"
+        )
+    return seq_id
 
 
 def _not_fasta(path: Path, line: bytes, line_no: int) -> str:
@@ -114,21 +227,3 @@ def _finish(path: Path, header, chunks: list[bytes], invalid_residues: str) -> R
         replaced = len(invalid)
         residues = residues.translate(_TO_X)
     return Record(seq_id, residues, offset, number, line_no, replaced)
-
-
-def expand_fasta_paths(patterns) -> list[Path]:
-    """Paths and globs from the config, in the order given, each file once."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    paths: list[Path] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise EsmShardError(f"fasta: the pattern {pattern!r} matches no file")
-        for match in matches:
-            path = Path(match)
-            if not path.is_file():
-                raise EsmShardError(f"fasta: {path} does not exist or is not a file")
-            if path not in paths:
-                paths.append(path)
-    return paths

@@ -3,8 +3,8 @@
 ``sequences.h5`` holds, per sequence, its ID, source file number, byte offset of its header
 in the (decompressed) source, residue count and the digest of its residues (which identifies
 its embeddings in the store); attributes hold the source paths and a fingerprint of the content.
-``residues.bin`` holds every sequence's validated residues back
-to back, so that ranks read a sequence with one slice of a memory map (also from gzip input)
+``residues.bin`` holds every sequence's validated residues back to back, so that ranks read a
+sequence with one slice of a memory map (also from compressed input)
 and never parse or validate again. Both stay small and fast at 10 million sequences; the
 build streams, holding one record and fixed-size blocks of rows in memory.
 """
