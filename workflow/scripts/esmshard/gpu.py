@@ -53,19 +53,14 @@ def in_slurm_job() -> bool:
 
 
 class GpuLease:
-    """The GPU this process uses (None: the CPU) and, when leased, the flock that holds it.
+    """The GPU this process uses (None: the CPU) and, when leased, the open lock file that holds it.
 
-    The flock lasts until release() or the process exits, however it exits.
+    Nothing releases the flock early: it lasts until the process exits, however it exits.
     """
 
-    def __init__(self, gpu: str, handle):
+    def __init__(self, gpu: str | None, handle):
         self.gpu = gpu
         self._handle = handle
-
-    def release(self) -> None:
-        if self._handle is not None:
-            self._handle.close()  # closing the file drops the flock
-            self._handle = None
 
 
 def pin_gpu(lock_dir=DEFAULT_LOCK_DIR, poll_seconds: float = 5.0):
