@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEFAULT_LOCK_DIR = "/tmp/esmshard-gpu-locks"
+# The signals whose handlers (installed by the caller) raise to stop the rank, also while it waits.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)
 
 
 def visible_gpus() -> list[str]:
@@ -63,7 +66,7 @@ class GpuLease:
         self._handle = handle
 
 
-def pin_gpu(lock_dir=DEFAULT_LOCK_DIR, poll_seconds: float = 5.0):
+def pin_gpu(lock_dir=DEFAULT_LOCK_DIR, poll_seconds: float = 5.0) -> GpuLease:
     """Choose this process's GPU and set CUDA_VISIBLE_DEVICES to it.
 
     Inside a SLURM job the allocation's CUDA_VISIBLE_DEVICES is kept as it is. Otherwise one
@@ -79,22 +82,49 @@ def pin_gpu(lock_dir=DEFAULT_LOCK_DIR, poll_seconds: float = 5.0):
         return GpuLease(None, None)
     lock_dir = Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
-    waited = False
-    while True:
+    gpu, handle = _lease(lock_dir, gpus, poll_seconds)
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    return GpuLease(gpu, handle)
+
+
+def _lease(lock_dir: Path, gpus: list[str], poll_seconds: float):
+    """Wait until one of gpus is free and flock it; return it and its open lock file.
+
+    Every other lock file is closed however this ends, also when a signal handler's exception
+    interrupts the wait, so no lock is left held by an abandoned wait.
+    """
+    handles = {}
+    try:
         for gpu in gpus:
-            handle = open(lock_dir / f"gpu-{gpu}.lock", "a+")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-            return GpuLease(gpu, handle)
-        if not waited:
-            log.info("all %d visible GPUs are leased by other ranks; waiting for one", len(gpus))
-            waited = True
-        time.sleep(poll_seconds)
+            handles[gpu] = open(lock_dir / f"gpu-{gpu}.lock", "a+")
+        waited = False
+        while True:
+            for gpu, handle in handles.items():
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # another rank's
+                handle.seek(0)  # for whoever wonders who holds the GPU
+                handle.truncate()
+                handle.write(f"{os.getpid()}\n")
+                handle.flush()
+                return gpu, handles.pop(gpu)
+            if not waited:
+                _log_waiting(len(gpus))
+                waited = True
+            time.sleep(poll_seconds)
+    finally:
+        for handle in handles.values():
+            handle.close()  # closing the file drops its flock, if it was taken
+
+
+def _log_waiting(count: int) -> None:
+    # Logging catches any exception raised while it writes (Handler.handleError), so the
+    # exception of a stop signal's handler would be lost there and the wait go on: hold the stop
+    # signals until the message is written; one that came meanwhile is handled right after.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        log.info("all %d visible GPUs are leased by other ranks; waiting for one", count)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
