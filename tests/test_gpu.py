@@ -1,9 +1,15 @@
 import os
+import pwd
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -45,17 +51,79 @@ HOLDER = textwrap.dedent(
 )
 
 
-def start(script, *args, visible="0,1"):
-    """A python process running script with CUDA_VISIBLE_DEVICES=visible."""
+@dataclass
+class User:
+    """Another Unix user to run processes as, with a python and a copy of esmshard it can read."""
+
+    uid: int
+    gid: int
+    python: str
+    pythonpath: str
+
+    def command(self, script, *args):
+        ids = [f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups"]
+        return ["setpriv", *ids, self.python, "-c", script, *map(str, args)]
+
+
+def start(script, *args, visible="0,1", user=None):
+    """A python process running script with CUDA_VISIBLE_DEVICES=visible, as user when given."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("SLURM_JOB_ID", None)
     command = [sys.executable, "-c", script, *map(str, args)]
+    if user is not None:
+        command = user.command(script, *args)
+        env.update(PYTHONPATH=user.pythonpath, HOME="/", PYTHONDONTWRITEBYTECODE="1")
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def start_holder(lock_dir, seconds, visible="0,1"):
+def start_holder(lock_dir, seconds, visible="0,1", user=None):
     """A process that leases a GPU, prints it, and holds it for seconds."""
-    return start(HOLDER, lock_dir, seconds, visible=visible)
+    return start(HOLDER, lock_dir, seconds, visible=visible, user=user)
+
+
+def _add_user(name) -> bool:
+    """Create a system user unless it exists; return whether this created it."""
+    try:
+        pwd.getpwnam(name)
+        return False
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--user-group", name], check=True)
+        return True
+
+
+@pytest.fixture(scope="module")
+def other_users():
+    """Two Unix users other than root (created here, removed after), whose processes can import
+    a copy of esmshard (this checkout and its python may be private to root)."""
+    if os.geteuid() != 0 or not (shutil.which("setpriv") and shutil.which("useradd")):
+        pytest.skip("needs root (to create Unix users), setpriv and useradd")
+    names = ["esmshard-test-a", "esmshard-test-b"]
+    created = [name for name in names if _add_user(name)]
+    shared = Path(tempfile.mkdtemp(prefix="esmshard-test-pkg-"))
+    try:
+        shared.chmod(0o755)
+        package = Path(gpu.__file__).parent
+        shutil.copytree(package, shared / "esmshard", ignore=shutil.ignore_patterns("__pycache__"))
+        for python in (sys.executable, "/usr/bin/python3"):  # the first may be in root's private home
+            users = [User(pwd.getpwnam(n).pw_uid, pwd.getpwnam(n).pw_gid, python, str(shared)) for n in names]
+            if start("import esmshard.gpu", user=users[0]).wait(timeout=60) == 0:
+                break
+        else:
+            pytest.skip("no python that the other users can run")
+        yield users
+    finally:
+        shutil.rmtree(shared)
+        for name in created:
+            subprocess.run(["userdel", name], check=True)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A directory that every user can reach and write, unlike tmp_path (private to this user)."""
+    path = Path(tempfile.mkdtemp(prefix="esmshard-test-"))
+    path.chmod(0o1777)
+    yield path
+    shutil.rmtree(path)
 
 
 def test_processes_never_share_a_gpu_and_wait_when_all_are_leased(tmp_path):
@@ -81,6 +149,57 @@ def test_a_killed_holder_frees_its_gpu(tmp_path):
     nxt = start_holder(tmp_path, 0, visible="7")
     assert nxt.stdout.readline().strip() == "7"
     nxt.wait(timeout=30)
+
+
+def test_two_users_never_share_a_gpu(other_users, shared_tmp):
+    a, b = other_users
+    locks = shared_tmp / "locks"
+    holder = start_holder(locks, 60, user=a)
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        assert stat.S_IMODE(locks.stat().st_mode) == 0o1777
+        files = {p.name: (stat.S_IMODE(p.stat().st_mode), p.stat().st_uid) for p in locks.iterdir()}
+        assert files == {"gpu-0.lock": (0o666, a.uid), "gpu-1.lock": (0o666, a.uid)}
+        other = start_holder(locks, 0, user=b)
+        assert other.stdout.readline().strip() == "1"
+        assert other.wait(timeout=30) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_with_one_gpu_the_other_user_waits_for_it(other_users, shared_tmp):
+    a, b = other_users
+    holder = start_holder(shared_tmp / "locks", 60, visible="0", user=a)
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        waiter = start_holder(shared_tmp / "locks", 0, visible="0", user=b)
+        assert "waiting for one" in waiter.stderr.readline()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert waiter.stdout.readline().strip() == "0"
+    assert waiter.wait(timeout=30) == 0
+
+
+def test_lock_files_the_user_cannot_write_still_work(other_users, shared_tmp):
+    """A directory and lock files of user a, left as an older esmshard made them (0755, 0644)."""
+    a, b = other_users
+    locks = shared_tmp / "locks"
+    locks.mkdir()
+    for path, mode in ((locks, 0o755), (locks / "gpu-0.lock", 0o644), (locks / "gpu-1.lock", 0o644)):
+        path.touch(exist_ok=True)
+        path.chmod(mode)
+        os.chown(path, a.uid, a.gid)
+    holder = start_holder(locks, 60, user=b)  # b opens a's files read-only
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        other = start_holder(locks, 0, user=a)
+        assert other.stdout.readline().strip() == "1"
+        assert other.wait(timeout=30) == 0
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 WAITER = textwrap.dedent(

@@ -71,8 +71,8 @@ def pin_gpu(lock_dir=DEFAULT_LOCK_DIR, poll_seconds: float = 5.0) -> GpuLease:
 
     Inside a SLURM job the allocation's CUDA_VISIBLE_DEVICES is kept as it is. Otherwise one
     visible GPU is leased through a per-GPU flock in lock_dir, shared by every esmshard process
-    on the host, so two ranks never share a GPU; when all are leased this waits for one. With no
-    GPU the process runs on the CPU.
+    of every user on the host, so two ranks never share a GPU; when all are leased this waits
+    for one. With no GPU the process runs on the CPU.
     """
     if in_slurm_job() and os.environ.get("CUDA_VISIBLE_DEVICES"):
         return GpuLease(os.environ["CUDA_VISIBLE_DEVICES"], None)
@@ -81,10 +81,21 @@ def pin_gpu(lock_dir=DEFAULT_LOCK_DIR, poll_seconds: float = 5.0) -> GpuLease:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         return GpuLease(None, None)
     lock_dir = Path(lock_dir)
-    lock_dir.mkdir(parents=True, exist_ok=True)
+    _make_lock_dir(lock_dir)
     gpu, handle = _lease(lock_dir, gpus, poll_seconds)
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     return GpuLease(gpu, handle)
+
+
+def _make_lock_dir(lock_dir: Path) -> None:
+    try:
+        lock_dir.mkdir(parents=True)
+    except FileExistsError:
+        pass  # an earlier run's, perhaps another user's
+    else:
+        # Every user of the host leases GPUs here: writable by all and sticky, like /tmp. Set with
+        # chmod because the umask strips these bits from mkdir's mode.
+        os.chmod(lock_dir, 0o1777)
 
 
 def _lease(lock_dir: Path, gpus: list[str], poll_seconds: float):
@@ -96,18 +107,19 @@ def _lease(lock_dir: Path, gpus: list[str], poll_seconds: float):
     handles = {}
     try:
         for gpu in gpus:
-            handles[gpu] = open(lock_dir / f"gpu-{gpu}.lock", "a+")
+            handles[gpu] = _open_lock(lock_dir / f"gpu-{gpu}.lock")
         waited = False
         while True:
             for gpu, handle in handles.items():
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    continue  # another rank's
-                handle.seek(0)  # for whoever wonders who holds the GPU
-                handle.truncate()
-                handle.write(f"{os.getpid()}\n")
-                handle.flush()
+                    continue  # another rank's, of this user or another
+                if handle.writable():  # for whoever wonders who holds the GPU
+                    handle.seek(0)
+                    handle.truncate()
+                    handle.write(f"{os.getpid()}\n")
+                    handle.flush()
                 return gpu, handles.pop(gpu)
             if not waited:
                 _log_waiting(len(gpus))
@@ -127,4 +139,26 @@ def _log_waiting(count: int) -> None:
         log.info("all %d visible GPUs are leased by other ranks; waiting for one", count)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _open_lock(path: Path):
+    """Open a GPU's lock file, creating it (writable by every user) when there is none.
+
+    An existing file is opened without O_CREAT: with fs.protected_regular the kernel refuses
+    O_CREAT on another user's file in a sticky directory. A file this user cannot write (another
+    user's, or one an older esmshard created 0644) is opened read-only: flock needs no write access.
+    """
+    while True:
+        try:
+            return open(path, "r+")
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            return open(path, "r")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue  # another rank created it just now
+        os.fchmod(fd, 0o666)  # the umask stripped other users' write permission
+        return os.fdopen(fd, "r+")
 
