@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from esmshard import gpu
+from esmshard import EsmShardError, gpu
 
 
 @pytest.mark.parametrize(
@@ -123,6 +123,9 @@ def shared_tmp():
     path = Path(tempfile.mkdtemp(prefix="esmshard-test-"))
     path.chmod(0o1777)
     yield path
+    for sub in [path, *path.rglob("*")]:
+        if sub.is_dir():
+            sub.chmod(0o777)  # a test may have made it read-only
     shutil.rmtree(path)
 
 
@@ -244,3 +247,54 @@ def test_a_stop_signal_ends_the_wait_and_leaves_no_lock_held(tmp_path):
     assert waiter.returncode == 1 and err.strip().endswith("Stopped: SIGTERM")
     assert out.strip() == "[]"  # no lock file left open, so no flock held
 
+
+ADVICE = (
+    "; set gpu_lock_dir in the config to a directory that"
+    " every user running esmshard on this host can write"
+)
+
+
+def pin_error(lock_dir, monkeypatch) -> str:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(EsmShardError) as error:
+        gpu.pin_gpu(lock_dir)
+    return str(error.value)
+
+
+def pin_error_without_write_permission(directory, lock_dir, monkeypatch, request) -> str:
+    """pin_gpu(lock_dir)'s error for a user who cannot write directory: this user with the
+    directory read-only, or, as root may write anywhere, another user."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        return pin_error(lock_dir, monkeypatch)
+    directory.chmod(0o755)
+    process = start_holder(lock_dir, 0, visible="0", user=request.getfixturevalue("other_users")[0])
+    _, err = process.communicate(timeout=30)
+    last = err.strip().splitlines()[-1]
+    assert process.returncode == 1 and last.startswith("esmshard.EsmShardError: ")
+    return last.removeprefix("esmshard.EsmShardError: ")
+
+
+def test_a_lock_dir_that_is_a_file(tmp_path, monkeypatch):
+    (tmp_path / "locks").write_text("")
+    message = pin_error(tmp_path / "locks", monkeypatch)
+    assert message == f"gpu_lock_dir {tmp_path}/locks: is not a directory{ADVICE}"
+
+
+def test_a_lock_dir_whose_parent_cannot_be_created(shared_tmp, monkeypatch, request):
+    directory = shared_tmp / "readonly"
+    directory.mkdir()
+    message = pin_error_without_write_permission(directory, directory / "sub" / "locks", monkeypatch, request)
+    expected = f"gpu_lock_dir {directory}/sub/locks: cannot create it: Permission denied ({directory}/sub)"
+    assert message == expected + ADVICE
+
+
+def test_a_lock_dir_the_user_cannot_write_and_without_lock_files(shared_tmp, monkeypatch, request):
+    locks = shared_tmp / "locks"
+    locks.mkdir()
+    (locks / "gpu-1.lock").touch()  # another GPU's: no help
+    message = pin_error_without_write_permission(locks, locks, monkeypatch, request)
+    user = "esmshard-test-a" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+    problem = f"has no gpu-0.lock and user {user} may not create files in it"
+    assert message == f"gpu_lock_dir {locks}: {problem}{ADVICE}"

@@ -7,11 +7,14 @@ CUDA_VISIBLE_DEVICES is read only then.
 import fcntl
 import logging
 import os
+import pwd
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+from esmshard import EsmShardError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ def pin_gpu(lock_dir=DEFAULT_LOCK_DIR, poll_seconds: float = 5.0) -> GpuLease:
     Inside a SLURM job the allocation's CUDA_VISIBLE_DEVICES is kept as it is. Otherwise one
     visible GPU is leased through a per-GPU flock in lock_dir, shared by every esmshard process
     of every user on the host, so two ranks never share a GPU; when all are leased this waits
-    for one. With no GPU the process runs on the CPU.
+    for one. With no GPU the process runs on the CPU. An unusable lock_dir raises EsmShardError.
     """
     if in_slurm_job() and os.environ.get("CUDA_VISIBLE_DEVICES"):
         return GpuLease(os.environ["CUDA_VISIBLE_DEVICES"], None)
@@ -82,7 +85,10 @@ def pin_gpu(lock_dir=DEFAULT_LOCK_DIR, poll_seconds: float = 5.0) -> GpuLease:
         return GpuLease(None, None)
     lock_dir = Path(lock_dir)
     _make_lock_dir(lock_dir)
-    gpu, handle = _lease(lock_dir, gpus, poll_seconds)
+    try:
+        gpu, handle = _lease(lock_dir, gpus, poll_seconds)
+    except OSError as error:
+        raise _unusable(lock_dir, f"{error.strerror} ({error.filename})") from None
     os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     return GpuLease(gpu, handle)
 
@@ -91,11 +97,15 @@ def _make_lock_dir(lock_dir: Path) -> None:
     try:
         lock_dir.mkdir(parents=True)
     except FileExistsError:
-        pass  # an earlier run's, perhaps another user's
+        pass  # an earlier run's, perhaps another user's (or not a directory: checked below)
+    except OSError as error:
+        raise _unusable(lock_dir, f"cannot create it: {error.strerror} ({error.filename})") from None
     else:
         # Every user of the host leases GPUs here: writable by all and sticky, like /tmp. Set with
         # chmod because the umask strips these bits from mkdir's mode.
         os.chmod(lock_dir, 0o1777)
+    if not lock_dir.is_dir():
+        raise _unusable(lock_dir, "is not a directory")
 
 
 def _lease(lock_dir: Path, gpus: list[str], poll_seconds: float):
@@ -159,6 +169,22 @@ def _open_lock(path: Path):
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue  # another rank created it just now
+        except PermissionError:
+            problem = f"has no {path.name} and user {_user()} may not create files in it"
+            raise _unusable(path.parent, problem) from None
         os.fchmod(fd, 0o666)  # the umask stripped other users' write permission
         return os.fdopen(fd, "r+")
 
+
+def _unusable(lock_dir: Path, problem: str) -> EsmShardError:
+    return EsmShardError(
+        f"gpu_lock_dir {lock_dir}: {problem}; set gpu_lock_dir in the config to a directory "
+        "that every user running esmshard on this host can write"
+    )
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid without a passwd entry, as in some containers
+        return f"uid {os.geteuid()}"
