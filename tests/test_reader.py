@@ -61,6 +61,10 @@ def test_unknown_id_layer_or_pooling_is_named(embeddings_file):
         load_embeddings(path)
     with pytest.raises(KeyError, match="no layer 4"):
         load_embeddings(path, layer=4)
+    with pytest.raises(KeyError, match=r"layer -8 is outside this model's layers 0\.\.6"):
+        load_embeddings(path, layer=-8)
+    with pytest.raises(KeyError, match=r"holds no 'max' output \(it holds mean, bos, per_residue\)"):
+        load_embeddings(path, pooling="max", layer=6)
 
 
 def test_export_npy_and_fair_esm_pt(embeddings_file, tmp_path):

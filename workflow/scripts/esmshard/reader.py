@@ -5,7 +5,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from esmshard.outputs import OutputSpec, dataset_name, pooling_of
+from esmshard.outputs import OutputSpec, dataset_name, pooling_of, resolve_layer
 
 
 def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = None):
@@ -39,8 +39,10 @@ def _output_name(h5, pooling: str, layer, path) -> str:
         if len(spec.layers) > 1:
             raise KeyError(f"{path} holds layers {list(spec.layers)}: say which one")
         layer = spec.layers[0]
-    if layer < 0:  # counted from the end, as in the config
-        layer = spec.num_layers + 1 + layer
+    try:
+        layer = resolve_layer(layer, spec.num_layers)  # negative: counted from the end, as in the config
+    except ValueError as error:
+        raise KeyError(f"{path}: {error}") from None
     if layer not in spec.layers:
         raise KeyError(f"{path} holds no layer {layer} (it holds {list(spec.layers)})")
     return dataset_name(pooling, layer)
