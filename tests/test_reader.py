@@ -67,6 +67,18 @@ def test_unknown_id_layer_or_pooling_is_named(embeddings_file):
         load_embeddings(path, pooling="max", layer=6)
 
 
+def test_ids_may_be_one_id_or_any_sequence_of_them(embeddings_file):
+    path, _ = embeddings_file
+    _, everything = load_embeddings(path, layer=6)
+    ids, one = load_embeddings(path, "sp|P00007|X", layer=6)
+    assert ids == ["sp|P00007|X"] and np.array_equal(one, everything[[7]])
+    _, per_residue = load_embeddings(path, "a/b", pooling="per_residue", layer=6)
+    assert len(per_residue) == 1
+    for sequence in (("a/b", "sp|P00002|X"), np.array(["a/b", "sp|P00002|X"])):
+        ids, two = load_embeddings(path, sequence, layer=6)
+        assert ids == ["a/b", "sp|P00002|X"] and np.array_equal(two, everything[[50, 2]])
+
+
 def test_export_npy_and_fair_esm_pt(embeddings_file, tmp_path):
     path, lengths = embeddings_file
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}

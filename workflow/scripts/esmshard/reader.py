@@ -13,9 +13,12 @@ def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = N
 
     ``pooling`` and ``layer`` pick the output (``layer`` may be left out when the file holds one
     layer). Pooled outputs come as one [n, dim] array; ``per_residue`` as a list of [length, dim]
-    arrays. With ``ids``, only those rows are read from disk, in the order asked; an unknown ID
-    raises KeyError naming it. Without, everything is read.
+    arrays. With ``ids`` (one ID, or a list, tuple or array of them), only those rows are read
+    from disk, in the order asked; an unknown ID raises KeyError naming it. Without, everything
+    is read.
     """
+    if isinstance(ids, str):  # one ID, not a sequence of one-character IDs
+        ids = [ids]
     with h5py.File(path, "r") as h5:
         name = _output_name(h5, pooling, layer, path)
         stored = h5["ids"].asstr()[:]
