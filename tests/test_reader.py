@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -7,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from esmshard import EsmShardError
 from esmshard.outputs import OutputSpec
-from esmshard.reader import load_embeddings
+from esmshard.reader import export_npy, export_pt, load_embeddings
 from esmshard.shard import ShardWriter
 
 IDS = [f"sp|P{i:05d}|X" for i in range(50)] + ["a/b"]
@@ -79,12 +81,18 @@ def test_ids_may_be_one_id_or_any_sequence_of_them(embeddings_file):
         assert ids == ["a/b", "sp|P00002|X"] and np.array_equal(two, everything[[50, 2]])
 
 
+def export(*args) -> subprocess.CompletedProcess:
+    """``python -m esmshard export ARGS``, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "esmshard", "export", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env)
+
+
 def test_export_npy_and_fair_esm_pt(embeddings_file, tmp_path):
     path, lengths = embeddings_file
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
     def run(*args):
-        subprocess.run([sys.executable, "-m", "esmshard", "export", str(path), *args], check=True, env=env)
+        assert export(path, *args).returncode == 0
 
     run(str(tmp_path / "npy"))
     _, means = load_embeddings(path, layer=6)
@@ -98,3 +106,39 @@ def test_export_npy_and_fair_esm_pt(embeddings_file, tmp_path):
     assert torch.equal(saved["bos_representations"][3], torch.from_numpy(load_embeddings(path, pooling="bos", layer=3)[1][4]))
     assert saved["representations"][6].shape == (lengths[4], 8)
     assert (tmp_path / "pt" / "a%2Fb.pt").exists()
+
+
+@pytest.fixture
+def bad_paths(embeddings_file, tmp_path):
+    """name: (embeddings argument, output directory, exception, message), as a user gets them wrong."""
+    fasta = tmp_path / "proteins.fasta"
+    fasta.write_text(">x\nMKV\n")
+    with h5py.File(tmp_path / "other.h5", "w") as h5:
+        h5["id"] = ["x"]
+    (tmp_path / "taken").write_text("")
+    out = tmp_path / "out"
+    return {
+        "missing file": (tmp_path / "nothing.h5", out, FileNotFoundError, "nothing.h5: no such file"),
+        "other HDF5": (tmp_path / "other.h5", out, EsmShardError,
+                       "other.h5 is not esmshard embeddings: it has no attribute 'layers', attribute 'pooling', "),
+        "FASTA": (fasta, out, EsmShardError, "proteins.fasta is not an HDF5 file, so not esmshard embeddings"),
+        "output is a file": (embeddings_file[0], tmp_path / "taken", NotADirectoryError,
+                             "taken exists and is not a directory"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "other HDF5", "FASTA", "output is a file"])
+@pytest.mark.parametrize("format", ["npy", "pt"])
+def test_a_bad_path_is_a_one_line_error_naming_it(bad_paths, case, format, tmp_path):
+    path, out, error, message = bad_paths[case]
+    result = export(path, out, "--format", format)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"python -m esmshard export: error: {tmp_path}/{message}")
+    assert result.stderr.count("\n") == 1  # one line, no traceback
+    assert not (tmp_path / "out").exists()  # nothing was written, not even the directory
+    with pytest.raises(error, match=re.escape(message)):
+        (export_npy if format == "npy" else export_pt)(path, out)
+    if case != "output is a file":
+        with pytest.raises(error, match=re.escape(message)):
+            load_embeddings(path)
+    assert not (tmp_path / "out").exists()

@@ -1,11 +1,15 @@
 """Reading embeddings back: by ID, reading only the rows asked for, and exporting them."""
 
+import contextlib
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from esmshard import EsmShardError, atomic_output
 from esmshard.outputs import OutputSpec, dataset_name, pooling_of, resolve_layer
+
+_SPEC_ATTRS = ("layers", "pooling", "num_layers", "long_sequences", "window_overlap")  # what OutputSpec.from_attrs reads
 
 
 def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = None):
@@ -15,12 +19,12 @@ def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = N
     layer). Pooled outputs come as one [n, dim] array; ``per_residue`` as a list of [length, dim]
     arrays. With ``ids`` (one ID, or a list, tuple or array of them), only those rows are read
     from disk, in the order asked; an unknown ID raises KeyError naming it. Without, everything
-    is read.
+    is read. A missing file raises FileNotFoundError, a file that is not esmshard's EsmShardError.
     """
     if isinstance(ids, str):  # one ID, not a sequence of one-character IDs
         ids = [ids]
-    with h5py.File(path, "r") as h5:
-        name = _output_name(h5, pooling, layer, path)
+    with _open_embeddings(path) as (h5, spec):
+        name = _output_name(spec, pooling, layer, path)
         stored = h5["ids"].asstr()[:]
         rows = np.arange(len(stored)) if ids is None else _rows_of(stored, list(ids), path)
         found = [str(i) for i in stored[rows]]
@@ -34,8 +38,37 @@ def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = N
         return found, [dataset[offsets[r] : offsets[r + 1]] for r in rows]
 
 
-def _output_name(h5, pooling: str, layer, path) -> str:
-    spec = OutputSpec.from_attrs(h5.attrs)
+@contextlib.contextmanager
+def _open_embeddings(path):
+    """(open file, its OutputSpec); a one-line error naming the file unless it is an esmshard
+    ``embeddings.h5`` or shard."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not h5py.is_hdf5(path):
+        raise EsmShardError(f"{path} is not an HDF5 file, so not esmshard embeddings (embeddings.h5 or a shard)")
+    with h5py.File(path, "r") as h5:
+        lacking = [f"attribute {name!r}" for name in _SPEC_ATTRS if name not in h5.attrs]
+        if not lacking:
+            spec = OutputSpec.from_attrs(h5.attrs)
+            datasets = ["ids", *spec.names] + (["residue_offsets"] if spec.per_residue else [])
+            lacking = [f"dataset {name!r}" for name in datasets if name not in h5]
+        if lacking:
+            raise EsmShardError(f"{path} is not esmshard embeddings: it has no {', '.join(lacking)}")
+        yield h5, spec
+
+
+def _output_dir(out_dir) -> Path:
+    """out_dir, made if need be (only once the input was found good: a failed export leaves no
+    empty directory)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def _output_name(spec: OutputSpec, pooling: str, layer, path) -> str:
     if pooling not in spec.poolings:
         raise KeyError(f"{path} holds no {pooling!r} output (it holds {', '.join(spec.poolings)})")
     if layer is None:
@@ -63,19 +96,20 @@ def _rows_of(stored: np.ndarray, ids: list, path) -> np.ndarray:
 
 def export_npy(path, out_dir) -> list[Path]:
     """Every output as ``<pooling>_layer_<L>.npy`` ([n, dim]; per-residue outputs [residues, dim]
-    with ``residue_offsets.npy``), and ``ids.txt`` (one per line, same order), in out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with ``residue_offsets.npy``), and ``ids.txt`` (one per line, same order), in out_dir.
+
+    Each file appears whole or not at all. Errors as load_embeddings, and NotADirectoryError for
+    an out_dir that is a file."""
     written = []
-    with h5py.File(path, "r") as h5:
-        spec = OutputSpec.from_attrs(h5.attrs)
-        names = spec.names + (["residue_offsets"] if spec.per_residue else [])
-        for name in names:
-            target = out_dir / f"{name.replace('/', '_')}.npy"
-            np.save(target, h5[name][:])
-            written.append(target)
+    with _open_embeddings(path) as (h5, spec):
+        out_dir = _output_dir(out_dir)
+        for name in spec.names + (["residue_offsets"] if spec.per_residue else []):
+            written.append(out_dir / f"{name.replace('/', '_')}.npy")
+            with atomic_output(written[-1]) as tmp, open(tmp, "wb") as handle:  # np.save(path) adds .npy
+                np.save(handle, h5[name][:])
         ids = h5["ids"].asstr()[:]
-    (out_dir / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    with atomic_output(out_dir / "ids.txt") as tmp:
+        tmp.write_text("".join(f"{i}\n" for i in ids))
     return [*written, out_dir / "ids.txt"]
 
 
@@ -87,11 +121,9 @@ def export_pt(path, out_dir) -> int:
     import torch
 
     keys = {"mean": "mean_representations", "bos": "bos_representations", "per_residue": "representations"}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "r") as h5:
-        spec = OutputSpec.from_attrs(h5.attrs)
+    with _open_embeddings(path) as (h5, spec):
         ids = h5["ids"].asstr()[:]
+        out_dir = _output_dir(out_dir)
         offsets = h5["residue_offsets"][:] if spec.per_residue else None
         for start in range(0, len(ids), 1024):
             end = min(len(ids), start + 1024)
