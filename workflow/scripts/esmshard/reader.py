@@ -1,6 +1,9 @@
 """Reading embeddings back: by ID, reading only the rows asked for, and exporting them."""
 
 import contextlib
+import hashlib
+import re
+from collections import Counter
 from pathlib import Path
 
 import h5py
@@ -9,6 +12,7 @@ import numpy as np
 from esmshard import EsmShardError, atomic_output
 from esmshard.outputs import OutputSpec, dataset_name, pooling_of, resolve_layer
 
+_SAFE = "A-Za-z0-9_.|:+=@,-"  # characters that go into a .pt file's name as they are (no '~')
 _SPEC_ATTRS = ("layers", "pooling", "num_layers", "long_sequences", "window_overlap")  # what OutputSpec.from_attrs reads
 
 
@@ -114,32 +118,65 @@ def export_npy(path, out_dir) -> list[Path]:
 
 
 def export_pt(path, out_dir) -> int:
-    """One ``<id>.pt`` per sequence as fair-esm's extract.py writes them: ``{"label": id,
+    """One ``.pt`` file per sequence as fair-esm's extract.py writes them: ``{"label": id,
     "mean_representations": {layer: [dim]}, "bos_representations": {layer: [dim]},
-    "representations": {layer: [length, dim]}}`` with the outputs the file holds ('/' in an ID
-    becomes '%2F')."""
+    "representations": {layer: [length, dim]}}`` with the outputs the file holds. Files are named
+    by pt_file_name; ``ids.tsv`` maps each ID to its file (ID, tab, file name; file order), and is
+    written last. Each file appears whole or not at all. Errors as export_npy."""
+    import torch
+
+    with _open_embeddings(path) as (h5, spec):
+        ids = h5["ids"].asstr()[:].tolist()
+        names = _pt_file_names(ids, path)
+        out_dir = _output_dir(out_dir)
+        for name, record in zip(names, _pt_records(h5, spec, ids)):
+            with atomic_output(out_dir / name) as tmp:
+                torch.save(record, tmp)
+    with atomic_output(out_dir / "ids.tsv") as tmp:
+        tmp.write_text("".join(f"{seq_id}\t{name}\n" for seq_id, name in zip(ids, names)))
+    return len(ids)
+
+
+def pt_file_name(seq_id: str) -> str:
+    """``<ID>.pt`` (extract.py's name) for an ID of at most 200 of the characters ``_SAFE``, not
+    starting with '.'; otherwise ``<prefix>~<hash>.pt``: the ID's first 64 characters with
+    every other character as '_', and 16 hex digits of the SHA-256 of the whole ID. A plain name
+    has no '~', so two IDs share a name only if their hashes do; no name is over 255 bytes."""
+    if len(seq_id) <= 200 and re.fullmatch(f"[{_SAFE}]+", seq_id) and not seq_id.startswith("."):
+        return f"{seq_id}.pt"
+    prefix = re.sub(f"[^{_SAFE}]", "_", seq_id[:64]).lstrip(".")  # no hidden files
+    return f"{prefix}~{hashlib.sha256(seq_id.encode()).hexdigest()[:16]}.pt"
+
+
+def _pt_file_names(ids: list[str], path) -> list[str]:
+    names = [pt_file_name(seq_id) for seq_id in ids]
+    counts = Counter(names)
+    shared = [seq_id for seq_id, name in zip(ids, names) if counts[name] > 1]
+    if shared:  # an ID held twice (the index forbids it), or a hash collision
+        raise EsmShardError(f"{path}: IDs {shared[:3]} would share a .pt file")
+    return names
+
+
+def _pt_records(h5, spec: OutputSpec, ids: list[str]):
+    """extract.py's dict of each sequence, in file order, reading 1024 sequences at a time."""
     import torch
 
     keys = {"mean": "mean_representations", "bos": "bos_representations", "per_residue": "representations"}
-    with _open_embeddings(path) as (h5, spec):
-        ids = h5["ids"].asstr()[:]
-        out_dir = _output_dir(out_dir)
-        offsets = h5["residue_offsets"][:] if spec.per_residue else None
-        for start in range(0, len(ids), 1024):
-            end = min(len(ids), start + 1024)
-            blocks = {}
-            for name in spec.names:
-                if pooling_of(name) == "per_residue":
-                    blocks[name] = (h5[name][offsets[start] : offsets[end]], offsets[start])
-                else:
-                    blocks[name] = (h5[name][start:end], None)
-            for row in range(start, end):
-                result = {"label": ids[row]}
-                for pooling in spec.poolings:
-                    result[keys[pooling]] = {}
-                    for layer in spec.layers:
-                        values, base = blocks[dataset_name(pooling, layer)]
-                        vector = values[offsets[row] - base : offsets[row + 1] - base] if base is not None else values[row - start]
-                        result[keys[pooling]][layer] = torch.from_numpy(vector.astype(np.float32))
-                torch.save(result, out_dir / f"{ids[row].replace('/', '%2F')}.pt")
-    return len(ids)
+    offsets = h5["residue_offsets"][:] if spec.per_residue else None
+    for start in range(0, len(ids), 1024):
+        end = min(len(ids), start + 1024)
+        blocks = {}
+        for name in spec.names:
+            if pooling_of(name) == "per_residue":
+                blocks[name] = (h5[name][offsets[start] : offsets[end]], offsets[start])
+            else:
+                blocks[name] = (h5[name][start:end], None)
+        for row in range(start, end):
+            record = {"label": ids[row]}
+            for pooling in spec.poolings:
+                record[keys[pooling]] = {}
+                for layer in spec.layers:
+                    values, base = blocks[dataset_name(pooling, layer)]
+                    vector = values[offsets[row] - base : offsets[row + 1] - base] if base is not None else values[row - start]
+                    record[keys[pooling]][layer] = torch.from_numpy(vector.astype(np.float32))
+            yield record
