@@ -64,6 +64,20 @@ def test_model_config_is_checked_against_the_workflow_schema(tmp_path, fasta):
     assert not list(tmp_path.iterdir())  # nothing ran
 
 
+def written_config(tmp_path, fasta, model_config, monkeypatch) -> dict:
+    """The config.yaml that a call with ``model_config`` writes (snakemake is not run)."""
+    monkeypatch.setattr(api, "_snakemake", lambda *args: (1, "esmshard: ERROR: stopped by the test\n"))
+    with pytest.raises(ValueError, match="stopped by the test"):
+        run_multi_gpu_inference(fasta, tmp_path, model_config)
+    return yaml.safe_load((tmp_path / "config.yaml").read_text())
+
+
+def test_list_options_may_be_any_sequence(tmp_path, fasta, monkeypatch):
+    model_config = {"model": "esm2_t6_8M_UR50D", "layers": np.array([-1, 3]), "pooling": ("mean", "bos")}
+    config = written_config(tmp_path, fasta, model_config, monkeypatch)
+    assert config["layers"] == [-1, 3] and config["pooling"] == ["mean", "bos"]
+
+
 def test_bad_input_fails_at_the_index_before_any_embed_job(tmp_path, tiny_checkpoint):
     fasta = tmp_path / "a.fasta"
     fasta.write_text(">x\nMKV\n>y\nMK#V\n")

@@ -16,7 +16,7 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import h5py
@@ -150,7 +150,7 @@ def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
     model = Path(model_config["model"]).expanduser()
     config = {
         "fasta": [os.path.abspath(os.path.expanduser(pattern)) for pattern in fasta_files],
-        **model_config,
+        **_as_lists(model_config, schema),
         "model": str(model.resolve()) if model.is_file() else str(model_config["model"]),
         "world_size": world_size,
         "timeout": timeout,
@@ -159,6 +159,17 @@ def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(config)]
     if errors:
         raise ValueError(f"config: {'; '.join(errors)}")
+    return config
+
+
+def _as_lists(model_config: Mapping, schema: dict) -> dict:
+    """model_config with any sequence (tuple, numpy array, ...) given for a list option as a list
+    of plain Python values, as the schema and YAML take them."""
+    lists = {name for name, option in schema["properties"].items() if option.get("type") == "array"}
+    config = dict(model_config)
+    for name in lists & set(config):
+        if isinstance(config[name], (Sequence, np.ndarray)) and not isinstance(config[name], str):
+            config[name] = [item.item() if isinstance(item, np.generic) else item for item in config[name]]
     return config
 
 
