@@ -78,6 +78,17 @@ def test_list_options_may_be_any_sequence(tmp_path, fasta, monkeypatch):
     assert config["layers"] == [-1, 3] and config["pooling"] == ["mean", "bos"]
 
 
+def test_the_original_contracts_model_config_works(tmp_path, fasta, monkeypatch):
+    original = {"model_type": "esm2", "model_name": "esm2_t36_3B_UR50D", "token_budget": 4096}
+    config = written_config(tmp_path, fasta, original, monkeypatch)
+    assert config["model"] == "esm2_t36_3B_UR50D" and config["tokens_per_batch"] == 4096
+    assert "model_type" not in config and "model_name" not in config and "token_budget" not in config
+    with pytest.raises(ValueError, match=r"model_config: model_type 'esm1b' is not supported: only ESM-2"):
+        run_multi_gpu_inference(fasta, tmp_path, {**original, "model_type": "esm1b"})
+    with pytest.raises(ValueError, match=r"model_config: give 'model' or 'model_name' \(its original name\), not both"):
+        run_multi_gpu_inference(fasta, tmp_path, {**original, "model": "esm2_t6_8M_UR50D"})
+
+
 def test_bad_input_fails_at_the_index_before_any_embed_job(tmp_path, tiny_checkpoint):
     fasta = tmp_path / "a.fasta"
     fasta.write_text(">x\nMKV\n>y\nMK#V\n")

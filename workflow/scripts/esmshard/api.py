@@ -37,6 +37,8 @@ SCHEMA = WORKFLOW_DIR / "schemas" / "config.schema.yaml"
 DEFAULT_MODEL = "esm2_t33_650M_UR50D"  # the schema's default (a test checks that they agree)
 # Config options that run_multi_gpu_inference takes as arguments, not in model_config.
 ARGUMENT_OPTIONS = {"fasta": "fasta_files", "world_size": "world_size", "timeout": "timeout"}
+# model_config keys of the original contract (with model_type "esm2"), and the workflow's names.
+ORIGINAL_CONTRACT_NAMES = {"model_name": "model", "token_budget": "tokens_per_batch"}
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "logs/snakemake.log"
@@ -57,7 +59,8 @@ def run_multi_gpu_inference(
 
     - ``fasta_files``: a path or glob, or a list of them (plain or gzip).
     - ``model_config``: workflow config options (config/config.yaml, checked against
-      workflow/schemas/config.schema.yaml); ``model`` is required.
+      workflow/schemas/config.schema.yaml); ``model`` is required. The original contract's
+      ``{"model_type": "esm2", "model_name": ..., "token_budget": ...}`` works too.
     - ``world_size``: number of ranks; None means one per GPU visible here
       (CUDA_VISIBLE_DEVICES is honoured), or 1 without GPUs.
     - ``timeout``: time limit of each rank (seconds, or a string such as "90m"); a rank over it
@@ -127,6 +130,8 @@ def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
 
     Paths become absolute, since snakemake runs in the output directory.
     """
+    if isinstance(model_config, Mapping):
+        model_config = _from_original_contract(model_config)
     if not isinstance(model_config, Mapping) or "model" not in model_config:
         raise ValueError(
             "model_config must be a dict with at least 'model' (a released ESM-2 name or a checkpoint path)"
@@ -159,6 +164,21 @@ def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(config)]
     if errors:
         raise ValueError(f"config: {'; '.join(errors)}")
+    return config
+
+
+def _from_original_contract(model_config: Mapping) -> dict:
+    """model_config with the keys of the original contract, which users port code from, as the
+    workflow's: model_name is model, token_budget tokens_per_batch, and model_type must be esm2."""
+    config = dict(model_config)
+    model_type = config.pop("model_type", "esm2")
+    if model_type != "esm2":
+        raise ValueError(f"model_config: model_type {model_type!r} is not supported: only ESM-2 ('esm2') is")
+    for old, new in ORIGINAL_CONTRACT_NAMES.items():
+        if old in config and new in config:
+            raise ValueError(f"model_config: give {new!r} or {old!r} (its original name), not both")
+        if old in config:
+            config[new] = config.pop(old)
     return config
 
 
