@@ -7,9 +7,12 @@ Each call runs the real ``snakemake`` command on this repository's workflow/Snak
 ``--directory output_dir`` and a config file written there: first for the index alone, so that
 bad input stops the call before any model is loaded, then for everything else. Calling again
 with the same arguments resumes, as rerunning snakemake does: only what failed or is missing
-is redone. Everything snakemake prints goes to ``output_dir/logs/snakemake.log``.
+is redone. Everything snakemake prints is appended to ``output_dir/logs/snakemake.log``. One
+call at a time may use an output directory (a flock on ``output_dir/.esmshard.lock``).
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -17,6 +20,7 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import h5py
@@ -42,6 +46,8 @@ ORIGINAL_CONTRACT_NAMES = {"model_name": "model", "token_budget": "tokens_per_ba
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "logs/snakemake.log"
+CALL_LINE = "===== run_multi_gpu_inference at {:%Y-%m-%d %H:%M:%S} =====\n"  # starts each call's log
+LOCK_FILE = ".esmshard.lock"
 INDEX_TARGETS = ("results/index/sequences.h5", "results/index/residues.bin", "results/index/plan.h5")
 MERGED, MANIFEST, MISSING_IDS = "results/embeddings.h5", "results/manifest.json", "results/missing_ids.txt"
 _CHECK_ROWS = 16384  # rows of the merged file checked at a time
@@ -70,8 +76,8 @@ def run_multi_gpu_inference(
     The embeddings of failed ranks are missing from the merged file; their IDs are in
     ``results/missing_ids.txt`` and ``results/manifest.json``, and calling again retries those
     ranks only. Raises ValueError for bad arguments, bad input (with the index's message) or a
-    merged file that fails its check, and RuntimeError when no rank succeeded or the workflow
-    failed otherwise.
+    merged file that fails its check, and RuntimeError when no rank succeeded, the workflow
+    failed otherwise, or another call is using ``output_dir`` (before changing anything in it).
     """
     if not SNAKEFILE.is_file():
         raise RuntimeError(
@@ -82,27 +88,14 @@ def run_multi_gpu_inference(
     gpus = count_visible_gpus()
     world_size = max(1, gpus) if world_size is None else world_size
     config = _workflow_config(fasta_files, model_config, world_size, timeout)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-    log_path = output_dir / LOG_FILE
-    log_path.parent.mkdir(exist_ok=True)
-    # Locally --resources gpu caps how many ranks run at once; without GPUs the ranks run on
-    # the CPU, and only --cores limits them.
-    gpu_slots = gpus or world_size
-    with open(log_path, "w") as log:
-        returncode, output = _snakemake(output_dir, gpu_slots, INDEX_TARGETS, log, echo)
-        if returncode:
-            reasons = _error_messages(output)
-            if reasons:
-                raise ValueError(f"{'; '.join(reasons)} (snakemake output: {log_path})")
-            raise RuntimeError(f"building the index failed: {_tail(output)} (snakemake output: {log_path})")
-        returncode, output = _snakemake(output_dir, gpu_slots, (), log, echo)
-    if returncode:
-        raise RuntimeError(_failure(output_dir, world_size, output, log_path))
-
-    manifest = json.loads((output_dir / MANIFEST).read_text())
-    merged = output_dir / MERGED
-    _check_merged(merged, output_dir, manifest, config["model"])
+    with _sole_call(output_dir):
+        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        # Locally --resources gpu caps how many ranks run at once; without GPUs the ranks run on
+        # the CPU, and only --cores limits them.
+        _run_workflow(output_dir, gpus or world_size, world_size, echo)
+        manifest = json.loads((output_dir / MANIFEST).read_text())
+        merged = output_dir / MERGED
+        _check_merged(merged, output_dir, manifest, config["model"])
     return merged, sorted(failed["rank"] for failed in manifest["ranks_failed"])
 
 
@@ -123,6 +116,37 @@ def run_esm2_multi_gpu(fasta_files, output_dir, world_size=None):
             f"only the failed ranks"
         )
     return merged
+
+
+@contextlib.contextmanager
+def _sole_call(output_dir: Path):
+    """Hold output_dir (made if need be) for this call, or raise RuntimeError: a second call at
+    once would rewrite the first's config before snakemake's own lock stopped it."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / LOCK_FILE, "a") as handle:  # closing it, however the call ends, unlocks
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another run is using {output_dir}") from None
+        yield
+
+
+def _run_workflow(output_dir: Path, gpu_slots: int, world_size: int, echo: bool) -> None:
+    """snakemake for the index, then for everything else, raising as run_multi_gpu_inference
+    says. Their output is appended to the log after a line naming this call's time."""
+    log_path = output_dir / LOG_FILE
+    log_path.parent.mkdir(exist_ok=True)
+    with open(log_path, "a") as log:  # an earlier call's log is kept
+        log.write(CALL_LINE.format(datetime.now()))
+        returncode, output = _snakemake(output_dir, gpu_slots, INDEX_TARGETS, log, echo)
+        if returncode:
+            reasons = _error_messages(output)
+            if reasons:
+                raise ValueError(f"{'; '.join(reasons)} (snakemake output: {log_path})")
+            raise RuntimeError(f"building the index failed: {_tail(output)} (snakemake output: {log_path})")
+        returncode, output = _snakemake(output_dir, gpu_slots, (), log, echo)
+    if returncode:
+        raise RuntimeError(_failure(output_dir, world_size, output, log_path))
 
 
 def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
