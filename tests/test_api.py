@@ -95,7 +95,7 @@ def test_the_original_contracts_model_config_works(tmp_path, fasta, monkeypatch)
     assert "model_type" not in config and "model_name" not in config and "token_budget" not in config
     with pytest.raises(ValueError, match=r"model_config: model_type 'esm1b' is not supported: only ESM-2"):
         run_multi_gpu_inference(fasta, tmp_path, {**original, "model_type": "esm1b"})
-    with pytest.raises(ValueError, match=r"model_config: give 'model' or 'model_name' \(its original name\), not both"):
+    with pytest.raises(ValueError, match=r"give 'model' or 'model_name' \(its original name\), not both"):
         run_multi_gpu_inference(fasta, tmp_path, {**original, "model": "esm2_t6_8M_UR50D"})
 
 

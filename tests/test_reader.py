@@ -137,8 +137,11 @@ def test_pt_files_have_one_bounded_name_per_id_listed_in_ids_tsv(awkward_file, t
     for row, (seq_id, name) in enumerate(names.items()):
         assert len(name.encode()) <= 255
         saved = torch.load(out / name)
-        assert saved["label"] == seq_id and torch.equal(saved["mean_representations"][2], torch.from_numpy(means[row]))
+        assert saved["label"] == seq_id
+        assert torch.equal(saved["mean_representations"][2], torch.from_numpy(means[row]))
 
+
+def test_ids_that_would_share_a_pt_file_are_an_error(tmp_path):
     write_embeddings(tmp_path / "twice.h5", ["x", "P1", "x"], OutputSpec.resolve([-1], ["mean"], 2))
     with pytest.raises(EsmShardError, match=r"twice.h5: IDs \['x', 'x'\] would share a .pt file"):
         export_pt(tmp_path / "twice.h5", tmp_path / "twice")
@@ -157,7 +160,8 @@ def test_an_export_stopped_half_way_leaves_only_whole_files(awkward_file, tmp_pa
     monkeypatch.setattr(torch, "save", save_until_a_b)
     with pytest.raises(KeyboardInterrupt):
         export_pt(awkward_file, tmp_path / "pt")
-    assert sorted(path.name for path in (tmp_path / "pt").iterdir()) == ["P1.pt", "sp|P2|X.pt"]  # no ids.tsv yet
+    # whole files only, and no ids.tsv yet
+    assert sorted(path.name for path in (tmp_path / "pt").iterdir()) == ["P1.pt", "sp|P2|X.pt"]
 
 
 @pytest.fixture
@@ -171,9 +175,11 @@ def bad_paths(embeddings_file, tmp_path):
     out = tmp_path / "out"
     return {
         "missing file": (tmp_path / "nothing.h5", out, FileNotFoundError, "nothing.h5: no such file"),
-        "other HDF5": (tmp_path / "other.h5", out, EsmShardError,
-                       "other.h5 is not esmshard embeddings: it has no attribute 'layers', attribute 'pooling', "),
-        "FASTA": (fasta, out, EsmShardError, "proteins.fasta is not an HDF5 file, so not esmshard embeddings"),
+        "other HDF5": (
+            tmp_path / "other.h5", out, EsmShardError,
+            "other.h5 is not esmshard embeddings: it has no attribute 'layers', attribute 'pooling'",
+        ),
+        "FASTA": (fasta, out, EsmShardError, "proteins.fasta is not an HDF5 file, so not esmshard"),
         "output is a file": (embeddings_file[0], tmp_path / "taken", NotADirectoryError,
                              "taken exists and is not a directory"),
     }

@@ -13,7 +13,8 @@ from esmshard import EsmShardError, atomic_output
 from esmshard.outputs import OutputSpec, dataset_name, pooling_of, resolve_layer
 
 _SAFE = "A-Za-z0-9_.|:+=@,-"  # characters that go into a .pt file's name as they are (no '~')
-_SPEC_ATTRS = ("layers", "pooling", "num_layers", "long_sequences", "window_overlap")  # what OutputSpec.from_attrs reads
+# What OutputSpec.from_attrs reads.
+_SPEC_ATTRS = ("layers", "pooling", "num_layers", "long_sequences", "window_overlap")
 
 
 def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = None):
@@ -50,7 +51,7 @@ def _open_embeddings(path):
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     if not h5py.is_hdf5(path):
-        raise EsmShardError(f"{path} is not an HDF5 file, so not esmshard embeddings (embeddings.h5 or a shard)")
+        raise EsmShardError(f"{path} is not an HDF5 file, so not esmshard embeddings")
     with h5py.File(path, "r") as h5:
         lacking = [f"attribute {name!r}" for name in _SPEC_ATTRS if name not in h5.attrs]
         if not lacking:
@@ -177,6 +178,9 @@ def _pt_records(h5, spec: OutputSpec, ids: list[str]):
                 record[keys[pooling]] = {}
                 for layer in spec.layers:
                     values, base = blocks[dataset_name(pooling, layer)]
-                    vector = values[offsets[row] - base : offsets[row + 1] - base] if base is not None else values[row - start]
+                    if base is None:
+                        vector = values[row - start]
+                    else:
+                        vector = values[offsets[row] - base : offsets[row + 1] - base]
                     record[keys[pooling]][layer] = torch.from_numpy(vector.astype(np.float32))
             yield record
