@@ -1,8 +1,11 @@
 """The Python entry points, running the real workflow on the tiny model."""
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -45,6 +48,13 @@ def call(function, *args, env=None, **kwargs):
         return function(*args, **kwargs)
 
 
+def snakemake_calls(log: str) -> list[list[str]]:
+    """Each call's part of a snakemake.log: its snakemake commands, each with its output."""
+    calls = re.split(r"^===== run_multi_gpu_inference at [0-9: -]+ =====\n", log, flags=re.MULTILINE)
+    assert calls[0] == ""  # the log starts with a call's line
+    return [("\n" + call).split("\n$ ")[1:] for call in calls[1:]]
+
+
 def rank_ids(workdir, rank):
     with h5py.File(workdir / "results/index/plan.h5") as plan, h5py.File(workdir / "results/index/sequences.h5") as index:
         return list(index["id"].asstr()[:][plan["rank"][:] == rank])
@@ -62,6 +72,62 @@ def test_model_config_is_checked_against_the_workflow_schema(tmp_path, fasta):
     with pytest.raises(ValueError, match=r"config: world_size: 0 is less than the minimum of 1"):
         run_multi_gpu_inference(fasta, tmp_path, {"model": "esm2_t6_8M_UR50D"}, world_size=0)
     assert not list(tmp_path.iterdir())  # nothing ran
+
+
+def written_config(tmp_path, fasta, model_config, monkeypatch) -> dict:
+    """The config.yaml that a call with ``model_config`` writes (snakemake is not run)."""
+    monkeypatch.setattr(api, "_snakemake", lambda *args: (1, "esmshard: ERROR: stopped by the test\n"))
+    with pytest.raises(ValueError, match="stopped by the test"):
+        run_multi_gpu_inference(fasta, tmp_path, model_config)
+    return yaml.safe_load((tmp_path / "config.yaml").read_text())
+
+
+def test_list_options_may_be_any_sequence(tmp_path, fasta, monkeypatch):
+    model_config = {"model": "esm2_t6_8M_UR50D", "layers": np.array([-1, 3]), "pooling": ("mean", "bos")}
+    config = written_config(tmp_path, fasta, model_config, monkeypatch)
+    assert config["layers"] == [-1, 3] and config["pooling"] == ["mean", "bos"]
+
+
+def test_the_original_contracts_model_config_works(tmp_path, fasta, monkeypatch):
+    original = {"model_type": "esm2", "model_name": "esm2_t36_3B_UR50D", "token_budget": 4096}
+    config = written_config(tmp_path, fasta, original, monkeypatch)
+    assert config["model"] == "esm2_t36_3B_UR50D" and config["tokens_per_batch"] == 4096
+    assert "model_type" not in config and "model_name" not in config and "token_budget" not in config
+    with pytest.raises(ValueError, match=r"model_config: model_type 'esm1b' is not supported: only ESM-2"):
+        run_multi_gpu_inference(fasta, tmp_path, {**original, "model_type": "esm1b"})
+    with pytest.raises(ValueError, match=r"give 'model' or 'model_name' \(its original name\), not both"):
+        run_multi_gpu_inference(fasta, tmp_path, {**original, "model": "esm2_t6_8M_UR50D"})
+
+
+HOLD_THE_DIRECTORY = """
+import sys
+from pathlib import Path
+from esmshard import api
+with api._sole_call(Path(sys.argv[1])):
+    print("holding", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_call_on_a_directory_in_use_changes_nothing_there(tmp_path, fasta):
+    out = tmp_path.resolve()
+    (out / "config.yaml").write_text("the first call's config\n")
+    (out / "logs").mkdir()
+    (out / "logs/snakemake.log").write_text("the first call's log\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    first = subprocess.Popen([sys.executable, "-c", HOLD_THE_DIRECTORY, str(out)], env=env, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert first.stdout.readline() == "holding\n"
+        with pytest.raises(RuntimeError, match=f"^another run is using {re.escape(str(out))}$"):
+            run_multi_gpu_inference(fasta, out, {"model": "esm2_t6_8M_UR50D"})
+    finally:
+        first.kill()  # as the first call dying would: the lock goes with its process
+        first.wait()
+    assert (out / "config.yaml").read_text() == "the first call's config\n"
+    assert (out / "logs/snakemake.log").read_text() == "the first call's log\n"
+    with api._sole_call(out):  # free again
+        pass
 
 
 def test_bad_input_fails_at_the_index_before_any_embed_job(tmp_path, tiny_checkpoint):
@@ -131,9 +197,11 @@ def test_a_failed_rank_gives_the_others_and_its_number(partial_run, records):
     assert partial_run["ids"] == [seq_id for seq_id in records if seq_id not in partial_run["missing"]]
 
 
-def test_calling_again_reruns_only_the_failed_rank(complete_run):
+def test_calling_again_reruns_only_the_failed_rank(complete_run, partial_run):
     out, _, failed = complete_run
-    main_call = (out / "logs/snakemake.log").read_text().split("\n$ ")[1]
+    log = (out / "logs/snakemake.log").read_text()
+    assert log.startswith(partial_run["log"])  # appended: the first call's log is kept
+    _, (_, main_call) = snakemake_calls(log)
     assert re.search(r"^embed\s+1$", main_call, re.MULTILINE) and "wildcards: rank=1" in main_call
     assert failed == []
 
@@ -148,7 +216,7 @@ def test_world_size_defaults_to_the_visible_gpus(complete_run):
 
 
 def test_the_index_is_built_by_a_call_of_its_own_before_the_embed_jobs(partial_run):
-    index_call, main_call = partial_run["log"].split("\n$ ")
+    [(index_call, main_call)] = snakemake_calls(partial_run["log"])
     assert index_call.splitlines()[0].endswith(" ".join(api.INDEX_TARGETS))
     assert "localrule index:" in index_call and "localrule embed:" not in index_call
     assert "localrule embed:" in main_call and "localrule index:" not in main_call

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 
@@ -7,27 +8,32 @@ import numpy as np
 import pytest
 import torch
 
+from esmshard import EsmShardError
 from esmshard.outputs import OutputSpec
-from esmshard.reader import load_embeddings
+from esmshard.reader import export_npy, export_pt, load_embeddings
 from esmshard.shard import ShardWriter
 
 IDS = [f"sp|P{i:05d}|X" for i in range(50)] + ["a/b"]
 
 
+def write_embeddings(path, ids, spec: OutputSpec):
+    """Random vectors of width 8 for ``ids``, as the workflow writes them; returns the lengths."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 40, len(ids))
+    outputs = {name: rng.normal(size=(len(ids), 8)) for name in spec.names}
+    for layer in spec.layers if spec.per_residue else []:
+        outputs[f"per_residue/layer_{layer}"] = rng.normal(size=(lengths.sum(), 8))
+    writer = ShardWriter(path, ids, lengths, spec, 8, "float32", {})
+    writer.write(np.arange(len(ids)), outputs)
+    writer.close()
+    return lengths
+
+
 @pytest.fixture
 def embeddings_file(tmp_path):
-    """Mean, BOS and per-residue vectors of layers 6 and 3 of a 6-layer model, as the workflow writes them."""
+    """Mean, BOS and per-residue vectors of layers 6 and 3 of a 6-layer model."""
     path = tmp_path / "embeddings.h5"
-    rng = np.random.default_rng(0)
-    lengths = rng.integers(1, 40, len(IDS))
-    spec = OutputSpec.resolve([-1, 3], ["mean", "bos", "per_residue"], 6)
-    outputs = {name: rng.normal(size=(len(IDS), 8)) for name in spec.names}
-    for layer in spec.layers:
-        outputs[f"per_residue/layer_{layer}"] = rng.normal(size=(lengths.sum(), 8))
-    writer = ShardWriter(path, IDS, lengths, spec, 8, "float32", {})
-    writer.write(np.arange(len(IDS)), outputs)
-    writer.close()
-    return path, lengths
+    return path, write_embeddings(path, IDS, OutputSpec.resolve([-1, 3], ["mean", "bos", "per_residue"], 6))
 
 
 def test_load_all_and_by_id_in_the_order_asked(embeddings_file):
@@ -61,14 +67,36 @@ def test_unknown_id_layer_or_pooling_is_named(embeddings_file):
         load_embeddings(path)
     with pytest.raises(KeyError, match="no layer 4"):
         load_embeddings(path, layer=4)
+    with pytest.raises(KeyError, match=r"layer -8 is outside this model's layers 0\.\.6"):
+        load_embeddings(path, layer=-8)
+    with pytest.raises(KeyError, match=r"holds no 'max' output \(it holds mean, bos, per_residue\)"):
+        load_embeddings(path, pooling="max", layer=6)
+
+
+def test_ids_may_be_one_id_or_any_sequence_of_them(embeddings_file):
+    path, _ = embeddings_file
+    _, everything = load_embeddings(path, layer=6)
+    ids, one = load_embeddings(path, "sp|P00007|X", layer=6)
+    assert ids == ["sp|P00007|X"] and np.array_equal(one, everything[[7]])
+    _, per_residue = load_embeddings(path, "a/b", pooling="per_residue", layer=6)
+    assert len(per_residue) == 1
+    for sequence in (("a/b", "sp|P00002|X"), np.array(["a/b", "sp|P00002|X"])):
+        ids, two = load_embeddings(path, sequence, layer=6)
+        assert ids == ["a/b", "sp|P00002|X"] and np.array_equal(two, everything[[50, 2]])
+
+
+def export(*args) -> subprocess.CompletedProcess:
+    """``python -m esmshard export ARGS``, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "esmshard", "export", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
 def test_export_npy_and_fair_esm_pt(embeddings_file, tmp_path):
     path, lengths = embeddings_file
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
     def run(*args):
-        subprocess.run([sys.executable, "-m", "esmshard", "export", str(path), *args], check=True, env=env)
+        assert export(path, *args).returncode == 0
 
     run(str(tmp_path / "npy"))
     _, means = load_embeddings(path, layer=6)
@@ -81,4 +109,94 @@ def test_export_npy_and_fair_esm_pt(embeddings_file, tmp_path):
     assert torch.equal(saved["mean_representations"][6], torch.from_numpy(means[4]))
     assert torch.equal(saved["bos_representations"][3], torch.from_numpy(load_embeddings(path, pooling="bos", layer=3)[1][4]))
     assert saved["representations"][6].shape == (lengths[4], 8)
-    assert (tmp_path / "pt" / "a%2Fb.pt").exists()
+
+
+# Plain IDs, IDs that are not safe as file names (one the old '/' -> '%2F' made alike), long IDs.
+AWKWARD_IDS = ["P1", "sp|P2|X", "a/b", "a%2Fb", "x" * 300, "x" * 299 + "y", "..", "é~"]
+
+
+@pytest.fixture
+def awkward_file(tmp_path):
+    path = tmp_path / "awkward.h5"
+    write_embeddings(path, AWKWARD_IDS, OutputSpec.resolve([-1], ["mean"], 2))
+    return path
+
+
+def test_pt_files_have_one_bounded_name_per_id_listed_in_ids_tsv(awkward_file, tmp_path):
+    out = tmp_path / "pt"
+    result = export(awkward_file, out, "--format", "pt")
+    assert result.returncode == 0 and result.stdout == f"wrote 8 .pt files to {out}\n"
+    names = dict(line.split("\t") for line in (out / "ids.tsv").read_text().splitlines())
+    assert list(names) == AWKWARD_IDS
+    assert names["P1"] == "P1.pt" and names["sp|P2|X"] == "sp|P2|X.pt"  # as extract.py names them
+    assert re.fullmatch(r"a_b~[0-9a-f]{16}\.pt", names["a/b"]) and names["a%2Fb"].startswith("a_2Fb~")
+    assert names["x" * 300].startswith("x" * 64 + "~") and names["x" * 299 + "y"].startswith("x" * 64 + "~")
+    assert names[".."].startswith("~") and names["é~"].startswith("__~")
+    assert sorted(path.name for path in out.iterdir()) == sorted([*names.values(), "ids.tsv"])  # 8 distinct
+    _, means = load_embeddings(awkward_file)
+    for row, (seq_id, name) in enumerate(names.items()):
+        assert len(name.encode()) <= 255
+        saved = torch.load(out / name)
+        assert saved["label"] == seq_id
+        assert torch.equal(saved["mean_representations"][2], torch.from_numpy(means[row]))
+
+
+def test_ids_that_would_share_a_pt_file_are_an_error(tmp_path):
+    write_embeddings(tmp_path / "twice.h5", ["x", "P1", "x"], OutputSpec.resolve([-1], ["mean"], 2))
+    with pytest.raises(EsmShardError, match=r"twice.h5: IDs \['x', 'x'\] would share a .pt file"):
+        export_pt(tmp_path / "twice.h5", tmp_path / "twice")
+    assert not (tmp_path / "twice").exists()
+
+
+def test_an_export_stopped_half_way_leaves_only_whole_files(awkward_file, tmp_path, monkeypatch):
+    save = torch.save
+
+    def save_until_a_b(record, path):
+        if record["label"] == "a/b":
+            path.write_bytes(b"half a file")
+            raise KeyboardInterrupt  # as Ctrl-C in the middle of writing it
+        save(record, path)
+
+    monkeypatch.setattr(torch, "save", save_until_a_b)
+    with pytest.raises(KeyboardInterrupt):
+        export_pt(awkward_file, tmp_path / "pt")
+    # whole files only, and no ids.tsv yet
+    assert sorted(path.name for path in (tmp_path / "pt").iterdir()) == ["P1.pt", "sp|P2|X.pt"]
+
+
+@pytest.fixture
+def bad_paths(embeddings_file, tmp_path):
+    """name: (embeddings argument, output directory, exception, message), as a user gets them wrong."""
+    fasta = tmp_path / "proteins.fasta"
+    fasta.write_text(">x\nMKV\n")
+    with h5py.File(tmp_path / "other.h5", "w") as h5:
+        h5["id"] = ["x"]
+    (tmp_path / "taken").write_text("")
+    out = tmp_path / "out"
+    return {
+        "missing file": (tmp_path / "nothing.h5", out, FileNotFoundError, "nothing.h5: no such file"),
+        "other HDF5": (
+            tmp_path / "other.h5", out, EsmShardError,
+            "other.h5 is not esmshard embeddings: it has no attribute 'layers', attribute 'pooling'",
+        ),
+        "FASTA": (fasta, out, EsmShardError, "proteins.fasta is not an HDF5 file, so not esmshard"),
+        "output is a file": (embeddings_file[0], tmp_path / "taken", NotADirectoryError,
+                             "taken exists and is not a directory"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "other HDF5", "FASTA", "output is a file"])
+@pytest.mark.parametrize("format", ["npy", "pt"])
+def test_a_bad_path_is_a_one_line_error_naming_it(bad_paths, case, format, tmp_path):
+    path, out, error, message = bad_paths[case]
+    result = export(path, out, "--format", format)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"python -m esmshard export: error: {tmp_path}/{message}")
+    assert result.stderr.count("\n") == 1  # one line, no traceback
+    assert not (tmp_path / "out").exists()  # nothing was written, not even the directory
+    with pytest.raises(error, match=re.escape(message)):
+        (export_npy if format == "npy" else export_pt)(path, out)
+    if case != "output is a file":
+        with pytest.raises(error, match=re.escape(message)):
+            load_embeddings(path)
+    assert not (tmp_path / "out").exists()

@@ -6,6 +6,7 @@
 
 import argparse
 
+from esmshard import EsmShardError
 from esmshard.architectures import ESM2_MODELS
 
 
@@ -29,12 +30,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "export":
-        from esmshard.reader import export_npy, export_pt
-
-        if args.format == "npy":
-            print("wrote " + ", ".join(str(path) for path in export_npy(args.embeddings, args.out_dir)))
-        else:
-            print(f"wrote {export_pt(args.embeddings, args.out_dir)} .pt files to {args.out_dir}")
+        try:
+            print(_export(args))
+        except (EsmShardError, OSError) as error:  # a bad path or file: its one-line message, no traceback
+            parser.exit(1, f"{parser.prog} export: error: {error}\n")
         return
 
     from esmshard.model import write_random_checkpoint
@@ -42,6 +41,14 @@ def main(argv=None) -> None:
     layers, dim, heads = ESM2_MODELS[args.like] if args.like else (args.layers, args.embed_dim, args.heads)
     path = write_random_checkpoint(args.path, layers, dim, heads, args.seed)
     print(f"wrote {path}: ESM-2 architecture ({layers} layers, dim {dim}, {heads} heads) with RANDOM weights")
+
+
+def _export(args) -> str:
+    from esmshard.reader import export_npy, export_pt
+
+    if args.format == "npy":
+        return "wrote " + ", ".join(str(path) for path in export_npy(args.embeddings, args.out_dir))
+    return f"wrote {export_pt(args.embeddings, args.out_dir)} .pt files to {args.out_dir}"
 
 
 if __name__ == "__main__":

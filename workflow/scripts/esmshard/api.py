@@ -7,16 +7,20 @@ Each call runs the real ``snakemake`` command on this repository's workflow/Snak
 ``--directory output_dir`` and a config file written there: first for the index alone, so that
 bad input stops the call before any model is loaded, then for everything else. Calling again
 with the same arguments resumes, as rerunning snakemake does: only what failed or is missing
-is redone. Everything snakemake prints goes to ``output_dir/logs/snakemake.log``.
+is redone. Everything snakemake prints is appended to ``output_dir/logs/snakemake.log``. One
+call at a time may use an output directory (a flock on ``output_dir/.esmshard.lock``).
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 
 import h5py
@@ -37,9 +41,13 @@ SCHEMA = WORKFLOW_DIR / "schemas" / "config.schema.yaml"
 DEFAULT_MODEL = "esm2_t33_650M_UR50D"  # the schema's default (a test checks that they agree)
 # Config options that run_multi_gpu_inference takes as arguments, not in model_config.
 ARGUMENT_OPTIONS = {"fasta": "fasta_files", "world_size": "world_size", "timeout": "timeout"}
+# model_config keys of the original contract (with model_type "esm2"), and the workflow's names.
+ORIGINAL_CONTRACT_NAMES = {"model_name": "model", "token_budget": "tokens_per_batch"}
 
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "logs/snakemake.log"
+CALL_LINE = "===== run_multi_gpu_inference at {:%Y-%m-%d %H:%M:%S} =====\n"  # starts each call's log
+LOCK_FILE = ".esmshard.lock"
 INDEX_TARGETS = ("results/index/sequences.h5", "results/index/residues.bin", "results/plan.h5")
 MERGED, MANIFEST, MISSING_IDS = "results/embeddings.h5", "results/manifest.json", "results/missing_ids.txt"
 _CHECK_ROWS = 16384  # rows of the merged file checked at a time
@@ -57,7 +65,8 @@ def run_multi_gpu_inference(
 
     - ``fasta_files``: a path or glob, or a list of them (plain, gzip, bzip2 or xz).
     - ``model_config``: workflow config options (config/config.yaml, checked against
-      workflow/schemas/config.schema.yaml); ``model`` is required.
+      workflow/schemas/config.schema.yaml); ``model`` is required. The original contract's
+      ``{"model_type": "esm2", "model_name": ..., "token_budget": ...}`` works too.
     - ``world_size``: number of ranks; None means one per GPU visible here
       (CUDA_VISIBLE_DEVICES is honoured), or 1 without GPUs.
     - ``timeout``: time limit of each rank (seconds, or a string such as "90m"); a rank over it
@@ -67,8 +76,8 @@ def run_multi_gpu_inference(
     The embeddings of failed ranks are missing from the merged file; their IDs are in
     ``results/missing_ids.txt`` and ``results/manifest.json``, and calling again retries those
     ranks only. Raises ValueError for bad arguments, bad input (with the index's message) or a
-    merged file that fails its check, and RuntimeError when no rank succeeded or the workflow
-    failed otherwise.
+    merged file that fails its check, and RuntimeError when no rank succeeded, the workflow
+    failed otherwise, or another call is using ``output_dir`` (before changing anything in it).
     """
     if not SNAKEFILE.is_file():
         raise RuntimeError(
@@ -79,27 +88,14 @@ def run_multi_gpu_inference(
     gpus = count_visible_gpus()
     world_size = max(1, gpus) if world_size is None else world_size
     config = _workflow_config(fasta_files, model_config, world_size, timeout)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-    log_path = output_dir / LOG_FILE
-    log_path.parent.mkdir(exist_ok=True)
-    # Locally --resources gpu caps how many ranks run at once; without GPUs the ranks run on
-    # the CPU, and only --cores limits them.
-    gpu_slots = gpus or world_size
-    with open(log_path, "w") as log:
-        returncode, output = _snakemake(output_dir, gpu_slots, INDEX_TARGETS, log, echo)
-        if returncode:
-            reasons = _error_messages(output)
-            if reasons:
-                raise ValueError(f"{'; '.join(reasons)} (snakemake output: {log_path})")
-            raise RuntimeError(f"building the index failed: {_tail(output)} (snakemake output: {log_path})")
-        returncode, output = _snakemake(output_dir, gpu_slots, (), log, echo)
-    if returncode:
-        raise RuntimeError(_failure(output_dir, world_size, output, log_path))
-
-    manifest = json.loads((output_dir / MANIFEST).read_text())
-    merged = output_dir / MERGED
-    _check_merged(merged, output_dir, manifest, config["model"])
+    with _sole_call(output_dir):
+        (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        # Locally --resources gpu caps how many ranks run at once; without GPUs the ranks run on
+        # the CPU, and only --cores limits them.
+        _run_workflow(output_dir, gpus or world_size, world_size, echo)
+        manifest = json.loads((output_dir / MANIFEST).read_text())
+        merged = output_dir / MERGED
+        _check_merged(merged, output_dir, manifest, config["model"])
     return merged, sorted(failed["rank"] for failed in manifest["ranks_failed"])
 
 
@@ -122,11 +118,44 @@ def run_esm2_multi_gpu(fasta_files, output_dir, world_size=None):
     return merged
 
 
+@contextlib.contextmanager
+def _sole_call(output_dir: Path):
+    """Hold output_dir (made if need be) for this call, or raise RuntimeError: a second call at
+    once would rewrite the first's config before snakemake's own lock stopped it."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / LOCK_FILE, "a") as handle:  # closing it, however the call ends, unlocks
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another run is using {output_dir}") from None
+        yield
+
+
+def _run_workflow(output_dir: Path, gpu_slots: int, world_size: int, echo: bool) -> None:
+    """snakemake for the index, then for everything else, raising as run_multi_gpu_inference
+    says. Their output is appended to the log after a line naming this call's time."""
+    log_path = output_dir / LOG_FILE
+    log_path.parent.mkdir(exist_ok=True)
+    with open(log_path, "a") as log:  # an earlier call's log is kept
+        log.write(CALL_LINE.format(datetime.now()))
+        returncode, output = _snakemake(output_dir, gpu_slots, INDEX_TARGETS, log, echo)
+        if returncode:
+            reasons = _error_messages(output)
+            if reasons:
+                raise ValueError(f"{'; '.join(reasons)} (snakemake output: {log_path})")
+            raise RuntimeError(f"building the index failed: {_tail(output)} (snakemake output: {log_path})")
+        returncode, output = _snakemake(output_dir, gpu_slots, (), log, echo)
+    if returncode:
+        raise RuntimeError(_failure(output_dir, world_size, output, log_path))
+
+
 def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
     """The workflow's config for these arguments, checked against the workflow's own schema.
 
     Paths become absolute, since snakemake runs in the output directory.
     """
+    if isinstance(model_config, Mapping):
+        model_config = _from_original_contract(model_config)
     if not isinstance(model_config, Mapping) or "model" not in model_config:
         raise ValueError(
             "model_config must be a dict with at least 'model' (a released ESM-2 name or a checkpoint path)"
@@ -150,7 +179,7 @@ def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
     model = Path(model_config["model"]).expanduser()
     config = {
         "fasta": [os.path.abspath(os.path.expanduser(pattern)) for pattern in fasta_files],
-        **model_config,
+        **_as_lists(model_config, schema),
         "model": str(model.resolve()) if model.is_file() else str(model_config["model"]),
         "world_size": world_size,
         "timeout": timeout,
@@ -159,6 +188,32 @@ def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
     errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(config)]
     if errors:
         raise ValueError(f"config: {'; '.join(errors)}")
+    return config
+
+
+def _from_original_contract(model_config: Mapping) -> dict:
+    """model_config with the keys of the original contract, which users port code from, as the
+    workflow's: model_name is model, token_budget tokens_per_batch, and model_type must be esm2."""
+    config = dict(model_config)
+    model_type = config.pop("model_type", "esm2")
+    if model_type != "esm2":
+        raise ValueError(f"model_config: model_type {model_type!r} is not supported: only ESM-2 ('esm2') is")
+    for old, new in ORIGINAL_CONTRACT_NAMES.items():
+        if old in config and new in config:
+            raise ValueError(f"model_config: give {new!r} or {old!r} (its original name), not both")
+        if old in config:
+            config[new] = config.pop(old)
+    return config
+
+
+def _as_lists(model_config: Mapping, schema: dict) -> dict:
+    """model_config with any sequence (tuple, numpy array, ...) given for a list option as a list
+    of plain Python values, as the schema and YAML take them."""
+    lists = {name for name, option in schema["properties"].items() if option.get("type") == "array"}
+    config = dict(model_config)
+    for name in lists & set(config):
+        if isinstance(config[name], (Sequence, np.ndarray)) and not isinstance(config[name], str):
+            config[name] = [item.item() if isinstance(item, np.generic) else item for item in config[name]]
     return config
 
 

@@ -1,11 +1,20 @@
 """Reading embeddings back: by ID, reading only the rows asked for, and exporting them."""
 
+import contextlib
+import hashlib
+import re
+from collections import Counter
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from esmshard.outputs import OutputSpec, dataset_name, pooling_of
+from esmshard import EsmShardError, atomic_output
+from esmshard.outputs import OutputSpec, dataset_name, pooling_of, resolve_layer
+
+_SAFE = "A-Za-z0-9_.|:+=@,-"  # characters that go into a .pt file's name as they are (no '~')
+# What OutputSpec.from_attrs reads.
+_SPEC_ATTRS = ("layers", "pooling", "num_layers", "long_sequences", "window_overlap")
 
 
 def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = None):
@@ -13,11 +22,14 @@ def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = N
 
     ``pooling`` and ``layer`` pick the output (``layer`` may be left out when the file holds one
     layer). Pooled outputs come as one [n, dim] array; ``per_residue`` as a list of [length, dim]
-    arrays. With ``ids``, only those rows are read from disk, in the order asked; an unknown ID
-    raises KeyError naming it. Without, everything is read.
+    arrays. With ``ids`` (one ID, or a list, tuple or array of them), only those rows are read
+    from disk, in the order asked; an unknown ID raises KeyError naming it. Without, everything
+    is read. A missing file raises FileNotFoundError, a file that is not esmshard's EsmShardError.
     """
-    with h5py.File(path, "r") as h5:
-        name = _output_name(h5, pooling, layer, path)
+    if isinstance(ids, str):  # one ID, not a sequence of one-character IDs
+        ids = [ids]
+    with _open_embeddings(path) as (h5, spec):
+        name = _output_name(spec, pooling, layer, path)
         stored = h5["ids"].asstr()[:]
         rows = np.arange(len(stored)) if ids is None else _rows_of(stored, list(ids), path)
         found = [str(i) for i in stored[rows]]
@@ -31,16 +43,47 @@ def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = N
         return found, [dataset[offsets[r] : offsets[r + 1]] for r in rows]
 
 
-def _output_name(h5, pooling: str, layer, path) -> str:
-    spec = OutputSpec.from_attrs(h5.attrs)
+@contextlib.contextmanager
+def _open_embeddings(path):
+    """(open file, its OutputSpec); a one-line error naming the file unless it is an esmshard
+    ``embeddings.h5`` or shard."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if not h5py.is_hdf5(path):
+        raise EsmShardError(f"{path} is not an HDF5 file, so not esmshard embeddings")
+    with h5py.File(path, "r") as h5:
+        lacking = [f"attribute {name!r}" for name in _SPEC_ATTRS if name not in h5.attrs]
+        if not lacking:
+            spec = OutputSpec.from_attrs(h5.attrs)
+            datasets = ["ids", *spec.names] + (["residue_offsets"] if spec.per_residue else [])
+            lacking = [f"dataset {name!r}" for name in datasets if name not in h5]
+        if lacking:
+            raise EsmShardError(f"{path} is not esmshard embeddings: it has no {', '.join(lacking)}")
+        yield h5, spec
+
+
+def _output_dir(out_dir) -> Path:
+    """out_dir, made if need be (only once the input was found good: a failed export leaves no
+    empty directory)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def _output_name(spec: OutputSpec, pooling: str, layer, path) -> str:
     if pooling not in spec.poolings:
         raise KeyError(f"{path} holds no {pooling!r} output (it holds {', '.join(spec.poolings)})")
     if layer is None:
         if len(spec.layers) > 1:
             raise KeyError(f"{path} holds layers {list(spec.layers)}: say which one")
         layer = spec.layers[0]
-    if layer < 0:  # counted from the end, as in the config
-        layer = spec.num_layers + 1 + layer
+    try:
+        layer = resolve_layer(layer, spec.num_layers)  # negative: counted from the end, as in the config
+    except ValueError as error:
+        raise KeyError(f"{path}: {error}") from None
     if layer not in spec.layers:
         raise KeyError(f"{path} holds no layer {layer} (it holds {list(spec.layers)})")
     return dataset_name(pooling, layer)
@@ -58,51 +101,86 @@ def _rows_of(stored: np.ndarray, ids: list, path) -> np.ndarray:
 
 def export_npy(path, out_dir) -> list[Path]:
     """Every output as ``<pooling>_layer_<L>.npy`` ([n, dim]; per-residue outputs [residues, dim]
-    with ``residue_offsets.npy``), and ``ids.txt`` (one per line, same order), in out_dir."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with ``residue_offsets.npy``), and ``ids.txt`` (one per line, same order), in out_dir.
+
+    Each file appears whole or not at all. Errors as load_embeddings, and NotADirectoryError for
+    an out_dir that is a file."""
     written = []
-    with h5py.File(path, "r") as h5:
-        spec = OutputSpec.from_attrs(h5.attrs)
-        names = spec.names + (["residue_offsets"] if spec.per_residue else [])
-        for name in names:
-            target = out_dir / f"{name.replace('/', '_')}.npy"
-            np.save(target, h5[name][:])
-            written.append(target)
+    with _open_embeddings(path) as (h5, spec):
+        out_dir = _output_dir(out_dir)
+        for name in spec.names + (["residue_offsets"] if spec.per_residue else []):
+            written.append(out_dir / f"{name.replace('/', '_')}.npy")
+            with atomic_output(written[-1]) as tmp, open(tmp, "wb") as handle:  # np.save(path) adds .npy
+                np.save(handle, h5[name][:])
         ids = h5["ids"].asstr()[:]
-    (out_dir / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    with atomic_output(out_dir / "ids.txt") as tmp:
+        tmp.write_text("".join(f"{i}\n" for i in ids))
     return [*written, out_dir / "ids.txt"]
 
 
 def export_pt(path, out_dir) -> int:
-    """One ``<id>.pt`` per sequence as fair-esm's extract.py writes them: ``{"label": id,
+    """One ``.pt`` file per sequence as fair-esm's extract.py writes them: ``{"label": id,
     "mean_representations": {layer: [dim]}, "bos_representations": {layer: [dim]},
-    "representations": {layer: [length, dim]}}`` with the outputs the file holds ('/' in an ID
-    becomes '%2F')."""
+    "representations": {layer: [length, dim]}}`` with the outputs the file holds. Files are named
+    by pt_file_name; ``ids.tsv`` maps each ID to its file (ID, tab, file name; file order), and is
+    written last. Each file appears whole or not at all. Errors as export_npy."""
+    import torch
+
+    with _open_embeddings(path) as (h5, spec):
+        ids = h5["ids"].asstr()[:].tolist()
+        names = _pt_file_names(ids, path)
+        out_dir = _output_dir(out_dir)
+        for name, record in zip(names, _pt_records(h5, spec, ids)):
+            with atomic_output(out_dir / name) as tmp:
+                torch.save(record, tmp)
+    with atomic_output(out_dir / "ids.tsv") as tmp:
+        tmp.write_text("".join(f"{seq_id}\t{name}\n" for seq_id, name in zip(ids, names)))
+    return len(ids)
+
+
+def pt_file_name(seq_id: str) -> str:
+    """``<ID>.pt`` (extract.py's name) for an ID of at most 200 of the characters ``_SAFE``, not
+    starting with '.'; otherwise ``<prefix>~<hash>.pt``: the ID's first 64 characters with
+    every other character as '_', and 16 hex digits of the SHA-256 of the whole ID. A plain name
+    has no '~', so two IDs share a name only if their hashes do; no name is over 255 bytes."""
+    if len(seq_id) <= 200 and re.fullmatch(f"[{_SAFE}]+", seq_id) and not seq_id.startswith("."):
+        return f"{seq_id}.pt"
+    prefix = re.sub(f"[^{_SAFE}]", "_", seq_id[:64]).lstrip(".")  # no hidden files
+    return f"{prefix}~{hashlib.sha256(seq_id.encode()).hexdigest()[:16]}.pt"
+
+
+def _pt_file_names(ids: list[str], path) -> list[str]:
+    names = [pt_file_name(seq_id) for seq_id in ids]
+    counts = Counter(names)
+    shared = [seq_id for seq_id, name in zip(ids, names) if counts[name] > 1]
+    if shared:  # an ID held twice (the index forbids it), or a hash collision
+        raise EsmShardError(f"{path}: IDs {shared[:3]} would share a .pt file")
+    return names
+
+
+def _pt_records(h5, spec: OutputSpec, ids: list[str]):
+    """extract.py's dict of each sequence, in file order, reading 1024 sequences at a time."""
     import torch
 
     keys = {"mean": "mean_representations", "bos": "bos_representations", "per_residue": "representations"}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "r") as h5:
-        spec = OutputSpec.from_attrs(h5.attrs)
-        ids = h5["ids"].asstr()[:]
-        offsets = h5["residue_offsets"][:] if spec.per_residue else None
-        for start in range(0, len(ids), 1024):
-            end = min(len(ids), start + 1024)
-            blocks = {}
-            for name in spec.names:
-                if pooling_of(name) == "per_residue":
-                    blocks[name] = (h5[name][offsets[start] : offsets[end]], offsets[start])
-                else:
-                    blocks[name] = (h5[name][start:end], None)
-            for row in range(start, end):
-                result = {"label": ids[row]}
-                for pooling in spec.poolings:
-                    result[keys[pooling]] = {}
-                    for layer in spec.layers:
-                        values, base = blocks[dataset_name(pooling, layer)]
-                        vector = values[offsets[row] - base : offsets[row + 1] - base] if base is not None else values[row - start]
-                        result[keys[pooling]][layer] = torch.from_numpy(vector.astype(np.float32))
-                torch.save(result, out_dir / f"{ids[row].replace('/', '%2F')}.pt")
-    return len(ids)
+    offsets = h5["residue_offsets"][:] if spec.per_residue else None
+    for start in range(0, len(ids), 1024):
+        end = min(len(ids), start + 1024)
+        blocks = {}
+        for name in spec.names:
+            if pooling_of(name) == "per_residue":
+                blocks[name] = (h5[name][offsets[start] : offsets[end]], offsets[start])
+            else:
+                blocks[name] = (h5[name][start:end], None)
+        for row in range(start, end):
+            record = {"label": ids[row]}
+            for pooling in spec.poolings:
+                record[keys[pooling]] = {}
+                for layer in spec.layers:
+                    values, base = blocks[dataset_name(pooling, layer)]
+                    if base is None:
+                        vector = values[row - start]
+                    else:
+                        vector = values[offsets[row] - base : offsets[row + 1] - base]
+                    record[keys[pooling]][layer] = torch.from_numpy(vector.astype(np.float32))
+            yield record
