@@ -29,8 +29,9 @@ from esmshard.architectures import ESM2_MODELS, MAX_RESIDUES  # noqa: E402
 from esmshard.engine import PackedEngine  # noqa: E402
 from esmshard.index import SequenceIndex, build_index  # noqa: E402
 from esmshard.outputs import OutputSpec  # noqa: E402
-from esmshard.plan import balance, sequence_costs, write_plan  # noqa: E402
-from esmshard.rank import RankSettings, embed_to_shard  # noqa: E402
+from esmshard.plan import Plan, balance, distinct, sequence_costs, write_plan  # noqa: E402
+from esmshard.progress import Progress  # noqa: E402
+from esmshard.rank import RankSettings, fill_store_and_assemble, rank_work  # noqa: E402
 
 PEAK_FLOPS = 790e12
 AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
@@ -87,7 +88,9 @@ def run_model(name: str, args, workdir: Path) -> dict:
     limit = PEAK_FLOPS / (2 * params)  # tokens/s at the FLOP limit
 
     # (b) first, while the fp32 network is the only copy on the GPU besides the packed one
-    settings = RankSettings(model=name, tokens_per_batch=args.tokens_per_batch, progress_seconds=1e9)
+    settings = RankSettings(precision="bfloat16", tokens_per_batch=args.tokens_per_batch, progress_seconds=1e9)
+    plan_path = write_bench_plan(workdir, name)
+    work = rank_work(workdir / "index", plan_path, 0, settings)
     spec = OutputSpec.resolve([-1], ["mean"], layers)
     engine = PackedEngine(network, alphabet, "cuda", "bfloat16", spec, compile=args.compile)
     started = time.perf_counter()
@@ -97,8 +100,8 @@ def run_model(name: str, args, workdir: Path) -> dict:
           flush=True)
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    embed_to_shard(workdir / "index", workdir / "index/plan.h5", 0, workdir / "shard.h5", workdir / "work", engine,
-                   settings, "bfloat16")
+    progress = Progress(len(work.ids), residues, settings.progress_seconds, 0)
+    fill_store_and_assemble(work, workdir / "shard.h5", workdir / f"store-{name}", settings, progress, engine)
     packed_seconds = time.perf_counter() - started
     packed_peak = torch.cuda.max_memory_allocated()
     del engine
@@ -136,6 +139,17 @@ def run_model(name: str, args, workdir: Path) -> dict:
     }
 
 
+def write_bench_plan(workdir: Path, name: str) -> Path:
+    """One rank embeds every sequence, with the (random) model of a released shape."""
+    index = SequenceIndex(workdir / "index")
+    position, source = distinct(index.digests())
+    layers, dim, _ = ESM2_MODELS[name]
+    ranks, rank_costs = balance(sequence_costs(index.lengths[position], dim), 1)
+    model = {"path": name, "digest": f"random-{name}", "size": 0, "mtime_ns": 0, "num_layers": layers, "embed_dim": dim}
+    write_plan(workdir / f"plan-{name}.h5", Plan(ranks, position, source, 1, index.fingerprint, model), rank_costs)
+    return workdir / f"plan-{name}.h5"
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["esm2_t33_650M_UR50D", "esm2_t36_3B_UR50D"])
@@ -156,8 +170,6 @@ def main():
     synthetic_fasta(workdir / "proteins.fasta", args.n, args.median)
     summary = build_index([workdir / "proteins.fasta"], workdir / "index")
     lengths = SequenceIndex(workdir / "index").lengths
-    ranks, rank_costs = balance(sequence_costs(lengths, 1280), 1)
-    write_plan(workdir / "index/plan.h5", ranks, rank_costs, summary.fingerprint)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.n} synthetic proteins, median length "
           f"{int(np.median(lengths))}, {summary.n_residues} residues; RANDOM weights of the real shapes")
     print(f"packed engine: compile {args.compile} ({packed.COMPILE_OPTIONS.get(args.compile)}), rotary kernel "

@@ -39,6 +39,11 @@ def write_fasta(path: Path, records: dict[str, str], width: int = 60) -> Path:
     return path
 
 
+def config_for(fasta, model, **extra) -> dict:
+    """A workflow config for ``fasta`` (a path or glob) and ``model``, with quick progress lines."""
+    return {"fasta": [str(fasta)], "model": str(model), "progress_seconds": 0.5, **extra}
+
+
 def run_snakemake(workdir: Path, config: dict, *args: str, env: dict | None = None, cores: int = 2):
     """Run the real snakemake command on the workflow in ``workdir``; returns CompletedProcess."""
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, random_sequences, write_fasta
+from conftest import REPO, planned_ids, random_sequences, write_fasta
 from esmshard import api, run_esm2_multi_gpu, run_multi_gpu_inference
 from esmshard.reader import load_embeddings
 
@@ -54,10 +54,6 @@ def snakemake_calls(log: str) -> list[list[str]]:
     assert calls[0] == ""  # the log starts with a call's line
     return [("\n" + call).split("\n$ ")[1:] for call in calls[1:]]
 
-
-def rank_ids(workdir, rank):
-    with h5py.File(workdir / "results/index/plan.h5") as plan, h5py.File(workdir / "results/index/sequences.h5") as index:
-        return list(index["id"].asstr()[:][plan["rank"][:] == rank])
 
 
 def test_model_config_is_checked_against_the_workflow_schema(tmp_path, fasta):
@@ -178,7 +174,7 @@ def partial_run(tmp_path_factory, fasta, tiny_checkpoint):
         "failed": failed,
         "ids": load_embeddings(merged)[0],
         "missing": (out / "results/missing_ids.txt").read_text().split(),
-        "rank_1": rank_ids(out, 1),
+        "rank_1": planned_ids(out, 1),
         "log": (out / "logs/snakemake.log").read_text(),
     }
 
@@ -211,7 +207,7 @@ def test_world_size_defaults_to_the_visible_gpus(complete_run):
     assert yaml.safe_load((out / "config.yaml").read_text())["world_size"] == 2
     assert json.loads((out / "results/manifest.json").read_text())["world_size"] == 2
     for rank in (0, 1):
-        assert rank_ids(out, rank)
+        assert planned_ids(out, rank)
         assert re.search(r"\(2 layers, dim 32\) on cpu", (out / f"logs/embed/rank_{rank}.log").read_text())
 
 
@@ -252,7 +248,7 @@ def test_run_esm2_multi_gpu_raises_when_a_rank_failed(tmp_path, fasta, tiny_chec
     monkeypatch.setenv("ESMSHARD_FAIL_RANKS", "1")
     with pytest.raises(RuntimeError) as error:
         run_esm2_multi_gpu(fasta, tmp_path, world_size=2)
-    missing, missing_file = len(rank_ids(tmp_path, 1)), tmp_path / "results/missing_ids.txt"
+    missing, missing_file = len(planned_ids(tmp_path, 1)), tmp_path / "results/missing_ids.txt"
     assert f"rank(s) 1 failed: {missing} of 12 sequences have no embedding (IDs in {missing_file};" in str(error.value)
     assert (tmp_path / "results/embeddings.h5").exists()
 

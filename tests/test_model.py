@@ -83,3 +83,27 @@ def test_arbitrary_pickled_objects_are_refused(tmp_path, capsys):
 def test_unknown_model_name(tmp_path):
     with pytest.raises(EsmShardError, match="neither an existing checkpoint file nor a released ESM-2 model"):
         resolve_checkpoint("esm2_t99_1T_UR50D")
+
+
+def test_download_lands_only_a_whole_checkpoint_of_the_named_shape(tmp_path, monkeypatch):
+    from esmshard.architectures import ESM2_MODELS
+    from esmshard.model import URL_ENV, architecture, download
+
+    source = write_random_checkpoint(tmp_path / "mirror/esm2_t6_8M_UR50D.pt", *ESM2_MODELS["esm2_t6_8M_UR50D"])
+    monkeypatch.setenv(URL_ENV, f"file://{tmp_path}/mirror/{{name}}.pt")
+    path = download("esm2_t6_8M_UR50D", tmp_path / "hub/esm2_t6_8M_UR50D.pt")
+    assert architecture(path) == ESM2_MODELS["esm2_t6_8M_UR50D"]
+    with pytest.raises(EsmShardError, match=r"cannot download esm2_t12_35M_UR50D from file://.*; download it where"):
+        download("esm2_t12_35M_UR50D", tmp_path / "hub/esm2_t12_35M_UR50D.pt")
+    source.rename(tmp_path / "mirror/esm2_t12_35M_UR50D.pt")  # the wrong model under that name
+    with pytest.raises(EsmShardError, match=r"holds a model of shape \(6, 320, 20\), not esm2_t12_35M_UR50D"):
+        download("esm2_t12_35M_UR50D", tmp_path / "hub/esm2_t12_35M_UR50D.pt")
+    assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == ["esm2_t6_8M_UR50D.pt"]  # nothing half-written
+
+
+def test_a_fasta_given_as_model_is_named_without_pytorch_advice(tmp_path):
+    fasta = tmp_path / "proteins.fasta"
+    fasta.write_text(">p1\nMKV\n")
+    with pytest.raises(EsmShardError) as error:
+        load_model(str(fasta))
+    assert str(fasta) in str(error.value) and "weights_only" not in str(error.value)

@@ -83,8 +83,13 @@ def wait_for(condition, timeout: float = 60, step: float = 0.02):
     return None
 
 
-def chunk_files(workdir: Path) -> list[Path]:
-    return sorted((workdir / "results/work").glob("*/rank_*/chunk_*.h5"))
+def segment_files(workdir: Path) -> list[Path]:
+    """The store's segments: the finished work of every rank, kept by content."""
+    return sorted((workdir / "results/store").glob("*/seg_*.h5"))
+
+
+def half_written(workdir: Path) -> list[Path]:
+    return sorted((workdir / "results/store").glob("*/.seg_*"))
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +106,8 @@ def phase_of(log_text: str) -> str:
     last = log_text.strip().splitlines()[-1] if log_text.strip() else ""
     if "assembling" in last:
         return "assembling the shard"
-    if "wrote chunk" in last:
-        return "after a chunk write"
+    if "wrote seg_" in last:
+        return "after a segment write"
     if "sequences (" in last or "batches of at most" in last:
         return "embedding"
     return "starting up / loading the model"
@@ -133,10 +138,10 @@ def test_sigkill_at_random_moments_then_rerun_gives_identical_embeddings(tmp_pat
             process.wait(timeout=300)
         assert process.wait(timeout=300) == 0, process.stderr.read()
         rows += assert_same_embeddings(workdir, clean2)
-        assert not chunk_files(workdir)  # chunks are gone once their shard is in place
-    # and at the exact moments a random kill rarely hits: a chunk written but not yet renamed,
-    # the shard written but not renamed, the shard renamed but its chunks not yet removed
-    for point in ("chunk-written", "shard-written", "shard-renamed"):
+        assert not half_written(workdir)  # a killed write's temporary is gone once its rank reran
+    # and at the exact moments a random kill rarely hits: a segment written but not yet renamed,
+    # the shard written but not renamed, the shard renamed but its status not yet written
+    for point in ("segment-written", "shard-written", "shard-renamed"):
         rounds += 1
         workdir = tmp_path / point
         workdir.mkdir()
@@ -148,18 +153,19 @@ def test_sigkill_at_random_moments_then_rerun_gives_identical_embeddings(tmp_pat
         reruns += 2
         assert rerun.returncode == 0, rerun.stderr
         rows += assert_same_embeddings(workdir, clean2)
-        assert not chunk_files(workdir)
+        assert not half_written(workdir)
     summary = {"kills": kills, "snakemake runs": reruns, "rounds": rounds, "rows compared": rows,
                "mismatches": 0, "kill phases": dict(phases)}
     print("kill test:", json.dumps(summary))
     (Path(os.environ.get("ESMSHARD_KILL_REPORT", tmp_path / "kill_report.json"))).write_text(json.dumps(summary))
 
 
-def stop_after_first_chunk(workdir: Path, config: dict, signum=signal.SIGTERM):
-    """Run until the first chunk is on disk, then send ``signum`` to the rank; returns seconds to exit."""
-    before = set(chunk_files(workdir))
+def stop_after_first_segment(workdir: Path, config: dict, signum=signal.SIGTERM):
+    """Run until the rank's first store segment is on disk, then send ``signum`` to the rank;
+    returns seconds to exit."""
+    before = set(segment_files(workdir))
     process = start_snakemake(workdir, config)
-    assert wait_for(lambda: set(chunk_files(workdir)) - before, timeout=120), "no chunk was written"
+    assert wait_for(lambda: set(segment_files(workdir)) - before, timeout=120), "no segment was written"
     (pid,) = embed_processes(workdir)
     sent = time.monotonic()
     os.kill(pid, signum)
@@ -175,53 +181,67 @@ def rank_status(workdir: Path, rank: int = 0) -> dict:
 
 def test_sigterm_keeps_finished_work_and_the_rerun_computes_only_the_rest(tmp_path, fasta, tiny_checkpoint, clean1):
     config = config_for(fasta, tiny_checkpoint, world_size=1)
-    seconds = stop_after_first_chunk(tmp_path, config)
+    seconds = stop_after_first_segment(tmp_path, config)
     assert seconds < 5
     log = (tmp_path / "logs/embed/rank_0.log").read_text()
     assert "stopped by SIGTERM" in log
-    kept = int(re.search(r"kept (\d+) of 3000 sequences in chunks", log)[1])
+    kept = int(re.search(r"stopped with (\d+) of 3000 sequences in the store", log)[1])
     assert kept >= 150
+    assert rank_status(tmp_path)["ok"] is False and "Stopped" in rank_status(tmp_path)["error"]  # recorded
     result = run_snakemake(tmp_path, config)
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "logs/embed/rank_0.log").read_text()
-    assert f"{kept} sequences already in" in log
+    assert f"; {kept} already in the store" in log
     status = rank_status(tmp_path)
     assert status["residues_computed"] < status["residues"]
     assert_same_embeddings(tmp_path, clean1)
 
 
 def test_sigint_behaves_like_sigterm(tmp_path, fasta, tiny_checkpoint):
-    seconds = stop_after_first_chunk(tmp_path, config_for(fasta, tiny_checkpoint, world_size=1), signal.SIGINT)
+    seconds = stop_after_first_segment(tmp_path, config_for(fasta, tiny_checkpoint, world_size=1), signal.SIGINT)
     assert seconds < 5
     assert "stopped by SIGINT" in (tmp_path / "logs/embed/rank_0.log").read_text()
-    assert chunk_files(tmp_path)
+    assert segment_files(tmp_path)
 
 
-def test_corrupt_and_torn_chunks_are_recomputed(tmp_path, fasta, tiny_checkpoint, clean1):
+def test_corrupt_and_torn_segments_are_recomputed(tmp_path, fasta, tiny_checkpoint, clean1):
     config = config_for(fasta, tiny_checkpoint, world_size=1, chunk_sequences=100)
-    stop_after_first_chunk(tmp_path, config)
-    chunks = chunk_files(tmp_path)
-    data = bytearray(chunks[0].read_bytes())
-    data[len(data) // 3 : len(data) // 3 + 4096] = os.urandom(4096)
-    chunks[0].write_bytes(bytes(data))
-    if len(chunks) > 1:
-        chunks[1].write_bytes(chunks[1].read_bytes()[:2000])  # torn
-    (chunks[0].parent / ".chunk_000099.h5.tmp123").write_bytes(b"half-written")
+    stop_after_first_segment(tmp_path, config)
+    while len(segment_files(tmp_path)) < 2:
+        stop_after_first_segment(tmp_path, config)
+    damaged, torn = segment_files(tmp_path)[:2]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 4096] = os.urandom(4096)  # values: caught by their checksums
+    damaged.write_bytes(bytes(data))
+    torn.write_bytes(torn.read_bytes()[:2000])
+    (damaged.parent / f".seg_r0_{'0' * 12}.h5.tmp123").write_bytes(b"half-written")
     result = run_snakemake(tmp_path, config)
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "logs/embed/rank_0.log").read_text()
-    assert re.search(r"discarding chunk .*chunk_000000.h5 \(", log)
+    assert re.search(rf"discarding store segment .*{torn.name} \(unreadable", log)
+    assert damaged.name in log and not damaged.exists() and not half_written(tmp_path)
     assert_same_embeddings(tmp_path, clean1)
 
 
-def test_a_damaged_shard_is_detected_and_recomputed(tmp_path, fasta, tiny_checkpoint, clean2):
+def test_a_damaged_or_missing_shard_never_shrinks_the_result(tmp_path, fasta, tiny_checkpoint, clean2):
     config = config_for(fasta, tiny_checkpoint, world_size=2)
     completed_run(tmp_path, config)
     shard = tmp_path / "results/shards/shard_1.h5"
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    for damage in (lambda: shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2]), shard.unlink):
+        damage()
+        result = run_snakemake(tmp_path, {**config, "require_complete": True}, "--forcerun", "aggregate")
+        assert result.returncode == 0, result.stderr
+        assert re.search(r"rank 1: shard .*shard_1.h5 (is unreadable \(.*\)|does not exist); assembling it again from the "
+                         r"store", result.stderr)
+        assert json.loads((tmp_path / "results/manifest.json").read_text())["complete"]
+        assert_same_embeddings(tmp_path, clean2)
+    # without the store too, the rank counts as failed and the next run computes it again
+    shard.unlink()
+    for segment in segment_files(tmp_path):
+        segment.unlink()
     result = run_snakemake(tmp_path, config, "--forcerun", "aggregate")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"rank 1: shard .*shard_1.h5 is unreadable", result.stderr)
+    assert re.search(r"rank 1: shard .*shard_1.h5 does not exist, and the store does not hold all its", result.stderr)
     manifest = json.loads((tmp_path / "results/manifest.json").read_text())
     assert [f["rank"] for f in manifest["ranks_failed"]] == [1]
     result = run_snakemake(tmp_path, config)
@@ -234,15 +254,15 @@ def test_changed_settings_never_reuse_stale_work(tmp_path, fasta, tiny_checkpoin
     from esmshard.model import write_random_checkpoint
 
     config = config_for(fasta, tiny_checkpoint, world_size=1)
-    stop_after_first_chunk(tmp_path, config)
-    assert chunk_files(tmp_path)
+    stop_after_first_segment(tmp_path, config)
+    assert segment_files(tmp_path)
     for change in ({"layers": [1]}, {"model": str(write_random_checkpoint(tmp_path / "other.pt", 2, 32, 4, seed=9))}):
         changed = {**config, **change}
-        stop_after_first_chunk(tmp_path, changed)
-        assert "0 sequences already in 0 chunks" in (tmp_path / "logs/embed/rank_0.log").read_text()
+        stop_after_first_segment(tmp_path, changed)
+        assert "; 0 already in the store" in (tmp_path / "logs/embed/rank_0.log").read_text()
     result = run_snakemake(tmp_path, changed)
     assert result.returncode == 0, result.stderr
-    assert rank_status(tmp_path)["residues_computed"] < rank_status(tmp_path)["residues"]  # its own chunks reused
+    assert rank_status(tmp_path)["residues_computed"] < rank_status(tmp_path)["residues"]  # its own work reused
     _, _, attrs = read_embeddings(tmp_path / "results/embeddings.h5")
     assert attrs["model"] == changed["model"]
 
@@ -258,7 +278,7 @@ def test_timeout_stops_the_rank_keeps_its_work_and_counts_it_failed(tmp_path, fa
     assert result.returncode != 0
     assert "no rank succeeded" in result.stderr and "TimedOut" in result.stderr
     assert rank_status(tmp_path / "timed")["ok"] is False
-    assert chunk_files(tmp_path / "timed")
+    assert segment_files(tmp_path / "timed")
     result = run_snakemake(tmp_path / "timed", {**config, "timeout": None})
     assert result.returncode == 0, result.stderr
     assert rank_status(tmp_path / "timed")["residues_computed"] < rank_status(tmp_path / "timed")["residues"]
@@ -268,8 +288,17 @@ def test_timeout_stops_the_rank_keeps_its_work_and_counts_it_failed(tmp_path, fa
 
 
 @pytest.mark.parametrize("text, seconds", [(90, 90.0), ("90s", 90.0), ("45m", 2700.0), ("12h", 43200.0),
-                                           ("1d", 86400.0), ("1:30:00", 5400.0), (None, None)])
+                                           ("11h30m", 41400.0), ("1d", 86400.0), ("1:30:00", 5400.0),
+                                           (None, None)])
 def test_durations(text, seconds):
-    from esmshard.rank import parse_duration
+    from esmshard.stopping import parse_duration
 
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["1.2.3", ":", -5, 0, "0s", "abc", "", "5x", True])
+def test_bad_durations_are_named(text):
+    from esmshard.stopping import parse_duration
+
+    with pytest.raises(ValueError, match=r"^timeout: .* is not a duration; give seconds \(> 0\)"):
+        parse_duration(text)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import (
+    config_for,
     planned_ids,
     assert_same_embeddings,
     completed_run,
@@ -35,10 +36,6 @@ def records():
 @pytest.fixture(scope="module")
 def fasta(tmp_path_factory, records):
     return write_fasta(tmp_path_factory.mktemp("input") / "proteins.fasta", records)
-
-
-def config_for(fasta, model, **extra):
-    return {"fasta": [str(fasta)], "model": str(model), "progress_seconds": 0.5, **extra}
 
 
 def job_counts(output: str) -> dict[str, int]:

@@ -2,9 +2,11 @@
 
     python -m esmshard random-checkpoint PATH [--like esm2_t33_650M_UR50D]
     python -m esmshard export results/embeddings.h5 OUT_DIR [--format npy|pt]
+    python -m esmshard download esm2_t33_650M_UR50D [DIR]
 """
 
 import argparse
+from pathlib import Path
 
 from esmshard import EsmShardError
 from esmshard.architectures import ESM2_MODELS
@@ -27,6 +29,11 @@ def main(argv=None) -> None:
     export.add_argument("embeddings")
     export.add_argument("out_dir")
     export.add_argument("--format", choices=["npy", "pt"], default="npy")
+    download = commands.add_parser(
+        "download", help="download a released ESM-2 model (for clusters whose nodes are offline), checked before it lands"
+    )
+    download.add_argument("model", choices=sorted(ESM2_MODELS))
+    download.add_argument("dir", nargs="?", help="where to put MODEL.pt (default: torch.hub's cache, where the workflow looks)")
     args = parser.parse_args(argv)
 
     if args.command == "export":
@@ -34,6 +41,17 @@ def main(argv=None) -> None:
             print(_export(args))
         except (EsmShardError, OSError) as error:  # a bad path or file: its one-line message, no traceback
             parser.exit(1, f"{parser.prog} export: error: {error}\n")
+        return
+
+    if args.command == "download":
+        from esmshard.architectures import released_checkpoint
+        from esmshard.model import download
+
+        target = Path(args.dir) / f"{args.model}.pt" if args.dir else released_checkpoint(args.model)
+        try:
+            print(f"wrote {download(args.model, target)}: set 'model' to this path where the model is needed")
+        except (EsmShardError, OSError) as error:
+            parser.exit(1, f"{parser.prog} download: error: {error}\n")
         return
 
     from esmshard.model import write_random_checkpoint

@@ -31,6 +31,7 @@ import yaml
 from esmshard.gpu import count_visible_gpus
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec, pooling_of
+from esmshard.plan import read_plan
 
 # The package lives in workflow/scripts/ and finds the workflow from there, which is why it is
 # installed editable (pip install -e .): a copy elsewhere would have no workflow next to it.
@@ -95,7 +96,7 @@ def run_multi_gpu_inference(
         _run_workflow(output_dir, gpus or world_size, world_size, echo)
         manifest = json.loads((output_dir / MANIFEST).read_text())
         merged = output_dir / MERGED
-        _check_merged(merged, output_dir, manifest, config["model"])
+        _check_merged(merged, output_dir, manifest)
     return merged, sorted(failed["rank"] for failed in manifest["ranks_failed"])
 
 
@@ -270,15 +271,13 @@ def _failure(output_dir: Path, world_size: int, output: str, log_path: Path) -> 
     return f"the esmshard workflow failed: {'; '.join(details)} ({where})"
 
 
-def _check_merged(merged: Path, output_dir: Path, manifest: dict, model: str) -> None:
+def _check_merged(merged: Path, output_dir: Path, manifest: dict) -> None:
     """The merged file holds exactly the index's IDs less the missing ones, in input order,
     with finite vectors of the model's width; raises ValueError otherwise."""
-    from esmshard.model import embed_dim  # torch: only once the workflow has run
-
     missing = {seq_id for failed in manifest["ranks_failed"] for seq_id in failed["missing_ids"]}
     index_ids = SequenceIndex(output_dir / "results/index").ids()
     expected = [seq_id for seq_id in index_ids if seq_id not in missing]
-    width = embed_dim(model)
+    width = read_plan(output_dir / "results/plan.h5").model["embed_dim"]
     with h5py.File(merged, "r") as h5:
         ids = h5["ids"].asstr()[:].tolist()
         if ids != expected:

@@ -165,6 +165,7 @@ class PackedEngine:
         self.tokenizer = Tokenizer(alphabet, spec)
         self.dim = network.embed_dim
         self._pin = self.device.type == "cuda"
+        self.splits = 0  # batches split in two on running out of GPU memory
 
     def default_tokens_per_batch(self) -> int:
         """Tokens per batch from free device memory: activations take ~64 bytes per token per width."""
@@ -193,13 +194,16 @@ class PackedEngine:
         except torch.OutOfMemoryError:
             if len(residues) == 1:
                 raise
-            torch.cuda.empty_cache()
-            sizes = np.cumsum(self.spec.tokens([len(r) for r in residues]))
-            half = int(np.clip(np.searchsorted(sizes, sizes[-1] / 2), 1, len(residues) - 1))
-            log.warning("out of GPU memory on %d tokens; retrying as two batches", sizes[-1])
-            parts = [self._outputs_splitting_on_oom(p, self.tokenizer.pack(p, self._pin))
-                     for p in (residues[:half], residues[half:])]
-            return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        # Split outside the except block: the exception's traceback holds the failed attempt's
+        # activations, and no half would fit while it lives.
+        torch.cuda.empty_cache()
+        sizes = np.cumsum(self.spec.tokens([len(r) for r in residues]))
+        half = int(np.clip(np.searchsorted(sizes, sizes[-1] / 2), 1, len(residues) - 1))
+        log.warning("out of GPU memory on %d tokens; retrying as two batches", sizes[-1])
+        self.splits += 1
+        parts = [self._outputs_splitting_on_oom(p, self.tokenizer.pack(p, self._pin))
+                 for p in (residues[:half], residues[half:])]
+        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
     def embed_batches(self, batches, read):
         """Yields results in order; the host tokenises ahead, and batch i is copied back and

@@ -50,6 +50,13 @@ def visible_gpus() -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
+def gpu_device() -> str:
+    """'cuda' when this process will compute on a GPU, else 'cpu', without starting CUDA: some GPU
+    visible, and an NVIDIA driver on the host (CUDA_VISIBLE_DEVICES alone can name GPUs that are not there)."""
+    driver = os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+    return "cuda" if visible_gpus() and driver else "cpu"
+
+
 def count_visible_gpus() -> int:
     return len(visible_gpus())
 

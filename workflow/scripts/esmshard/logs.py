@@ -4,11 +4,31 @@ to stderr so that they reach the terminal running snakemake."""
 import logging
 import sys
 
+from esmshard.stopping import Stopped, TimedOut
+
+
+class _Raising:
+    """A stop signal's exception raised while a record is being written must stop the rank;
+    logging's own handleError would print it and carry on."""
+
+    def handleError(self, record):
+        if isinstance(sys.exc_info()[1], (Stopped, TimedOut)):
+            raise
+        super().handleError(record)
+
+
+class _FileHandler(_Raising, logging.FileHandler):
+    pass
+
+
+class _StreamHandler(_Raising, logging.StreamHandler):
+    pass
+
 
 def setup(log_path) -> None:
-    to_file = logging.FileHandler(log_path, mode="w")
+    to_file = _FileHandler(log_path, mode="w")
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    to_terminal = logging.StreamHandler(sys.stderr)
+    to_terminal = _StreamHandler(sys.stderr)
     to_terminal.setLevel(logging.WARNING)
     to_terminal.setFormatter(logging.Formatter("esmshard: %(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[to_file, to_terminal], force=True)

@@ -136,8 +136,11 @@ def _read_checkpoint(path: Path) -> dict:
                     raise
                 data = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
     except Exception as error:  # the safe unpickler raises many kinds on foreign files
+        # PyTorch's own message advises loading unsafely: never pass that on; say what the file is not
+        kind = "holds objects other than tensors and a config" if "weights_only" in str(error) else "is damaged or not a PyTorch file"
         raise EsmShardError(
-            f"model: {path} is not a checkpoint in fair-esm's format that loads safely: {_one_line(error)}"
+            f"model: {path} is not a checkpoint in fair-esm's format that loads safely (it {kind}: "
+            f"{type(error).__name__})"
         ) from None
     config = data.get("cfg", {}).get("model") if isinstance(data, dict) else None
     weights = data.get("model") if isinstance(data, dict) else None

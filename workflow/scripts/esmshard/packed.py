@@ -151,11 +151,12 @@ def _rotate(x, cos, sin):
 
 def attention(q, k, v, cu_seqlens, max_len: int):
     """Attention within each sequence of a packed stream; q, k, v: [T, H, d] -> [T, H, d]."""
-    if q.is_cuda:
+    if q.is_cuda and q.dtype != torch.float32:
         from torch.nn.attention.varlen import varlen_attn
 
         return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
-    # The CPU path (tests): the same math, one sequence at a time.
+    # The CPU, and float32 on a GPU (FlashAttention takes fp16/bf16 only): the same math, one
+    # sequence at a time.
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
     for start, end in zip(bounds[:-1], bounds[1:]):

@@ -9,6 +9,7 @@ any moment resumes from its last segment; finally assemble the shard from the st
 
 import hashlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +19,14 @@ import numpy as np
 from esmshard import EsmShardError, atomic_output
 from esmshard.architectures import MAX_RESIDUES
 from esmshard.faults import crash_point, fail_if_asked
-from esmshard.gpu import visible_gpus
+from esmshard.gpu import gpu_device, pin_gpu
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec, piece_tokens
 from esmshard.plan import read_plan
 from esmshard.progress import Progress
 from esmshard.shard import ShardWriter, dataset_shapes, shard_problem
 from esmshard.stopping import signals_deferred
-from esmshard.store import Store, settings_identity, store_key
+from esmshard.store import DamagedSegment, Store, settings_identity, store_key
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,10 @@ class RankWork:
     identity: dict  # the numeric settings, as the aggregation checks them
     compute_precision: str
 
+    @property
+    def store_identity(self) -> dict:
+        return {**self.identity, "compute_precision": self.compute_precision}
+
     def shard_attrs(self) -> dict:
         """What identifies a complete shard of this work."""
         share = hashlib.sha256()
@@ -86,30 +91,50 @@ def run_rank(index_dir, plan_path, rank: int, shard_path, store_root, settings: 
     work = rank_work(index_dir, plan_path, rank, settings)
     embedded = work.spec.embedded_lengths(work.lengths)
     progress = Progress(len(work.ids), int(embedded.sum()), settings.progress_seconds, rank)
-    where = {"gpu": None, "compute_precision": work.compute_precision}
     expected = work.shard_attrs()
     problem = shard_problem(shard_path, work.ids, expected, dataset_shapes(work.spec, work.lengths, work.dim))
     if not problem:
         log.info("rank %d: %s already holds these %d sequences with these settings; keeping it",
                  rank, shard_path, len(work.ids))
         progress.update(len(work.ids), int(embedded.sum()), computed=False)
-        return {**progress.finish(), **where, "store": None, "reused": len(work.ids), "embedded": 0}
+        return {**progress.finish(), "gpu": None, "compute_precision": work.compute_precision, "store": None,
+                "reused": len(work.ids), "embedded": 0}
     if Path(shard_path).exists():
         log.info("rank %d: the existing %s %s; making it again", rank, shard_path, problem)
-    store_identity = {**work.identity, "compute_precision": work.compute_precision}
-    store = Store(store_root, store_identity, work.spec, work.dim, settings.dtype, writer=f"r{rank}")
-    todo = np.flatnonzero(store.find(work.digests)[0] < 0)
-    log.info("rank %d/%d: %d distinct sequences, %d residues; %d already in the store %s, %d to compute",
-             rank, work.world_size, len(work.ids), int(embedded.sum()), len(work.ids) - len(todo),
-             store.directory, len(todo))
-    done = np.setdiff1d(np.arange(len(work.ids)), todo)
-    progress.update(len(done), int(embedded[done].sum()), computed=False)
-    if len(todo):
-        where["gpu"] = compute(work, todo, store, settings, progress)
-        store = Store(store_root, store_identity, work.spec, work.dim, settings.dtype, writer=f"r{rank}")
-    assemble_shard(shard_path, work, store, settings.dtype)
-    return {**progress.finish(), **where, "store": str(store.directory), "reused": len(work.ids) - len(todo),
-            "embedded": len(todo)}
+    reused, gpu = fill_store_and_assemble(work, shard_path, store_root, settings, progress)
+    return {**progress.finish(), "gpu": gpu, "compute_precision": work.compute_precision,
+            "store": str(Path(store_root) / store_key(work.store_identity)), "reused": reused,
+            "embedded": len(work.ids) - reused}
+
+
+def fill_store_and_assemble(work: RankWork, shard_path, store_root, settings: RankSettings, progress: Progress,
+                            engine=None):
+    """Compute what the store lacks (with ``engine``, else the model loaded on a leased GPU), then
+    assemble the shard from the store; a store segment found damaged while assembling is deleted
+    and its sequences computed again. Returns (sequences found in the store at the start, the GPU
+    leased or None)."""
+    gpu = reused = None
+    for _ in range(3):
+        store = Store(store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}")
+        todo = np.flatnonzero(store.find(work.digests)[0] < 0)
+        if reused is None:
+            reused = len(work.ids) - len(todo)
+            log.info("rank %d/%d: %d distinct sequences, %d residues; %d already in the store %s, %d to compute",
+                     work.rank, work.world_size, len(work.ids), progress.total_residues, reused, store.directory,
+                     len(todo))
+            done = np.setdiff1d(np.arange(len(work.ids)), todo)
+            progress.update(len(done), int(work.spec.embedded_lengths(work.lengths[done]).sum()), computed=False)
+        if len(todo):
+            if engine is None:
+                engine, gpu = load_engine(work, settings)
+            compute(work, engine, todo, store, settings, progress)
+            store = Store(store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}")
+        try:
+            assemble_shard(shard_path, work, store, settings.dtype)
+            return reused, gpu
+        except DamagedSegment as error:
+            log.warning("rank %d: %s; computing its sequences again", work.rank, error)
+    raise EsmShardError(f"the store {store.directory} was found damaged three times; check the disk")
 
 
 def rank_work(index_dir, plan_path, rank: int, settings: RankSettings) -> RankWork:
@@ -126,7 +151,7 @@ def rank_work(index_dir, plan_path, rank: int, settings: RankSettings) -> RankWo
         index, rank, plan.world_size, positions, index.ids(positions), index.lengths[positions],
         index.digests()[positions], spec, plan.model["embed_dim"], plan.model,
         settings_identity(plan.model["digest"], spec, settings.dtype, settings.precision, settings.engine),
-        compute_precision(settings, "cuda" if visible_gpus() else "cpu"),
+        compute_precision(settings, gpu_device()),
     )
 
 
@@ -136,12 +161,8 @@ def compute_precision(settings: RankSettings, device: str) -> str:
     return "float32" if device == "cpu" else ("bfloat16" if settings.engine == "packed" else "float16")
 
 
-def compute(work: RankWork, todo: np.ndarray, store: Store, settings: RankSettings, progress: Progress):
-    """Embed the sequences ``todo`` (rows of ``work``) into store segments; returns the GPU used."""
-    from esmshard.gpu import pin_gpu
-
-    lease = pin_gpu(settings.gpu_lock_dir)
-    engine = load_engine(work, settings)
+def compute(work: RankWork, engine, todo: np.ndarray, store: Store, settings: RankSettings, progress: Progress):
+    """Embed the sequences ``todo`` (rows of ``work``) into store segments, as they finish."""
     batches, budget = plan_batches(engine, work.lengths[todo], settings)
     log.info("rank %d: %d batches of at most %d tokens", work.rank, len(batches), budget)
     read = lambda batch: [work.index.residues(p) for p in work.positions[todo[batch]]]  # noqa: E731
@@ -157,10 +178,10 @@ def compute(work: RankWork, todo: np.ndarray, store: Store, settings: RankSettin
                 last_write = time.monotonic()
     except BaseException:
         _save(store, work, pending)  # keep every finished batch, whatever stops the rank
-        log.info("rank %d: finished work is kept in the store %s", work.rank, store.directory)
+        log.info("rank %d: stopped with %d of %d sequences in the store %s", work.rank, progress.sequences,
+                 len(work.ids), store.directory)
         raise
     _save(store, work, pending)
-    return lease.gpu
 
 
 def _save(store: Store, work: RankWork, pending: list) -> None:
@@ -174,18 +195,21 @@ def _save(store: Store, work: RankWork, pending: list) -> None:
 
 
 def load_engine(work: RankWork, settings: RankSettings):
-    """The model of the plan on this process's device, as the engine the settings ask for."""
-    import torch  # only now: the GPU lease has set CUDA_VISIBLE_DEVICES
+    """(the plan's model on a leased GPU or the CPU, as the engine the settings ask for; the GPU)."""
+    device = gpu_device()  # as the store key was made with
+    if device == "cuda":
+        gpu = pin_gpu(settings.gpu_lock_dir).gpu
+    else:
+        gpu, os.environ["CUDA_VISIBLE_DEVICES"] = None, ""
+    import torch  # only now: CUDA reads CUDA_VISIBLE_DEVICES when it starts
 
     from esmshard.engine import PackedEngine, ReferenceEngine
     from esmshard.model import load_model
 
     torch.set_num_threads(settings.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and work.compute_precision != compute_precision(settings, "cpu"):
-        raise EsmShardError(
-            f"CUDA_VISIBLE_DEVICES={visible_gpus()} names GPUs, but torch finds no usable CUDA device here"
-        )
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EsmShardError(f"this host has an NVIDIA driver and GPU {gpu}, but torch {torch.__version__} "
+                            f"finds no usable CUDA device (a CPU-only torch build?)")
     checkpoint = Path(work.checkpoint["path"])
     stat = checkpoint.stat()
     if (stat.st_size, stat.st_mtime_ns) != (work.checkpoint["size"], work.checkpoint["mtime_ns"]):
@@ -201,7 +225,7 @@ def load_engine(work: RankWork, settings: RankSettings):
              checkpoint, network.num_layers, network.embed_dim,
              torch.cuda.get_device_name() if device == "cuda" else "cpu", settings.engine, precision,
              ", ".join(work.spec.names), time.monotonic() - started)
-    return engine
+    return engine, gpu
 
 
 def plan_batches(engine, lengths, settings: RankSettings):

@@ -48,8 +48,8 @@ def create_outputs(h5: h5py.File, spec: OutputSpec, ids, lengths, dim: int, dtyp
     if spec.per_residue:
         h5.create_dataset("residue_offsets", data=residue_offsets(spec.embedded_lengths(lengths)))
     rows_per_chunk = max(1, _CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
-    return {
-        name: h5.create_dataset(name, shape, dtype, chunks=(max(1, min(shape[0], rows_per_chunk)), dim))
+    return {  # an empty output (a rank with nothing planned) is stored unchunked: HDF5 wants chunks <= data
+        name: h5.create_dataset(name, shape, dtype, chunks=(min(shape[0], rows_per_chunk), dim) if shape[0] else None)
         for name, shape in dataset_shapes(spec, lengths, dim).items()
     }
 

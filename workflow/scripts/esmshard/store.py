@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 _CHUNK_BYTES = 4 << 20  # HDF5 storage chunks of about 4 MiB, each with its own checksum
 
 
+class DamagedSegment(EsmShardError):
+    """A store segment failed its checksum or could not be read; it has been deleted."""
+
+
 def settings_identity(model_digest: str, spec: OutputSpec, dtype: str, precision: str, engine: str) -> dict:
     """Every setting that changes the numbers, as given (the compute precision ``auto`` resolves
     per device; the store adds the resolved one)."""
@@ -151,9 +155,8 @@ class Store:
                 outputs = {name: h5[name][:] for name in self.spec.names}
         except Exception as error:
             path.unlink(missing_ok=True)
-            raise EsmShardError(
-                f"store segment {path} is damaged ({' '.join(str(error).split())[:200]}); it was deleted and "
-                f"a retry computes its sequences again"
+            raise DamagedSegment(
+                f"store segment {path} is damaged ({' '.join(str(error).split())[:200]}); it was deleted"
             ) from None
         embedded = self.spec.embedded_lengths(lengths)
         residue_rows = ranges_index(residue_offsets(embedded)[rows], embedded[rows])

@@ -1,0 +1,199 @@
+"""A rerun does exactly what changed: the real snakemake command on the tiny model, on the CPU.
+
+One finished run is the template; each test copies it (results, Snakemake's metadata, inputs,
+file times) and changes what a user would change.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import (
+    assert_same_embeddings,
+    completed_run,
+    config_for,
+    random_sequences,
+    read_embeddings,
+    run_snakemake,
+    write_fasta,
+)
+from esmshard.model import load_model, write_random_checkpoint
+from test_engine import fair_esm_mean
+
+
+@pytest.fixture(scope="module")
+def proteins():
+    return random_sequences(2000, seed=21, median=60, cap=400)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, proteins, tiny_checkpoint):
+    """A finished two-rank run on input/a.fasta (the config names input/*.fasta), its own model file."""
+    workdir = tmp_path_factory.mktemp("template")
+    (workdir / "input").mkdir()
+    write_fasta(workdir / "input/a.fasta", proteins)
+    shutil.copy(tiny_checkpoint, workdir / "model.pt")
+    return completed_run(workdir, config_for("input/*.fasta", workdir / "model.pt", world_size=2))
+
+
+def copy_of(template: Path, tmp_path: Path) -> tuple[Path, dict]:
+    """The template run in a new directory, and its config pointing there."""
+    workdir = tmp_path / "run"
+    shutil.copytree(template, workdir, symlinks=True)
+    return workdir, config_for("input/*.fasta", workdir / "model.pt", world_size=2)
+
+
+def manifest(workdir: Path) -> dict:
+    return json.loads((workdir / "results/manifest.json").read_text())
+
+
+def rank_logs(workdir: Path) -> str:
+    return "".join(path.read_text() for path in sorted((workdir / "logs/embed").glob("rank_*.log")))
+
+
+def computed_by_ranks(workdir: Path) -> int:
+    """Sequences the ranks of the last run computed, from their logs."""
+    return sum(int(n) for n in re.findall(r", (\d+) to compute", rank_logs(workdir)))
+
+
+def rules_run(output: str) -> set[str]:
+    return set(re.findall(r"^(?:local)?rule (\w+):", output, re.M))
+
+
+def test_one_protein_added_to_two_thousand_costs_one_protein(template, tmp_path, proteins):
+    workdir, config = copy_of(template, tmp_path)
+    with open(workdir / "input/a.fasta", "a") as fasta:
+        fasta.write(">added\nMKKLLPTAAGLLLLAAQPAMAMDIGINSDPNSSSVDKLAAALEHHHHHH\n")
+    result = run_snakemake(workdir, config)
+    assert result.returncode == 0, result.stderr
+    assert manifest(workdir)["computed"] == 1 and manifest(workdir)["reused"] == 2000
+    assert computed_by_ranks(workdir) == 1 and rank_logs(workdir).count("loaded in") == 1
+    clean = tmp_path / "clean"
+    (clean / "input").mkdir(parents=True)
+    shutil.copy(workdir / "input/a.fasta", clean / "input/a.fasta")
+    completed_run(clean, config_for("input/*.fasta", workdir / "model.pt", world_size=2))
+    assert assert_same_embeddings(workdir, clean, atol=1e-5) == 2001
+
+
+def test_identical_sequences_under_other_ids_are_embedded_once(tmp_path, tiny_checkpoint):
+    distinct = random_sequences(200, seed=5, median=80, cap=300)
+    rng = np.random.default_rng(1)
+    copies = {f"copy{i:03d}": distinct[name] for i, name in enumerate(rng.choice(list(distinct), 300))}
+    records = {**distinct, **copies}
+    write_fasta(tmp_path / "mutants.fasta", records)
+    completed_run(tmp_path, config_for(tmp_path / "mutants.fasta", tiny_checkpoint, world_size=2))
+    assert manifest(tmp_path)["distinct_sequences"] == 200 and manifest(tmp_path)["computed"] == 200
+    ids, vectors, _ = read_embeddings(tmp_path / "results/embeddings.h5")
+    assert ids == list(records)
+    row = {seq_id: i for i, seq_id in enumerate(ids)}
+    first_of = {}
+    for seq_id, sequence in records.items():
+        first_of.setdefault(sequence, seq_id)
+        assert np.array_equal(vectors[row[seq_id]], vectors[row[first_of[sequence]]])
+    network, alphabet = load_model(str(tiny_checkpoint))
+    for seq_id in list(copies)[:20]:
+        assert np.abs(vectors[row[seq_id]] - fair_esm_mean(network, alphabet, records[seq_id], 2)).max() <= 1e-5
+
+
+def test_files_added_to_and_removed_from_the_glob_are_noticed(template, tmp_path, proteins):
+    workdir, config = copy_of(template, tmp_path)
+    write_fasta(workdir / "input/b.fasta", random_sequences(5, seed=99, median=50))
+    result = run_snakemake(workdir, config)
+    assert result.returncode == 0, result.stderr
+    assert manifest(workdir)["sequences"] == 2005 and manifest(workdir)["computed"] == 5
+    (workdir / "input/b.fasta").unlink()
+    result = run_snakemake(workdir, config)
+    assert result.returncode == 0, result.stderr
+    assert manifest(workdir)["sequences"] == 2000 and manifest(workdir)["computed"] == 0
+    assert "loaded in" not in rank_logs(workdir)
+    assert_same_embeddings(workdir, template)  # bit for bit: the very vectors of the first run
+
+
+def test_another_model_at_the_same_path_is_noticed(template, tmp_path, proteins):
+    workdir, config = copy_of(template, tmp_path)
+    write_random_checkpoint(workdir / "model.pt", 2, 32, 4, seed=9)
+    result = run_snakemake(workdir, config)
+    assert result.returncode == 0, result.stderr
+    assert manifest(workdir)["computed"] == 2000
+    ids, vectors, _ = read_embeddings(workdir / "results/embeddings.h5")
+    _, old, _ = read_embeddings(template / "results/embeddings.h5")
+    network, alphabet = load_model(str(workdir / "model.pt"))
+    for i in range(0, 2000, 250):
+        assert np.abs(vectors[i] - fair_esm_mean(network, alphabet, proteins[ids[i]], 2)).max() <= 1e-5
+    assert np.abs(vectors - old).max() > 0.1
+
+
+def test_an_unchanged_input_rerun_loads_no_model_and_changes_no_number(template, tmp_path):
+    workdir, config = copy_of(template, tmp_path)
+    (workdir / "input/a.fasta").touch()
+    for extra in ((), ("--forcerun", "index")):  # a touch alone may be seen through by checksum
+        result = run_snakemake(workdir, config, *extra)
+        assert result.returncode == 0, result.stderr
+        assert "loaded in" not in rank_logs(workdir) or "Nothing to be done" in result.stderr
+        assert_same_embeddings(workdir, template)
+    assert {"index", "plan", "embed", "aggregate"} <= rules_run(result.stderr)
+    assert "loaded in" not in rank_logs(workdir)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("progress_seconds", 7), ("chunk_seconds", 11), ("chunk_sequences", 13), ("tokens_per_batch", 999),
+    ("compile", False), ("timeout", "11h30m"), ("threads_per_rank", 1), ("retries", 3),
+    ("gpu_lock_dir", "/tmp/esmshard-other-locks"),
+])
+def test_settings_that_change_no_number_rerun_nothing(template, tmp_path, option, value):
+    workdir, config = copy_of(template, tmp_path)
+    result = run_snakemake(workdir, {**config, option: value})
+    assert result.returncode == 0 and "Nothing to be done" in result.stderr, result.stderr
+
+
+def test_a_new_world_size_replans_without_reading_fasta_or_loading_the_model(template, tmp_path):
+    workdir, config = copy_of(template, tmp_path)
+    result = run_snakemake(workdir, {**config, "world_size": 3})
+    assert result.returncode == 0, result.stderr
+    assert "index" not in rules_run(result.stderr) and {"plan", "embed"} <= rules_run(result.stderr)
+    assert "loaded in" not in rank_logs(workdir) and manifest(workdir)["world_size"] == 3
+    assert_same_embeddings(workdir, template)
+
+
+def test_changed_layers_recompute_and_changing_back_reuses_the_store(template, tmp_path):
+    workdir, config = copy_of(template, tmp_path)
+    result = run_snakemake(workdir, {**config, "layers": [-1, 1]})
+    assert result.returncode == 0, result.stderr
+    assert manifest(workdir)["computed"] == 2000
+    with h5py.File(workdir / "results/embeddings.h5") as h5:
+        assert sorted(h5["mean"]) == ["layer_1", "layer_2"]
+    result = run_snakemake(workdir, config)
+    assert result.returncode == 0, result.stderr
+    assert manifest(workdir)["computed"] == 0 and "loaded in" not in rank_logs(workdir)
+    assert_same_embeddings(workdir, template)
+
+
+def test_a_shard_of_another_model_is_a_failed_rank_never_data(template, tmp_path, proteins):
+    workdir, config = copy_of(template, tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(template, other, symlinks=True)
+    write_random_checkpoint(other / "model.pt", 2, 32, 4, seed=9)
+    completed_run(other, config_for("input/*.fasta", other / "model.pt", world_size=2))
+    shutil.copy(other / "results/shards/shard_1.h5", workdir / "results/shards/shard_1.h5")
+    result = run_snakemake(workdir, config, "--forcerun", "aggregate")
+    assert result.returncode == 0, result.stderr
+    failed = manifest(workdir)["ranks_failed"]
+    assert [f["rank"] for f in failed] == [1] and "other settings (settings_key" in failed[0]["error"]
+    ids, _, _ = read_embeddings(workdir / "results/embeddings.h5")
+    assert len(ids) == 2000 - len(failed[0]["missing_ids"]) and not set(ids) & set(failed[0]["missing_ids"])
+    result = run_snakemake(workdir, config)
+    assert result.returncode == 0, result.stderr
+    assert "wildcards: rank=1" in result.stderr and "wildcards: rank=0" not in result.stderr
+    assert_same_embeddings(workdir, template)
+
+
+def test_more_ranks_than_proteins_leaves_empty_ranks_that_succeed(tmp_path, tiny_checkpoint):
+    write_fasta(tmp_path / "few.fasta", random_sequences(3, seed=2))
+    completed_run(tmp_path, config_for(tmp_path / "few.fasta", tiny_checkpoint, world_size=5))
+    assert manifest(tmp_path)["complete"] and manifest(tmp_path)["ranks_succeeded"] == [0, 1, 2, 3, 4]
+    assert len(read_embeddings(tmp_path / "results/embeddings.h5")[0]) == 3
