@@ -46,7 +46,8 @@ def fair_esm_outputs(network, alphabet, spec, residues, device) -> dict[str, lis
             coverage[start:end] += 1
         for layer in spec.layers:
             per_residue = total[layer] / coverage[:, None]
-            pooled = {"mean": per_residue.mean(0), "bos": np.mean(bos[layer], axis=0), "per_residue": per_residue}
+            mean, bos_mean = per_residue.mean(0), np.mean(bos[layer], axis=0)
+            pooled = {"mean": mean, "bos": bos_mean, "per_residue": per_residue}
             for pooling in spec.poolings:
                 out[dataset_name(pooling, layer)].append(pooled[pooling])
     return out

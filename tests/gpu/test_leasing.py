@@ -18,9 +18,9 @@ RANK = textwrap.dedent(
     from esmshard.gpu import pin_gpu
     lease = pin_gpu(sys.argv[1], poll_seconds=0.1)
     import torch
-    print(json.dumps({"gpu": lease.gpu, "visible": os.environ["CUDA_VISIBLE_DEVICES"],
-                      "count": torch.cuda.device_count(), "uuid": str(torch.cuda.get_device_properties(0).uuid)}),
-          flush=True)
+    seen = {"gpu": lease.gpu, "visible": os.environ["CUDA_VISIBLE_DEVICES"],
+            "count": torch.cuda.device_count(), "uuid": str(torch.cuda.get_device_properties(0).uuid)}
+    print(json.dumps(seen), flush=True)
     sys.stdin.read()  # hold the lease until the test closes stdin
     """
 )

@@ -36,7 +36,7 @@ def test_a_batch_that_does_not_fit_is_split_and_gives_the_same_vectors(cuda, t6,
         torch.cuda.empty_cache()
 
     # the engine exposes no count of its splits: its warning is the evidence
-    splits = [r for r in caplog.records if r.name == "esmshard.engine" and "out of GPU memory" in r.getMessage()]
-    assert splits, f"no split: the batch fitted in {limit / 2**30:.2f} GiB (it needed {working / 2**30:.2f} GiB more)"
+    splits = [r for r in caplog.records if "out of GPU memory" in r.getMessage()]
+    assert splits, f"no split: the batch fitted in {limit / 2**30:.2f} GiB"
     for name in spec.names:
         assert_rows_close(split[name], whole[name], "bfloat16", f"{name}, after {len(splits)} split(s)")

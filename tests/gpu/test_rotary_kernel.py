@@ -25,7 +25,8 @@ def float32_rotation(x, cos, sin):
     """[T, H, d] -> [T, H, d] float32: pairs (x[i], x[i + d/2]) times e^(i angle)."""
     x = x.float()
     half = x.shape[-1] // 2
-    rotated = torch.complex(x[..., :half], x[..., half:]) * torch.complex(cos[:, None, :half], sin[:, None, :half])
+    angle = torch.complex(cos[:, None, :half], sin[:, None, :half])  # e^(i angle)
+    rotated = torch.complex(x[..., :half], x[..., half:]) * angle
     return torch.cat([rotated.real, rotated.imag], dim=-1)
 
 
@@ -33,7 +34,7 @@ def float32_rotation(x, cos, sin):
 @pytest.mark.parametrize("heads, head_dim", HEAD_SHAPES)
 @pytest.mark.parametrize("tokens", [1, 63, 64, 1000, 4099])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_rotary_equals_a_float32_rotation_rounded_once(device, dtype, tokens, heads, head_dim, implementation):
+def test_rotary_is_a_float32_rotation_rounded_once(device, dtype, tokens, heads, head_dim, implementation):
     if implementation == "triton" and device != "cuda":
         pytest.skip("Triton: CUDA only")
     generator = torch.Generator().manual_seed(tokens * 1000 + head_dim)
