@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-gpu lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -19,6 +19,11 @@ demo: setup
 # SLURM and SIGKILL tests mostly wait, so they overlap with the rest.
 test: setup
 	$(PYTHON) -m pytest -n auto --dist loadfile
+
+# The GPU tests (tests/gpu), in one process: a missing GPU is an error. Not set up here, so that a
+# GPU machine without network can run them: PYTHON=python3 for its environment (README).
+test-gpu:
+	ESMSHARD_TEST_DEVICE=$${ESMSHARD_TEST_DEVICE:-cuda} $(PYTHON) -m pytest tests/gpu -p no:xdist
 
 lint: setup
 	$(VENV)/bin/snakefmt --check workflow

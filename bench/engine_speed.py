@@ -193,7 +193,11 @@ def main():
               f"rel L2 max {row['rel_l2_max']:.1e} |")
     for row in rows:
         print(f"{row['model']}: FLOP limit {row['limit_residues']:,.0f} residues/s ({row['params'] / 1e6:.0f}M params)")
+    failed = [row["model"] for row in rows if not (row["cos_min"] >= 0.9999 and row["rel_l2_max"] <= 1e-2)]
+    print(f"FAIL: numerics of {', '.join(failed)}" if failed else "PASS",
+          "(cosine >= 0.9999 and relative L2 <= 1e-2 against fair-esm fp32)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

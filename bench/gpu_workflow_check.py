@@ -96,8 +96,9 @@ def main():
     }
     (workdir / "config.yaml").write_text(json.dumps(config))
     started = time.monotonic()
-    command = ["snakemake", "results/embeddings.h5", "--snakefile", str(REPO / "workflow/Snakefile"), "--directory", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), "--cores", "4", "--resources", "gpu=1"]
+    command = [sys.executable, "-m", "snakemake", "results/embeddings.h5", "--snakefile", str(REPO / "workflow/Snakefile"),
+               "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "4",
+               "--resources", "gpu=1"]
     subprocess.run(command, check=True)
     wall = time.monotonic() - started
 
@@ -128,7 +129,8 @@ def main():
     print("PASS" if passed else "FAIL", "(cosine >= 0.9999 for every sequence and residue)")
     for log in sorted((workdir / "logs/embed").glob("*.log")):
         print(log.name, log.read_text().strip().splitlines()[-1])
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Fixtures of the GPU tests: the device and a model of a real shape.
+
+The tests run on CUDA and skip without it. ESMSHARD_TEST_DEVICE=cpu runs them on the CPU to
+debug them (what only CUDA can run still skips); ESMSHARD_TEST_DEVICE=cuda (make test-gpu) makes
+a missing GPU an error instead of a skip.
+"""
+
+import os
+
+import pytest
+import torch
+
+from esmshard.model import load_model, write_random_checkpoint
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compile: torch.compile on the GPU, slow (deselect: -m 'not compile')")
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    wanted = os.environ.get("ESMSHARD_TEST_DEVICE", "")
+    if wanted == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        if wanted == "cuda":
+            pytest.fail(f"ESMSHARD_TEST_DEVICE=cuda, but torch {torch.__version__} sees no CUDA device")
+        pytest.skip("no CUDA device (ESMSHARD_TEST_DEVICE=cpu runs these tests on the CPU)")
+    return "cuda"
+
+
+@pytest.fixture
+def cuda(device) -> str:
+    """For what runs on CUDA only (the Triton kernel, torch.compile on the GPU, real out-of-memory)."""
+    if device != "cuda":
+        pytest.skip("CUDA only")
+    return device
+
+
+@pytest.fixture(scope="session")
+def t6(tmp_path_factory):
+    """esm2_t6_8M's shape (6 layers, width 320, 20 heads of 16) with random weights, written in
+    fair-esm's file format and read by esmshard's loader: (fair-esm ESM2 on the CPU, alphabet)."""
+    path = write_random_checkpoint(tmp_path_factory.mktemp("model") / "esm2_t6_random.pt", 6, 320, 20, seed=0)
+    return load_model(str(path))

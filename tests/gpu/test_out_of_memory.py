@@ -1,0 +1,42 @@
+"""A real CUDA out-of-memory error in a big batch: the engine splits the batch in halves (engine.py,
+PackedEngine._outputs_splitting_on_oom) and gives the vectors of an unsplit run."""
+
+import logging
+
+import pytest
+import torch
+
+from esmshard.engine import PackedEngine
+from esmshard.outputs import OutputSpec
+
+from .helpers import assert_rows_close, lognormal_lengths, random_residues
+
+
+def test_a_batch_that_does_not_fit_is_split_and_gives_the_same_vectors(cuda, t6, caplog):
+    network, alphabet = t6
+    spec = OutputSpec.resolve([3, -1], ["mean", "bos"], network.num_layers)
+    engine = PackedEngine(network, alphabet, cuda, "bfloat16", spec)
+    residues = random_residues(lognormal_lengths(400, seed=6, median=300, cap=1022), seed=7)  # ~150k tokens
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    whole = engine.embed(residues)
+    working = torch.cuda.max_memory_allocated() - before  # what the batch needs beyond the model
+    # From now on this process may hold 60% of that beyond what it holds now: too little for
+    # the batch, enough for each half of it.
+    torch.cuda.empty_cache()
+    limit = torch.cuda.memory_reserved() + 0.6 * working
+    torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        with caplog.at_level(logging.WARNING, logger="esmshard.engine"):
+            split = engine.embed(residues)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+
+    # the engine exposes no count of its splits: its warning is the evidence
+    splits = [r for r in caplog.records if "out of GPU memory" in r.getMessage()]
+    assert splits, f"no split: the batch fitted in {limit / 2**30:.2f} GiB"
+    for name in spec.names:
+        assert_rows_close(split[name], whole[name], "bfloat16", f"{name}, after {len(splits)} split(s)")
