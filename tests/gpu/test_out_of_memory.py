@@ -35,8 +35,8 @@ def test_a_batch_that_does_not_fit_is_split_and_gives_the_same_vectors(cuda, t6,
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
 
-    # the engine exposes no count of its splits: its warning is the evidence
     splits = [r for r in caplog.records if "out of GPU memory" in r.getMessage()]
-    assert splits, f"no split: the batch fitted in {limit / 2**30:.2f} GiB"
+    assert engine.splits >= 1 and len(splits) == engine.splits, f"no split: the batch fitted in {limit / 2**30:.2f} GiB"
+    assert engine.splits <= 3, f"{engine.splits} splits: the halves should fit in 60% of the whole batch's memory"
     for name in spec.names:
         assert_rows_close(split[name], whole[name], "bfloat16", f"{name}, after {len(splits)} split(s)")
