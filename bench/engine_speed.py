@@ -29,7 +29,7 @@ from esmshard.architectures import ESM2_MODELS, MAX_RESIDUES  # noqa: E402
 from esmshard.engine import PackedEngine  # noqa: E402
 from esmshard.index import SequenceIndex, build_index  # noqa: E402
 from esmshard.outputs import OutputSpec  # noqa: E402
-from esmshard.plan import Plan, balance, distinct, sequence_costs, write_plan  # noqa: E402
+from esmshard.plan import Plan, balance, distinct, read_plan, sequence_costs, write_plan  # noqa: E402
 from esmshard.progress import Progress  # noqa: E402
 from esmshard.rank import RankSettings, fill_store_and_assemble, rank_work  # noqa: E402
 
@@ -90,7 +90,7 @@ def run_model(name: str, args, workdir: Path) -> dict:
     # (b) first, while the fp32 network is the only copy on the GPU besides the packed one
     settings = RankSettings(precision="bfloat16", tokens_per_batch=args.tokens_per_batch, progress_seconds=1e9)
     plan_path = write_bench_plan(workdir, name)
-    work = rank_work(workdir / "index", plan_path, 0, settings)
+    work = rank_work(SequenceIndex(workdir / "index"), read_plan(plan_path), 0, settings)
     spec = OutputSpec.resolve([-1], ["mean"], layers)
     engine = PackedEngine(network, alphabet, "cuda", "bfloat16", spec, compile=args.compile)
     started = time.perf_counter()

@@ -23,6 +23,7 @@ One module per concern; none of them but ``api`` knows about Snakemake:
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 class EsmShardError(Exception):
@@ -44,6 +45,18 @@ def atomic_output(path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def ensure_space(directory, nbytes: int, what: str) -> None:
+    """Raise, naming the directory, unless ``nbytes`` (and some room for HDF5's own structures)
+    fit there: HDF5 handles a full disk badly, and a clear failure beats a torn write."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < nbytes * 1.05 + (4 << 20):
+        raise EsmShardError(
+            f"no space left on {directory}: {what} needs {nbytes / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free"
+        )
 
 
 def __getattr__(name):

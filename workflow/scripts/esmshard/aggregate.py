@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from esmshard import EsmShardError, atomic_output
+from esmshard import EsmShardError, atomic_output, ensure_space
 from esmshard.index import SequenceIndex
 from esmshard.outputs import pooling_of, ranges_index, residue_offsets
 from esmshard.plan import Plan, read_plan
@@ -44,7 +44,7 @@ def aggregate(index_dir, plan_path, status_paths, store_root, settings: RankSett
     for rank, status in enumerate(statuses):
         if not status["ok"]:
             continue
-        work = dataclasses.replace(rank_work(index_dir, plan_path, rank, settings),
+        work = dataclasses.replace(rank_work(index, plan, rank, settings),
                                    compute_precision=status.get("compute_precision"))
         problem = usable_shard(Path(status["shard"]), work, store_root, settings.dtype)
         if problem:
@@ -65,6 +65,9 @@ def aggregate(index_dir, plan_path, status_paths, store_root, settings: RankSett
             f"require_complete is set and rank(s) {_list(failed)} failed ({int((~keep).sum())} sequences "
             f"missing); rerun snakemake to retry them"
         )
+    shapes = dataset_shapes(next(iter(works.values())).spec, index.lengths[keep], 1).values()
+    ensure_space(Path(out_path).parent, sum(rows for rows, _ in shapes) * next(iter(works.values())).dim
+                 * np.dtype(settings.dtype).itemsize, "the merged embeddings")
     with atomic_output(out_path) as tmp:
         merge(tmp, {r: statuses[r]["shard"] for r in works}, plan, keep, all_ids, index.lengths,
               next(iter(works.values())))

@@ -9,6 +9,7 @@ and never parse or validate again. Both stay small and fast at 10 million sequen
 build streams, holding one record and fixed-size blocks of rows in memory.
 """
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,16 +145,20 @@ class SequenceIndex:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    @functools.cache
     def digests(self) -> np.ndarray:
-        """[n] DIGEST keys of every sequence's residues."""
+        """[n] DIGEST keys of every sequence's residues (read once)."""
         with h5py.File(self._index_path, "r") as h5:
             return np.ascontiguousarray(h5["digest"][:]).view(DIGEST).ravel()
 
     def ids(self, positions=None) -> np.ndarray:
         """IDs (object array of str) of all sequences, or of the given sorted positions."""
+        return self._all_ids() if positions is None else self._all_ids()[positions]
+
+    @functools.cache
+    def _all_ids(self) -> np.ndarray:
         with h5py.File(self._index_path, "r") as h5:
-            ids = h5["id"].asstr()[:]
-        return ids if positions is None else ids[positions]
+            return h5["id"].asstr()[:]
 
     def residues(self, position: int) -> np.ndarray:
         """The sequence's residues as uint8 ASCII codes (a view of the memory map)."""

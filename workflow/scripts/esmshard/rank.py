@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from esmshard import EsmShardError, atomic_output
+from esmshard import EsmShardError, atomic_output, ensure_space
 from esmshard.architectures import MAX_RESIDUES
 from esmshard.faults import crash_point, fail_if_asked
 from esmshard.gpu import gpu_device, pin_gpu
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec, piece_tokens
-from esmshard.plan import read_plan
+from esmshard.plan import Plan, read_plan
 from esmshard.progress import Progress
-from esmshard.shard import ShardWriter, dataset_shapes, shard_problem
+from esmshard.shard import DTYPES, ShardWriter, dataset_shapes, shard_problem
 from esmshard.stopping import signals_deferred
 from esmshard.store import DamagedSegment, Store, settings_identity, store_key
 
@@ -88,7 +88,7 @@ def run_rank(index_dir, plan_path, rank: int, shard_path, store_root, settings: 
     """Make ``shard_path`` hold rank ``rank``'s embeddings; returns throughput figures and where
     the rank ran."""
     fail_if_asked(rank)
-    work = rank_work(index_dir, plan_path, rank, settings)
+    work = rank_work(SequenceIndex(index_dir), read_plan(plan_path), rank, settings)
     embedded = work.spec.embedded_lengths(work.lengths)
     progress = Progress(len(work.ids), int(embedded.sum()), settings.progress_seconds, rank)
     expected = work.shard_attrs()
@@ -137,11 +137,9 @@ def fill_store_and_assemble(work: RankWork, shard_path, store_root, settings: Ra
     raise EsmShardError(f"the store {store.directory} was found damaged three times; check the disk")
 
 
-def rank_work(index_dir, plan_path, rank: int, settings: RankSettings) -> RankWork:
-    index = SequenceIndex(index_dir)
-    plan = read_plan(plan_path)
+def rank_work(index: SequenceIndex, plan: Plan, rank: int, settings: RankSettings) -> RankWork:
     if plan.fingerprint != index.fingerprint:
-        raise EsmShardError(f"{plan_path} was planned for another index; rerun the plan rule")
+        raise EsmShardError("the plan was made for another index; rerun the plan rule")
     if not 0 <= rank < plan.world_size:
         raise EsmShardError(f"rank {rank} is outside the plan's world size {plan.world_size}")
     positions = plan.positions_of(rank)
@@ -244,6 +242,8 @@ def plan_batches(engine, lengths, settings: RankSettings):
 def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str) -> None:
     """The rank's shard from the store, in plan order; only a complete file lands."""
     log.info("rank %d: assembling %s from %d store segments", work.rank, shard_path, len(store.segments))
+    shapes = dataset_shapes(work.spec, work.lengths, work.dim).values()
+    ensure_space(Path(shard_path).parent, sum(rows * dim for rows, dim in shapes) * DTYPES[dtype]().itemsize, "the shard")
     with signals_deferred(), atomic_output(shard_path) as tmp:
         attrs = {**work.identity, **work.shard_attrs(), "model": work.checkpoint["path"]}
         writer = ShardWriter(tmp, work.ids, work.lengths, work.spec, work.dim, dtype, attrs)

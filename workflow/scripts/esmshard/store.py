@@ -28,7 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from esmshard import EsmShardError, atomic_output
+from esmshard import EsmShardError, atomic_output, ensure_space
 from esmshard.architectures import MAX_RESIDUES
 from esmshard.faults import crash_point
 from esmshard.index import DIGEST
@@ -122,6 +122,7 @@ class Store:
     def write(self, digests: np.ndarray, lengths: np.ndarray, outputs: dict[str, np.ndarray]) -> Path:
         """A new segment of these sequences' outputs (rows in the order of ``digests``)."""
         path = self.directory / f"seg_{self.writer}_{secrets.token_hex(6)}.h5"
+        ensure_space(self.directory, sum(values.nbytes for values in outputs.values()), "a store segment")
         with atomic_output(path) as tmp:
             with h5py.File(tmp, "w") as h5:
                 h5.create_dataset("digests", data=digests.view(np.uint8).reshape(-1, DIGEST.itemsize))
