@@ -51,6 +51,7 @@ envvars:
 RANKS = list(range(WORLD_SIZE))
 FASTA_FILES = [str(path) for path in expand_fasta_paths(config["fasta"])]
 MODEL_FILE = model_file(config["model"])
+RELEASED_MODEL = not Path(config["model"]).expanduser().is_file()
 parse_duration(config["timeout"])  # a bad value stops here, before any job
 # Settings that change the numbers: parameters of the rules whose outputs they change. The
 # others (batch size, compile, progress, segment sizes, timeout, locks) are read from the config
