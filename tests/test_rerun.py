@@ -7,6 +7,7 @@ file times) and changes what a user would change.
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -197,3 +198,44 @@ def test_more_ranks_than_proteins_leaves_empty_ranks_that_succeed(tmp_path, tiny
     completed_run(tmp_path, config_for(tmp_path / "few.fasta", tiny_checkpoint, world_size=5))
     assert manifest(tmp_path)["complete"] and manifest(tmp_path)["ranks_succeeded"] == [0, 1, 2, 3, 4]
     assert len(read_embeddings(tmp_path / "results/embeddings.h5")[0]) == 3
+
+
+def test_a_released_model_is_downloaded_once_for_all_ranks(tmp_path):
+    from esmshard.architectures import ESM2_MODELS
+
+    write_random_checkpoint(tmp_path / "mirror/esm2_t6_8M_UR50D.pt", *ESM2_MODELS["esm2_t6_8M_UR50D"])
+    write_fasta(tmp_path / "p.fasta", random_sequences(12, seed=4, median=40))
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "ESMSHARD_MODEL_URL": f"file://{tmp_path}/mirror/{{name}}.pt"}
+    config = config_for(tmp_path / "p.fasta", "esm2_t6_8M_UR50D", world_size=2)
+    result = run_snakemake(tmp_path, config, env=env)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^download_model\s+1$", result.stderr, re.M)
+    assert (tmp_path / "torch/hub/checkpoints/esm2_t6_8M_UR50D.pt").is_file()
+    assert manifest(tmp_path)["complete"] and manifest(tmp_path)["computed"] == 12
+    assert "Nothing to be done" in run_snakemake(tmp_path, config, env=env).stderr
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 9 MiB file system where the store goes (root only: it mounts a tmpfs)."""
+    store = tmp_path / "results/store"
+    store.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(store)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield store
+    subprocess.run(["umount", "-l", str(store)])
+
+
+def test_a_full_disk_is_a_failed_rank_that_names_it_and_the_others_go_on(tmp_path, small_disk, tiny_checkpoint):
+    write_fasta(tmp_path / "p.fasta", random_sequences(400, seed=8, median=120, cap=300))
+    config = config_for(tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"],
+                        chunk_sequences=50, retries=0)
+    result = run_snakemake(tmp_path, config, cores=1)  # one rank after the other: the first fits
+    assert result.returncode == 0, result.stderr
+    (failed,) = manifest(tmp_path)["ranks_failed"]
+    assert re.search(r"no space left on results/store/\w+: a store segment needs [\d.]+ MiB, [\d.]+ MiB are free",
+                     failed["error"])
+    assert "no space left on results/store/" in (tmp_path / f"logs/embed/rank_{failed['rank']}.log").read_text()
+    ids, _, _ = read_embeddings(tmp_path / "results/embeddings.h5", "mean/layer_2")
+    assert len(ids) == 400 - len(failed["missing_ids"]) > 0
