@@ -39,14 +39,14 @@ def template(tmp_path_factory, proteins, tiny_checkpoint):
     (workdir / "input").mkdir()
     write_fasta(workdir / "input/a.fasta", proteins)
     shutil.copy(tiny_checkpoint, workdir / "model.pt")
-    return completed_run(workdir, config_for("input/*.fasta", workdir / "model.pt", world_size=2))
+    return completed_run(workdir, config_for("input/*.fasta", "model.pt", world_size=2))
 
 
 def copy_of(template: Path, tmp_path: Path) -> tuple[Path, dict]:
     """The template run in a new directory, and its config pointing there."""
     workdir = tmp_path / "run"
     shutil.copytree(template, workdir, symlinks=True)
-    return workdir, config_for("input/*.fasta", workdir / "model.pt", world_size=2)
+    return workdir, config_for("input/*.fasta", "model.pt", world_size=2)  # paths relative to the run
 
 
 def manifest(workdir: Path) -> dict:
@@ -103,7 +103,8 @@ def test_identical_sequences_under_other_ids_are_embedded_once(tmp_path, tiny_ch
 
 def test_files_added_to_and_removed_from_the_glob_are_noticed(template, tmp_path, proteins):
     workdir, config = copy_of(template, tmp_path)
-    write_fasta(workdir / "input/b.fasta", random_sequences(5, seed=99, median=50))
+    added = random_sequences(5, seed=99, median=50)
+    write_fasta(workdir / "input/b.fasta", {f"added{i}": sequence for i, sequence in enumerate(added.values())})
     result = run_snakemake(workdir, config)
     assert result.returncode == 0, result.stderr
     assert manifest(workdir)["sequences"] == 2005 and manifest(workdir)["computed"] == 5
@@ -179,7 +180,7 @@ def test_a_shard_of_another_model_is_a_failed_rank_never_data(template, tmp_path
     other = tmp_path / "other"
     shutil.copytree(template, other, symlinks=True)
     write_random_checkpoint(other / "model.pt", 2, 32, 4, seed=9)
-    completed_run(other, config_for("input/*.fasta", other / "model.pt", world_size=2))
+    completed_run(other, config_for("input/*.fasta", "model.pt", world_size=2))
     shutil.copy(other / "results/shards/shard_1.h5", workdir / "results/shards/shard_1.h5")
     result = run_snakemake(workdir, config, "--forcerun", "aggregate")
     assert result.returncode == 0, result.stderr
@@ -239,3 +240,19 @@ def test_a_full_disk_is_a_failed_rank_that_names_it_and_the_others_go_on(tmp_pat
     assert "no space left on results/store/" in (tmp_path / f"logs/embed/rank_{failed['rank']}.log").read_text()
     ids, _, _ = read_embeddings(tmp_path / "results/embeddings.h5", "mean/layer_2")
     assert len(ids) == 400 - len(failed["missing_ids"]) > 0
+
+
+def test_a_failed_rank_then_a_replaced_model_never_mixes_the_two_models(template, tmp_path, proteins):
+    workdir, config = copy_of(template, tmp_path)
+    result = run_snakemake(workdir, {**config, "retries": 0}, "--forcerun", "plan", env={"ESMSHARD_FAIL_RANKS": "1"})
+    assert result.returncode == 0 and not manifest(workdir)["complete"], result.stderr
+    dry = run_snakemake(workdir, config, "--dry-run", "--rerun-triggers", "mtime")
+    assert "esmshard: rank 1 failed last time, and --rerun-triggers without 'input'" in dry.stdout + dry.stderr
+    write_random_checkpoint(workdir / "model.pt", 2, 32, 4, seed=9)
+    result = run_snakemake(workdir, config)
+    assert result.returncode == 0, result.stderr
+    assert manifest(workdir)["complete"] and manifest(workdir)["computed"] == 2000
+    ids, vectors, _ = read_embeddings(workdir / "results/embeddings.h5")
+    network, alphabet = load_model(str(workdir / "model.pt"))
+    for i in range(0, 2000, 100):  # both ranks' sequences: all of the new model
+        assert np.abs(vectors[i] - fair_esm_mean(network, alphabet, proteins[ids[i]], 2)).max() <= 1e-5

@@ -65,7 +65,7 @@ def test_four_ranks_run_as_four_slurm_jobs_on_one_gpu_each(tmp_path, fasta, tiny
     job_ids = [status["slurm_job_id"] for status in ranks]
     assert all(job_ids) and len(set(job_ids)) == 4  # each rank its own SLURM job
     for status in ranks:
-        assert re.fullmatch(r"\d", status["gpu"])  # exactly one GPU index, set by SLURM
+        assert re.fullmatch(r"\d", status["cuda_visible_devices"])  # exactly one GPU index, set by SLURM
     (tmp_path / "local").mkdir()
     completed_run(tmp_path / "local", config)
     assert_same_embeddings(tmp_path / "slurm", tmp_path / "local", atol=1e-6)

@@ -19,7 +19,8 @@ log = logging.getLogger("esmshard.embed")
 config = snakemake.config
 rank = int(snakemake.wildcards.rank)
 attempt, attempts = int(snakemake.resources.attempt), int(config["retries"]) + 1
-where = {"host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+where = {"host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # as the scheduler gave them
 log.info("rank %d, attempt %d of %d, host %s%s", rank, attempt, attempts, where["host"],
          f", SLURM job {where['slurm_job_id']}" if where["slurm_job_id"] else "")
 try:
@@ -34,8 +35,8 @@ try:
         gpu_lock_dir=config["gpu_lock_dir"],
         threads=snakemake.threads,
     )
-    stats = run_rank(os.path.dirname(snakemake.input.index), snakemake.input.plan, rank, snakemake.params.shard,
-                     snakemake.params.store, settings)
+    stats = run_rank(os.path.dirname(snakemake.input.index), snakemake.input.plan, snakemake.input.checkpoint, rank,
+                     snakemake.params.shard, snakemake.params.store, settings)
     disarm_timeout()
 except (Stopped, TimedOut) as stop:
     disarm_timeout()

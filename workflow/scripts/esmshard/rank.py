@@ -84,11 +84,12 @@ class RankWork:
                 "share": share.hexdigest()[:32], "rank": self.rank, "world_size": self.world_size}
 
 
-def run_rank(index_dir, plan_path, rank: int, shard_path, store_root, settings: RankSettings) -> dict:
-    """Make ``shard_path`` hold rank ``rank``'s embeddings; returns throughput figures and where
-    the rank ran."""
+def run_rank(index_dir, plan_path, checkpoint, rank: int, shard_path, store_root, settings: RankSettings) -> dict:
+    """Make ``shard_path`` hold rank ``rank``'s embeddings, with the model at ``checkpoint`` (the
+    one the plan was made with); returns throughput figures and where the rank ran."""
     fail_if_asked(rank)
     work = rank_work(SequenceIndex(index_dir), read_plan(plan_path), rank, settings)
+    work.checkpoint = {**work.checkpoint, "path": str(checkpoint)}
     embedded = work.spec.embedded_lengths(work.lengths)
     progress = Progress(len(work.ids), int(embedded.sum()), settings.progress_seconds, rank)
     expected = work.shard_attrs()
