@@ -88,7 +88,8 @@ def run_model(name: str, args, workdir: Path) -> dict:
     limit = PEAK_FLOPS / (2 * params)  # tokens/s at the FLOP limit
 
     # (b) first, while the fp32 network is the only copy on the GPU besides the packed one
-    settings = RankSettings(precision="bfloat16", tokens_per_batch=args.tokens_per_batch, progress_seconds=1e9)
+    settings = RankSettings.from_config({"precision": "bfloat16", "tokens_per_batch": args.tokens_per_batch,
+                                          "progress_seconds": 1e9})
     plan_path = write_bench_plan(workdir, name)
     work = rank_work(SequenceIndex(workdir / "index"), read_plan(plan_path), 0, settings)
     spec = OutputSpec.resolve([-1], ["mean"], layers)

@@ -6,9 +6,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from esmshard.index import SequenceIndex
+from esmshard.outputs import OutputSpec
 from esmshard.model import write_random_checkpoint
 from esmshard.plan import read_plan
 
@@ -92,3 +94,28 @@ def planned_ids(workdir: Path, rank: int) -> list[str]:
     """Every ID whose sequence rank ``rank`` embeds (its shard holds the first ID of identical ones)."""
     plan = read_plan(workdir / "results/plan.h5")
     return list(SequenceIndex(workdir / "results/index").ids()[plan.rank[plan.source] == rank])
+
+
+def fair_esm_outputs(network, alphabet, sequence: str, layer: int) -> dict[str, np.ndarray]:
+    """What fair-esm's scripts/extract.py --include mean bos per_tok writes for one sequence, unbatched."""
+    _, _, tokens = alphabet.get_batch_converter(truncation_seq_length=1022)([("x", sequence)])
+    with torch.no_grad():
+        representation = network(tokens, repr_layers=[layer])["representations"][layer][0]
+    per_residue = representation[1 : min(len(sequence), 1022) + 1].numpy()
+    return {"mean": per_residue.mean(0), "bos": representation[0].numpy(), "per_residue": per_residue}
+
+
+def fair_esm_mean(network, alphabet, sequence: str, layer: int) -> np.ndarray:
+    return fair_esm_outputs(network, alphabet, sequence, layer)["mean"]
+
+
+def spec_for(network, layers=(-1,), poolings=("mean",), long_sequences="truncate") -> OutputSpec:
+    return OutputSpec.resolve(layers, poolings, network.num_layers, long_sequences)
+
+
+def residues_of(sequences: list[str]) -> list[np.ndarray]:
+    return [np.frombuffer(s.encode(), np.uint8) for s in sequences]
+
+
+def split_rows(per_residue: np.ndarray, lengths) -> list[np.ndarray]:
+    return np.split(per_residue, np.cumsum(lengths)[:-1])

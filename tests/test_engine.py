@@ -2,35 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import AMINO
+from conftest import AMINO, fair_esm_outputs, residues_of, spec_for, split_rows
 from esmshard.engine import ReferenceEngine
 from esmshard.model import load_model
 from esmshard.outputs import OutputSpec, resolve_layer
-
-
-def fair_esm_outputs(network, alphabet, sequence: str, layer: int) -> dict[str, np.ndarray]:
-    """What fair-esm's scripts/extract.py --include mean bos per_tok writes for one sequence, unbatched."""
-    _, _, tokens = alphabet.get_batch_converter(truncation_seq_length=1022)([("x", sequence)])
-    with torch.no_grad():
-        representation = network(tokens, repr_layers=[layer])["representations"][layer][0]
-    per_residue = representation[1 : min(len(sequence), 1022) + 1].numpy()
-    return {"mean": per_residue.mean(0), "bos": representation[0].numpy(), "per_residue": per_residue}
-
-
-def fair_esm_mean(network, alphabet, sequence: str, layer: int) -> np.ndarray:
-    return fair_esm_outputs(network, alphabet, sequence, layer)["mean"]
-
-
-def spec_for(network, layers=(-1,), poolings=("mean",), long_sequences="truncate") -> OutputSpec:
-    return OutputSpec.resolve(layers, poolings, network.num_layers, long_sequences)
-
-
-def residues_of(sequences: list[str]) -> list[np.ndarray]:
-    return [np.frombuffer(s.encode(), np.uint8) for s in sequences]
-
-
-def split_rows(per_residue: np.ndarray, lengths) -> list[np.ndarray]:
-    return np.split(per_residue, np.cumsum(lengths)[:-1])
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +33,15 @@ def test_every_output_of_a_mixed_batch_equals_fair_esm_per_sequence(tiny):
             assert np.abs(per_residue[i] - expected["per_residue"]).max() <= 1e-5, len(sequence)
 
 
-def test_truncation_keeps_the_first_1022_residues(tiny):
+def test_truncation_embeds_the_first_1022_residues_as_fair_esm_does(tiny):
     network, alphabet = tiny
-    engine = ReferenceEngine(network, alphabet, "cpu", "float32", spec_for(network))
+    engine = ReferenceEngine(network, alphabet, "cpu", "float32", spec_for(network, poolings=("mean", "per_residue")))
     long = "".join(np.random.default_rng(1).choice(list(AMINO), size=1500))
-    a, b = engine.embed(residues_of([long, long[:1022]]))["mean/layer_2"]
-    assert np.array_equal(a, b)
+    embedded = engine.embed(residues_of([long]))
+    expected = fair_esm_outputs(network, alphabet, long[:1022], 2)
+    assert embedded["per_residue/layer_2"].shape == (1022, 32)
+    assert np.abs(embedded["mean/layer_2"][0] - expected["mean"]).max() <= 1e-5
+    assert np.abs(embedded["per_residue/layer_2"] - expected["per_residue"]).max() <= 1e-5
 
 
 @pytest.mark.parametrize("layer, resolved", [(-1, 33), (-33, 1), (-34, 0), (0, 0), (33, 33), (12, 12)])

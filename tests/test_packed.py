@@ -2,10 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import AMINO
+from conftest import AMINO, fair_esm_mean, fair_esm_outputs, spec_for, split_rows
 from esmshard.engine import PackedEngine, ReferenceEngine, Tokenizer
 from esmshard.model import load_model, write_random_checkpoint
-from test_engine import fair_esm_mean, fair_esm_outputs, spec_for, split_rows
 
 LENGTHS = (300, 1, 2, 50, 1022, 3000, 77, 2)
 
@@ -156,7 +155,8 @@ def test_out_of_memory_halves_the_batch_until_it_fits(tiny_checkpoint, monkeypat
     split = engine.embed(residues)
     for name in expected:
         assert np.allclose(split[name], expected[name], atol=1e-6)
-    assert tried[0] == sum(len(r) + 2 for r in residues) and max(tried[1:]) <= 700
+    # halved by tokens until each part fits: 748 -> 74 + 674, 674 -> 309 + 365, 365 -> 163 + 202
+    assert tried == [748, 74, 674, 309, 365, 163, 202] and engine.splits == 3
 
     tried.clear()
     with pytest.raises(torch.OutOfMemoryError):  # one sequence that never fits is an error

@@ -18,13 +18,13 @@ from conftest import (
     assert_same_embeddings,
     completed_run,
     config_for,
+    fair_esm_mean,
     random_sequences,
     read_embeddings,
     run_snakemake,
     write_fasta,
 )
 from esmshard.model import load_model, write_random_checkpoint
-from test_engine import fair_esm_mean
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 
 from conftest import (
-    config_for,
-    planned_ids,
     assert_same_embeddings,
     completed_run,
+    config_for,
+    fair_esm_mean,
+    fair_esm_outputs,
+    planned_ids,
     random_sequences,
     read_embeddings,
     run_snakemake,
     write_fasta,
 )
-from test_engine import fair_esm_mean, fair_esm_outputs
 from esmshard.engine import PackedEngine
 from esmshard.model import load_model
 from esmshard.outputs import OutputSpec
@@ -183,7 +184,7 @@ def test_replace_policy_maps_unknown_letters_to_x(tmp_path, tiny_checkpoint):
         ({"dtype": "float64"}, "'float64' is not one of \\['float32', 'float16'\\]"),
         ({"modle": "x"}, "Additional properties are not allowed \\('modle' was unexpected\\)"),
         ({"world_size": 0}, "0 is less than the minimum of 1"),
-        ({"model": "esm2_t99_1T_UR50D"}, "config 'model': 'esm2_t99_1T_UR50D' is neither an existing checkpoint"),
+        ({"model": "esm2_t99_1T_UR50D"}, "model: 'esm2_t99_1T_UR50D' is neither an existing checkpoint"),
     ],
 )
 def test_bad_config_values_are_named(tmp_path, fasta, tiny_checkpoint, change, message):

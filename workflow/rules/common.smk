@@ -3,7 +3,7 @@ from pathlib import Path
 
 # The package (on sys.path since the Snakefile) is imported here only through modules that need
 # the standard library alone: Snakemake parses and lints this workflow without numpy, h5py or torch.
-from esmshard.architectures import ESM2_MODELS, released_checkpoint
+from esmshard.architectures import checkpoint_file
 from esmshard.fasta import expand_fasta_paths
 from esmshard.gpu import count_visible_gpus
 from esmshard.status import failed, retry_marker
@@ -27,20 +27,6 @@ def resolve_world_size():
     return world_size
 
 
-def model_file(model):
-    """The checkpoint file, an input of every job that reads it (a path as given, or where
-    download_model puts a released model)."""
-    path = Path(model).expanduser()
-    if path.is_file():
-        return str(path)
-    if model in ESM2_MODELS:
-        return str(released_checkpoint(model))
-    raise ValueError(
-        f"config 'model': {model!r} is neither an existing checkpoint file nor a released ESM-2 "
-        f"model ({', '.join(ESM2_MODELS)})"
-    )
-
-
 WORLD_SIZE = resolve_world_size()
 
 
@@ -50,7 +36,9 @@ envvars:
 
 RANKS = list(range(WORLD_SIZE))
 FASTA_FILES = [str(path) for path in expand_fasta_paths(config["fasta"])]
-MODEL_FILE = model_file(config["model"])
+# The checkpoint file, an input of every job that reads it: a path as given, or where rule
+# download_model puts a released model.
+MODEL_FILE = str(checkpoint_file(config["model"]))
 RELEASED_MODEL = not Path(config["model"]).expanduser().is_file()
 parse_duration(config["timeout"])  # a bad value stops here, before any job
 # Settings that change the numbers: parameters of the rules whose outputs they change. The

@@ -16,7 +16,7 @@ try:
         snakemake.input.plan,
         snakemake.input.statuses,
         snakemake.params.store,
-        RankSettings(**snakemake.params.settings),
+        RankSettings.from_config(snakemake.params.settings),
         snakemake.output.embeddings,
         snakemake.output.manifest,
         snakemake.output.missing,

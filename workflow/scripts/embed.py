@@ -25,16 +25,7 @@ log.info("rank %d, attempt %d of %d, host %s%s", rank, attempt, attempts, where[
          f", SLURM job {where['slurm_job_id']}" if where["slurm_job_id"] else "")
 try:
     handle_stop_signals(parse_duration(config["timeout"]))
-    settings = RankSettings(
-        **snakemake.params.settings,
-        tokens_per_batch=config["tokens_per_batch"],
-        compile=config["compile"],
-        progress_seconds=config["progress_seconds"],
-        segment_sequences=config["chunk_sequences"],
-        segment_seconds=config["chunk_seconds"],
-        gpu_lock_dir=config["gpu_lock_dir"],
-        threads=snakemake.threads,
-    )
+    settings = RankSettings.from_config(config, threads=snakemake.threads)
     stats = run_rank(os.path.dirname(snakemake.input.index), snakemake.input.plan, snakemake.input.checkpoint, rank,
                      snakemake.params.shard, snakemake.params.store, settings)
     disarm_timeout()

@@ -28,6 +28,7 @@ import jsonschema
 import numpy as np
 import yaml
 
+from esmshard import settings
 from esmshard.gpu import count_visible_gpus
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec, pooling_of
@@ -37,9 +38,8 @@ from esmshard.plan import read_plan
 # installed editable (pip install -e .): a copy elsewhere would have no workflow next to it.
 WORKFLOW_DIR = Path(__file__).resolve().parents[2]
 SNAKEFILE = WORKFLOW_DIR / "Snakefile"
-SCHEMA = WORKFLOW_DIR / "schemas" / "config.schema.yaml"
 
-DEFAULT_MODEL = "esm2_t33_650M_UR50D"  # the schema's default (a test checks that they agree)
+DEFAULT_MODEL = settings.defaults()["model"]
 # Config options that run_multi_gpu_inference takes as arguments, not in model_config.
 ARGUMENT_OPTIONS = {"fasta": "fasta_files", "world_size": "world_size", "timeout": "timeout"}
 # model_config keys of the original contract (with model_type "esm2"), and the workflow's names.
@@ -49,7 +49,7 @@ CONFIG_FILE = "config.yaml"
 LOG_FILE = "logs/snakemake.log"
 CALL_LINE = "===== run_multi_gpu_inference at {:%Y-%m-%d %H:%M:%S} =====\n"  # starts each call's log
 LOCK_FILE = ".esmshard.lock"
-INDEX_TARGETS = ("results/index/sequences.h5", "results/index/residues.bin", "results/plan.h5")
+INDEX_TARGETS = ("results/index/sequences.h5", "results/index/residues.bin")  # before any model is fetched
 MERGED, MANIFEST, MISSING_IDS = "results/embeddings.h5", "results/manifest.json", "results/missing_ids.txt"
 _CHECK_ROWS = 16384  # rows of the merged file checked at a time
 _ESMSHARD_ERROR = re.compile(r"^esmshard: ERROR: (.+)$", re.MULTILINE)
@@ -161,7 +161,7 @@ def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
         raise ValueError(
             "model_config must be a dict with at least 'model' (a released ESM-2 name or a checkpoint path)"
         )
-    schema = yaml.safe_load(SCHEMA.read_text())
+    schema = settings.schema()
     options = set(schema["properties"]) - set(ARGUMENT_OPTIONS)
     unknown = sorted(set(model_config) - set(schema["properties"]))
     if unknown:

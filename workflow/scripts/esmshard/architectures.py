@@ -4,6 +4,8 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
+from esmshard import EsmShardError
+
 
 class Architecture(NamedTuple):
     layers: int
@@ -29,3 +31,17 @@ def released_checkpoint(name: str) -> Path:
     before, by fair-esm or by esmshard, is found there (torch.hub.get_dir's rule, without torch)."""
     torch_home = os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "torch"))
     return Path(torch_home).expanduser() / "hub" / "checkpoints" / f"{name}.pt"
+
+
+def checkpoint_file(model: str) -> Path:
+    """The file ``model`` stands for: an existing path as given (``~`` expanded), or where a
+    released model is kept (downloaded or not yet); anything else is an error naming the option."""
+    path = Path(model).expanduser()
+    if path.is_file():
+        return path
+    if model in ESM2_MODELS:
+        return released_checkpoint(model)
+    raise EsmShardError(
+        f"model: {model!r} is neither an existing checkpoint file nor a released ESM-2 model "
+        f"({', '.join(ESM2_MODELS)})"
+    )

@@ -18,7 +18,6 @@ from esmshard import EsmShardError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOCK_DIR = "/tmp/esmshard-gpu-locks"
 # The signals whose handlers (installed by the caller) raise to stop the rank, also while it waits.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)
 
@@ -76,7 +75,7 @@ class GpuLease:
         self._handle = handle
 
 
-def pin_gpu(lock_dir=DEFAULT_LOCK_DIR, poll_seconds: float = 5.0) -> GpuLease:
+def pin_gpu(lock_dir, poll_seconds: float = 5.0) -> GpuLease:
     """Choose this process's GPU and set CUDA_VISIBLE_DEVICES to it.
 
     Inside a SLURM job the allocation's CUDA_VISIBLE_DEVICES is kept as it is. Otherwise one

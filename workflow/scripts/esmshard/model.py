@@ -18,7 +18,7 @@ import esm
 import torch
 
 from esmshard import EsmShardError, atomic_output
-from esmshard.architectures import ESM2_MODELS, Architecture, released_checkpoint
+from esmshard.architectures import ESM2_MODELS, Architecture, checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +32,10 @@ _CONFIG_FIELDS = ("encoder_layers", "encoder_embed_dim", "encoder_attention_head
 
 def resolve_checkpoint(model: str) -> Path:
     """The local checkpoint file for a path, or for a released model name (downloaded once)."""
-    path = Path(model).expanduser()
-    if path.is_file():
-        return path
-    if model in ESM2_MODELS:
-        path = released_checkpoint(model)
-        if not path.is_file():
-            download(model, path)
-        return path
-    raise EsmShardError(
-        f"model: {model!r} is neither an existing checkpoint file nor a released ESM-2 model "
-        f"({', '.join(ESM2_MODELS)})"
-    )
+    path = checkpoint_file(model)
+    if not path.is_file():
+        download(model, path)
+    return path
 
 
 def download(model: str, path: Path) -> Path:

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec, piece_tokens
 from esmshard.plan import Plan, read_plan
 from esmshard.progress import Progress
+from esmshard.settings import defaults
 from esmshard.shard import DTYPES, ShardWriter, dataset_shapes, shard_problem
 from esmshard.stopping import signals_deferred
 from esmshard.store import DamagedSegment, Store, settings_identity, store_key
@@ -36,22 +37,29 @@ SEGMENT_BYTES = 1 << 30
 
 @dataclass
 class RankSettings:
-    """The job's settings: the numeric ones (they change the embeddings) and the operational ones."""
+    """The options a rank runs with: those that change the numbers and the operational ones, as in
+    the config (whose schema holds their meanings and defaults)."""
 
-    layers: tuple[int, ...] = (-1,)
-    pooling: tuple[str, ...] = ("mean",)
-    long_sequences: str = "truncate"  # or "window"
-    window_overlap: int = 512
-    precision: str = "auto"  # compute: float32 on the CPU; on a GPU bfloat16 (packed) or float16 (reference)
-    dtype: str = "float32"  # stored
-    engine: str = "packed"
-    tokens_per_batch: int | None = None  # None: from free GPU memory (packed) or 4096 (reference)
-    compile: bool | str = "tuned"  # torch.compile the packed engine's layers (GPU only); "tuned": autotuned too
-    progress_seconds: float = 30.0
-    segment_sequences: int = 10000  # finished work goes to the store every this many sequences ...
-    segment_seconds: float = 300.0  # ... or this many seconds, whichever comes first
-    gpu_lock_dir: str = "/tmp/esmshard-gpu-locks"
-    threads: int = 2  # torch's CPU threads
+    layers: list[int]
+    pooling: list[str]
+    long_sequences: str
+    window_overlap: int
+    precision: str  # of the computation; auto: float32 on the CPU, bfloat16 (packed) or float16 (reference) on a GPU
+    dtype: str  # of the stored vectors
+    engine: str
+    tokens_per_batch: int | None
+    compile: bool | str
+    progress_seconds: float
+    chunk_sequences: int  # finished work goes to the store every this many sequences ...
+    chunk_seconds: float  # ... or this many seconds, whichever comes first
+    gpu_lock_dir: str
+    threads: int = 2  # torch's CPU threads (the job's threads)
+
+    @classmethod
+    def from_config(cls, config: dict, **overrides) -> "RankSettings":
+        """From a workflow config; options it lacks take the schema's defaults."""
+        config = {**defaults(), **config, **overrides}
+        return cls(**{field.name: config[field.name] for field in fields(cls) if field.name in config})
 
 
 @dataclass
@@ -170,9 +178,9 @@ def compute(work: RankWork, engine, todo: np.ndarray, store: Store, settings: Ra
         for batch, outputs in engine.embed_batches(batches, read):
             pending.append((todo[batch], outputs))
             progress.update(len(batch), int(work.spec.embedded_lengths(work.lengths[todo[batch]]).sum()))
-            if (sum(len(rows) for rows, _ in pending) >= settings.segment_sequences
+            if (sum(len(rows) for rows, _ in pending) >= settings.chunk_sequences
                     or sum(v.nbytes for _, out in pending for v in out.values()) >= SEGMENT_BYTES
-                    or time.monotonic() - last_write >= settings.segment_seconds):
+                    or time.monotonic() - last_write >= settings.chunk_seconds):
                 _save(store, work, pending)
                 last_write = time.monotonic()
     except BaseException:

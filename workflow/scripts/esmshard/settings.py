@@ -1,7 +1,13 @@
 """The workflow's configuration as users give it. Standard library and PyYAML only (both come
 with Snakemake): the Snakefile uses this while it is parsed."""
 
+import functools
+from pathlib import Path
+
 import yaml
+
+# The one source of the options, their meanings and defaults (config/config.yaml comments them).
+SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 
 _YAML_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None), "array": list}
 
@@ -33,3 +39,14 @@ def _as_yaml(value, spec: dict):
     if isinstance(parsed, str) or not wanted or not isinstance(parsed, wanted):
         return value
     return parsed
+
+
+@functools.cache
+def schema() -> dict:
+    with open(SCHEMA) as handle:
+        return yaml.safe_load(handle)
+
+
+def defaults() -> dict:
+    """Every option's default, from the schema."""
+    return {key: spec["default"] for key, spec in schema()["properties"].items() if "default" in spec}
