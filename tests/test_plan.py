@@ -44,3 +44,4 @@ def test_identical_sequences_are_planned_once_at_their_first_occurrence():
     first, source = distinct(digests)
     assert first.tolist() == [0, 1, 3]  # input order of first occurrences
     assert source.tolist() == [0, 1, 0, 2, 1, 0]  # every position knows its distinct sequence
+

@@ -114,7 +114,7 @@ class PackedESM2(nn.Module):
 
 
 # torch.compile options for the two steps, by the config's `compile` value. true: inductor's
-# defaults (about 8-12 s to compile 650M). "tuned" (the default): the pointwise and reduction
+# defaults (about 8-12 s to compile 650M). "tuned" (what compile: auto picks for a rank with enough work): the pointwise and reduction
 # kernels are autotuned too: 650M end to end 288k -> 317k residues/s on an H200, 3B 88k -> 93k,
 # for 20-26 s of compiling on a fresh machine (docs/benchmarks.md).
 COMPILE_OPTIONS = {True: {}, "tuned": {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}}
