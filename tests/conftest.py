@@ -46,8 +46,9 @@ def config_for(fasta, model, **extra) -> dict:
     return {"fasta": [str(fasta)], "model": str(model), "progress_seconds": 0.5, **extra}
 
 
-def run_snakemake(workdir: Path, config: dict, *args: str, env: dict | None = None, cores: int = 2):
-    """Run the real snakemake command on the workflow in ``workdir``; returns CompletedProcess."""
+def snakemake_command(workdir: Path, config: dict, *args: str, env: dict | None = None, cores: int = 2):
+    """(command, environment) of the real snakemake command on the workflow in ``workdir``, on the
+    CPU, with ``config`` written there."""
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     command = [
         str(Path(sys.executable).with_name("snakemake")),
@@ -57,7 +58,12 @@ def run_snakemake(workdir: Path, config: dict, *args: str, env: dict | None = No
         "--cores", str(cores),
         *args,
     ]
-    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ESMSHARD_FAIL_RANKS": "", **(env or {})}
+    return command, {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ESMSHARD_FAIL_RANKS": "", **(env or {})}
+
+
+def run_snakemake(workdir: Path, config: dict, *args: str, env: dict | None = None, cores: int = 2):
+    """Run snakemake to its end; returns CompletedProcess."""
+    command, full_env = snakemake_command(workdir, config, *args, env=env, cores=cores)
     return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600)
 
 

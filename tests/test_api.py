@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, planned_ids, random_sequences, write_fasta
+from conftest import planned_ids, random_sequences, write_fasta
 from esmshard import api, run_esm2_multi_gpu, run_multi_gpu_inference
 from esmshard.reader import load_embeddings
 

@@ -1,11 +1,10 @@
 import numpy as np
 import pytest
-import torch
 
 from conftest import AMINO, fair_esm_outputs, residues_of, spec_for, split_rows
 from esmshard.engine import ReferenceEngine
 from esmshard.model import load_model
-from esmshard.outputs import OutputSpec, resolve_layer
+from esmshard.outputs import resolve_layer
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import AMINO, fair_esm_mean, fair_esm_outputs, spec_for, split_rows
-from esmshard.engine import PackedEngine, ReferenceEngine, Tokenizer
+from esmshard.engine import PackedEngine, ReferenceEngine, Packer
 from esmshard.model import load_model, write_random_checkpoint
 
 LENGTHS = (300, 1, 2, 50, 1022, 3000, 77, 2)
@@ -58,7 +58,7 @@ def test_compiled_layers_match_and_compile_once(wider):
 
 def test_pack_makes_one_stream_with_restarting_positions(tiny_checkpoint):
     network, alphabet = load_model(str(tiny_checkpoint))
-    batch = Tokenizer(alphabet, spec_for(network)).pack([np.frombuffer(b"MKV", np.uint8), np.frombuffer(b"W" * 1030, np.uint8)])
+    batch = Packer(alphabet, spec_for(network)).pack([np.frombuffer(b"MKV", np.uint8), np.frombuffer(b"W" * 1030, np.uint8)])
     assert batch.cu_seqlens.tolist() == [0, 5, 5 + 1024]
     assert batch.max_len == 1024
     assert batch.tokens[:5].tolist() == [alphabet.cls_idx] + [alphabet.get_idx(c) for c in "MKV"] + [alphabet.eos_idx]
@@ -75,7 +75,7 @@ def test_windows_cover_a_long_protein_and_average_where_they_overlap(tiny_checkp
     windows = spec.windows(2500)
     assert len(windows) == 4 and windows[0] == (0, 1022) and windows[-1] == (1478, 2500)
     assert all(end - start == 1022 and next_start <= end - 512 for (start, end), (next_start, _) in zip(windows, windows[1:]))
-    batch = Tokenizer(alphabet, spec).pack([np.frombuffer(b"A" * 2500, np.uint8), np.frombuffer(b"MK", np.uint8)])
+    batch = Packer(alphabet, spec).pack([np.frombuffer(b"A" * 2500, np.uint8), np.frombuffer(b"MK", np.uint8)])
     assert batch.cu_seqlens.tolist() == [1024 * k for k in range(5)] + [4096 + 4]
     assert batch.residue_rows_out == 2502
     coverage = np.bincount(batch.residue_rows.numpy(), minlength=2502)
@@ -97,7 +97,7 @@ def test_a_window_of_a_long_protein_is_a_single_pass_where_context_suffices(tiny
     per_residue_mean = spec_for(network, poolings=("mean", "per_residue"), long_sequences="window")
     windowed = PackedEngine(network, alphabet, "cpu", "float32", per_residue_mean).embed([protein])
     single_pass = PackedEngine(network, alphabet, "cpu", "float32", per_residue_mean).model
-    tokens = Tokenizer(alphabet, per_residue_mean).table[protein]
+    tokens = Packer(alphabet, per_residue_mean).table[protein]
     tokens = torch.tensor([alphabet.cls_idx, *tokens, alphabet.eos_idx])
     with torch.inference_mode():
         ((_, hidden),) = single_pass.hidden_states(tokens, torch.arange(len(tokens)), torch.tensor([0, len(tokens)], dtype=torch.int32), len(tokens), (2,))

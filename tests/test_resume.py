@@ -10,16 +10,14 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
+import conftest
 import pytest
-import yaml
 
 from conftest import (
-    SNAKEFILE,
     assert_same_embeddings,
     completed_run,
     random_sequences,
@@ -35,15 +33,13 @@ def fasta(tmp_path_factory):
 
 
 def config_for(fasta, model, **extra):
-    return {"fasta": [str(fasta)], "model": str(model), "retries": 0, "chunk_sequences": 150,
-            "progress_seconds": 0.5, **extra}
+    """No retries (a kill must be recovered by the rerun) and small chunks (many kill points)."""
+    return conftest.config_for(fasta, model, **{"retries": 0, "chunk_sequences": 150, **extra})
 
 
 def start_snakemake(workdir: Path, config: dict) -> subprocess.Popen:
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [str(Path(sys.executable).with_name("snakemake")), "--snakefile", str(SNAKEFILE), "--directory",
-               str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ESMSHARD_FAIL_RANKS": ""}
+    """Snakemake running in the background, to be killed at will."""
+    command, env = conftest.snakemake_command(workdir, config)
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

@@ -241,3 +241,11 @@ def test_every_output_at_once_lands_in_input_order(tmp_path, fasta, records, tin
     long = PackedEngine(network, alphabet, "cpu", "float32", spec).embed([np.frombuffer(records["long3000"].encode(), np.uint8)])
     assert per_residue[-1].shape == (len(records["long3000"]), 32)
     assert np.allclose(per_residue[-1], long["per_residue/layer_2"], rtol=2e-3, atol=2e-3)
+
+
+def test_a_precision_the_cpu_cannot_run_fails_the_rank_before_its_model_loads(tmp_path, fasta, tiny_checkpoint):
+    config = config_for(fasta, tiny_checkpoint, world_size=1, retries=0, engine="reference", precision="float16")
+    result = run_snakemake(tmp_path, config)
+    assert result.returncode != 0
+    assert "precision: the reference engine computes in float32 only on the CPU, not float16" in result.stderr
+    assert "loaded in" not in (tmp_path / "logs/embed/rank_0.log").read_text()

@@ -3,7 +3,6 @@ PackedEngine._outputs_splitting_on_oom) and gives the vectors of an unsplit run.
 
 import logging
 
-import pytest
 import torch
 
 from esmshard.engine import PackedEngine

@@ -1,11 +1,12 @@
 """Engines turn batches of residue strings into the outputs of ``outputs.OutputSpec``.
 
-- ``ReferenceEngine``: fair-esm's own ESM2.forward on padded batches.
+- ``ReferenceEngine``: fair-esm's own ESM2.forward, on esmshard's batches re-padded to fair-esm's
+  [pieces, longest] layout (the numbers of fair-esm's forward; not its extract.py batching).
 - ``PackedEngine``: the packed forward of ``packed.py`` on unpadded token streams, with
   tokenising on a background thread, pinned host memory and asynchronous copies, pooling on the
   device, and batches split in half on CUDA out-of-memory.
 
-Both tokenise with ``Tokenizer.pack`` and pool with ``pool``: means over residue positions
+Both build their batches with ``Packer.pack`` and pool with ``pool``: means over residue positions
 without BOS and EOS (the vector ``scripts/extract.py --include mean`` writes), BOS vectors, and
 per-residue vectors, windows of long proteins averaged where they overlap.
 ``embed_batches(batches, read)`` takes batches of positions and a function that returns their
@@ -62,8 +63,9 @@ class PackedBatch:
         return PackedBatch(**moved)
 
 
-class Tokenizer:
-    """Residue bytes to ESM-2 token ids, vectorised, producing packed streams."""
+class Packer:
+    """Residue bytes to whole packed batches: ESM-2 token ids, vectorised, with every index the
+    forward and the pooling need."""
 
     def __init__(self, alphabet, spec: OutputSpec):
         self.table = np.full(256, alphabet.unk_idx, np.int64)
@@ -134,7 +136,7 @@ class ReferenceEngine:
             raise ValueError("on the CPU the reference engine runs in float32 only")
         self.network = network.to(device=self.device, dtype=self.dtype).eval()
         self.spec = spec
-        self.tokenizer = Tokenizer(alphabet, spec)
+        self.packer = Packer(alphabet, spec)
         self.dim = network.embed_dim
 
     def embed_batches(self, batches, read):
@@ -142,13 +144,13 @@ class ReferenceEngine:
             yield batch, self.embed(read(batch))
 
     def embed(self, residues: list[np.ndarray]) -> dict[str, np.ndarray]:
-        return {name: t.cpu().numpy() for name, t in self.outputs(self.tokenizer.pack(residues)).items()}
+        return {name: t.cpu().numpy() for name, t in self.outputs(self.packer.pack(residues)).items()}
 
     @torch.inference_mode()
     def outputs(self, packed: PackedBatch) -> dict[str, torch.Tensor]:
         batch = packed.to(self.device)
         pieces = len(batch.cu_seqlens) - 1
-        padded = torch.full((pieces, batch.max_len), self.tokenizer.padding_idx, device=self.device)  # [P, L]
+        padded = torch.full((pieces, batch.max_len), self.packer.padding_idx, device=self.device)  # [P, L]
         padded[batch.token_piece, batch.positions] = batch.tokens
         representations = self.network(padded, repr_layers=list(self.spec.layers))["representations"]
         out = {}
@@ -162,7 +164,7 @@ class PackedEngine:
         self.device = torch.device(device)
         self.spec = spec
         self.model = PackedESM2(network, PRECISIONS[precision], self.device, compile).eval()
-        self.tokenizer = Tokenizer(alphabet, spec)
+        self.packer = Packer(alphabet, spec)
         self.dim = network.embed_dim
         self._pin = self.device.type == "cuda"
         self.splits = 0  # batches split in two on running out of GPU memory
@@ -185,7 +187,7 @@ class PackedEngine:
         return out
 
     def embed(self, residues: list[np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self._outputs_splitting_on_oom(residues, self.tokenizer.pack(residues, self._pin))
+        outputs = self._outputs_splitting_on_oom(residues, self.packer.pack(residues, self._pin))
         return {name: t.cpu().numpy() for name, t in outputs.items()}
 
     def _outputs_splitting_on_oom(self, residues, packed: PackedBatch) -> dict[str, torch.Tensor]:
@@ -201,14 +203,14 @@ class PackedEngine:
         half = int(np.clip(np.searchsorted(sizes, sizes[-1] / 2), 1, len(residues) - 1))
         log.warning("out of GPU memory on %d tokens; retrying as two batches", sizes[-1])
         self.splits += 1
-        parts = [self._outputs_splitting_on_oom(p, self.tokenizer.pack(p, self._pin))
+        parts = [self._outputs_splitting_on_oom(p, self.packer.pack(p, self._pin))
                  for p in (residues[:half], residues[half:])]
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
     def embed_batches(self, batches, read):
         """Yields results in order; the host tokenises ahead, and batch i is copied back and
         handed out while the device already runs batch i+1."""
-        prepared = _prefetch(((batch, residues, self.tokenizer.pack(residues, self._pin))
+        prepared = _prefetch(((batch, residues, self.packer.pack(residues, self._pin))
                               for batch in batches for residues in [read(batch)]), depth=3)
         in_flight = None  # (batch, host results, event)
         for batch, residues, packed in prepared:

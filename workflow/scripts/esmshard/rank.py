@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from esmshard import EsmShardError, atomic_output, ensure_space
-from esmshard.architectures import MAX_RESIDUES
 from esmshard.faults import crash_point, fail_if_asked
 from esmshard.gpu import gpu_device, pin_gpu
 from esmshard.index import SequenceIndex
@@ -221,6 +220,9 @@ def load_engine(work: RankWork, settings: RankSettings, tokens: int):
     if device == "cuda" and not torch.cuda.is_available():
         raise EsmShardError(f"this host has an NVIDIA driver and GPU {gpu}, but torch {torch.__version__} "
                             f"finds no usable CUDA device (a CPU-only torch build?)")
+    if device == "cpu" and settings.engine == "reference" and work.compute_precision != "float32":
+        raise EsmShardError(f"precision: the reference engine computes in float32 only on the CPU, not "
+                            f"{work.compute_precision}; set precision to float32 or auto, or engine to packed")
     checkpoint = Path(work.checkpoint["path"])
     stat = checkpoint.stat()
     if (stat.st_size, stat.st_mtime_ns) != (work.checkpoint["size"], work.checkpoint["mtime_ns"]):
