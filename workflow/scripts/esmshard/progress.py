@@ -15,6 +15,10 @@ class Progress:
         self.sequences = self.residues = self.reused_residues = 0
         self.started = self.last = time.monotonic()
 
+    def start_clock(self) -> None:
+        """The rate counts from now: loading the model is not embedding."""
+        self.started = self.last = time.monotonic()
+
     def update(self, sequences: int, residues: int, computed: bool = True) -> None:
         """Count finished work; ``computed=False`` for work found done (not in the rate)."""
         self.sequences += sequences

@@ -138,6 +138,7 @@ def fill_store_and_assemble(work: RankWork, shard_path, store_root, settings: Ra
         if len(todo):
             if engine is None:
                 engine, gpu = load_engine(work, settings, int(work.spec.tokens(work.lengths[todo]).sum()))
+                progress.start_clock()
             compute(work, engine, todo, store, settings, progress)
             store = Store(store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}")
         try:
