@@ -107,3 +107,18 @@ def test_a_fasta_given_as_model_is_named_without_pytorch_advice(tmp_path):
     with pytest.raises(EsmShardError) as error:
         load_model(str(fasta))
     assert str(fasta) in str(error.value) and "weights_only" not in str(error.value)
+
+
+def test_a_checkpoints_identity_is_hashed_once_and_again_when_the_file_changes(tmp_path, monkeypatch):
+    from esmshard import model
+    from esmshard.architectures import checkpoint_identity
+
+    path = write_random_checkpoint(tmp_path / "m.pt", 2, 32, 4, seed=1)
+    first = checkpoint_identity(path, tmp_path / "cache.json")
+    assert (first["num_layers"], first["embed_dim"]) == (2, 32) and first["size"] == path.stat().st_size
+    monkeypatch.setattr(model, "checkpoint_digest", lambda p: pytest.fail("hashed an unchanged file again"))
+    assert checkpoint_identity(path, tmp_path / "cache.json") == first
+    monkeypatch.undo()
+    write_random_checkpoint(path, 2, 32, 4, seed=2)  # another model at the same path
+    second = checkpoint_identity(path, tmp_path / "cache.json")
+    assert second["digest"] != first["digest"]

@@ -1,10 +1,11 @@
 """The released ESM-2 models: names, shapes and where their checkpoints live (no torch needed)."""
 
+import json
 import os
 from pathlib import Path
 from typing import NamedTuple
 
-from esmshard import EsmShardError
+from esmshard import EsmShardError, atomic_output
 
 
 class Architecture(NamedTuple):
@@ -45,3 +46,26 @@ def checkpoint_file(model: str) -> Path:
         f"model: {model!r} is neither an existing checkpoint file nor a released ESM-2 model "
         f"({', '.join(ESM2_MODELS)})"
     )
+
+
+def checkpoint_identity(path, cache_path) -> dict:
+    """What the plan records of a checkpoint: the digest of its content (its identity), its shape,
+    size and time. Kept in ``cache_path`` and reused while the file's size, time and inode are
+    unchanged: hashing a 3B checkpoint takes ~10 s, and reading its config means importing torch."""
+    stat = os.stat(path)
+    key = {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+           "inode": stat.st_ino}
+    try:
+        cached = json.loads(Path(cache_path).read_text())
+        if cached["key"] == key:
+            return cached["identity"]
+    except (OSError, ValueError, KeyError):
+        pass
+    from esmshard.model import architecture, checkpoint_digest  # torch: only when the file is new
+
+    shape = architecture(path)
+    identity = {"path": key["path"], "digest": checkpoint_digest(path), "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns, "num_layers": shape.layers, "embed_dim": shape.embed_dim}
+    with atomic_output(cache_path) as tmp:
+        Path(tmp).write_text(json.dumps({"key": key, "identity": identity}, indent=2) + "\n")
+    return identity
