@@ -54,3 +54,17 @@ def test_the_demo_command_runs_and_says_where_the_embeddings_are(tmp_path):
     assert re.search(r"Embeddings: results/embeddings.h5 \(10 sequences x \d+ dims", result.stdout)
     if "RANDOM" in result.stdout:  # no network: the stand-in model must say what it is
         assert "The embeddings are NOT meaningful" in result.stdout
+
+
+def test_parsing_the_workflow_needs_none_of_the_compute_packages(tmp_path):
+    """Lint and a dry run with h5py, torch, fair-esm and matplotlib unimportable, as in an
+    environment that holds Snakemake alone (numpy stays: the SLURM plugin brings it via pandas)."""
+    shutil.copytree(REPO / "demo", tmp_path / "demo")
+    runner = ("import sys\nfor name in ('h5py', 'torch', 'esm', 'matplotlib'): sys.modules[name] = None\n"
+              "from snakemake.cli import main\nsys.argv = ['snakemake'] + sys.argv[1:]\nmain()\n")
+    common = ["--snakefile", str(SNAKEFILE), "--directory", str(tmp_path), "--configfile",
+              str(REPO / "config/config.yaml"), "--config", "model=esm2_t6_8M_UR50D"]
+    for mode in (["--lint"], ["--dry-run", "--cores", "1"]):
+        result = subprocess.run([sys.executable, "-c", runner, *common, *mode], capture_output=True, text=True,
+                                cwd=tmp_path, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
