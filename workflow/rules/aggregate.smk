@@ -15,7 +15,7 @@ rule aggregate:
         "../../environment.yml"
     params:
         require_complete=config["require_complete"],
-        store=rules.embed.params.store,
+        store=lambda wildcards, output: sibling(output.manifest, "store"),
         settings=numeric_settings(),
     script:
         "../scripts/aggregate.py"

@@ -6,7 +6,7 @@ from pathlib import Path
 from esmshard.architectures import checkpoint_file
 from esmshard.fasta import expand_fasta_paths
 from esmshard.gpu import count_visible_gpus
-from esmshard.status import failed, retry_marker
+from esmshard.status import failed, retry_failure
 from snakemake.logging import logger
 from esmshard.stopping import parse_duration
 
@@ -35,10 +35,11 @@ envvars:
 
 
 RANKS = list(range(WORLD_SIZE))
-FASTA_FILES = [str(path) for path in expand_fasta_paths(config["fasta"])]
+# User files are taken as given (local): a module's prefix applies to this workflow's own files only.
+FASTA_FILES = [local(str(path)) for path in expand_fasta_paths(config["fasta"])]
 # The checkpoint file, an input of every job that reads it: a path as given, or where rule
 # download_model puts a released model.
-MODEL_FILE = str(checkpoint_file(config["model"]))
+MODEL_FILE = local(str(checkpoint_file(config["model"])))
 RELEASED_MODEL = not Path(config["model"]).expanduser().is_file()
 parse_duration(config["timeout"])  # a bad value stops here, before any job
 # Settings that change the numbers: parameters of the rules whose outputs they change. The
@@ -59,16 +60,30 @@ def numeric_settings():
     return {key: config[key] for key in NUMERIC_SETTINGS}
 
 
+RETRY_MARKER = "results/status/rank_{rank}.retry_{failure}"
+
+
+def sibling(path, *parts):
+    """A path beside the results folder that holds ``path`` (e.g. results/status/x -> results/store)."""
+    results = (
+        Path(path).parent
+        if Path(path).parent.name == "results"
+        else Path(path).parent.parent
+    )
+    return str(results.joinpath(*parts))
+
+
 def retry_if_failed(wildcards):
     """A rank whose status records a failure is retried by the next run: it then needs a new
     file, named after the failure, made by retry_rank."""
-    status = rules.embed.output.status.format(rank=wildcards.rank)
+    status = rules.embed.output.status.format(
+        rank=wildcards.rank
+    )  # as on disk (a module's prefix included)
     if failed(status):
         warn_without_input_trigger(wildcards.rank)
-    marker = retry_marker(
-        status, rules.retry_rank.output.marker.replace("{rank}", wildcards.rank)
-    )
-    return marker or []
+    failure = retry_failure(status)
+    # as written in the rule: Snakemake adds a module's prefix to what an input function returns
+    return RETRY_MARKER.format(rank=wildcards.rank, failure=failure) if failure else []
 
 
 WARNED = set()

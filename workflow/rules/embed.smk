@@ -1,15 +1,13 @@
-localrules:
-    retry_rank,
-
 
 rule retry_rank:
     output:
-        marker="results/status/rank_{rank}.retry_{failure}",
+        marker=RETRY_MARKER,
     log:
         "logs/embed/retry_{rank}_{failure}.log",
     wildcard_constraints:
         rank=r"\d+",
         failure=r"\w+",
+    localrule: True
     conda:
         "../../environment.yml"
     shell:
@@ -39,8 +37,11 @@ rule embed:
         gpu=1,
         attempt=lambda wildcards, attempt: attempt,
     params:
-        shard="results/shards/shard_{rank}.h5",
-        store="results/store",
+        # next to the declared outputs, so that a module's prefix applies
+        shard=lambda wildcards, output: sibling(
+            output.status, "shards", f"shard_{wildcards.rank}.h5"
+        ),
+        store=lambda wildcards, output: sibling(output.status, "store"),
         settings=numeric_settings(),
     script:
         "../scripts/embed.py"

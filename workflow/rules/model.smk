@@ -4,14 +4,12 @@
 # user's file: no rule makes it, so none can delete it.
 if RELEASED_MODEL:
 
-    localrules:
-        download_model,
-
     rule download_model:
         output:
             checkpoint=MODEL_FILE,
         log:
             "logs/download_model.log",
+        localrule: True
         conda:
             "../../environment.yml"
         params:

@@ -1,9 +1,5 @@
 # Plotting takes about a second: on a cluster it runs where snakemake runs rather than waiting
 # in the queue for a job of its own.
-localrules:
-    report_plots,
-
-
 rule report_plots:
     input:
         index=rules.index.output.index,
@@ -36,6 +32,7 @@ rule report_plots:
         ),
     log:
         "logs/report_plots.log",
+    localrule: True
     conda:
         "../../environment.yml"
     params:

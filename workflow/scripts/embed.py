@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+from pathlib import Path
 
 from esmshard import logs
 from esmshard.rank import RankSettings, run_rank
@@ -19,6 +20,8 @@ log = logging.getLogger("esmshard.embed")
 config = snakemake.config
 rank = int(snakemake.wildcards.rank)
 attempt, attempts = int(snakemake.resources.attempt), int(config["retries"]) + 1
+retry_input = snakemake.input.get("retry")  # results/status/rank_<r>.retry_<failure>, after a failure
+retried = Path(retry_input).name.rsplit(".retry_", 1)[1] if retry_input else None
 where = {"host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
          "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # as the scheduler gave them
 log.info("rank %d, attempt %d of %d, host %s%s", rank, attempt, attempts, where["host"],
@@ -44,4 +47,4 @@ except Exception as error:
     record_failure(snakemake.output.status, rank, error, attempt, **where)
     sys.exit(0)
 write_status(snakemake.output.status, rank=rank, ok=True, attempt=attempt, shard=snakemake.params.shard,
-             retried=snakemake.input.get("retry") or None, **where, **stats)
+             retried=retried, **where, **stats)

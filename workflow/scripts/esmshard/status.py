@@ -31,12 +31,12 @@ def failed(path) -> bool:
         return False
 
 
-def retry_marker(path, pattern: str) -> str | None:
-    """The retry marker (``pattern`` with ``{failure}`` filled in) the rank needs as an input: the
-    one of its recorded failure, which makes the next run retry it; after the retry, the same one
-    (so the retried rank is up to date); None for a rank that never failed."""
+def retry_failure(path) -> str | None:
+    """The failure whose retry marker the rank needs as an input: the one its status records,
+    which makes the next run retry it; after the retry, the same one (so that the retried rank is
+    up to date); None for a rank that never failed."""
     if failed(path):
-        return pattern.format(failure=read_status(path).get("failure", "unknown"))
+        return read_status(path).get("failure", "unknown")
     try:
         return read_status(path).get("retried")
     except (OSError, ValueError):
