@@ -22,7 +22,7 @@ from esmshard.index import SequenceIndex
 from esmshard.outputs import pooling_of, ranges_index, residue_offsets
 from esmshard.plan import Plan, read_plan
 from esmshard.rank import RankSettings, RankWork, assemble_shard, rank_work
-from esmshard.shard import create_outputs, dataset_shapes, shard_problem, write_attrs
+from esmshard.shard import create_outputs, outputs_nbytes, write_attrs
 from esmshard.status import read_status, record_failure
 from esmshard.store import Store
 
@@ -65,12 +65,11 @@ def aggregate(index_dir, plan_path, status_paths, store_root, settings: RankSett
             f"require_complete is set and rank(s) {_list(failed)} failed ({int((~keep).sum())} sequences "
             f"missing); rerun snakemake to retry them"
         )
-    shapes = dataset_shapes(next(iter(works.values())).spec, index.lengths[keep], 1).values()
-    ensure_space(Path(out_path).parent, sum(rows for rows, _ in shapes) * next(iter(works.values())).dim
-                 * np.dtype(settings.dtype).itemsize, "the merged embeddings")
+    first = next(iter(works.values()))  # the settings every good shard shares
+    ensure_space(Path(out_path).parent, outputs_nbytes(first.spec, index.lengths[keep], first.dim, settings.dtype),
+                 "the merged embeddings")
     with atomic_output(out_path) as tmp:
-        merge(tmp, {r: statuses[r]["shard"] for r in works}, plan, keep, all_ids, index.lengths,
-              next(iter(works.values())))
+        merge(tmp, {r: statuses[r]["shard"] for r in works}, plan, keep, all_ids, index.lengths, first)
     manifest = _manifest(out_path, missing_path, plan, statuses, works, failed, missing, len(all_ids))
     with atomic_output(missing_path) as tmp:
         Path(tmp).write_text("".join(f"{i}\n" for r in sorted(missing) for i in missing[r]))
@@ -88,11 +87,10 @@ def aggregate(index_dir, plan_path, status_paths, store_root, settings: RankSett
 def usable_shard(path: Path, work: RankWork, store_root, dtype: str) -> str | None:
     """None when ``path`` holds exactly ``work`` (assembling it from the store first if it is
     missing or damaged); otherwise why it cannot be used."""
-    problem = shard_problem(path, work.ids, work.shard_attrs(), dataset_shapes(work.spec, work.lengths, work.dim))
+    problem = work.shard_problem(path)
     if not problem or "other settings" in problem:
         return problem and f"shard {path} {problem}"
-    store = Store(store_root, {**work.identity, "compute_precision": work.compute_precision}, work.spec, work.dim,
-                  dtype, writer="aggregate")
+    store = Store(store_root, work.store_identity, work.spec, work.dim, dtype, writer="aggregate")
     if (store.find(work.digests)[0] < 0).any():
         return f"shard {path} {problem}, and the store does not hold all its sequences"
     log.warning("rank %d: shard %s %s; assembling it again from the store", work.rank, path, problem)

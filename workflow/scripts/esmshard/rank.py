@@ -24,9 +24,9 @@ from esmshard.outputs import OutputSpec, piece_tokens
 from esmshard.plan import Plan, read_plan
 from esmshard.progress import Progress
 from esmshard.settings import defaults
-from esmshard.shard import DTYPES, ShardWriter, dataset_shapes, shard_problem
+from esmshard.shard import ShardWriter, dataset_shapes, outputs_nbytes, shard_problem
 from esmshard.stopping import signals_deferred
-from esmshard.store import DamagedSegment, Store, settings_identity, store_key
+from esmshard.store import DamagedSegment, Store, settings_identity, store_directory, store_key
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,10 @@ class RankWork:
     def store_identity(self) -> dict:
         return {**self.identity, "compute_precision": self.compute_precision}
 
+    def shard_problem(self, path) -> str | None:
+        """None when ``path`` is a complete shard of exactly this work, else what is wrong with it."""
+        return shard_problem(path, self.ids, self.shard_attrs(), dataset_shapes(self.spec, self.lengths, self.dim))
+
     def shard_attrs(self) -> dict:
         """What identifies a complete shard of this work."""
         share = hashlib.sha256()
@@ -102,8 +106,7 @@ def run_rank(index_dir, plan_path, checkpoint, rank: int, shard_path, store_root
     work.checkpoint = {**work.checkpoint, "path": str(checkpoint)}
     embedded = work.spec.embedded_lengths(work.lengths)
     progress = Progress(len(work.ids), int(embedded.sum()), settings.progress_seconds, rank)
-    expected = work.shard_attrs()
-    problem = shard_problem(shard_path, work.ids, expected, dataset_shapes(work.spec, work.lengths, work.dim))
+    problem = work.shard_problem(shard_path)
     if not problem:
         log.info("rank %d: %s already holds these %d sequences with these settings; keeping it",
                  rank, shard_path, len(work.ids))
@@ -114,7 +117,7 @@ def run_rank(index_dir, plan_path, checkpoint, rank: int, shard_path, store_root
         log.info("rank %d: the existing %s %s; making it again", rank, shard_path, problem)
     reused, gpu = fill_store_and_assemble(work, shard_path, store_root, settings, progress)
     return {**progress.finish(), "gpu": gpu, "compute_precision": work.compute_precision,
-            "store": str(Path(store_root) / store_key(work.store_identity)), "reused": reused,
+            "store": str(store_directory(store_root, work.store_identity)), "reused": reused,
             "embedded": len(work.ids) - reused}
 
 
@@ -267,8 +270,7 @@ def plan_batches(engine, lengths, settings: RankSettings):
 def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str) -> None:
     """The rank's shard from the store, in plan order; only a complete file lands."""
     log.info("rank %d: assembling %s from %d store segments", work.rank, shard_path, len(store.segments))
-    shapes = dataset_shapes(work.spec, work.lengths, work.dim).values()
-    ensure_space(Path(shard_path).parent, sum(rows * dim for rows, dim in shapes) * DTYPES[dtype]().itemsize, "the shard")
+    ensure_space(Path(shard_path).parent, outputs_nbytes(work.spec, work.lengths, work.dim, dtype), "the shard")
     with signals_deferred(), atomic_output(shard_path) as tmp:
         attrs = {**work.identity, **work.shard_attrs(), "model": work.checkpoint["path"]}
         writer = ShardWriter(tmp, work.ids, work.lengths, work.spec, work.dim, dtype, attrs)

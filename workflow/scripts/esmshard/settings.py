@@ -12,12 +12,11 @@ SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 _YAML_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None), "array": list}
 
 
-def read_command_line_values(config: dict, schema_path) -> None:
+def read_command_line_values(config: dict) -> None:
     """Give values from ``--config`` their YAML types where the schema wants them: Snakemake
     leaves the items of ``layers=[-1,20]`` and the words ``null``, ``true`` and ``false`` as
     strings. Changes ``config`` in place; the schema check comes after."""
-    with open(schema_path) as handle:
-        properties = yaml.safe_load(handle)["properties"]
+    properties = schema()["properties"]
     for key, value in config.items():
         spec = properties.get(key, {})
         if isinstance(value, list) and spec.get("items", {}).get("type") not in (None, "string"):

@@ -40,6 +40,11 @@ def dataset_shapes(spec: OutputSpec, lengths, dim: int) -> dict[str, tuple[int, 
     return {name: ((residues if pooling_of(name) == "per_residue" else n), dim) for name in spec.names}
 
 
+def outputs_nbytes(spec: OutputSpec, lengths, dim: int, dtype) -> int:
+    """Bytes of every output dataset for sequences of these input lengths."""
+    return sum(rows * width for rows, width in dataset_shapes(spec, lengths, dim).values()) * np.dtype(dtype).itemsize
+
+
 def create_outputs(h5: h5py.File, spec: OutputSpec, ids, lengths, dim: int, dtype) -> dict[str, h5py.Dataset]:
     """The row datasets and empty output datasets of a shard or merged file."""
     h5.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())

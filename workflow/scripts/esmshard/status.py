@@ -35,12 +35,11 @@ def retry_failure(path) -> str | None:
     """The failure whose retry marker the rank needs as an input: the one its status records,
     which makes the next run retry it; after the retry, the same one (so that the retried rank is
     up to date); None for a rank that never failed."""
-    if failed(path):
-        return read_status(path).get("failure", "unknown")
     try:
-        return read_status(path).get("retried")
+        status = read_status(path)
     except (OSError, ValueError):
         return None
+    return status.get("failure", "unknown") if status.get("ok") is not True else status.get("retried")
 
 
 def record_failure(status_path, rank: int, error, attempt: int, **where) -> None:

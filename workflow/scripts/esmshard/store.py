@@ -5,7 +5,7 @@ poolings, long-protein handling, stored and compute precision, engine), named by
 so results of other settings can never be mixed in. Inside, segment files each hold some
 sequences' outputs, keyed by the digest of their residues:
 
-- ``digests``: [m, 16] uint8, blake2b-128 of each sequence's residues (``index.sequence_digests``)
+- ``digests``: [m, 16] uint8, blake2b-128 of each sequence's residues (``SequenceIndex.digests``)
 - ``lengths``: [m] int64 input lengths (which fix the per-residue row counts)
 - one dataset per output (``outputs.py``): pooled [m, dim]; per-residue [rows, dim], each
   sequence's rows one after another in segment order
@@ -33,7 +33,7 @@ from esmshard.architectures import MAX_RESIDUES
 from esmshard.faults import crash_point
 from esmshard.index import DIGEST
 from esmshard.outputs import OutputSpec, pooling_of, ranges_index, residue_offsets
-from esmshard.shard import DTYPES, plain_attr, write_attrs
+from esmshard.shard import DTYPES, dataset_shapes, plain_attr, write_attrs
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,15 @@ def store_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def store_directory(root, identity: dict) -> Path:
+    return Path(root) / store_key(identity)
+
+
 class Store:
     """One settings identity's segments; ``writer`` names this process's new segments."""
 
     def __init__(self, root, identity: dict, spec: OutputSpec, dim: int, dtype: str, writer: str = "rank"):
-        self.directory = Path(root) / store_key(identity)
+        self.directory = store_directory(root, identity)
         self.identity, self.spec, self.dim, self.dtype, self.writer = identity, spec, dim, dtype, writer
         self.directory.mkdir(parents=True, exist_ok=True)
         for stray in self.directory.glob(f".seg_{writer}_*"):  # this writer's temporaries of a killed write
@@ -104,11 +108,9 @@ class Store:
     def _shape_problem(self, n: int, lengths, shapes: dict):
         if len(lengths) != n:
             return f"{len(lengths)} lengths for {n} sequences"
-        residues = int(self.spec.embedded_lengths(lengths).sum())
-        for name, shape in shapes.items():
-            rows = residues if pooling_of(name) == "per_residue" else n
-            if shape != (rows, self.dim):
-                return f"{name} has shape {shape}, not {(rows, self.dim)}"
+        for name, shape in dataset_shapes(self.spec, lengths, self.dim).items():
+            if shapes[name] != shape:
+                return f"{name} has shape {shapes[name]}, not {shape}"
         return None
 
     def find(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -140,8 +142,8 @@ class Store:
 
     def copy_to(self, writer, digests: np.ndarray) -> None:
         """Write the outputs of ``digests`` (all in the store) to rows 0..n-1 of ``writer`` (a
-        ShardWriter), one segment in memory at a time. A segment found damaged is deleted, and
-        the error says that a retry computes its sequences again."""
+        ShardWriter), one segment in memory at a time. A segment found damaged is deleted and
+        DamagedSegment raised, so that the caller computes its sequences again."""
         segment, row = self.find(digests)
         if (segment < 0).any():
             raise EsmShardError(f"the store {self.directory} lacks {int((segment < 0).sum())} of the sequences")
