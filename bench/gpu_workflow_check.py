@@ -3,7 +3,8 @@ shape) and compare every embedding with fair-esm's own fp32 forward on the same 
 
     python bench/gpu_workflow_check.py --like esm2_t33_650M_UR50D --fasta demo/proteins.fasta [more.fasta]
 
-Prints per-sequence cosine and relative L2 against fair-esm (pass: cosine >= 0.9999) and the
+Prints per-sequence cosine and relative L2 against fair-esm (pass: cosine >= --min-cosine and
+relative L2 <= --max-rel-l2 for every row; defaults 0.9999 and 1e-2) and the
 workflow's wall time. With --all-outputs the run stores mean, BOS and per-residue vectors of the
 last and a middle layer (windows for long proteins) and every one is compared (per-residue: per
 residue; proteins over 1022 residues, which fair-esm cannot take whole, are left out of the
@@ -54,14 +55,14 @@ def fair_esm_outputs(network, alphabet, sequences, layers, tokens_per_batch=1638
     return out
 
 
-def compare(name, got, want):
+def compare(name, got, want, min_cosine, max_rel_l2):
     """Row-wise cosine and relative L2 of two [n, dim] arrays; prints them; True if cosine >= 0.9999."""
     got, want = got.astype(np.float64), want.astype(np.float64)
     cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     rel_l2 = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
     print(f"{name:22s} rows {len(got):8d}  cosine min {cosine.min():.6f} median {np.median(cosine):.6f}  "
           f"rel L2 max {rel_l2.max():.2e} median {np.median(rel_l2):.2e}")
-    return bool(cosine.min() >= 0.9999)
+    return bool(cosine.min() >= min_cosine and rel_l2.max() <= max_rel_l2)
 
 
 def main():
@@ -73,6 +74,10 @@ def main():
     parser.add_argument("--engine", default="packed", choices=["packed", "reference"])
     parser.add_argument("--tokens-per-batch", type=int, default=None)
     parser.add_argument("--all-outputs", action="store_true", help="mean, bos, per_residue of two layers, windows")
+    # the gates: bfloat16 passes cosine >= 0.9999, rel. L2 <= 1e-2; the float16 default (issue 11)
+    # cosine >= 0.99999, rel. L2 <= 1e-3
+    parser.add_argument("--min-cosine", type=float, default=0.9999)
+    parser.add_argument("--max-rel-l2", type=float, default=1e-2)
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
@@ -125,8 +130,9 @@ def main():
                     want = np.concatenate([reference[pooling, layer][i] for i in whole])
                 else:
                     got, want = h5[name][:][whole], np.stack([reference[pooling, layer][i] for i in whole])
-                passed &= compare(name, got, want)
-    print("PASS" if passed else "FAIL", "(cosine >= 0.9999 for every sequence and residue)")
+                passed &= compare(name, got, want, args.min_cosine, args.max_rel_l2)
+    print("PASS" if passed else "FAIL",
+          f"(cosine >= {args.min_cosine} and rel. L2 <= {args.max_rel_l2:g} for every sequence and residue)")
     for log in sorted((workdir / "logs/embed").glob("*.log")):
         print(log.name, log.read_text().strip().splitlines()[-1])
     return 0 if passed else 1

@@ -110,13 +110,13 @@ def test_a_fasta_given_as_model_is_named_without_pytorch_advice(tmp_path):
 
 
 def test_a_checkpoints_identity_is_hashed_once_and_again_when_the_file_changes(tmp_path, monkeypatch):
-    from esmshard import model
+    from esmshard import architectures
     from esmshard.architectures import checkpoint_identity
 
     path = write_random_checkpoint(tmp_path / "m.pt", 2, 32, 4, seed=1)
     first = checkpoint_identity(path, tmp_path / "cache.json")
     assert (first["num_layers"], first["embed_dim"]) == (2, 32) and first["size"] == path.stat().st_size
-    monkeypatch.setattr(model, "checkpoint_digest", lambda p: pytest.fail("hashed an unchanged file again"))
+    monkeypatch.setattr(architectures, "checkpoint_digest", lambda p: pytest.fail("hashed an unchanged file again"))
     assert checkpoint_identity(path, tmp_path / "cache.json") == first
     monkeypatch.undo()
     write_random_checkpoint(path, 2, 32, 4, seed=2)  # another model at the same path

@@ -145,11 +145,11 @@ def test_out_of_memory_halves_the_batch_until_it_fits(tiny_checkpoint, monkeypat
     real_outputs = engine.outputs
     tried = []
 
-    def outputs_with_small_memory(batch):
+    def outputs_with_small_memory(batch, model=None):
         tried.append(len(batch.tokens))
         if len(batch.tokens) > 310:
             raise torch.OutOfMemoryError("simulated")
-        return real_outputs(batch)
+        return real_outputs(batch, model)
 
     monkeypatch.setattr(engine, "outputs", outputs_with_small_memory)
     split = engine.embed(residues)
@@ -176,3 +176,44 @@ def test_embed_batches_yields_every_batch_in_order(tiny_checkpoint):
     for batch, outputs in out:
         assert np.allclose(outputs["mean/layer_2"], everything["mean/layer_2"][batch], atol=1e-6)
         assert np.allclose(outputs["per_residue/layer_2"], np.concatenate([per_residue[i] for i in batch]), atol=1e-6)
+
+
+def test_a_batch_that_overflows_float16_is_computed_again_in_bfloat16(tmp_path):
+    """Scaled feed-forward weights push one layer's activations past float16's 65504: the float16
+    engine must give the bfloat16 engine's finite vectors for that batch, and count it."""
+    network, alphabet = load_model(str(write_random_checkpoint(tmp_path / "esm2_w64.pt", 4, 64, 4, seed=3)))
+    with torch.no_grad():
+        network.layers[1].fc1.weight.mul_(300.0)
+        network.layers[1].fc2.weight.mul_(300.0)
+    spec = spec_for(network, (-1, 1), ("mean", "per_residue"))
+    residues = random_residues((300, 1, 50, 77), seed=5)
+    bfloat16 = PackedEngine(network, alphabet, "cpu", "bfloat16", spec).embed(residues)
+    float32 = PackedEngine(network, alphabet, "cpu", "float32", spec).embed(residues)
+    assert all(np.isfinite(v).all() for v in bfloat16.values())
+    engine = PackedEngine(network, alphabet, "cpu", "float16", spec)
+    with torch.inference_mode():  # the unguarded float16 forward really overflows
+        hidden = dict(engine.model.hidden_states(*_stream(engine, residues), [2]))[2]
+    assert not torch.isfinite(hidden).all()
+    batches = [np.array([0, 1]), np.array([2, 3])]
+    out = dict((tuple(b), o) for b, o in engine.embed_batches(batches, lambda b: [residues[i] for i in b]))
+    assert engine.fallbacks == 2
+    for name in bfloat16:
+        got = np.concatenate([out[(0, 1)][name], out[(2, 3)][name]])
+        assert np.array_equal(got, bfloat16[name]), name
+        assert np.isfinite(got).all() and not np.array_equal(got, float32[name])
+
+
+def test_float16_without_overflow_needs_no_fallback(wider):
+    network, alphabet = wider
+    spec = spec_for(network, (-1,), ("mean",))
+    residues = random_residues((300, 1, 50, 77), seed=5)
+    engine = PackedEngine(network, alphabet, "cpu", "float16", spec)
+    got = engine.embed(residues)["mean/layer_4"]
+    want = PackedEngine(network, alphabet, "cpu", "float32", spec).embed(residues)["mean/layer_4"]
+    assert engine.fallbacks == 0 and engine._fallback_model is None
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+
+
+def _stream(engine, residues):
+    packed = engine.packer.pack(residues)
+    return packed.tokens, packed.positions, packed.cu_seqlens, packed.max_len

@@ -27,7 +27,7 @@ class _StreamHandler(_Raising, logging.StreamHandler):
 
 def setup(log_path) -> None:
     to_file = _FileHandler(log_path, mode="w")
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    to_file.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     to_terminal = _StreamHandler(sys.stderr)
     to_terminal.setLevel(logging.WARNING)
     to_terminal.setFormatter(logging.Formatter("esmshard: %(levelname)s: %(message)s"))

@@ -8,7 +8,7 @@ by fair-esm's own code. Contact regression weights are never needed for embeddin
 """
 
 import argparse
-import hashlib
+import contextlib
 import logging
 import os
 import re
@@ -63,29 +63,20 @@ def architecture(path) -> Architecture:
     return Architecture(config.encoder_layers, config.encoder_embed_dim, config.encoder_attention_heads)
 
 
-def checkpoint_digest(path) -> str:
-    """The checkpoint's content, as the identity of the numbers it gives (another file at the same
-    path is another model; the same file touched or copied is the same)."""
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_model(model: str):
     """(fair-esm ESM2 module in eval mode on the CPU, its Alphabet) for a name or a path.
 
-    The module is fair-esm's ESM2, built on the meta device and given the checkpoint's tensors
-    (memory-mapped where the file allows), so no time or memory goes into a random
-    initialisation that would be overwritten: this matters for the 3B and 15B models.
+    The module is fair-esm's ESM2, built without initialising its parameters and given the
+    checkpoint's tensors (memory-mapped where the file allows), so no time or memory goes into a
+    random initialisation that would be overwritten (its uninitialised tensors are never touched,
+    so they take address space, not memory): this matters for the 3B and 15B models.
     """
     path = resolve_checkpoint(model)
     data = _read_checkpoint(path)
     config = data["cfg"]["model"]
     # fair-esm's names carry these prefixes in its checkpoints (see its _load_model_and_alphabet_core_v2)
     state = {_CHECKPOINT_PREFIX.sub("", name): tensor for name, tensor in data["model"].items()}
-    with torch.device("meta"):
+    with _without_initialisation():
         network = esm.ESM2(
             num_layers=config.encoder_layers,
             embed_dim=config.encoder_embed_dim,
@@ -106,10 +97,24 @@ def load_model(model: str):
         raise EsmShardError(f"model: {path} does not hold ESM-2 weights: {_one_line(error)}") from None
     # Released checkpoints keep the contact regression in a separate file; contacts are never
     # predicted here, so it gets zeros instead of being required.
-    network.contact_head.to_empty(device="cpu")
     torch.nn.init.zeros_(network.contact_head.regression.weight)
     torch.nn.init.zeros_(network.contact_head.regression.bias)
     return network.eval(), network.alphabet
+
+
+@contextlib.contextmanager
+def _without_initialisation():
+    """torch.nn.init's functions do nothing meanwhile (as transformers' no_init_weights). Not the
+    meta device: its arithmetic goes through torch._refs, whose import is ~3 s of a rank's start-up."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "ones_", "zeros_", "constant_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def _few(names: list[str], limit: int = 5) -> str:
@@ -154,8 +159,10 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def write_random_checkpoint(path, layers: int, embed_dim: int, heads: int, seed: int = 0) -> Path:
-    """Write an ESM-2 checkpoint with random weights in fair-esm's released file layout.
+def write_random_checkpoint(path, layers: int, embed_dim: int, heads: int, seed: int = 0,
+                            dtype: torch.dtype = torch.float32) -> Path:
+    """Write an ESM-2 checkpoint with random weights in fair-esm's released file layout (the
+    released files hold float16 weights: ``dtype``).
 
     For tests, the demo without network, and speed benchmarks: the architecture is real, the
     weights are not, so its embeddings mean nothing biologically.
@@ -171,7 +178,7 @@ def write_random_checkpoint(path, layers: int, embed_dim: int, heads: int, seed:
         if name.startswith("contact_head."):
             continue  # released checkpoints keep these in a separate regression file
         prefix = "encoder." if name.startswith("lm_head.") else "encoder.sentence_encoder."
-        weights[prefix + name] = tensor.clone()
+        weights[prefix + name] = tensor.to(dtype, copy=True)
     config = argparse.Namespace(
         encoder_layers=layers, encoder_embed_dim=embed_dim, encoder_attention_heads=heads, token_dropout=True
     )

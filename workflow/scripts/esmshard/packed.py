@@ -5,7 +5,7 @@ A batch is one stream of T tokens, every sequence as <cls> residues <eos>, back 
 d = D / H. The function is fair-esm's (token-dropout rescale, rotary positions restarting at
 every sequence, pre-LayerNorm layers, exact erf GELU, final LayerNorm after the last layer);
 the residual stream, LayerNorms and rotary angles are float32, the matrix products run in the
-compute dtype (bfloat16 on GPU) with float32 accumulation.
+compute dtype (float16 on GPU by default) with float32 accumulation.
 """
 
 import torch

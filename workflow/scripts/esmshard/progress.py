@@ -1,6 +1,7 @@
 """A rank's progress lines: sequences done/total, residues/s and ETA at a steady interval."""
 
 import logging
+import os
 import time
 
 log = logging.getLogger(__name__)
@@ -12,7 +13,7 @@ class Progress:
     def __init__(self, total_sequences: int, total_residues: int, interval: float, rank: int):
         self.total_sequences, self.total_residues = total_sequences, total_residues
         self.interval, self.rank = interval, rank
-        self.sequences = self.residues = self.reused_residues = 0
+        self.sequences = self.residues = self.reused_residues = self.reused_sequences = 0
         self.started = self.last = time.monotonic()
 
     def start_clock(self) -> None:
@@ -21,6 +22,10 @@ class Progress:
 
     def update(self, sequences: int, residues: int, computed: bool = True) -> None:
         """Count finished work; ``computed=False`` for work found done (not in the rate)."""
+        if computed and self.sequences == self.reused_sequences:  # start-up cost, as a user waits for it
+            log.info("rank %d: first batch done, %.1f s after the rank's process started", self.rank, process_age())
+        if not computed:
+            self.reused_sequences += sequences
         self.sequences += sequences
         self.residues += residues
         if not computed:
@@ -53,6 +58,16 @@ class Progress:
             "seconds": round(seconds, 3),
             "residues_per_second": round(computed / max(seconds, 1e-9), 1),
         }
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux; NaN elsewhere)."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _clock(seconds: float) -> str:

@@ -46,7 +46,7 @@ class RankSettings:
     pooling: list[str]
     long_sequences: str
     window_overlap: int
-    precision: str  # of the computation; auto: float32 on the CPU, bfloat16 (packed) or float16 (reference) on a GPU
+    precision: str  # of the computation; auto: float32 on the CPU, float16 on a GPU
     dtype: str  # of the stored vectors
     engine: str
     tokens_per_batch: int | None
@@ -115,10 +115,10 @@ def run_rank(index_dir, plan_path, checkpoint, rank: int, shard_path, store_root
                 "reused": len(work.ids), "embedded": 0}
     if Path(shard_path).exists():
         log.info("rank %d: the existing %s %s; making it again", rank, shard_path, problem)
-    reused, gpu = fill_store_and_assemble(work, shard_path, store_root, settings, progress)
+    reused, gpu, engine = fill_store_and_assemble(work, shard_path, store_root, settings, progress)
     return {**progress.finish(), "gpu": gpu, "compute_precision": work.compute_precision,
             "store": str(store_directory(store_root, work.store_identity)), "reused": reused,
-            "embedded": len(work.ids) - reused}
+            "embedded": len(work.ids) - reused, "bfloat16_batches": getattr(engine, "fallbacks", 0)}
 
 
 def fill_store_and_assemble(work: RankWork, shard_path, store_root, settings: RankSettings, progress: Progress,
@@ -126,7 +126,7 @@ def fill_store_and_assemble(work: RankWork, shard_path, store_root, settings: Ra
     """Compute what the store lacks (with ``engine``, else the model loaded on a leased GPU), then
     assemble the shard from the store; a store segment found damaged while assembling is deleted
     and its sequences computed again. Returns (sequences found in the store at the start, the GPU
-    leased or None)."""
+    leased or None, the engine or None)."""
     gpu = reused = None
     for _ in range(3):
         store = Store(store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}")
@@ -145,8 +145,8 @@ def fill_store_and_assemble(work: RankWork, shard_path, store_root, settings: Ra
             compute(work, engine, todo, store, settings, progress)
             store = Store(store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}")
         try:
-            assemble_shard(shard_path, work, store, settings.dtype)
-            return reused, gpu
+            assemble_shard(shard_path, work, store, settings.dtype, engine)
+            return reused, gpu, engine
         except DamagedSegment as error:
             log.warning("rank %d: %s; computing its sequences again", work.rank, error)
     raise EsmShardError(f"the store {store.directory} was found damaged three times; check the disk")
@@ -171,7 +171,7 @@ def rank_work(index: SequenceIndex, plan: Plan, rank: int, settings: RankSetting
 def compute_precision(settings: RankSettings, device: str) -> str:
     if settings.precision != "auto":
         return settings.precision
-    return "float32" if device == "cpu" else ("bfloat16" if settings.engine == "packed" else "float16")
+    return "float32" if device == "cpu" else "float16"
 
 
 def compute(work: RankWork, engine, todo: np.ndarray, store: Store, settings: RankSettings, progress: Progress):
@@ -267,12 +267,14 @@ def plan_batches(engine, lengths, settings: RankSettings):
     return padded_batches(piece_tokens(lengths), budget, spec.window_counts(lengths)), budget
 
 
-def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str) -> None:
-    """The rank's shard from the store, in plan order; only a complete file lands."""
+def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str, engine=None) -> None:
+    """The rank's shard from the store, in plan order; only a complete file lands. Its attributes
+    say how many of this run's batches overflowed float16 and were computed in bfloat16."""
     log.info("rank %d: assembling %s from %d store segments", work.rank, shard_path, len(store.segments))
     ensure_space(Path(shard_path).parent, outputs_nbytes(work.spec, work.lengths, work.dim, dtype), "the shard")
     with signals_deferred(), atomic_output(shard_path) as tmp:
-        attrs = {**work.identity, **work.shard_attrs(), "model": work.checkpoint["path"]}
+        attrs = {**work.identity, **work.shard_attrs(), "model": work.checkpoint["path"],
+                 "bfloat16_batches": getattr(engine, "fallbacks", 0)}
         writer = ShardWriter(tmp, work.ids, work.lengths, work.spec, work.dim, dtype, attrs)
         store.copy_to(writer, work.digests)
         writer.close()

@@ -1,0 +1,75 @@
+"""Where a rank's start-up goes, step by step, in a fresh process (run it twice: cold, then warm).
+
+    python bench/rank_startup.py CHECKPOINT [--compile auto|true|tuned|false]
+
+Prints seconds since the process started after each step a rank takes before its first batch is
+done: importing the package, torch and fair-esm, starting CUDA, reading the checkpoint, building
+the packed model on the GPU, and the first batch (log-normal lengths, 131,072 tokens) and a second.
+"""
+
+import sys
+import time
+
+STARTED = time.monotonic()
+marks = []
+
+
+def mark(step: str) -> None:
+    marks.append((step, time.monotonic() - STARTED))
+
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
+from esmshard.progress import process_age  # noqa: E402
+from esmshard.rank import RankSettings  # noqa: E402, F401  (what the embed job imports first)
+
+mark("import numpy, h5py, esmshard.rank")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoint")
+    parser.add_argument("--compile", default="false")
+    args = parser.parse_args()
+    import torch
+
+    mark("import torch")
+    torch.cuda.init()
+    torch.empty(1, device="cuda")
+    mark("CUDA started")
+    from esmshard.engine import PackedEngine
+    from esmshard.model import load_model
+    from esmshard.outputs import OutputSpec
+
+    mark("import fair-esm, esmshard.engine")
+    network, alphabet = load_model(args.checkpoint)
+    mark("checkpoint read (load_model)")
+    spec = OutputSpec.resolve([-1], ["mean"], network.num_layers, "truncate", 512)
+    compile_mode = {"false": False, "true": True}.get(args.compile, args.compile)
+    engine = PackedEngine(network, alphabet, "cuda", "float16", spec, compile_mode)
+    torch.cuda.synchronize()
+    mark("packed model on the GPU")
+    rng = np.random.default_rng(0)
+    amino = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
+    for batch in ("first", "second"):
+        residues, tokens = [], 0
+        while tokens < 131072 - 1024:
+            length = int(np.clip(rng.lognormal(np.log(300), 0.6), 20, 1022))
+            residues.append(amino[rng.integers(0, 20, length)])
+            tokens += length + 2
+        engine.embed(residues)
+        mark(f"{batch} batch done ({tokens} tokens)")
+    offset = process_age() - (time.monotonic() - STARTED)  # interpreter start before this file ran
+    print(f"interpreter start to this script: {offset:.2f} s")
+    previous = 0.0
+    for step, at in marks:
+        print(f"{at + offset:7.2f} s  (+{at - previous:5.2f})  {step}")
+        previous = at
+
+
+if __name__ == "__main__":
+    main()
