@@ -48,7 +48,7 @@ def main() -> None:
     mark("import fair-esm, esmshard.engine")
     network, alphabet = load_model(args.checkpoint)
     mark("checkpoint read (load_model)")
-    spec = OutputSpec.resolve([-1], ["mean"], network.num_layers, "truncate", 512)
+    spec = OutputSpec.resolve([-1], ["mean"], network.num_layers)
     compile_mode = {"false": False, "true": True}.get(args.compile, args.compile)
     engine = PackedEngine(network, alphabet, "cuda", "float16", spec, compile_mode)
     torch.cuda.synchronize()

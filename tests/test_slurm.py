@@ -5,13 +5,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import REPO, SNAKEFILE, assert_same_embeddings, completed_run, random_sequences, write_fasta
+from conftest import REPO, assert_same_embeddings, completed_run, random_sequences, snakemake_command, write_fasta
 
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
 
@@ -39,16 +37,13 @@ def fasta(tmp_path_factory):
 
 def through_slurm(workdir: Path, config: dict, slurm_conf: str, env: dict | None = None):
     """snakemake --profile profiles/slurm, with the placeholders filled in for the test cluster."""
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [
-        str(Path(sys.executable).with_name("snakemake")), "--snakefile", str(SNAKEFILE), "--directory", str(workdir),
-        "--configfile", str(workdir / "config.yaml"), "--profile", str(REPO / "profiles/slurm"),
+    command, full_env = snakemake_command(
+        workdir, config, "--profile", str(REPO / "profiles/slurm"),
         "--default-resources", "slurm_account=test", "slurm_partition=debug", "runtime=10", "mem_mb=1000",
         "--set-resources", "embed:slurm_partition=debug", "embed:cpus_per_task=2", "embed:mem_mb=1000",
-        "--slurm-init-seconds-before-status-checks", "2", "--jobs", "8",
-    ]
-    full_env = {**os.environ, "SLURM_CONF": slurm_conf, "ESMSHARD_FAIL_RANKS": "", **(env or {})}
-    full_env.pop("CUDA_VISIBLE_DEVICES", None)
+        "--slurm-init-seconds-before-status-checks", "2", "--jobs", "8", env={"SLURM_CONF": slurm_conf, **(env or {})},
+    )
+    full_env.pop("CUDA_VISIBLE_DEVICES", None)  # the jobs' GPUs are SLURM's to give
     return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=900)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from esmshard import settings
 from esmshard.architectures import MAX_RESIDUES
 
 POOLINGS = ("mean", "bos", "per_residue")
@@ -34,11 +35,15 @@ class OutputSpec:
     layers: tuple[int, ...]  # absolute layer numbers, increasing, no repeats
     poolings: tuple[str, ...]  # in POOLINGS order, no repeats
     num_layers: int  # of the model
-    long_sequences: str = "truncate"
-    window_overlap: int = 512  # residues shared by neighbouring windows (window mode)
+    long_sequences: str
+    window_overlap: int  # residues shared by neighbouring windows (window mode)
 
     @classmethod
-    def resolve(cls, layers, poolings, num_layers: int, long_sequences="truncate", window_overlap=512):
+    def resolve(cls, layers, poolings, num_layers: int, long_sequences=None, window_overlap=None):
+        """The spec of these options (as in the config; those not given take the schema's defaults)."""
+        defaults = settings.defaults()
+        long_sequences = defaults["long_sequences"] if long_sequences is None else long_sequences
+        window_overlap = defaults["window_overlap"] if window_overlap is None else window_overlap
         unknown = set(poolings) - set(POOLINGS)
         if unknown or not poolings:
             raise ValueError(f"pooling must be some of {', '.join(POOLINGS)}, not {sorted(unknown) or 'nothing'}")

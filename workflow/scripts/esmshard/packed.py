@@ -90,9 +90,12 @@ class PackedESM2(nn.Module):
         self.final_norm = _copy(network.emb_layer_norm_after, torch.float32, device)
         inv_freq = network.layers[0].self_attn.rot_emb.inv_freq.to(device, torch.float32, copy=True)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [d / 2]
-        on_cuda = torch.device(device).type == "cuda"
-        self.steps = compiled_steps(COMPILE_OPTIONS[compile], on_cuda and ROTARY_KERNEL) if compile else (
-            attention_inputs, attention_output_and_ffn)
+        rotary_kernel = torch.device(device).type == "cuda" and ROTARY_KERNEL
+        if compile:
+            self.steps = compiled_steps(COMPILE_OPTIONS[compile], rotary_kernel)
+        else:
+            self.steps = (with_rotary_kernel(qkv_projection) if rotary_kernel else attention_inputs,
+                          attention_output_and_ffn)
 
     def hidden_states(self, tokens, positions, cu_seqlens, max_len: int, layers):
         """Yields (layer, hidden states [T, D] float32) for each of ``layers`` (increasing;
@@ -118,7 +121,8 @@ class PackedESM2(nn.Module):
 # kernels are autotuned too: 650M end to end 288k -> 317k residues/s on an H200, 3B 88k -> 93k,
 # for 20-26 s of compiling on a fresh machine (docs/benchmarks.md).
 COMPILE_OPTIONS = {True: {}, "tuned": {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}}
-# On CUDA with compile: rotary through rotary_kernel.py (Triton) instead of inductor's fused code.
+# On CUDA: rotary through rotary_kernel.py (Triton), one pass instead of eager torch's eight or
+# inductor's slower fused code.
 ROTARY_KERNEL = True
 
 
@@ -129,16 +133,20 @@ def compiled_steps(options: dict, rotary_kernel: bool = False):
     ffn = torch.compile(attention_output_and_ffn, dynamic=True, options=options)
     if not rotary_kernel:
         return torch.compile(attention_inputs, dynamic=True, options=options), ffn
-    from esmshard.rotary_kernel import rotate_qk  # the same float32 arithmetic as _rotate
+    return with_rotary_kernel(torch.compile(qkv_projection, dynamic=True, options=options)), ffn
 
-    projection = torch.compile(qkv_projection, dynamic=True, options=options)
+
+def with_rotary_kernel(projection):
+    """attention_inputs with ``projection`` (qkv_projection, plain or compiled) and q and k rotated
+    by rotary_kernel.py's Triton kernel (CUDA only; the same float32 arithmetic as _rotate)."""
+    from esmshard.rotary_kernel import rotate_qk
 
     def inputs(x, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, heads: int):
         qkv = projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias)  # [T, 3D]
         q, k = rotate_qk(qkv, cos, sin, heads)
         return q, k, qkv.view(len(x), 3, heads, -1)[:, 2]
 
-    return inputs, ffn
+    return inputs
 
 
 def _rotate(x, cos, sin):

@@ -32,9 +32,12 @@ log = logging.getLogger(__name__)
 
 # Pending per-residue results go to a store segment at this size, so host memory stays bounded.
 SEGMENT_BYTES = 1 << 30
-# compile: auto compiles (tuned) only for this much work: tuned runs ~1.5x eager's speed after
-# 20-30 s of compiling (~7 s with a warm cache), which ~5M tokens of 650M work repay.
-AUTO_COMPILE_TOKENS = 5_000_000
+# compile: auto compiles (tuned) only for this much work, in tokens of ESM-2 650M (others count
+# in proportion to layers x width^2): on an H200 eager runs 650M at ~266k tokens/s (the Triton
+# rotary kernel included), tuned at ~305k after 20-30 s of compiling (~5 s with a warm cache),
+# which ~20M tokens repay (docs/benchmarks.md, whole run).
+AUTO_COMPILE_TOKENS = 20_000_000
+ESM2_650M_WORK = 33 * 1280**2
 
 
 @dataclass
@@ -234,19 +237,21 @@ def load_engine(work: RankWork, settings: RankSettings, tokens: int):
     started = time.monotonic()
     network, alphabet = load_model(str(checkpoint))
     precision = work.compute_precision
+    compile = compile_mode(settings, device, tokens * network.num_layers * network.embed_dim**2 / ESM2_650M_WORK)
     if settings.engine == "packed":
-        engine = PackedEngine(network, alphabet, device, precision, work.spec, compile_mode(settings, device, tokens))
+        engine = PackedEngine(network, alphabet, device, precision, work.spec, compile)
     else:
         engine = ReferenceEngine(network, alphabet, device, precision, work.spec)
     log.info("model %s (%d layers, dim %d) on %s, %s engine in %s (compile %s for %d tokens), outputs %s; "
              "loaded in %.1f s", checkpoint, network.num_layers, network.embed_dim,
              torch.cuda.get_device_name() if device == "cuda" else "cpu", settings.engine, precision,
-             compile_mode(settings, device, tokens), tokens, ", ".join(work.spec.names), time.monotonic() - started)
+             compile, tokens, ", ".join(work.spec.names), time.monotonic() - started)
     return engine, gpu
 
 
-def compile_mode(settings: RankSettings, device: str, tokens: int) -> bool | str:
-    """The packed engine's compile mode: none on the CPU; ``auto`` only where it pays."""
+def compile_mode(settings: RankSettings, device: str, tokens: float) -> bool | str:
+    """The packed engine's compile mode for ``tokens`` of work (in ESM-2 650M tokens): none on the
+    CPU; ``auto`` only where it pays."""
     if device != "cuda":
         return False
     if settings.compile == "auto":
