@@ -6,7 +6,7 @@ from esmshard.rank import RankSettings, compile_mode
 
 
 @pytest.mark.parametrize("setting, device, tokens, mode", [
-    ("auto", "cuda", 20_000_000, "tuned"), ("auto", "cuda", 19_999_999, False), ("auto", "cpu", 10**9, False),
+    ("auto", "cuda", 100_000_000, "tuned"), ("auto", "cuda", 99_999_999, False), ("auto", "cpu", 10**9, False),
     ("tuned", "cuda", 10, "tuned"), (True, "cuda", 10, True), (False, "cuda", 10**9, False), ("tuned", "cpu", 10, False),
 ])
 def test_compile_only_where_it_pays(setting, device, tokens, mode):

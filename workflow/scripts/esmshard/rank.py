@@ -33,10 +33,10 @@ log = logging.getLogger(__name__)
 # Pending per-residue results go to a store segment at this size, so host memory stays bounded.
 SEGMENT_BYTES = 1 << 30
 # compile: auto compiles (tuned) only for this much work, in tokens of ESM-2 650M (others count
-# in proportion to layers x width^2): on an H200 eager runs 650M at ~266k tokens/s (the Triton
-# rotary kernel included), tuned at ~305k after 20-30 s of compiling (~5 s with a warm cache),
-# which ~20M tokens repay (docs/benchmarks.md, whole run).
-AUTO_COMPILE_TOKENS = 20_000_000
+# in proportion to layers x width^2): on an H200 eager float16 with the Triton rotary kernel runs
+# 650M at ~290k residues/s, tuned ~8% faster after 20-40 s of compiling on a fresh machine; a
+# 36M-residue rank that compiled ran at 230k residues/s overall (docs/benchmarks.md).
+AUTO_COMPILE_TOKENS = 100_000_000
 ESM2_650M_WORK = 33 * 1280**2
 
 
