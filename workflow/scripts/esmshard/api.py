@@ -19,12 +19,11 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
 import h5py
-import jsonschema
 import numpy as np
 import yaml
 
@@ -180,16 +179,12 @@ def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
     model = Path(model_config["model"]).expanduser()
     config = {
         "fasta": [os.path.abspath(os.path.expanduser(pattern)) for pattern in fasta_files],
-        **_as_lists(model_config, schema),
+        **model_config,
         "model": str(model.resolve()) if model.is_file() else str(model_config["model"]),
         "world_size": world_size,
         "timeout": timeout,
     }
-    validator = jsonschema.validators.validator_for(schema)(schema)
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(config)]
-    if errors:
-        raise ValueError(f"config: {'; '.join(errors)}")
-    return config
+    return settings.checked(config)
 
 
 def _from_original_contract(model_config: Mapping) -> dict:
@@ -204,17 +199,6 @@ def _from_original_contract(model_config: Mapping) -> dict:
             raise ValueError(f"model_config: give {new!r} or {old!r} (its original name), not both")
         if old in config:
             config[new] = config.pop(old)
-    return config
-
-
-def _as_lists(model_config: Mapping, schema: dict) -> dict:
-    """model_config with any sequence (tuple, numpy array, ...) given for a list option as a list
-    of plain Python values, as the schema and YAML take them."""
-    lists = {name for name, option in schema["properties"].items() if option.get("type") == "array"}
-    config = dict(model_config)
-    for name in lists & set(config):
-        if isinstance(config[name], (Sequence, np.ndarray)) and not isinstance(config[name], str):
-            config[name] = [item.item() if isinstance(item, np.generic) else item for item in config[name]]
     return config
 
 
