@@ -15,6 +15,8 @@ rule aggregate:
         "../../environment.yml"
     params:
         require_complete=config["require_complete"],
+        # a change rewrites embeddings.h5 from the shards (no GPU work)
+        compression=config["compression"],
         store=lambda wildcards, output: sibling(output.manifest, "store"),
         settings=numeric_settings(),
     script:
