@@ -6,9 +6,9 @@ rule aggregate:
         # of the ranks whose status says they succeeded.
         statuses=expand(rules.embed.output.status, rank=RANKS),
     output:
-        embeddings="results/embeddings.h5",
-        manifest="results/manifest.json",
-        missing="results/missing_ids.txt",
+        embeddings=paths.EMBEDDINGS,
+        manifest=paths.MANIFEST,
+        missing=paths.MISSING_IDS,
     log:
         "logs/aggregate.log",
     conda:
