@@ -52,8 +52,9 @@ def write_once(path: Path, values: np.ndarray, lengths, pooling: str, compressio
             (dataset,) = create_outputs(h5, spec, [str(i) for i in range(len(lengths))], lengths, values.shape[1],
                                         values.dtype, compression).values()
         else:
+            rows = max(1, min(len(values), (4 << 20) // values[0].nbytes))  # as create_outputs' chunks
             dataset = h5.create_dataset(spec.names[0], values.shape, values.dtype, compression=compression,
-                                        chunks=(max(1, min(len(values), (4 << 20) // values[0].nbytes)), values.shape[1]))
+                                        chunks=(rows, values.shape[1]))
         started = time.perf_counter()
         dataset[:] = values
         h5.flush()

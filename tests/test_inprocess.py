@@ -41,7 +41,8 @@ def test_the_result_is_laid_out_like_the_merged_file(windowed, records):
     for layer in (0, 2):
         assert windowed[f"mean/layer_{layer}"].shape == (len(records), 32)
         assert windowed[f"mean/layer_{layer}"].dtype == np.float32
-        assert [rows.shape for rows in windowed[f"per_residue/layer_{layer}"]] == [(len(s), 32) for s in records.values()]
+        shapes = [rows.shape for rows in windowed[f"per_residue/layer_{layer}"]]
+        assert shapes == [(len(s), 32) for s in records.values()]
 
 
 def test_embed_equals_fair_esms_own_forward(windowed, records, tiny_checkpoint):

@@ -69,8 +69,8 @@ def test_the_plan_rule_warns_before_any_rank_when_the_results_may_not_fit(tmp_pa
     with small_filesystem(tmp_path / "results", "4m"):  # the index fits, ~3 x 8 MiB of vectors do not
         result = run_snakemake(tmp_path, config, "plan")
         assert result.returncode == 0, result.stderr
-    warning = re.search(r"^esmshard: WARNING: the embeddings of this run need up to ([\d.]+) MiB in results", result.stderr,
-                        re.M)
+    warning = re.search(r"^esmshard: WARNING: the embeddings of this run need up to ([\d.]+) MiB in results",
+                        result.stderr, re.M)
     assert warning and float(warning[1]) > 20, result.stderr
     assert "only" in (tmp_path / "logs/plan.log").read_text() and not (tmp_path / "logs/embed").exists()
     assert "WARNING" not in run_snakemake(tmp_path, config, "plan", "--forcerun", "plan").stderr  # on the real disk

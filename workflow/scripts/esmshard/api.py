@@ -244,7 +244,8 @@ def _failure(output_dir: Path, world_size: int, output: str, log_path: Path) -> 
     for rank in range(world_size):
         status_path = output_dir / paths.STATUS.format(rank=rank)
         if not status_path.exists():  # snakemake removes the status of a job that died
-            problems.append(f"rank {rank}: its job failed without recording a status ({paths.RANK_LOG.format(rank=rank)})")
+            log_file = paths.RANK_LOG.format(rank=rank)
+            problems.append(f"rank {rank}: its job failed without recording a status ({log_file})")
         elif not (status := json.loads(status_path.read_text()))["ok"]:
             problems.append(f"rank {rank}: {status['error']}")
     where = f"rank logs in {(output_dir / paths.RANK_LOG).parent}, snakemake output in {log_path}"

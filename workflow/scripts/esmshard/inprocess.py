@@ -53,7 +53,8 @@ def embed(sequences, model=None, layers=None, pooling=None, device=None, **optio
     """
     import torch
 
-    given = {"model": os.fspath(model) if isinstance(model, os.PathLike) else model, "layers": layers, "pooling": pooling, **options}
+    model = os.fspath(model) if isinstance(model, os.PathLike) else model
+    given = {"model": model, "layers": layers, "pooling": pooling, **options}
     config, device = _checked_options({k: v for k, v in given.items() if v is not None}), _device(device)
     ids, residues = _validated(sequences, config["invalid_residues"])
     chosen = RankSettings.from_config(config)
@@ -107,7 +108,10 @@ def _validated(sequences, invalid_residues: str) -> tuple[list[str], list[np.nda
     """(IDs, residues as uint8 arrays), every sequence checked as a FASTA record is."""
     if isinstance(sequences, (str, bytes)):
         raise ValueError("sequences: give a dict of ID -> sequence or a list of sequences, not one string")
-    items = list(sequences.items()) if isinstance(sequences, Mapping) else [(str(i), s) for i, s in enumerate(sequences)]
+    if isinstance(sequences, Mapping):
+        items = list(sequences.items())
+    else:
+        items = [(str(i), sequence) for i, sequence in enumerate(sequences)]
     residues = []
     for number, (seq_id, sequence) in enumerate(items, start=1):
         where = f"sequences: record {number} ({seq_id!r})"
