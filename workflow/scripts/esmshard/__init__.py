@@ -20,6 +20,7 @@ One module per concern; none of them but ``api`` knows about Snakemake:
 - ``api``: running the whole workflow from Python (``run_multi_gpu_inference``,
   ``run_esm2_multi_gpu``, importable from ``esmshard`` itself)
 - ``inprocess``: embedding in the calling process, without Snakemake (``esmshard.embed``)
+- ``paths``: where the rules put what the API reads (standard library only)
 """
 
 import contextlib
