@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -125,3 +126,17 @@ def residues_of(sequences: list[str]) -> list[np.ndarray]:
 
 def split_rows(per_residue: np.ndarray, lengths) -> list[np.ndarray]:
     return np.split(per_residue, np.cumsum(lengths)[:-1])
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str):
+    """A tmpfs of ``size`` (e.g. "9m") mounted at ``path`` (made if need be) while in the block;
+    skips the test where it cannot be mounted (root only)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)])

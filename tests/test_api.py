@@ -166,11 +166,14 @@ def test_run_esm2_multi_gpu_runs_the_default_model_with_defaults(tmp_path, fasta
 
 @pytest.fixture(scope="module")
 def partial_run(tmp_path_factory, fasta, tiny_checkpoint):
-    """Rank 1 fails; world_size from two 'visible GPUs' (there are none: the ranks run on the CPU).
+    """Rank 1 fails; world_size from two 'visible GPUs' (there are none: the ranks run on the CPU);
+    model_config in the original contract's words (model_type, model_name, token_budget).
 
     Returns what the call returned and what it left, before complete_run calls again."""
     out = tmp_path_factory.mktemp("run")
-    config = tiny_config(tiny_checkpoint, retries=0, gpu_lock_dir=str(out / "locks"))
+    config = {"model_type": "esm2", "model_name": str(tiny_checkpoint), "token_budget": 2048,
+              **tiny_config(tiny_checkpoint, retries=0, gpu_lock_dir=str(out / "locks"))}
+    del config["model"]
     env = {"CUDA_VISIBLE_DEVICES": "0,1", "ESMSHARD_FAIL_RANKS": "1"}
     merged, failed = call(run_multi_gpu_inference, fasta, out, config, env=env)
     return {
@@ -197,6 +200,8 @@ def test_a_failed_rank_gives_the_others_and_its_number(partial_run, records):
     assert partial_run["merged"] == partial_run["out"] / "results/embeddings.h5" and partial_run["failed"] == [1]
     assert partial_run["missing"] == partial_run["rank_1"] and partial_run["missing"]
     assert partial_run["ids"] == [seq_id for seq_id in records if seq_id not in partial_run["missing"]]
+    rank_0_log = (partial_run["out"] / "logs/embed/rank_0.log").read_text()
+    assert "batches of at most 2048 tokens" in rank_0_log  # token_budget reached the rank
 
 
 def test_calling_again_reruns_only_the_failed_rank(complete_run, partial_run):
@@ -236,14 +241,28 @@ def test_a_complete_run_returns_the_merged_file_as_the_reader_reads_it(complete_
     assert (out / "results/missing_ids.txt").read_text() == ""
 
 
-def test_a_merged_file_that_fails_its_check_is_a_value_error(tmp_path, complete_run, partial_run, fasta, monkeypatch):
+def not_finite(h5):
+    h5["mean/layer_2"][3, 0] = np.nan
+
+
+def ids_swapped(h5):
+    h5["ids"][4], h5["ids"][5] = h5["ids"][5], h5["ids"][4]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (not_finite, r"mean/layer_2 of 'seq00003' \(row 3\) is not finite"),
+    (ids_swapped, r"its IDs are not the index's 12 IDs less the 0 missing ones, in input order \(12 IDs, the first "
+                  r"difference at row 4\)"),
+])
+def test_a_merged_file_that_fails_its_check_is_a_value_error(tmp_path, complete_run, partial_run, fasta, monkeypatch,
+                                                             damage, message):
     out, _, _ = complete_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)  # keeps times: snakemake sees nothing to do
     with h5py.File(copy / "results/embeddings.h5", "a") as h5:
-        h5["mean/layer_2"][3, 0] = np.nan
+        damage(h5)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    with pytest.raises(ValueError, match=r"embeddings.h5 fails its check: mean/layer_2 of 'seq00003' \(row 3\) is not finite"):
+    with pytest.raises(ValueError, match=r"embeddings.h5 fails its check: " + message):
         run_multi_gpu_inference(fasta, copy, partial_run["config"])
     assert "Nothing to be done" in (copy / "logs/snakemake.log").read_text()
 

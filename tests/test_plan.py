@@ -1,9 +1,12 @@
+import re
+
 import numpy as np
 import pytest
 
-from esmshard.outputs import window_counts
+from conftest import config_for, random_sequences, run_snakemake, small_filesystem, write_fasta
+from esmshard.outputs import OutputSpec, window_counts
 from esmshard.index import DIGEST
-from esmshard.plan import balance, distinct, imbalance, sequence_costs
+from esmshard.plan import balance, distinct, imbalance, sequence_costs, space_warning
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4, 8])
@@ -45,3 +48,29 @@ def test_identical_sequences_are_planned_once_at_their_first_occurrence():
     assert first.tolist() == [0, 1, 3]  # input order of first occurrences
     assert source.tolist() == [0, 1, 0, 2, 1, 0]  # every position knows its distinct sequence
 
+
+
+def test_the_space_warning_counts_the_store_the_shards_and_the_merged_file(tmp_path):
+    spec = OutputSpec.resolve([-1], ["mean", "per_residue"], 2, "window")
+    lengths, position = np.array([100, 100, 50]), np.array([0, 2])  # the second is a copy of the first
+    assert space_warning(tmp_path, spec, lengths, position, 32, "float32") is None
+    huge = np.array([10**12, 10**12])  # 250 TiB of per-residue vectors each
+    warning = space_warning(tmp_path, spec, huge, np.array([0]), 32, "float16")
+    distinct, merged = (10**12 + 1) * 64, (2 * 10**12 + 2) * 64
+    assert warning.startswith(f"the embeddings of this run need up to {(2 * distinct + merged) / 2**40:,.1f} TiB "
+                              f"in {tmp_path} (the store and the shards {distinct / 2**40:,.1f} TiB each, "
+                              f"embeddings.h5 {merged / 2**40:,.1f} TiB; ")
+    assert re.search(r"but only [\d,.]+ [KMGT]iB are free there: ranks will fail when the disk fills", warning)
+
+
+def test_the_plan_rule_warns_before_any_rank_when_the_results_may_not_fit(tmp_path, tiny_checkpoint):
+    write_fasta(tmp_path / "p.fasta", random_sequences(200, seed=3, median=300, cap=600))
+    config = config_for(tmp_path / "p.fasta", tiny_checkpoint, pooling=["per_residue"])
+    with small_filesystem(tmp_path / "results", "4m"):  # the index fits, ~3 x 8 MiB of vectors do not
+        result = run_snakemake(tmp_path, config, "plan")
+        assert result.returncode == 0, result.stderr
+    warning = re.search(r"^esmshard: WARNING: the embeddings of this run need up to ([\d.]+) MiB in results",
+                        result.stderr, re.M)
+    assert warning and float(warning[1]) > 20, result.stderr
+    assert "only" in (tmp_path / "logs/plan.log").read_text() and not (tmp_path / "logs/embed").exists()
+    assert "WARNING" not in run_snakemake(tmp_path, config, "plan", "--forcerun", "plan").stderr  # on the real disk

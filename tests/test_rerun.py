@@ -7,7 +7,6 @@ file times) and changes what a user would change.
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import h5py
@@ -22,6 +21,7 @@ from conftest import (
     random_sequences,
     read_embeddings,
     run_snakemake,
+    small_filesystem,
     write_fasta,
 )
 from esmshard.model import load_model, write_random_checkpoint
@@ -153,6 +153,19 @@ def test_settings_that_change_no_number_rerun_nothing(template, tmp_path, option
     assert result.returncode == 0 and "Nothing to be done" in result.stderr, result.stderr
 
 
+def test_compression_rewrites_only_embeddings_h5_from_the_shards(template, tmp_path):
+    workdir, config = copy_of(template, tmp_path)
+    for compression, filters in (("gzip", ("gzip", True)), ("none", (None, False))):
+        result = run_snakemake(workdir, {**config, "compression": compression})
+        assert result.returncode == 0, result.stderr
+        assert rules_run(result.stderr) == {"aggregate", "report_plots", "all"}  # no rank, no model loaded
+        with h5py.File(workdir / "results/embeddings.h5") as h5:
+            assert (h5["mean/layer_2"].compression, h5["mean/layer_2"].shuffle) == filters
+        assert_same_embeddings(workdir, template)
+    with h5py.File(workdir / "results/shards/shard_0.h5") as shard:
+        assert shard["mean/layer_2"].compression is None
+
+
 def test_a_new_world_size_replans_without_reading_fasta_or_loading_the_model(template, tmp_path):
     workdir, config = copy_of(template, tmp_path)
     result = run_snakemake(workdir, {**config, "world_size": 3})
@@ -219,13 +232,8 @@ def test_a_released_model_is_downloaded_once_for_all_ranks(tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 9 MiB file system where the store goes (root only: it mounts a tmpfs)."""
-    store = tmp_path / "results/store"
-    store.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=9m", "tmpfs", str(store)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield store
-    subprocess.run(["umount", "-l", str(store)])
+    with small_filesystem(tmp_path / "results/store", "9m") as store:
+        yield store
 
 
 def test_a_full_disk_is_a_failed_rank_that_names_it_and_the_others_go_on(tmp_path, small_disk, tiny_checkpoint):

@@ -6,15 +6,17 @@ rule aggregate:
         # of the ranks whose status says they succeeded.
         statuses=expand(rules.embed.output.status, rank=RANKS),
     output:
-        embeddings="results/embeddings.h5",
-        manifest="results/manifest.json",
-        missing="results/missing_ids.txt",
+        embeddings=paths.EMBEDDINGS,
+        manifest=paths.MANIFEST,
+        missing=paths.MISSING_IDS,
     log:
         "logs/aggregate.log",
     conda:
         "../../environment.yml"
     params:
         require_complete=config["require_complete"],
+        # a change rewrites embeddings.h5 from the shards (no GPU work)
+        compression=config["compression"],
         store=lambda wildcards, output: sibling(output.manifest, "store"),
         settings=numeric_settings(),
     script:

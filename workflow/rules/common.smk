@@ -3,6 +3,7 @@ from pathlib import Path
 
 # The package (on sys.path since the Snakefile) is imported here only through modules that need
 # the standard library alone: Snakemake parses and lints this workflow without numpy, h5py or torch.
+from esmshard import paths
 from esmshard.architectures import checkpoint_file
 from esmshard.fasta import expand_fasta_paths
 from esmshard.gpu import count_visible_gpus

@@ -24,9 +24,9 @@ rule embed:
     output:
         # The declared output is the rank's outcome; the shard itself is written next to it
         # only when complete, so that no failure (and no Snakemake clean-up) can delete it.
-        status="results/status/rank_{rank}.json",
+        status=paths.STATUS,
     log:
-        "logs/embed/rank_{rank}.log",
+        paths.RANK_LOG,
     wildcard_constraints:
         rank=r"\d+",
     retries: config["retries"]

@@ -2,8 +2,8 @@ rule index:
     input:
         fasta=FASTA_FILES,
     output:
-        index="results/index/sequences.h5",
-        residues="results/index/residues.bin",
+        index=paths.INDEX,
+        residues=paths.RESIDUES,
     log:
         "logs/index.log",
     conda:

@@ -3,7 +3,7 @@ rule plan:
         index=rules.index.output.index,
         checkpoint=MODEL_FILE,
     output:
-        plan="results/plan.h5",
+        plan=paths.PLAN,
     log:
         "logs/plan.log",
     conda:

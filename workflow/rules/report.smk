@@ -45,6 +45,7 @@ rule report_plots:
             "invalid_residues": config["invalid_residues"],
             **numeric_settings(),
             "require_complete": config["require_complete"],
+            "compression": config["compression"],  # of embeddings.h5
         },
     script:
         "../scripts/report_plots.py"

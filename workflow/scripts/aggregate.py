@@ -21,6 +21,7 @@ try:
         snakemake.output.manifest,
         snakemake.output.missing,
         require_complete=snakemake.params.require_complete,
+        compression=snakemake.params.compression,
     )
 except EsmShardError as error:
     log.error("%s", error)

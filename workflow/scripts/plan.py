@@ -8,7 +8,7 @@ from esmshard import EsmShardError, logs
 from esmshard.architectures import checkpoint_identity
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec
-from esmshard.plan import Plan, balance, distinct, imbalance, sequence_costs, write_plan
+from esmshard.plan import Plan, balance, distinct, imbalance, sequence_costs, space_warning, write_plan
 
 logs.setup(snakemake.log[0])
 log = logging.getLogger("esmshard.plan")
@@ -32,3 +32,7 @@ log.info("%d sequences, %d distinct; model %s (%d layers, width %d, content %s)"
 for rank, cost in enumerate(rank_costs):
     log.info("rank %d: %d sequences, predicted cost %.4g", rank, int((ranks == rank).sum()), cost)
 log.info("rank cost max/mean: %.4f over %d ranks", imbalance(rank_costs), len(rank_costs))
+warning = space_warning(Path(snakemake.output.plan).parent, spec, index.lengths, position, model["embed_dim"],
+                        settings["dtype"])
+if warning:  # before any GPU work: the ranks check each write again and fail cleanly
+    log.warning("%s", warning)

@@ -19,6 +19,8 @@ One module per concern; none of them but ``api`` knows about Snakemake:
 - ``report``: the figures and configuration table of ``snakemake --report``
 - ``api``: running the whole workflow from Python (``run_multi_gpu_inference``,
   ``run_esm2_multi_gpu``, importable from ``esmshard`` itself)
+- ``inprocess``: embedding in the calling process, without Snakemake (``esmshard.embed``)
+- ``paths``: where the rules put what the API reads (standard library only)
 """
 
 import contextlib
@@ -66,4 +68,8 @@ def __getattr__(name):
         from esmshard import api
 
         return getattr(api, name)
+    if name == "embed":
+        from esmshard import inprocess
+
+        return inprocess.embed
     raise AttributeError(f"module 'esmshard' has no attribute {name!r}")

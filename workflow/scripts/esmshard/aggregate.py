@@ -33,8 +33,9 @@ _BLOCK_BYTES = 256 << 20  # ... and at most this many bytes of per-residue rows
 
 
 def aggregate(index_dir, plan_path, status_paths, store_root, settings: RankSettings, out_path, manifest_path,
-              missing_path, require_complete=False) -> dict:
-    """Merge the shards of the ranks whose status says they succeeded; returns the manifest."""
+              missing_path, require_complete=False, compression="none") -> dict:
+    """Merge the shards of the ranks whose status says they succeeded, into ``out_path`` with
+    that HDF5 ``compression`` (none, gzip or lzf); returns the manifest."""
     index, plan = SequenceIndex(index_dir), read_plan(plan_path)
     if len(status_paths) != plan.world_size:
         raise EsmShardError(f"{len(status_paths)} rank status files for a plan of {plan.world_size} ranks")
@@ -69,7 +70,7 @@ def aggregate(index_dir, plan_path, status_paths, store_root, settings: RankSett
     ensure_space(Path(out_path).parent, outputs_nbytes(first.spec, index.lengths[keep], first.dim, settings.dtype),
                  "the merged embeddings")
     with atomic_output(out_path) as tmp:
-        merge(tmp, {r: statuses[r]["shard"] for r in works}, plan, keep, all_ids, index.lengths, first)
+        merge(tmp, {r: statuses[r]["shard"] for r in works}, plan, keep, all_ids, index.lengths, first, compression)
     manifest = _manifest(out_path, missing_path, plan, statuses, works, failed, missing, len(all_ids))
     with atomic_output(missing_path) as tmp:
         Path(tmp).write_text("".join(f"{i}\n" for r in sorted(missing) for i in missing[r]))
@@ -132,7 +133,8 @@ def _list(ranks) -> str:
     return ", ".join(str(r) for r in sorted(ranks))
 
 
-def merge(path, shards: dict, plan: Plan, keep: np.ndarray, all_ids, lengths, work: RankWork) -> None:
+def merge(path, shards: dict, plan: Plan, keep: np.ndarray, all_ids, lengths, work: RankWork,
+          compression: str = "none") -> None:
     """Write the kept IDs in input order, each with its distinct sequence's rows from its shard."""
     spec = work.spec
     positions = np.flatnonzero(keep)
@@ -149,7 +151,7 @@ def merge(path, shards: dict, plan: Plan, keep: np.ndarray, all_ids, lengths, wo
     try:
         dtype = np.dtype(work.identity["dtype"])
         with h5py.File(path, "w") as out:
-            datasets = create_outputs(out, spec, all_ids[positions], lengths[positions], work.dim, dtype)
+            datasets = create_outputs(out, spec, all_ids[positions], lengths[positions], work.dim, dtype, compression)
             row_bytes = work.dim * dtype.itemsize
             for start, end in _blocks(embedded if spec.per_residue else None, len(positions), row_bytes):
                 block_rank = plan.rank[distinct[start:end]]

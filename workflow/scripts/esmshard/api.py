@@ -19,16 +19,15 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
 import h5py
-import jsonschema
 import numpy as np
 import yaml
 
-from esmshard import settings
+from esmshard import paths, settings
 from esmshard.gpu import count_visible_gpus
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec, pooling_of
@@ -49,8 +48,7 @@ CONFIG_FILE = "config.yaml"
 LOG_FILE = "logs/snakemake.log"
 CALL_LINE = "===== run_multi_gpu_inference at {:%Y-%m-%d %H:%M:%S} =====\n"  # starts each call's log
 LOCK_FILE = ".esmshard.lock"
-INDEX_TARGETS = ("results/index/sequences.h5", "results/index/residues.bin")  # before any model is fetched
-MERGED, MANIFEST, MISSING_IDS = "results/embeddings.h5", "results/manifest.json", "results/missing_ids.txt"
+INDEX_TARGETS = (paths.INDEX, paths.RESIDUES)  # before any model is fetched
 _CHECK_ROWS = 16384  # rows of the merged file checked at a time
 _ESMSHARD_ERROR = re.compile(r"^esmshard: ERROR: (.+)$", re.MULTILINE)
 # An error raised while snakemake reads the workflow (e.g. an unknown model name); not the
@@ -94,8 +92,8 @@ def run_multi_gpu_inference(
         # Locally --resources gpu caps how many ranks run at once; without GPUs the ranks run on
         # the CPU, and only --cores limits them.
         _run_workflow(output_dir, gpus or world_size, world_size, echo)
-        manifest = json.loads((output_dir / MANIFEST).read_text())
-        merged = output_dir / MERGED
+        manifest = json.loads((output_dir / paths.MANIFEST).read_text())
+        merged = output_dir / paths.EMBEDDINGS
         _check_merged(merged, output_dir, manifest)
     return merged, sorted(failed["rank"] for failed in manifest["ranks_failed"])
 
@@ -109,11 +107,11 @@ def run_esm2_multi_gpu(fasta_files, output_dir, world_size=None):
     """
     merged, failed = run_multi_gpu_inference(fasta_files, output_dir, {"model": DEFAULT_MODEL}, world_size)
     if failed:
-        manifest = json.loads((Path(output_dir) / MANIFEST).read_text())
+        manifest = json.loads((Path(output_dir) / paths.MANIFEST).read_text())
         raise RuntimeError(
             f"rank(s) {', '.join(map(str, failed))} failed: {manifest['missing']} of {manifest['sequences']} "
-            f"sequences have no embedding (IDs in {Path(output_dir).resolve() / MISSING_IDS}; errors in "
-            f"{Path(output_dir).resolve() / MANIFEST}); the others are in {merged}. Call again to retry "
+            f"sequences have no embedding (IDs in {Path(output_dir).resolve() / paths.MISSING_IDS}; errors in "
+            f"{Path(output_dir).resolve() / paths.MANIFEST}); the others are in {merged}. Call again to retry "
             f"only the failed ranks"
         )
     return merged
@@ -180,16 +178,12 @@ def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
     model = Path(model_config["model"]).expanduser()
     config = {
         "fasta": [os.path.abspath(os.path.expanduser(pattern)) for pattern in fasta_files],
-        **_as_lists(model_config, schema),
+        **model_config,
         "model": str(model.resolve()) if model.is_file() else str(model_config["model"]),
         "world_size": world_size,
         "timeout": timeout,
     }
-    validator = jsonschema.validators.validator_for(schema)(schema)
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(config)]
-    if errors:
-        raise ValueError(f"config: {'; '.join(errors)}")
-    return config
+    return settings.checked(config)
 
 
 def _from_original_contract(model_config: Mapping) -> dict:
@@ -204,17 +198,6 @@ def _from_original_contract(model_config: Mapping) -> dict:
             raise ValueError(f"model_config: give {new!r} or {old!r} (its original name), not both")
         if old in config:
             config[new] = config.pop(old)
-    return config
-
-
-def _as_lists(model_config: Mapping, schema: dict) -> dict:
-    """model_config with any sequence (tuple, numpy array, ...) given for a list option as a list
-    of plain Python values, as the schema and YAML take them."""
-    lists = {name for name, option in schema["properties"].items() if option.get("type") == "array"}
-    config = dict(model_config)
-    for name in lists & set(config):
-        if isinstance(config[name], (Sequence, np.ndarray)) and not isinstance(config[name], str):
-            config[name] = [item.item() if isinstance(item, np.generic) else item for item in config[name]]
     return config
 
 
@@ -259,12 +242,13 @@ def _failure(output_dir: Path, world_size: int, output: str, log_path: Path) -> 
     """Why the workflow failed after the index: each rank's recorded error, and what was logged."""
     problems = []
     for rank in range(world_size):
-        status_path = output_dir / f"results/status/rank_{rank}.json"
+        status_path = output_dir / paths.STATUS.format(rank=rank)
         if not status_path.exists():  # snakemake removes the status of a job that died
-            problems.append(f"rank {rank}: its job failed without recording a status (logs/embed/rank_{rank}.log)")
+            log_file = paths.RANK_LOG.format(rank=rank)
+            problems.append(f"rank {rank}: its job failed without recording a status ({log_file})")
         elif not (status := json.loads(status_path.read_text()))["ok"]:
             problems.append(f"rank {rank}: {status['error']}")
-    where = f"rank logs in {output_dir / 'logs/embed'}, snakemake output in {log_path}"
+    where = f"rank logs in {(output_dir / paths.RANK_LOG).parent}, snakemake output in {log_path}"
     if len(problems) == world_size:
         return f"no rank succeeded, so there are no embeddings: {'; '.join(problems)} ({where})"
     details = problems + [m for m in _error_messages(output) if m not in problems] or [_tail(output)]
@@ -275,9 +259,9 @@ def _check_merged(merged: Path, output_dir: Path, manifest: dict) -> None:
     """The merged file holds exactly the index's IDs less the missing ones, in input order,
     with finite vectors of the model's width; raises ValueError otherwise."""
     missing = {seq_id for failed in manifest["ranks_failed"] for seq_id in failed["missing_ids"]}
-    index_ids = SequenceIndex(output_dir / "results/index").ids()
+    index_ids = SequenceIndex((output_dir / paths.INDEX).parent).ids()
     expected = [seq_id for seq_id in index_ids if seq_id not in missing]
-    width = read_plan(output_dir / "results/plan.h5").model["embed_dim"]
+    width = read_plan(output_dir / paths.PLAN).model["embed_dim"]
     with h5py.File(merged, "r") as h5:
         ids = h5["ids"].asstr()[:].tolist()
         if ids != expected:

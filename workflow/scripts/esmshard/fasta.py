@@ -207,23 +207,30 @@ def _not_fasta(path: Path, line: bytes, line_no: int) -> str:
 
 def _finish(path: Path, header, chunks: list[bytes], invalid_residues: str) -> Record:
     seq_id, offset, number, line_no = header
-    where = f"{path}: record {number} ('{seq_id}', line {line_no})"
-    residues = b"".join(chunks).upper()
+    residues, replaced = clean_residues(
+        b"".join(chunks), f"{path}: record {number} ('{seq_id}', line {line_no})", invalid_residues
+    )
+    return Record(seq_id, residues, offset, number, line_no, replaced)
+
+
+def clean_residues(residues: bytes, where: str, invalid_residues: str = "error") -> tuple[bytes, int]:
+    """(the residues as ESM-2 takes them, how many were replaced by X) under the validation policy:
+    upper case, one trailing stop codon dropped, characters outside ESM-2's alphabet an error
+    naming ``where`` and the position (or X with ``invalid_residues: replace``)."""
+    residues = residues.upper()
     if residues.endswith(b"*"):  # one stop codon from a translated ORF
         residues = residues[:-1]
     if not residues:
         raise EsmShardError(f"{where}: record has no residues")
     invalid = residues.translate(None, _DELETE_VALID)
-    replaced = 0
-    if invalid:
-        if invalid_residues == "error":
-            position = next(i for i, c in enumerate(residues) if c not in ESM_RESIDUES)
-            char = chr(residues[position])
-            raise EsmShardError(
-                f"{where}: residue {position + 1} is {char!r}, which is not one of ESM-2's 25 "
-                f"letters ({ESM_RESIDUES.decode()}); fix the input or set "
-                f"'invalid_residues: replace' to map such characters to X"
-            )
-        replaced = len(invalid)
-        residues = residues.translate(_TO_X)
-    return Record(seq_id, residues, offset, number, line_no, replaced)
+    if not invalid:
+        return residues, 0
+    if invalid_residues == "error":
+        position = next(i for i, c in enumerate(residues) if c not in ESM_RESIDUES)
+        char = residues[position:].decode("utf-8", errors="replace")[0]  # a whole UTF-8 character
+        raise EsmShardError(
+            f"{where}: residue {position + 1} is {char!r}, which is not one of ESM-2's 25 "
+            f"letters ({ESM_RESIDUES.decode()}); fix the input or set "
+            f"'invalid_residues: replace' to map such characters to X"
+        )
+    return residues.translate(_TO_X), len(invalid)

@@ -10,13 +10,15 @@ loaded rank within one small sequence of the mean.
 """
 
 import heapq
+import shutil
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
 
 from esmshard import atomic_output
-from esmshard.outputs import piece_tokens
+from esmshard.outputs import OutputSpec, piece_tokens
+from esmshard.shard import outputs_nbytes
 
 
 @dataclass
@@ -70,6 +72,30 @@ def imbalance(rank_costs: np.ndarray) -> float:
     """Most loaded rank's cost over the mean (1 when there is nothing to do)."""
     mean = rank_costs.mean()
     return float(rank_costs.max() / mean) if mean else 1.0
+
+
+def space_warning(directory, spec: OutputSpec, lengths: np.ndarray, position: np.ndarray, dim: int,
+                  dtype: str) -> str | None:
+    """What to tell the user when the embeddings of sequences of ``lengths`` (``position``: the
+    distinct ones) may not fit in the free space of ``directory``, where the results go; None
+    when they fit. The store and the shards each hold every distinct sequence's outputs, the
+    merged file every ID's; all uncompressed (the most that is written)."""
+    distinct = outputs_nbytes(spec, lengths[position], dim, dtype)
+    merged = outputs_nbytes(spec, lengths, dim, dtype)
+    free = shutil.disk_usage(directory).free
+    if 2 * distinct + merged <= free:
+        return None
+    return (f"the embeddings of this run need up to {_size(2 * distinct + merged)} in {directory} (the store "
+            f"and the shards {_size(distinct)} each, embeddings.h5 {_size(merged)}; less where the store "
+            f"already holds some), but only {_size(free)} are free there: ranks will fail when the disk fills. "
+            f"Free some space, or store less: dtype float16 halves it, per_residue output is most of it")
+
+
+def _size(nbytes: int) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{nbytes / 2**10:,.1f} KiB"
 
 
 def write_plan(path, plan: Plan, rank_costs: np.ndarray) -> None:

@@ -220,16 +220,13 @@ def load_engine(work: RankWork, settings: RankSettings, tokens: int):
         gpu, os.environ["CUDA_VISIBLE_DEVICES"] = None, ""
     import torch  # only now: CUDA reads CUDA_VISIBLE_DEVICES when it starts
 
-    from esmshard.engine import PackedEngine, ReferenceEngine
     from esmshard.model import load_model
 
     torch.set_num_threads(settings.threads)
     if device == "cuda" and not torch.cuda.is_available():
         raise EsmShardError(f"this host has an NVIDIA driver and GPU {gpu}, but torch {torch.__version__} "
                             f"finds no usable CUDA device (a CPU-only torch build?)")
-    if device == "cpu" and settings.engine == "reference" and work.compute_precision != "float32":
-        raise EsmShardError(f"precision: the reference engine computes in float32 only on the CPU, not "
-                            f"{work.compute_precision}; set precision to float32 or auto, or engine to packed")
+    check_engine_precision(settings.engine, device, work.compute_precision)
     checkpoint = Path(work.checkpoint["path"])
     stat = checkpoint.stat()
     if (stat.st_size, stat.st_mtime_ns) != (work.checkpoint["size"], work.checkpoint["mtime_ns"]):
@@ -237,16 +234,32 @@ def load_engine(work: RankWork, settings: RankSettings, tokens: int):
     started = time.monotonic()
     network, alphabet = load_model(str(checkpoint))
     precision = work.compute_precision
-    compile = compile_mode(settings, device, tokens * network.num_layers * network.embed_dim**2 / ESM2_650M_WORK)
-    if settings.engine == "packed":
-        engine = PackedEngine(network, alphabet, device, precision, work.spec, compile)
-    else:
-        engine = ReferenceEngine(network, alphabet, device, precision, work.spec)
+    engine, compile = build_engine(network, alphabet, device, precision, work.spec, settings, tokens)
     log.info("model %s (%d layers, dim %d) on %s, %s engine in %s (compile %s for %d tokens), outputs %s; "
              "loaded in %.1f s", checkpoint, network.num_layers, network.embed_dim,
              torch.cuda.get_device_name() if device == "cuda" else "cpu", settings.engine, precision,
              compile, tokens, ", ".join(work.spec.names), time.monotonic() - started)
     return engine, gpu
+
+
+def check_engine_precision(engine: str, device: str, precision: str) -> None:
+    """Before the model loads: the one combination the engines cannot run."""
+    if device == "cpu" and engine == "reference" and precision != "float32":
+        raise EsmShardError(f"precision: the reference engine computes in float32 only on the CPU, not "
+                            f"{precision}; set precision to float32 or auto, or engine to packed")
+
+
+def build_engine(network, alphabet, device: str, precision: str, spec: OutputSpec, settings: RankSettings,
+                 tokens: int):
+    """(the engine the settings ask for, on ``device`` (a torch device string), for ``tokens`` of
+    work; its compile mode)."""
+    from esmshard.engine import PackedEngine, ReferenceEngine
+
+    kind = device.split(":")[0]
+    compile = compile_mode(settings, kind, tokens * network.num_layers * network.embed_dim**2 / ESM2_650M_WORK)
+    if settings.engine == "packed":
+        return PackedEngine(network, alphabet, device, precision, spec, compile), compile
+    return ReferenceEngine(network, alphabet, device, precision, spec), False
 
 
 def compile_mode(settings: RankSettings, device: str, tokens: float) -> bool | str:

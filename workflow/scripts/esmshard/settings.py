@@ -49,3 +49,26 @@ def schema() -> dict:
 def defaults() -> dict:
     """Every option's default, from the schema."""
     return {key: spec["default"] for key, spec in schema()["properties"].items() if "default" in spec}
+
+
+def checked(config: dict, partial: bool = False) -> dict:
+    """``config`` with any sequence given for a list option (a tuple, a numpy array) as a list of
+    plain values, as YAML and the schema take them, checked against the schema (``partial``: the
+    options given may be a few, ``fasta`` among them or not). Raises ValueError naming every
+    bad option and value."""
+    import jsonschema  # Snakemake's own dependency; parsing the workflow does not need it
+
+    lists = {name for name, option in schema()["properties"].items() if option.get("type") == "array"}
+    config = {name: _plain_list(value) if name in lists else value for name, value in config.items()}
+    rules = {key: value for key, value in schema().items() if not (partial and key == "required")}
+    validator = jsonschema.validators.validator_for(rules)(rules)
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(config)]
+    if errors:
+        raise ValueError(f"config: {'; '.join(errors)}")
+    return config
+
+
+def _plain_list(value):
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        return value  # the schema names what is wrong with it
+    return [item.item() if hasattr(item, "item") else item for item in value]

@@ -1,0 +1,107 @@
+"""esmshard.embed: embeddings in the calling process, on the tiny model, against fair-esm's own
+forward and against what the workflow writes for the same sequences."""
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import completed_run, config_for, fair_esm_outputs, random_sequences, write_fasta
+from esmshard import embed
+from esmshard.model import load_model
+
+OUTPUTS = {"layers": [-1, 0], "pooling": ["mean", "bos", "per_residue"]}
+
+
+@pytest.fixture(scope="module")
+def records():
+    records = random_sequences(20, seed=21, median=90, cap=600)
+    records.update(one="M", two="MK", long="".join(random_sequences(1, seed=22, median=1500, cap=1500).values()))
+    return records
+
+
+@pytest.fixture(scope="module")
+def windowed(records, tiny_checkpoint):
+    """Every output of two layers, long proteins in windows, as embed() returns them."""
+    return embed(records, model=tiny_checkpoint, long_sequences="window", **OUTPUTS)
+
+
+@pytest.fixture(scope="module")
+def workflow_run(tmp_path_factory, records, tiny_checkpoint):
+    """The same sequences and settings through the whole workflow (two ranks)."""
+    out = tmp_path_factory.mktemp("workflow")
+    fasta = write_fasta(out / "proteins.fasta", records)
+    config = config_for(fasta, tiny_checkpoint, world_size=2, long_sequences="window", **OUTPUTS)
+    return completed_run(out, config) / "results/embeddings.h5"
+
+
+def test_the_result_is_laid_out_like_the_merged_file(windowed, records):
+    assert windowed["ids"] == list(records)
+    assert windowed["lengths"].tolist() == [len(s) for s in records.values()]
+    assert not windowed["truncated"].any()  # windowed, not truncated
+    for layer in (0, 2):
+        assert windowed[f"mean/layer_{layer}"].shape == (len(records), 32)
+        assert windowed[f"mean/layer_{layer}"].dtype == np.float32
+        shapes = [rows.shape for rows in windowed[f"per_residue/layer_{layer}"]]
+        assert shapes == [(len(s), 32) for s in records.values()]
+
+
+def test_embed_equals_fair_esms_own_forward(windowed, records, tiny_checkpoint):
+    network, alphabet = load_model(str(tiny_checkpoint))
+    for i, (seq_id, sequence) in enumerate(records.items()):
+        if len(sequence) > 1022:
+            continue  # fair-esm has no windows: the workflow comparison below covers them
+        for layer in (0, 2):
+            expected = fair_esm_outputs(network, alphabet, sequence, layer)
+            assert np.abs(windowed[f"mean/layer_{layer}"][i] - expected["mean"]).max() <= 1e-5, seq_id
+            assert np.abs(windowed[f"bos/layer_{layer}"][i] - expected["bos"]).max() <= 1e-5, seq_id
+            assert np.abs(windowed[f"per_residue/layer_{layer}"][i] - expected["per_residue"]).max() <= 1e-5, seq_id
+
+
+def test_embed_equals_what_the_workflow_writes(windowed, workflow_run):
+    with h5py.File(workflow_run) as h5:
+        assert h5["ids"].asstr()[:].tolist() == windowed["ids"]
+        offsets = h5["residue_offsets"][:]
+        for layer in (0, 2):
+            for pooling in ("mean", "bos"):
+                name = f"{pooling}/layer_{layer}"
+                assert np.abs(h5[name][:] - windowed[name]).max() <= 1e-6, name
+            stored = h5[f"per_residue/layer_{layer}"][:]
+            for i, rows in enumerate(windowed[f"per_residue/layer_{layer}"]):
+                assert np.abs(stored[offsets[i] : offsets[i + 1]] - rows).max() <= 1e-6
+
+
+def test_a_list_truncation_and_float16(tiny_checkpoint, records):
+    sequences = list(records.values())
+    result = embed(sequences, model=tiny_checkpoint, dtype="float16", pooling=("per_residue",), device="cpu")
+    assert result["ids"] == [str(i) for i in range(len(sequences))]
+    assert result["truncated"].tolist() == [len(s) > 1022 for s in sequences]
+    per_residue = result["per_residue/layer_2"]
+    assert [len(rows) for rows in per_residue] == [min(len(s), 1022) for s in sequences]
+    assert all(rows.dtype == np.float16 for rows in per_residue) and "mean/layer_2" not in result
+    network, alphabet = load_model(str(tiny_checkpoint))
+    long = sequences[-1]
+    expected = fair_esm_outputs(network, alphabet, long, 2)["per_residue"]  # its first 1022 residues
+    assert np.abs(per_residue[-1].astype(np.float32) - expected).max() <= 2e-3  # float16 rounding
+
+
+@pytest.mark.parametrize("sequences, options, message", [
+    ({"ok": "MKV", "P1": "MKV#L"}, {}, r"^sequences: record 2 \('P1'\): residue 4 is '#', which is not one of "
+                                       r"ESM-2's 25 letters"),
+    (["MKV", "MKÉV"], {}, r"^sequences: record 2 \('1'\): residue 3 is 'É'"),
+    ({"empty": "*"}, {}, r"^sequences: record 1 \('empty'\): record has no residues$"),
+    ("MKV", {}, "not one string"),
+    (["MKV"], {"pooling": ["max"]}, r"^config: pooling/0: 'max' is not one of"),
+    (["MKV"], {"retries": 2}, r"^embed: unknown option\(s\) 'retries'"),
+    (["MKV"], {"device": "cuda:0"}, r"^device: cuda:0, but torch .* finds no CUDA device"),
+    (["MKV"], {"engine": "reference", "precision": "bfloat16"}, "reference engine computes in float32 only"),
+])
+def test_bad_input_is_a_value_error_before_the_model_loads(sequences, options, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        embed(sequences, model=str(tmp_path / "no-such-checkpoint.pt"), **options)
+
+
+def test_invalid_residues_replace_and_a_layer_the_model_lacks(tiny_checkpoint):
+    replaced = embed({"a": "MKV#L"}, model=tiny_checkpoint, invalid_residues="replace")
+    assert np.array_equal(replaced["mean/layer_2"], embed({"a": "MKVXL"}, model=tiny_checkpoint)["mean/layer_2"])
+    with pytest.raises(ValueError, match=r"^config: layer 7 is outside this model's layers 0..2"):
+        embed(["MKV"], model=tiny_checkpoint, layers=[7])

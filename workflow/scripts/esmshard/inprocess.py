@@ -1,0 +1,142 @@
+"""Embedding in this process, without Snakemake: for a notebook, or to try 100 proteins before
+submitting 10 million.
+
+    from esmshard import embed
+    result = embed({"P62593": "MSIQHFRVALIPFFAAFCLPVFA", "Q1": "MKV"}, model="esm2_t33_650M_UR50D",
+                   layers=[-1, 20], pooling=["mean", "per_residue"])
+    result["ids"]                       # ['P62593', 'Q1']
+    result["mean/layer_33"]             # [2, 1280] array, rows in the order of the IDs
+    result["per_residue/layer_33"][0]   # [23, 1280] array: P62593's residues
+
+A rank's steps, on one device: each sequence validated as the index validates a FASTA record
+(``fasta.clean_residues``), the checkpoint loaded by ``model.load_model``, batches by
+``rank.plan_batches``, and the engine, compute precision and compile mode a rank would choose
+for these settings (``rank.build_engine``); so the vectors are the ones the workflow writes to
+``embeddings.h5`` for the same sequences and settings. Everything is held in memory.
+"""
+
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from esmshard import EsmShardError, settings
+from esmshard.fasta import clean_residues
+from esmshard.outputs import OutputSpec, pooling_of
+from esmshard.rank import RankSettings, build_engine, check_engine_precision, compute_precision, plan_batches
+from esmshard.shard import DTYPES
+
+# Config options that embed() takes (the schema gives their defaults and checks their values).
+OPTIONS = ("model", "layers", "pooling", "long_sequences", "window_overlap", "precision", "dtype", "engine",
+           "compile", "tokens_per_batch", "invalid_residues")
+
+
+def embed(sequences, model=None, layers=None, pooling=None, device=None, **options) -> dict:
+    """Embed ``sequences`` here, on one GPU or the CPU; returns a dict laid out like ``embeddings.h5``:
+
+    - ``"ids"``: list of str. ``sequences`` is a dict ID -> sequence (string IDs), or a list of
+      sequences, whose IDs are then "0", "1", ... (their positions, as strings);
+    - ``"lengths"``: [n] int64 residues of each sequence (after validation);
+    - ``"truncated"``: [n] bool, true where only the first 1022 residues were embedded;
+    - one entry per output, e.g. ``"mean/layer_33"``, ``"bos/layer_33"``: an [n, dim] array, rows
+      in the order of ``ids``; ``"per_residue/layer_33"``: a list of n arrays [embedded length, dim].
+
+    ``model``, ``layers``, ``pooling`` and ``options`` are the workflow's config options of the
+    same names (``long_sequences``, ``window_overlap``, ``precision``, ``dtype`` (of the returned
+    arrays), ``engine``, ``compile``, ``tokens_per_batch``, ``invalid_residues``); None or left
+    out means the schema's default (config/README.md). ``device``: "cpu", "cuda", "cuda:1", a
+    torch.device, or None for the current GPU if torch sees one, else the CPU.
+
+    Raises ValueError for a bad sequence (naming its ID, record number and residue position),
+    option or device, before the model is loaded; errors in loading the model (an unknown name,
+    a damaged file, no network for a download) raise esmshard.EsmShardError.
+    """
+    import torch
+
+    model = os.fspath(model) if isinstance(model, os.PathLike) else model
+    given = {"model": model, "layers": layers, "pooling": pooling, **options}
+    config, device = _checked_options({k: v for k, v in given.items() if v is not None}), _device(device)
+    ids, residues = _validated(sequences, config["invalid_residues"])
+    chosen = RankSettings.from_config(config)
+    kind = torch.device(device).type
+    precision = compute_precision(chosen, kind)
+    try:
+        check_engine_precision(chosen.engine, kind, precision)
+    except EsmShardError as error:
+        raise ValueError(str(error)) from None
+    from esmshard.model import load_model
+
+    network, alphabet = load_model(str(config["model"]))
+    try:
+        spec = OutputSpec.resolve(chosen.layers, chosen.pooling, network.num_layers, chosen.long_sequences,
+                                  chosen.window_overlap)
+    except ValueError as error:  # a layer the model does not have
+        raise ValueError(f"config: {error}") from None
+    lengths = np.array([len(r) for r in residues], np.int64)
+    engine, _ = build_engine(network, alphabet, device, precision, spec, chosen, int(spec.tokens(lengths).sum()))
+    batches, _ = plan_batches(engine, lengths, chosen)
+    outputs = _collect(engine, batches, residues, spec, DTYPES[chosen.dtype])
+    return {"ids": ids, "lengths": lengths, "truncated": spec.truncated(lengths), **outputs}
+
+
+def _checked_options(options: dict) -> dict:
+    """The options with the schema's defaults for those not given, checked by the schema."""
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"embed: unknown option(s) {', '.join(map(repr, unknown))}; it takes {', '.join(OPTIONS)}")
+    defaults = settings.defaults()
+    return {**{name: defaults[name] for name in OPTIONS}, **settings.checked(options, partial=True)}
+
+
+def _device(device) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device: {device!r} is not a device ({error})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {device} is neither the CPU nor a CUDA GPU")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device}, but torch {torch.__version__} finds no CUDA device")
+    return str(device)
+
+
+def _validated(sequences, invalid_residues: str) -> tuple[list[str], list[np.ndarray]]:
+    """(IDs, residues as uint8 arrays), every sequence checked as a FASTA record is."""
+    if isinstance(sequences, (str, bytes)):
+        raise ValueError("sequences: give a dict of ID -> sequence or a list of sequences, not one string")
+    if isinstance(sequences, Mapping):
+        items = list(sequences.items())
+    else:
+        items = [(str(i), sequence) for i, sequence in enumerate(sequences)]
+    residues = []
+    for number, (seq_id, sequence) in enumerate(items, start=1):
+        where = f"sequences: record {number} ({seq_id!r})"
+        if not isinstance(seq_id, str) or not isinstance(sequence, str):
+            raise ValueError(f"{where}: IDs and sequences must be strings, not {type(seq_id).__name__} and "
+                             f"{type(sequence).__name__}")
+        try:
+            cleaned, _ = clean_residues(sequence.encode(), where, invalid_residues)
+        except EsmShardError as error:
+            raise ValueError(str(error)) from None
+        residues.append(np.frombuffer(cleaned, np.uint8))
+    return [seq_id for seq_id, _ in items], residues
+
+
+def _collect(engine, batches, residues, spec: OutputSpec, dtype) -> dict:
+    """Every output of the engine's batches, by sequence: pooled [n, dim] arrays, per-residue
+    lists of [embedded length, dim] arrays."""
+    embedded = spec.embedded_lengths([len(r) for r in residues])
+    outputs = {name: [None] * len(residues) if pooling_of(name) == "per_residue"
+               else np.empty((len(residues), engine.dim), dtype) for name in spec.names}
+    for batch, values in engine.embed_batches(batches, lambda batch: [residues[i] for i in batch]):
+        for name, rows in values.items():
+            if pooling_of(name) != "per_residue":
+                outputs[name][batch] = rows.astype(dtype)
+                continue
+            for i, sequence_rows in zip(batch.tolist(), np.split(rows, np.cumsum(embedded[batch])[:-1])):
+                outputs[name][i] = sequence_rows.astype(dtype)
+    return outputs

@@ -1,0 +1,13 @@
+"""Where the workflow puts what the Python API reads: the rules declare these paths as their
+outputs and logs, and ``api`` finds them in the output directory (relative to the working
+directory; a Snakemake module's prefix goes in front). Standard library only: the rule files
+read this while the workflow is parsed."""
+
+INDEX = "results/index/sequences.h5"
+RESIDUES = "results/index/residues.bin"
+PLAN = "results/plan.h5"
+STATUS = "results/status/rank_{rank}.json"
+RANK_LOG = "logs/embed/rank_{rank}.log"
+EMBEDDINGS = "results/embeddings.h5"
+MANIFEST = "results/manifest.json"
+MISSING_IDS = "results/missing_ids.txt"
