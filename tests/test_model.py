@@ -81,7 +81,8 @@ def test_arbitrary_pickled_objects_are_refused(tmp_path, capsys):
 
 
 def test_unknown_model_name(tmp_path):
-    with pytest.raises(EsmShardError, match="neither an existing checkpoint file nor a released ESM-2 model"):
+    with pytest.raises(EsmShardError, match="neither an existing checkpoint file or model directory, a Hugging "
+                       "Face hub id .* nor a released ESM-2 model"):
         resolve_checkpoint("esm2_t99_1T_UR50D")
 
 
@@ -111,14 +112,14 @@ def test_a_fasta_given_as_model_is_named_without_pytorch_advice(tmp_path):
 
 def test_a_checkpoints_identity_is_hashed_once_and_again_when_the_file_changes(tmp_path, monkeypatch):
     from esmshard import architectures
-    from esmshard.architectures import checkpoint_identity
+    from esmshard.architectures import checkpoint_identity, resolve_model
 
     path = write_random_checkpoint(tmp_path / "m.pt", 2, 32, 4, seed=1)
-    first = checkpoint_identity(path, tmp_path / "cache.json")
+    first = checkpoint_identity(resolve_model(str(path)), tmp_path / "cache.json")
     assert (first["num_layers"], first["embed_dim"]) == (2, 32) and first["size"] == path.stat().st_size
     monkeypatch.setattr(architectures, "checkpoint_digest", lambda p: pytest.fail("hashed an unchanged file again"))
-    assert checkpoint_identity(path, tmp_path / "cache.json") == first
+    assert checkpoint_identity(resolve_model(str(path)), tmp_path / "cache.json") == first
     monkeypatch.undo()
     write_random_checkpoint(path, 2, 32, 4, seed=2)  # another model at the same path
-    second = checkpoint_identity(path, tmp_path / "cache.json")
+    second = checkpoint_identity(resolve_model(str(path)), tmp_path / "cache.json")
     assert second["digest"] != first["digest"]

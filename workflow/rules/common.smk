@@ -4,7 +4,7 @@ from pathlib import Path
 # The package (on sys.path since the Snakefile) is imported here only through modules that need
 # the standard library alone: Snakemake parses and lints this workflow without numpy, h5py or torch.
 from esmshard import paths
-from esmshard.architectures import checkpoint_file
+from esmshard.architectures import model_inputs
 from esmshard.fasta import expand_fasta_paths
 from esmshard.gpu import count_visible_gpus
 from esmshard.status import failed, retry_failure
@@ -38,10 +38,11 @@ envvars:
 RANKS = list(range(WORLD_SIZE))
 # User files are taken as given (local): a module's prefix applies to this workflow's own files only.
 FASTA_FILES = [local(str(path)) for path in expand_fasta_paths(config["fasta"])]
-# The checkpoint file, an input of every job that reads it: a path as given, or where rule
-# download_model puts a released model.
-MODEL_FILE = local(str(checkpoint_file(config["model"])))
-RELEASED_MODEL = not Path(config["model"]).expanduser().is_file()
+# The model's files, an input of every job that reads it: a checkpoint or a Hugging Face
+# directory's config.json and weights as given; a released model's file in torch.hub's cache, a
+# hub id's refs/main in the Hugging Face cache, made by rule download_model when missing.
+MODEL_INPUTS, DOWNLOAD_MODEL = model_inputs(config["model"])
+MODEL_FILES = [local(str(path)) for path in MODEL_INPUTS]
 parse_duration(config["timeout"])  # a bad value stops here, before any job
 # Settings that change the numbers: parameters of the rules whose outputs they change. The
 # others (batch size, compile, progress, segment sizes, timeout, locks) are read from the config

@@ -19,7 +19,7 @@ rule embed:
         index=rules.index.output.index,
         residues=rules.index.output.residues,
         plan=rules.plan.output.plan,
-        checkpoint=MODEL_FILE,
+        checkpoint=MODEL_FILES,
         retry=retry_if_failed,
     output:
         # The declared output is the rank's outcome; the shard itself is written next to it

@@ -1,7 +1,7 @@
 rule plan:
     input:
         index=rules.index.output.index,
-        checkpoint=MODEL_FILE,
+        checkpoint=MODEL_FILES,
     output:
         plan=paths.PLAN,
     log:

@@ -1,15 +1,15 @@
-"""Rule download_model: a released ESM-2 model into torch.hub's cache, once, checked before it lands."""
+"""Rule download_model: a released ESM-2 model into torch.hub's cache, or a hub id into the
+Hugging Face cache, once, checked to be the ESM-2 named before it lands."""
 
 import logging
 import sys
-from pathlib import Path
 
 from esmshard import EsmShardError, logs
 from esmshard.model import download
 
 logs.setup(snakemake.log[0])
 try:
-    download(snakemake.params.model, Path(snakemake.output.checkpoint))
+    download(snakemake.params.model)
 except EsmShardError as error:
     logging.getLogger("esmshard.download").error("%s", error)
     sys.exit(1)

@@ -29,7 +29,7 @@ log.info("rank %d, attempt %d of %d, host %s%s", rank, attempt, attempts, where[
 try:
     handle_stop_signals(parse_duration(config["timeout"]))
     settings = RankSettings.from_config(config, threads=snakemake.threads)
-    stats = run_rank(os.path.dirname(snakemake.input.index), snakemake.input.plan, snakemake.input.checkpoint, rank,
+    stats = run_rank(os.path.dirname(snakemake.input.index), snakemake.input.plan, config["model"], rank,
                      snakemake.params.shard, snakemake.params.store, settings)
     disarm_timeout()
 except (Stopped, TimedOut) as stop:

@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from esmshard import EsmShardError, logs
-from esmshard.architectures import checkpoint_identity
+from esmshard.architectures import checkpoint_identity, resolve_model
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec
 from esmshard.plan import Plan, balance, distinct, imbalance, sequence_costs, space_warning, write_plan
@@ -13,8 +13,8 @@ from esmshard.plan import Plan, balance, distinct, imbalance, sequence_costs, sp
 logs.setup(snakemake.log[0])
 log = logging.getLogger("esmshard.plan")
 settings = snakemake.params.settings
-checkpoint = Path(snakemake.input.checkpoint)
 try:
+    checkpoint = resolve_model(snakemake.config["model"])  # its files are this job's input
     model = checkpoint_identity(checkpoint, Path(snakemake.output.plan).parent / ".checkpoint_identity.json")
     spec = OutputSpec.resolve(settings["layers"], settings["pooling"], model["num_layers"], settings["long_sequences"],
                               settings["window_overlap"])
@@ -28,7 +28,7 @@ costs = sequence_costs(lengths, model["embed_dim"], spec.window_counts(lengths))
 ranks, rank_costs = balance(costs, snakemake.params.world_size)
 write_plan(snakemake.output.plan, Plan(ranks, position, source, len(rank_costs), index.fingerprint, model), rank_costs)
 log.info("%d sequences, %d distinct; model %s (%d layers, width %d, content %s)", len(index), len(position),
-         checkpoint, model["num_layers"], model["embed_dim"], model["digest"])
+         checkpoint.location, model["num_layers"], model["embed_dim"], model["digest"])
 for rank, cost in enumerate(rank_costs):
     log.info("rank %d: %d sequences, predicted cost %.4g", rank, int((ranks == rank).sum()), cost)
 log.info("rank cost max/mean: %.4f over %d ranks", imbalance(rank_costs), len(rank_costs))

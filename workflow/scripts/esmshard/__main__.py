@@ -2,7 +2,7 @@
 
     python -m esmshard random-checkpoint PATH [--like esm2_t33_650M_UR50D]
     python -m esmshard export results/embeddings.h5 OUT_DIR [--format npy|pt]
-    python -m esmshard download esm2_t33_650M_UR50D [DIR]
+    python -m esmshard download esm2_t33_650M_UR50D|facebook/esm2_t33_650M_UR50D [DIR]
 """
 
 import argparse
@@ -30,10 +30,12 @@ def main(argv=None) -> None:
     export.add_argument("out_dir")
     export.add_argument("--format", choices=["npy", "pt"], default="npy")
     download = commands.add_parser(
-        "download", help="download a released ESM-2 model (for clusters whose nodes are offline), checked before it lands"
+        "download", help="download a released ESM-2 model or a Hugging Face hub id (for clusters whose nodes are "
+        "offline), checked before it lands"
     )
-    download.add_argument("model", choices=sorted(ESM2_MODELS))
-    download.add_argument("dir", nargs="?", help="where to put MODEL.pt (default: torch.hub's cache, where the workflow looks)")
+    download.add_argument("model", help=f"a released name ({', '.join(ESM2_MODELS)}) or a hub id (org/name)")
+    download.add_argument("dir", nargs="?", help="where to put it (default: torch.hub's cache for a released model, "
+                          "the Hugging Face cache for a hub id: where the workflow looks)")
     args = parser.parse_args(argv)
 
     if args.command == "export":
@@ -44,14 +46,16 @@ def main(argv=None) -> None:
         return
 
     if args.command == "download":
-        from esmshard.architectures import released_checkpoint
         from esmshard.model import download
 
-        target = Path(args.dir) / f"{args.model}.pt" if args.dir else released_checkpoint(args.model)
+        released = args.model in ESM2_MODELS
+        target = (Path(args.dir) / f"{args.model}.pt" if released else Path(args.dir)) if args.dir else None
         try:
-            print(f"wrote {download(args.model, target)}: set 'model' to this path where the model is needed")
+            path = download(args.model, target)
         except (EsmShardError, OSError) as error:
             parser.exit(1, f"{parser.prog} download: error: {error}\n")
+        where = f"set 'model' to {path}" if args.dir else f"'model: {args.model}' finds it there (also offline)"
+        print(f"wrote {path}: {where}")
         return
 
     from esmshard.model import write_random_checkpoint

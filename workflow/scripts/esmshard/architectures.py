@@ -1,4 +1,5 @@
-"""The released ESM-2 models: names, shapes and where their checkpoints live (no torch needed)."""
+"""Which model the option ``model`` names, where its files are, and its identity: the released
+ESM-2 models, checkpoint files, Hugging Face directories and hub ids (no torch needed)."""
 
 import argparse
 import collections
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from esmshard import EsmShardError, atomic_output
+from esmshard.huggingface import HUB_ID, hub_cache, hub_offline, hub_ref, hub_snapshot, model_files, read_config
 
 
 class Architecture(NamedTuple):
@@ -40,36 +42,97 @@ def released_checkpoint(name: str) -> Path:
     return Path(torch_home).expanduser() / "hub" / "checkpoints" / f"{name}.pt"
 
 
-def checkpoint_file(model: str) -> Path:
-    """The file ``model`` stands for: an existing path as given (``~`` expanded), or where a
-    released model is kept (downloaded or not yet); anything else is an error naming the option."""
+class Checkpoint(NamedTuple):
+    """A model on disk: ``location`` is what the loader reads (a fair-esm checkpoint file, or a
+    Hugging Face model directory); ``files`` are what it is made of (their content is its identity)."""
+
+    location: Path
+    files: tuple[Path, ...]
+
+
+def resolve_model(model: str) -> Checkpoint:
+    """The model the option ``model`` names, on disk: a checkpoint file, a Hugging Face model
+    directory (checked to be an ESM-2 the engine runs), a released model in torch.hub's cache, or
+    a hub id (org/name) in the Hugging Face cache. Anything else, or a model not downloaded yet,
+    is an error naming the option and what to do."""
     path = Path(model).expanduser()
     if path.is_file():
-        return path
+        return Checkpoint(path, (path,))
+    if path.is_dir():
+        return Checkpoint(path, model_files(path))
     if model in ESM2_MODELS:
-        return released_checkpoint(model)
-    raise EsmShardError(
-        f"model: {model!r} is neither an existing checkpoint file nor a released ESM-2 model "
-        f"({', '.join(ESM2_MODELS)})"
-    )
+        released = released_checkpoint(model)
+        if not released.is_file():
+            raise EsmShardError(f"model: {model} is not downloaded yet (to {released}): "
+                                f"'python -m esmshard download {model}' does it")
+        return Checkpoint(released, (released,))
+    if not HUB_ID.fullmatch(model):
+        raise EsmShardError(
+            f"model: {model!r} is neither an existing checkpoint file or model directory, a Hugging Face hub "
+            f"id (org/name) nor a released ESM-2 model ({', '.join(ESM2_MODELS)})"
+        )
+    snapshot = hub_snapshot(model)
+    if snapshot is None:
+        raise EsmShardError(
+            f"model: {model} is neither a directory nor in the Hugging Face cache {hub_cache()} (HF_HOME, "
+            f"HF_HUB_CACHE){' and HF_HUB_OFFLINE forbids downloading it' if hub_offline() else ''}: download "
+            f"it where there is network with 'python -m esmshard download {model}' (into that cache, or into a "
+            f"directory given after it, to set 'model' to)"
+        )
+    try:
+        return Checkpoint(snapshot, model_files(snapshot))
+    except EsmShardError as error:
+        raise EsmShardError(f"{error}; complete the cached copy of {model} with "
+                            f"'python -m esmshard download {model}'") from None
 
 
-def checkpoint_identity(path, cache_path) -> dict:
-    """What the plan records of a checkpoint: the digest of its content (its identity), its shape,
-    size and time. Kept in ``cache_path`` and reused while the file's size, time and inode are
-    unchanged: hashing a 3B checkpoint takes ~10 s, and reading its config means importing torch."""
-    stat = os.stat(path)
-    key = {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-           "inode": stat.st_ino}
+def model_inputs(model: str) -> tuple[list[Path], bool]:
+    """(the files that stand for ``model`` as an input of the jobs that read it, whether rule
+    download_model must make them). A released model is its file in torch.hub's cache, and a hub
+    id the cache's ``refs/main``: known before they are downloaded, and the same afterwards (a
+    new revision of a hub model changes ``refs/main``)."""
+    path = Path(model).expanduser()
+    if not path.exists() and model in ESM2_MODELS and not released_checkpoint(model).is_file():
+        return [released_checkpoint(model)], True
+    if not path.exists() and HUB_ID.fullmatch(model) and model not in ESM2_MODELS:
+        if hub_snapshot(model) is None and not hub_offline():
+            return [hub_ref(model)], True
+        resolve_model(model)  # offline, or a cached copy that must be whole: checked before any job
+        return [hub_ref(model)], False
+    return list(resolve_model(model).files), False
+
+
+def checkpoint_stamp(checkpoint: Checkpoint) -> dict:
+    """The files' total size and latest time: a file replaced or changed changes them."""
+    stats = [os.stat(path) for path in checkpoint.files]
+    return {"size": sum(stat.st_size for stat in stats), "mtime_ns": max(stat.st_mtime_ns for stat in stats)}
+
+
+def model_digest(checkpoint: Checkpoint) -> str:
+    """The identity of the numbers a model gives: its file's digest, or for several (a directory's
+    config.json and weights) the digest of theirs, in order."""
+    digests = [checkpoint_digest(path) for path in checkpoint.files]
+    return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()[:32]
+
+
+def checkpoint_identity(checkpoint: Checkpoint, cache_path) -> dict:
+    """What the plan records of a model: the digest of its files' content (its identity), its shape,
+    size and time. Kept in ``cache_path`` and reused while the files' sizes, times and inodes are
+    unchanged: hashing a 3B checkpoint takes seconds."""
+    key = {"files": [[str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino]
+                     for path, stat in ((path, os.stat(path)) for path in checkpoint.files)]}
     try:
         cached = json.loads(Path(cache_path).read_text())
         if cached["key"] == key:
             return cached["identity"]
     except (OSError, ValueError, KeyError):
         pass
-    shape = checkpoint_architecture(path)
-    identity = {"path": key["path"], "digest": checkpoint_digest(path), "size": stat.st_size,
-                "mtime_ns": stat.st_mtime_ns, "num_layers": shape.layers, "embed_dim": shape.embed_dim}
+    if checkpoint.location.is_dir():
+        shape = Architecture(*read_config(checkpoint.location)[:3])
+    else:
+        shape = checkpoint_architecture(checkpoint.location)
+    identity = {"path": str(checkpoint.location.resolve()), "digest": model_digest(checkpoint),
+                **checkpoint_stamp(checkpoint), "num_layers": shape.layers, "embed_dim": shape.embed_dim}
     with atomic_output(cache_path) as tmp:
         Path(tmp).write_text(json.dumps({"key": key, "identity": identity}, indent=2) + "\n")
     return identity

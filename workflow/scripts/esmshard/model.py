@@ -1,10 +1,14 @@
-"""Loading ESM-2 checkpoints in fair-esm's file format, safely, with current torch.
+"""Loading ESM-2 into fair-esm's ESM2 module, safely, with current torch, from a fair-esm
+checkpoint or a Hugging Face model directory; downloading released and hub models.
 
 fair-esm 2.0.0's own loader calls torch.load without weights_only (which fails on torch >= 2.6,
 whose default is the safe unpickler) and insists on a contact-regression file next to a local
-checkpoint. Here the checkpoint is read with the safe unpickler, allowing only the one non-tensor
-type fair-esm checkpoints hold (argparse.Namespace, their config), checked to be ESM-2, and built
-by fair-esm's own code. Contact regression weights are never needed for embeddings.
+checkpoint. Here a fair-esm checkpoint is read with the safe unpickler, allowing only the one
+non-tensor type fair-esm checkpoints hold (argparse.Namespace, their config), checked to be ESM-2;
+a Hugging Face directory's weights are read from safetensors (tensors only) or, failing that,
+pytorch_model.bin through the same safe unpickler, and renamed to fair-esm's names. Either way
+the module is fair-esm's own, so both sources run through the same engine. Contact regression
+and language-model weights are never needed for embeddings.
 """
 
 import argparse
@@ -18,7 +22,15 @@ import esm
 import torch
 
 from esmshard import EsmShardError, atomic_output
-from esmshard.architectures import ESM2_MODELS, Architecture, checkpoint_file
+from esmshard.architectures import (
+    ESM2_MODELS,
+    Architecture,
+    Checkpoint,
+    model_inputs,
+    released_checkpoint,
+    resolve_model,
+)
+from esmshard.huggingface import HUB_ID, WEIGHT_FILES, Esm2Config, model_files, read_config
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +38,53 @@ MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
 URL_ENV = "ESMSHARD_MODEL_URL"  # another source ({name} is replaced), e.g. a mirror or a file:// URL
 SAFE_GLOBALS = [argparse.Namespace]
 _CHECKPOINT_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
-_CONTACT_REGRESSION = {"contact_head.regression.weight", "contact_head.regression.bias"}
 _CONFIG_FIELDS = ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "token_dropout")
+# Heads that embeddings never use: where a file lacks them (fair-esm keeps the contact regression
+# in another file, transformers' EsmModel has no language-model head) they are zeros.
+_UNUSED_HEADS = ("lm_head.", "contact_head.")
+# transformers' ESM names (without the "esm." prefix of EsmForMaskedLM) to fair-esm's ESM2 names,
+# each rule applied in turn; LayerNorm gamma/beta are the old names transformers still writes.
+_HF_NAMES = [(re.compile(pattern), name) for pattern, name in (
+    (r"^embeddings\.word_embeddings\.", "embed_tokens."),
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.query\.", r"layers.\1.self_attn.q_proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.key\.", r"layers.\1.self_attn.k_proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.self\.value\.", r"layers.\1.self_attn.v_proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.self_attn.out_proj."),
+    (r"^encoder\.layer\.(\d+)\.attention\.LayerNorm\.", r"layers.\1.self_attn_layer_norm."),
+    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.fc1."),
+    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.fc2."),
+    (r"^encoder\.layer\.(\d+)\.LayerNorm\.", r"layers.\1.final_layer_norm."),
+    (r"^encoder\.emb_layer_norm_after\.", "emb_layer_norm_after."),
+    (r"^lm_head\.decoder\.weight$", "lm_head.weight"),
+    (r"\.gamma$", ".weight"),
+    (r"\.beta$", ".bias"),
+)]
+# Not weights of the module: rotary frequencies (taken apart, below), position ids, BERT's pooler.
+_HF_NOT_WEIGHTS = re.compile(r"rotary_embeddings\.inv_freq$|position_ids$|^pooler\.")
 
 
-def resolve_checkpoint(model: str) -> Path:
-    """The local checkpoint file for a path, or for a released model name (downloaded once)."""
-    path = checkpoint_file(model)
-    if not path.is_file():
-        download(model, path)
-    return path
+def resolve_checkpoint(model: str) -> Checkpoint:
+    """The model ``model`` names on disk, downloaded first (once) if it is a released name or a
+    hub id that is missing."""
+    inputs, missing = model_inputs(model)
+    if missing:
+        download(model)
+    return resolve_model(model)
 
 
-def download(model: str, path: Path) -> Path:
-    """Download a released model to ``path``, published only once it is whole and loads."""
+def download(model: str, target: Path | None = None) -> Path:
+    """Download a released model or a hub id, checked to be the ESM-2 named before it lands, to
+    ``target`` (a released model's file; a hub model's directory), by default where the workflow
+    looks (torch.hub's cache; the Hugging Face cache). Returns where it landed."""
+    if model in ESM2_MODELS:
+        return _download_released(model, Path(target) if target else released_checkpoint(model))
+    if not HUB_ID.fullmatch(model):
+        raise EsmShardError(f"model: {model!r} is neither a released ESM-2 model ({', '.join(ESM2_MODELS)}) "
+                            f"nor a Hugging Face hub id (org/name)")
+    return _download_from_hub(model, target)
+
+
+def _download_released(model: str, path: Path) -> Path:
     url = os.environ.get(URL_ENV, MODEL_URL).format(name=model)
     log.info("downloading %s to %s", url, path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,49 +102,128 @@ def download(model: str, path: Path) -> Path:
     return path
 
 
+def _download_from_hub(repo_id: str, directory: Path | None) -> Path:
+    """The hub model's config first (an ESM-2 that the engine runs?), then its weights: safetensors
+    where the repository has them, else pytorch_model.bin (never both: a 3B model is 11 GB)."""
+    import huggingface_hub  # only here: nothing else needs it
+
+    where = {"local_dir": str(directory)} if directory else {}
+    log.info("downloading %s from the Hugging Face hub into %s", repo_id, directory or "the Hugging Face cache")
+    try:
+        config = Path(huggingface_hub.hf_hub_download(repo_id, "config.json", **where))
+        read_config(config.parent)
+        for patterns in (["model.safetensors*", "model-*.safetensors"], ["pytorch_model*.bin*"]):
+            snapshot = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, **where))
+            if any((snapshot / name).is_file() for name in WEIGHT_FILES):
+                break
+    except EsmShardError:
+        raise
+    except Exception as error:  # network, offline mode, unknown or private repository
+        raise EsmShardError(
+            f"model: cannot download {repo_id} from the Hugging Face hub ({_one_line(error)}); download it where "
+            f"there is network with 'python -m esmshard download {repo_id}' (into the Hugging Face cache, or "
+            f"a directory given after it, to set 'model' to)"
+        ) from None
+    model_files(snapshot)  # whole: config.json and the weights
+    return snapshot
+
+
 def architecture(path) -> Architecture:
-    """A checkpoint's shape, from its config (memory-mapped: no weights are read)."""
+    """A fair-esm checkpoint's shape, from its config (memory-mapped: no weights are read)."""
     config = _read_checkpoint(Path(path))["cfg"]["model"]
     return Architecture(config.encoder_layers, config.encoder_embed_dim, config.encoder_attention_heads)
 
 
 def load_model(model: str):
-    """(fair-esm ESM2 module in eval mode on the CPU, its Alphabet) for a name or a path.
+    """(fair-esm ESM2 module in eval mode on the CPU, its Alphabet) for any model ``model`` names:
+    a released name, a fair-esm checkpoint, a Hugging Face directory or hub id.
 
     The module is fair-esm's ESM2, built without initialising its parameters and given the
-    checkpoint's tensors (memory-mapped where the file allows), so no time or memory goes into a
+    file's tensors (memory-mapped where the file allows), so no time or memory goes into a
     random initialisation that would be overwritten (its uninitialised tensors are never touched,
     so they take address space, not memory): this matters for the 3B and 15B models.
     """
-    path = resolve_checkpoint(model)
-    data = _read_checkpoint(path)
-    config = data["cfg"]["model"]
-    # fair-esm's names carry these prefixes in its checkpoints (see its _load_model_and_alphabet_core_v2)
-    state = {_CHECKPOINT_PREFIX.sub("", name): tensor for name, tensor in data["model"].items()}
+    checkpoint = resolve_checkpoint(model)
+    if checkpoint.location.is_dir():
+        config = read_config(checkpoint.location)
+        state = _hf_state(checkpoint, config)
+    else:
+        data = _read_checkpoint(checkpoint.location)
+        saved = data["cfg"]["model"]
+        # fair-esm's LayerNorm eps and rotary base, which its checkpoints do not record
+        config = Esm2Config(saved.encoder_layers, saved.encoder_embed_dim, saved.encoder_attention_heads,
+                            saved.token_dropout, 1e-5, 10000.0)
+        # fair-esm's names carry these prefixes in its checkpoints (see its _load_model_and_alphabet_core_v2)
+        state = {_CHECKPOINT_PREFIX.sub("", name): tensor for name, tensor in data["model"].items()}
+    network = _esm2_with(config, state, checkpoint.location)
+    return network.eval(), network.alphabet
+
+
+def _esm2_with(config: Esm2Config, state: dict, location: Path):
+    """fair-esm's ESM2 of this config holding these tensors, on the CPU."""
     with _without_initialisation():
-        network = esm.ESM2(
-            num_layers=config.encoder_layers,
-            embed_dim=config.encoder_embed_dim,
-            attention_heads=config.encoder_attention_heads,
-            alphabet="ESM-1b",
-            token_dropout=config.token_dropout,
-        )
+        network = esm.ESM2(num_layers=config.layers, embed_dim=config.embed_dim,
+                           attention_heads=config.heads, alphabet="ESM-1b", token_dropout=config.token_dropout)
+    for module in network.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = config.layer_norm_eps  # the config's (fair-esm's own is torch's default, 1e-5)
     expected = set(network.state_dict())
-    missing = sorted(expected - set(state) - _CONTACT_REGRESSION)
+    missing = sorted(name for name in expected - set(state) if not name.startswith(_UNUSED_HEADS))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         raise EsmShardError(
-            f"model: {path} does not hold ESM-2 weights: missing {_few(missing)}, unexpected {_few(unexpected)}"
+            f"model: {location} does not hold ESM-2 weights: missing {_few(missing)}, unexpected {_few(unexpected)}"
         )
     try:
         network.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as error:  # e.g. a tensor of the wrong shape for its config
-        raise EsmShardError(f"model: {path} does not hold ESM-2 weights: {_one_line(error)}") from None
-    # Released checkpoints keep the contact regression in a separate file; contacts are never
-    # predicted here, so it gets zeros instead of being required.
-    torch.nn.init.zeros_(network.contact_head.regression.weight)
-    torch.nn.init.zeros_(network.contact_head.regression.bias)
-    return network.eval(), network.alphabet
+        raise EsmShardError(f"model: {location} does not hold ESM-2 weights: {_one_line(error)}") from None
+    with torch.no_grad():
+        for name in expected - set(state):  # a head the file lacks (nothing else, checked above)
+            network.get_parameter(name).zero_()
+    return network
+
+
+def _hf_state(checkpoint: Checkpoint, config: Esm2Config) -> dict:
+    """A Hugging Face directory's tensors under fair-esm's ESM2 names."""
+    tensors = {}
+    for path in checkpoint.files[1:]:
+        if not path.name.endswith(".index.json"):
+            tensors.update(_read_safetensors(path) if path.suffix == ".safetensors" else _read_weights(path))
+    state, inv_freq = {}, None
+    for name, tensor in tensors.items():
+        name = name.removeprefix("esm.")
+        if name.endswith("rotary_embeddings.inv_freq"):
+            inv_freq = tensor  # one for all layers (per layer in older files, all equal)
+        if _HF_NOT_WEIGHTS.search(name):
+            continue
+        for pattern, replacement in _HF_NAMES:
+            name = pattern.sub(replacement, name)
+        state[name] = tensor
+    if "lm_head.weight" not in state and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]  # tied, as in fair-esm's ESM2
+    if inv_freq is None:  # what transformers computes from the config when the file has none
+        head_dim = config.embed_dim // config.heads
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    for layer in range(config.layers):
+        state[f"layers.{layer}.self_attn.rot_emb.inv_freq"] = inv_freq.float()
+    return state
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except Exception as error:  # a damaged or foreign file
+        raise EsmShardError(f"model: {path} is not a readable safetensors file ({_one_line(error)})") from None
+
+
+def _read_weights(path: Path) -> dict:
+    data = _torch_load(path, "PyTorch weights file")
+    if not isinstance(data, dict) or not all(isinstance(value, torch.Tensor) for value in data.values()):
+        raise EsmShardError(f"model: {path} is not a PyTorch weights file (a dict of tensors)")
+    return data
 
 
 @contextlib.contextmanager
@@ -124,21 +248,7 @@ def _few(names: list[str], limit: int = 5) -> str:
 
 
 def _read_checkpoint(path: Path) -> dict:
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            try:  # memory-mapped: tensors are read when used, not all up front
-                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as error:
-                if "mmap" not in str(error):
-                    raise
-                data = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
-    except Exception as error:  # the safe unpickler raises many kinds on foreign files
-        # PyTorch's own message advises loading unsafely: never pass that on; say what the file is not
-        kind = "holds objects other than tensors and a config" if "weights_only" in str(error) else "is damaged or not a PyTorch file"
-        raise EsmShardError(
-            f"model: {path} is not a checkpoint in fair-esm's format that loads safely (it {kind}: "
-            f"{type(error).__name__})"
-        ) from None
+    data = _torch_load(path, "checkpoint in fair-esm's format")
     config = data.get("cfg", {}).get("model") if isinstance(data, dict) else None
     weights = data.get("model") if isinstance(data, dict) else None
     if (
@@ -152,6 +262,23 @@ def _read_checkpoint(path: Path) -> dict:
             f"cfg.model with {', '.join(_CONFIG_FIELDS)}, and model weights)"
         )
     return data
+
+
+def _torch_load(path: Path, kind: str):
+    """A torch file's content through the weights-only unpickler (tensors, containers and
+    fair-esm's config only), memory-mapped where the file allows."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            try:  # memory-mapped: tensors are read when used, not all up front
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:
+                if "mmap" not in str(error):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
+    except Exception as error:  # the safe unpickler raises many kinds on foreign files
+        # PyTorch's own message advises loading unsafely: never pass that on; say what the file is not
+        what = "holds objects other than tensors and a config" if "weights_only" in str(error) else "is damaged or not a PyTorch file"
+        raise EsmShardError(f"model: {path} is not a {kind} that loads safely (it {what}: {type(error).__name__})") from None
 
 
 def _one_line(error: BaseException, limit: int = 400) -> str:

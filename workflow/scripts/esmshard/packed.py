@@ -15,7 +15,6 @@ from torch import nn
 # Token dropout in training masked 15% x 80% of tokens; at inference fair-esm rescales the
 # embeddings by (1 - 0.12) / (1 - observed mask ratio), and embeddings here contain no masks.
 TOKEN_DROPOUT_SCALE = 1 - 0.15 * 0.8
-LAYER_NORM_EPS = 1e-5  # fair-esm's ESM1bLayerNorm is torch.nn.LayerNorm with its default eps
 
 
 class PackedLayer(nn.Module):
@@ -25,6 +24,7 @@ class PackedLayer(nn.Module):
         super().__init__()
         attn = layer.self_attn
         self.heads = attn.num_heads
+        self.eps = layer.self_attn_layer_norm.eps  # the model's config's (fair-esm's is 1e-5)
         self.attn_norm = _copy(layer.self_attn_layer_norm, torch.float32, device)
         self.qkv = _linear(
             torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
@@ -41,33 +41,35 @@ class PackedLayer(nn.Module):
         # or torch.compile'd; they take tensors only, so one compiled graph serves every layer.
         attention_inputs, attention_output_and_ffn = steps
         norm1, norm2 = self.attn_norm, self.ffn_norm
-        q, k, v = attention_inputs(x, cos, sin, norm1.weight, norm1.bias, self.qkv.weight, self.qkv.bias, self.heads)
+        q, k, v = attention_inputs(x, cos, sin, norm1.weight, norm1.bias, self.qkv.weight, self.qkv.bias, self.heads,
+                                   self.eps)
         attended = attention(q, k, v, cu_seqlens, max_len)  # [T, H, d]: softmax(q k^T / sqrt(d)) v
         return attention_output_and_ffn(
             x, attended, self.out_proj.weight, self.out_proj.bias, norm2.weight, norm2.bias,
-            self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+            self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.eps,
         )
 
 
-def attention_inputs(x, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, heads: int):
+def attention_inputs(x, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, heads: int, eps: float):
     """LayerNorm, fused q/k/v projection, rotary on q and k: [T, D] -> 3 x [T, H, d]."""
     T, D = x.shape
-    q, k, v = qkv_projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias).view(T, 3, heads, D // heads).unbind(1)
+    qkv = qkv_projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps)
+    q, k, v = qkv.view(T, 3, heads, D // heads).unbind(1)
     return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
 
-def qkv_projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias):
+def qkv_projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps: float):
     """LayerNorm and the fused q/k/v projection: [T, D] -> [T, 3D] in the compute dtype."""
-    normed = F.layer_norm(x, (x.shape[1],), norm_weight, norm_bias, LAYER_NORM_EPS).to(qkv_weight.dtype)
+    normed = F.layer_norm(x, (x.shape[1],), norm_weight, norm_bias, eps).to(qkv_weight.dtype)
     return F.linear(normed, qkv_weight, qkv_bias)
 
 
 def attention_output_and_ffn(x, attended, out_weight, out_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
-                             fc2_weight, fc2_bias):
+                             fc2_weight, fc2_bias, eps: float):
     """Output projection and residual, then LayerNorm, fc1, exact GELU, fc2 and residual."""
     T, D = x.shape
     x = x + F.linear(attended.reshape(T, D), out_weight, out_bias).float()
-    normed = F.layer_norm(x, (D,), norm_weight, norm_bias, LAYER_NORM_EPS).to(fc1_weight.dtype)
+    normed = F.layer_norm(x, (D,), norm_weight, norm_bias, eps).to(fc1_weight.dtype)
     return x + F.linear(F.gelu(F.linear(normed, fc1_weight, fc1_bias)), fc2_weight, fc2_bias).float()
 
 
@@ -141,8 +143,8 @@ def with_rotary_kernel(projection):
     by rotary_kernel.py's Triton kernel (CUDA only; the same float32 arithmetic as _rotate)."""
     from esmshard.rotary_kernel import rotate_qk
 
-    def inputs(x, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, heads: int):
-        qkv = projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias)  # [T, 3D]
+    def inputs(x, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, heads: int, eps: float):
+        qkv = projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps)  # [T, 3D]
         q, k = rotate_qk(qkv, cos, sin, heads)
         return q, k, qkv.view(len(x), 3, heads, -1)[:, 2]
 
@@ -183,9 +185,8 @@ def _linear(weight, bias, dtype, device) -> nn.Linear:
 
 
 def _copy(module, dtype, device):
-    """A copy of an nn.Linear, or of an nn.LayerNorm (fair-esm's eps), in dtype on device."""
+    """A copy of an nn.Linear, or of an nn.LayerNorm (its eps too), in dtype on device."""
     if isinstance(module, nn.LayerNorm):
-        assert module.eps == LAYER_NORM_EPS, module.eps
         copy = nn.utils.skip_init(nn.LayerNorm, module.normalized_shape, eps=module.eps, device=device, dtype=dtype)
         with torch.no_grad():
             copy.weight.copy_(module.weight)

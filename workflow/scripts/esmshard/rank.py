@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from esmshard import EsmShardError, atomic_output, ensure_space
+from esmshard.architectures import checkpoint_stamp, resolve_model
 from esmshard.faults import crash_point, fail_if_asked
 from esmshard.gpu import gpu_device, pin_gpu
 from esmshard.index import SequenceIndex
@@ -80,7 +81,7 @@ class RankWork:
     digests: np.ndarray  # [m] store keys
     spec: OutputSpec
     dim: int
-    checkpoint: dict  # path, digest, size, mtime_ns of the model file the plan was made with
+    checkpoint: dict  # the model (path: as the option names it), its files' digest, total size and latest time
     identity: dict  # the numeric settings, as the aggregation checks them
     compute_precision: str
 
@@ -102,7 +103,7 @@ class RankWork:
 
 
 def run_rank(index_dir, plan_path, checkpoint, rank: int, shard_path, store_root, settings: RankSettings) -> dict:
-    """Make ``shard_path`` hold rank ``rank``'s embeddings, with the model at ``checkpoint`` (the
+    """Make ``shard_path`` hold rank ``rank``'s embeddings, with the model ``checkpoint`` names (the
     one the plan was made with); returns throughput figures and where the rank ran."""
     fail_if_asked(rank)
     work = rank_work(SequenceIndex(index_dir), read_plan(plan_path), rank, settings)
@@ -227,16 +228,15 @@ def load_engine(work: RankWork, settings: RankSettings, tokens: int):
         raise EsmShardError(f"this host has an NVIDIA driver and GPU {gpu}, but torch {torch.__version__} "
                             f"finds no usable CUDA device (a CPU-only torch build?)")
     check_engine_precision(settings.engine, device, work.compute_precision)
-    checkpoint = Path(work.checkpoint["path"])
-    stat = checkpoint.stat()
-    if (stat.st_size, stat.st_mtime_ns) != (work.checkpoint["size"], work.checkpoint["mtime_ns"]):
-        raise EsmShardError(f"model: {checkpoint} changed after the plan was made; run snakemake again")
+    checkpoint = resolve_model(work.checkpoint["path"])
+    if checkpoint_stamp(checkpoint) != {key: work.checkpoint[key] for key in ("size", "mtime_ns")}:
+        raise EsmShardError(f"model: {checkpoint.location} changed after the plan was made; run snakemake again")
     started = time.monotonic()
-    network, alphabet = load_model(str(checkpoint))
+    network, alphabet = load_model(str(checkpoint.location))
     precision = work.compute_precision
     engine, compile = build_engine(network, alphabet, device, precision, work.spec, settings, tokens)
     log.info("model %s (%d layers, dim %d) on %s, %s engine in %s (compile %s for %d tokens), outputs %s; "
-             "loaded in %.1f s", checkpoint, network.num_layers, network.embed_dim,
+             "loaded in %.1f s", checkpoint.location, network.num_layers, network.embed_dim,
              torch.cuda.get_device_name() if device == "cuda" else "cpu", settings.engine, precision,
              compile, tokens, ", ".join(work.spec.names), time.monotonic() - started)
     return engine, gpu

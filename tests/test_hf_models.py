@@ -1,0 +1,220 @@
+"""Hugging Face ESM-2 models (a directory as transformers saves it, a hub id in the HF cache)
+embedded by the real workflow, against transformers' own EsmModel."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import esm
+import numpy as np
+import pytest
+import torch
+
+from conftest import completed_run, config_for, random_sequences, read_embeddings, run_snakemake, write_fasta
+from esmshard import EsmShardError
+from esmshard.architectures import model_inputs, resolve_model
+
+transformers = pytest.importorskip("transformers")  # a test dependency only (requirements.txt)
+
+HUB_ID = "esmshard-test/esm2_tiny"
+LAYERS = [1, -1]  # layer 1 of 2 (the middle) and the last, after the final LayerNorm
+
+
+def tiny_esm(layer_norm_eps: float, seed: int):
+    """transformers' EsmForMaskedLM of ESM-2's kind (2 layers, width 64), random weights, the
+    LayerNorms perturbed so that their weights and eps show."""
+    config = transformers.EsmConfig(
+        vocab_size=33, pad_token_id=1, mask_token_id=32, hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=256, position_embedding_type="rotary", token_dropout=True,
+        emb_layer_norm_before=False, layer_norm_eps=layer_norm_eps,
+    )
+    torch.manual_seed(seed)
+    model = transformers.EsmForMaskedLM(config).eval()
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if "LayerNorm" in name or "layer_norm" in name:
+                tensor.add_(0.1 * torch.randn_like(tensor))
+    return model
+
+
+def esm_model_outputs(directory, sequences: dict[str, str], **config) -> dict[int, np.ndarray]:
+    """transformers' EsmModel from ``directory`` (``config`` overriding its config.json): per layer
+    (fair-esm's numbering), each sequence's hidden states' mean over its residues (no BOS, EOS)."""
+    model = transformers.EsmModel.from_pretrained(directory, add_pooling_layer=False, **config).eval()
+    convert = esm.Alphabet.from_architecture("ESM-1b").get_batch_converter()  # the same token ids
+    means = {layer: [] for layer in (1, 2)}
+    with torch.no_grad():
+        for sequence in sequences.values():
+            tokens = convert([("x", sequence)])[2]
+            out = model(tokens, output_hidden_states=True)
+            assert torch.equal(out.hidden_states[-1], out.last_hidden_state)  # after the final LayerNorm
+            for layer in means:
+                means[layer].append(out.hidden_states[layer][0, 1 : len(sequence) + 1].mean(0).numpy())
+    return {layer: np.stack(vectors) for layer, vectors in means.items()}
+
+
+@pytest.fixture(scope="module")
+def sequences():
+    return random_sequences(12, seed=21, median=60, cap=300)
+
+
+@pytest.fixture(scope="module")
+def hf_directory(tmp_path_factory):
+    """EsmForMaskedLM.save_pretrained: config.json and model.safetensors, with another LayerNorm
+    eps than fair-esm's (1e-5, as the hub's ESM-2 configs say)."""
+    directory = tmp_path_factory.mktemp("hf") / "esm2_tiny"
+    tiny_esm(1e-3, seed=3).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory):
+    """An HF_HOME whose hub cache holds HUB_ID as huggingface_hub lays it out, with weights in
+    pytorch_model.bin (what older transformers wrote; their names differ from save_pretrained's now)."""
+    home = tmp_path_factory.mktemp("hf_home")
+    repo = home / "hub" / f"models--{HUB_ID.replace('/', '--')}"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / revision
+    model = tiny_esm(1e-5, seed=4)
+    model.config.save_pretrained(snapshot)
+    torch.save(model.state_dict(), snapshot / "pytorch_model.bin")
+    for file in list(snapshot.iterdir()):  # snapshots hold links into blobs/, as the hub cache does
+        blob = repo / "blobs" / f"{file.name}-blob"
+        blob.parent.mkdir(exist_ok=True)
+        file.rename(blob)
+        file.symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs/main").write_text(revision)
+    return home
+
+
+def offline(hf_home) -> dict:
+    return {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def directory_run(tmp_path_factory, sequences, hf_directory):
+    workdir = tmp_path_factory.mktemp("hf_run")
+    fasta = write_fasta(workdir / "p.fasta", sequences)
+    return completed_run(workdir, config_for(fasta, hf_directory, layers=LAYERS, precision="float32"))
+
+
+@pytest.fixture(scope="module")
+def hub_run(tmp_path_factory, sequences, hf_home):
+    """The hub id, offline, with the reference engine (the directory's run has the packed one);
+    the config's own file is a link into the cache's blobs."""
+    workdir = tmp_path_factory.mktemp("hub_run")
+    fasta = write_fasta(workdir / "p.fasta", sequences)
+    config = config_for(fasta, HUB_ID, layers=LAYERS, precision="float32", engine="reference")
+    result = run_snakemake(workdir, config, env=offline(hf_home))
+    assert result.returncode == 0, result.stderr
+    return workdir, config, result.stderr
+
+
+def assert_equal_to_transformers(workdir, directory, sequences, **config):
+    expected = esm_model_outputs(directory, sequences, **config)
+    for layer in (1, 2):
+        ids, vectors, attrs = read_embeddings(workdir / "results/embeddings.h5", f"mean/layer_{layer}")
+        assert ids == list(sequences) and list(attrs["layers"]) == [1, 2]
+        assert np.abs(vectors - expected[layer]).max() <= 1e-5, layer
+
+
+def test_a_saved_esm_for_masked_lm_directory_embeds_as_transformers_does(directory_run, hf_directory, sequences):
+    assert_equal_to_transformers(directory_run, hf_directory, sequences)
+    with pytest.raises(AssertionError):  # the config's eps (1e-3) matters: fair-esm's 1e-5 is not it
+        assert_equal_to_transformers(directory_run, hf_directory, sequences, layer_norm_eps=1e-5)
+
+
+def test_a_hub_id_in_the_cache_embeds_offline_from_pytorch_model_bin(hub_run, hf_home, sequences):
+    workdir, config, log = hub_run
+    assert not re.search(r"^download_model\s", log, re.M)  # found in the cache: nothing downloaded
+    snapshot = next((hf_home / "hub").glob("models--*/snapshots/*"))
+    assert_equal_to_transformers(workdir, snapshot, sequences)
+    result = run_snakemake(workdir, config, env=offline(hf_home))
+    assert result.returncode == 0 and "Nothing to be done" in result.stderr, result.stderr
+
+
+def test_an_esm_model_saved_in_shards_loads_the_same_encoder(tmp_path, hf_directory):
+    from esmshard.model import load_model
+
+    tiny_esm(1e-3, seed=3).esm.save_pretrained(tmp_path, max_shard_size="20KB")  # EsmModel: no "esm.", no LM head
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
+    sharded, whole = (load_model(str(directory))[0].state_dict() for directory in (tmp_path, hf_directory))
+    for name, tensor in whole.items():
+        if not name.startswith(("lm_head.", "contact_head.")):
+            assert torch.equal(sharded[name], tensor), name
+    assert not sharded["lm_head.dense.weight"].any()  # a head the directory lacks: zeros, never used
+
+
+def test_a_hub_id_names_its_cache_file_as_the_input_before_and_after_the_download(hf_home, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    ref = hf_home / "hub" / f"models--{HUB_ID.replace('/', '--')}" / "refs/main"
+    assert model_inputs(HUB_ID) == ([ref], False)
+    assert model_inputs("esmshard-test/not_downloaded")[1] is True  # rule download_model fetches it
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EsmShardError, match=r"not_downloaded is neither a directory nor in the Hugging Face cache "
+                       r".*HF_HUB_OFFLINE forbids downloading it: download it where there is network with "
+                       r"'python -m esmshard download esmshard-test/not_downloaded'"):
+        model_inputs("esmshard-test/not_downloaded")
+
+
+def test_a_missing_hub_id_offline_stops_before_any_job_saying_what_to_do(tmp_path, hf_home):
+    fasta = write_fasta(tmp_path / "p.fasta", {"p1": "MKV"})
+    result = run_snakemake(tmp_path, config_for(fasta, "facebook/esm2_t33_650M_UR50D"), env=offline(hf_home))
+    assert result.returncode != 0
+    assert f"model: facebook/esm2_t33_650M_UR50D is neither a directory nor in the Hugging Face cache " \
+           f"{hf_home}/hub" in result.stderr
+    assert "'python -m esmshard download facebook/esm2_t33_650M_UR50D'" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_download_command_offline_says_it_cannot_download(tmp_path):
+    # a process of its own: huggingface_hub reads HF_HUB_OFFLINE when it is imported
+    result = subprocess.run([sys.executable, "-m", "esmshard", "download", HUB_ID, str(tmp_path / "model")],
+                            capture_output=True, text=True, env={**os.environ, **offline(tmp_path)})
+    assert result.returncode == 1
+    assert f"error: model: cannot download {HUB_ID} from the Hugging Face hub (" in result.stderr
+    assert not (tmp_path / "model" / "config.json").exists()
+
+
+def test_a_bert_directory_stops_before_any_job_naming_it(tmp_path):
+    directory = tmp_path / "bert"
+    transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=64)).save_pretrained(directory)
+    fasta = write_fasta(tmp_path / "p.fasta", {"p1": "MKV"})
+    result = run_snakemake(tmp_path, config_for(fasta, directory))
+    assert result.returncode != 0
+    assert f"model: {directory} holds a bert model (config.json model_type 'bert'), not ESM-2 ('esm')" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"emb_layer_norm_before": True}, "emb_layer_norm_before (a LayerNorm on the embeddings, as in ESM-1b)"),
+    ({"position_embedding_type": "absolute"}, "position_embedding_type 'absolute': ESM-2 has rotary positions"),
+    ({"is_folding_model": True}, "it is ESMFold"),
+    ({"vocab_size": 35}, "its vocabulary"),
+])
+def test_esm_configs_the_engine_cannot_run_are_named(tmp_path, hf_directory, change, problem):
+    directory = tmp_path / "model"
+    shutil.copytree(hf_directory, directory)
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(EsmShardError, match=f"model: {directory} is an ESM model that esmshard cannot run: "
+                       + re.escape(problem)):
+        resolve_model(str(directory))
+
+
+def test_a_directory_without_weights_or_config_is_named(tmp_path, hf_directory):
+    directory = tmp_path / "model"
+    shutil.copytree(hf_directory, directory)
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(EsmShardError, match=f"model: {directory} has no weights file: expected model.safetensors "
+                       "or pytorch_model.bin"):
+        resolve_model(str(directory))
+    (directory / "config.json").unlink()
+    with pytest.raises(EsmShardError, match=f"model: {directory} is a directory without config.json"):
+        resolve_model(str(directory))

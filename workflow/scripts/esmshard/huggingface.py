@@ -1,0 +1,131 @@
+"""ESM-2 in Hugging Face's layout, read with the standard library alone (parse time needs it).
+
+A model directory, as transformers' ``save_pretrained`` writes it, holds ``config.json`` and the
+weights: ``model.safetensors`` or ``pytorch_model.bin``, or for large models a
+``*.index.json`` naming its shards. The hub cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``) keeps
+hub id ``org/name`` as ``models--org--name/snapshots/<revision>/`` (such a directory), with
+``refs/main`` naming the revision downloaded last.
+"""
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+from esmshard import EsmShardError
+
+# In order of preference: safetensors holds tensors only; .bin is a pickle (read by torch's
+# weights-only loader). A *.index.json maps every tensor to one of the shards beside it.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What fair-esm's ESM2 module (the engine's) is: ESM-2's vocabulary, and pre-LayerNorm layers
+# with rotary positions and an FFN four times the width.
+ESM2_VOCABULARY = {"vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32}
+
+
+class Esm2Config(NamedTuple):
+    """What the engine takes from a model's config (a config.json, or a fair-esm checkpoint's)."""
+
+    layers: int
+    embed_dim: int
+    heads: int
+    token_dropout: bool
+    layer_norm_eps: float
+    rope_theta: float
+
+
+def hub_cache() -> Path:
+    """Where huggingface_hub keeps downloaded repositories (its rule, without importing it)."""
+    home = os.getenv("HF_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "huggingface"))
+    cache = os.getenv("HF_HUB_CACHE", os.getenv("HUGGINGFACE_HUB_CACHE", os.path.join(home, "hub")))
+    return Path(os.path.expandvars(cache)).expanduser()
+
+
+def hub_ref(repo_id: str) -> Path:
+    """The cache's record of which revision of ``repo_id`` it holds (written by every download)."""
+    return hub_cache() / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The cached directory of ``repo_id``'s main revision, or None when the cache has none."""
+    ref = hub_ref(repo_id)
+    if not ref.is_file():
+        return None
+    return ref.parent.parent / "snapshots" / ref.read_text().strip()
+
+
+def hub_offline() -> bool:
+    """huggingface_hub's offline switch: then nothing may be downloaded."""
+    flag = os.getenv("HF_HUB_OFFLINE") or os.getenv("TRANSFORMERS_OFFLINE") or ""
+    return flag.upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def model_files(directory: Path) -> tuple[Path, ...]:
+    """The files an ESM-2 model directory is made of: config.json, then the weights (an index
+    and its shards), after checking that the config is one the engine runs."""
+    read_config(directory)
+    for name in WEIGHT_FILES:
+        weights = directory / name
+        if not weights.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return directory / "config.json", weights
+        try:
+            shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            raise EsmShardError(f"model: {weights} is not a weights index (no weight_map)") from None
+        missing = [shard for shard in shards if not (directory / shard).is_file()]
+        if missing:
+            raise EsmShardError(f"model: {directory} lacks {', '.join(missing)}, named by {name}")
+        return (directory / "config.json", weights, *(directory / shard for shard in shards))
+    raise EsmShardError(
+        f"model: {directory} has no weights file: expected {' or '.join(WEIGHT_FILES[::2])} "
+        f"(or a sharded *.index.json), as transformers' save_pretrained writes them"
+    )
+
+
+def read_config(directory: Path) -> Esm2Config:
+    """The directory's config.json, checked to describe an ESM-2 that the engine runs."""
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EsmShardError(f"model: {directory} is a directory without config.json: not a Hugging Face "
+                            f"model directory") from None
+    except (OSError, ValueError) as error:
+        raise EsmShardError(f"model: {path} is not a readable JSON file ({error})") from None
+    if not isinstance(config, dict) or config.get("model_type") != "esm":
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise EsmShardError(f"model: {directory} holds a {kind or 'non-ESM'} model (config.json model_type "
+                            f"{kind!r}), not ESM-2 ('esm')")
+    problem = _unsupported(config)
+    if problem:
+        raise EsmShardError(f"model: {directory} is an ESM model that esmshard cannot run: {problem}")
+    return Esm2Config(config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
+                    bool(config.get("token_dropout", False)), float(config.get("layer_norm_eps", 1e-12)),
+                    float(config.get("rope_theta", 10000.0)))
+
+
+def _unsupported(config: dict) -> str | None:
+    """What in an ESM config.json (EsmConfig's defaults where a key is absent) the engine,
+    fair-esm's ESM2, does not have; None when it has everything."""
+    if config.get("is_folding_model"):
+        return "it is ESMFold (is_folding_model), not an ESM-2 language model"
+    if config.get("position_embedding_type", "absolute") != "rotary":
+        return (f"position_embedding_type {config.get('position_embedding_type', 'absolute')!r}: "
+                f"ESM-2 has rotary positions (absolute ones are ESM-1b's)")
+    if config.get("emb_layer_norm_before"):
+        return "emb_layer_norm_before (a LayerNorm on the embeddings, as in ESM-1b): ESM-2 has none"
+    if config.get("is_decoder") or config.get("add_cross_attention"):
+        return "is_decoder/add_cross_attention: ESM-2 is a bidirectional encoder"
+    vocabulary = {key: config.get(key) for key in ESM2_VOCABULARY}
+    if vocabulary != ESM2_VOCABULARY:
+        return f"its vocabulary {vocabulary} is not ESM-2's {ESM2_VOCABULARY}"
+    shape = [config.get(key) for key in ("num_hidden_layers", "hidden_size", "num_attention_heads")]
+    if not all(isinstance(value, int) and value > 0 for value in shape) or shape[1] % shape[2]:
+        return f"num_hidden_layers, hidden_size, num_attention_heads {shape} are not a transformer's"
+    if config.get("intermediate_size", 3072) != 4 * shape[1]:
+        return f"intermediate_size {config.get('intermediate_size', 3072)}: ESM-2's is 4 x hidden_size"
+    return None
