@@ -6,7 +6,9 @@ One module per concern; none of them but ``api`` knows about Snakemake:
 - ``index``: the sequence index (IDs, sources, offsets, lengths, cleaned residues)
 - ``plan``: balancing sequences over ranks
 - ``gpu``: counting GPUs and leasing one exclusively
-- ``model``: loading ESM-2 checkpoints in fair-esm's format
+- ``architectures``: which model the ``model`` option names, its files and their identity
+- ``huggingface``: Hugging Face ESM-2 directories and the hub cache (standard library only)
+- ``model``: loading ESM-2 (fair-esm checkpoints, Hugging Face weights) into fair-esm's module
 - ``batching``: token-budget batches
 - ``packed``: ESM-2 over packed (unpadded) token streams
 - ``engine``: forward passes (fair-esm reference and packed) and pooling

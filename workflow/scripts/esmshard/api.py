@@ -179,7 +179,7 @@ def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
     config = {
         "fasta": [os.path.abspath(os.path.expanduser(pattern)) for pattern in fasta_files],
         **model_config,
-        "model": str(model.resolve()) if model.is_file() else str(model_config["model"]),
+        "model": str(model.resolve()) if model.exists() else str(model_config["model"]),  # a file or a directory
         "world_size": world_size,
         "timeout": timeout,
     }

@@ -94,7 +94,7 @@ def model_inputs(model: str) -> tuple[list[Path], bool]:
     path = Path(model).expanduser()
     if not path.exists() and model in ESM2_MODELS and not released_checkpoint(model).is_file():
         return [released_checkpoint(model)], True
-    if not path.exists() and HUB_ID.fullmatch(model) and model not in ESM2_MODELS:
+    if not path.exists() and HUB_ID.fullmatch(model):
         if hub_snapshot(model) is None and not hub_offline():
             return [hub_ref(model)], True
         resolve_model(model)  # offline, or a cached copy that must be whole: checked before any job

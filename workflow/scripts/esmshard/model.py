@@ -66,8 +66,7 @@ _HF_NOT_WEIGHTS = re.compile(r"rotary_embeddings\.inv_freq$|position_ids$|^poole
 def resolve_checkpoint(model: str) -> Checkpoint:
     """The model ``model`` names on disk, downloaded first (once) if it is a released name or a
     hub id that is missing."""
-    inputs, missing = model_inputs(model)
-    if missing:
+    if model_inputs(model)[1]:  # missing from its cache
         download(model)
     return resolve_model(model)
 
