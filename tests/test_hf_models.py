@@ -218,3 +218,23 @@ def test_a_directory_without_weights_or_config_is_named(tmp_path, hf_directory):
     (directory / "config.json").unlink()
     with pytest.raises(EsmShardError, match=f"model: {directory} is a directory without config.json"):
         resolve_model(str(directory))
+
+
+class Payload:
+    """Unpickling this would call a function: what a malicious pytorch_model.bin does."""
+
+    def __reduce__(self):
+        return (print, ("unpickled arbitrary code",))
+
+
+def test_a_pytorch_model_bin_is_read_by_the_weights_only_loader(tmp_path, hf_directory, capsys):
+    from esmshard.model import load_model
+
+    directory = tmp_path / "model"
+    shutil.copytree(hf_directory, directory)
+    (directory / "model.safetensors").unlink()
+    torch.save({"esm.embeddings.word_embeddings.weight": Payload()}, directory / "pytorch_model.bin")
+    with pytest.raises(EsmShardError, match=f"model: {directory}/pytorch_model.bin is not a PyTorch weights file "
+                       "that loads safely"):
+        load_model(str(directory))
+    assert "unpickled arbitrary code" not in capsys.readouterr().out
