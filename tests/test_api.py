@@ -172,7 +172,7 @@ def partial_run(tmp_path_factory, fasta, tiny_checkpoint):
     Returns what the call returned and what it left, before complete_run calls again."""
     out = tmp_path_factory.mktemp("run")
     config = {"model_type": "esm2", "model_name": str(tiny_checkpoint), "token_budget": 2048,
-              **tiny_config(tiny_checkpoint, retries=0, gpu_lock_dir=str(out / "locks"))}
+              **tiny_config(tiny_checkpoint, gpu_lock_dir=str(out / "locks"))}
     del config["model"]
     env = {"CUDA_VISIBLE_DEVICES": "0,1", "ESMSHARD_FAIL_RANKS": "1"}
     merged, failed = call(run_multi_gpu_inference, fasta, out, config, env=env)

@@ -76,7 +76,7 @@ def report_run(tmp_path_factory, tiny_checkpoint):
     one thread, as two threads on two busy cores ran 10x slower); then `snakemake --report`."""
     workdir = tmp_path_factory.mktemp("report")
     fasta = write_fasta(workdir / "proteins.fasta", random_sequences(4000, seed=5, median=120))
-    config = {"fasta": [str(fasta)], "model": str(tiny_checkpoint), "world_size": 2, "retries": 0,
+    config = {"fasta": [str(fasta)], "model": str(tiny_checkpoint), "world_size": 2,
               "progress_seconds": PROGRESS_SECONDS, "tokens_per_batch": 2048, "threads_per_rank": 1}
     result = run_snakemake(workdir, config, env={"ESMSHARD_FAIL_RANKS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -187,7 +187,7 @@ def test_report_page_shows_the_plots_and_the_config_in_a_real_browser(browser, r
     finally:
         browser.switch_to.default_content()
     assert rows["model"] == str(tiny_checkpoint) and rows["world_size"] == "2" and rows["precision"] == "auto"
-    assert "retries" not in rows  # the settings that shaped the numbers, not how the jobs ran
+    assert "threads_per_rank" not in rows  # the settings that shaped the numbers, not how the jobs ran
     assert rows["engine"] == "packed" and rows["long_sequences"] == "truncate"  # defaults
     errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
     assert not errors, errors

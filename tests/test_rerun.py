@@ -144,7 +144,7 @@ def test_an_unchanged_input_rerun_loads_no_model_and_changes_no_number(template,
 
 @pytest.mark.parametrize("option, value", [
     ("progress_seconds", 7), ("chunk_seconds", 11), ("chunk_sequences", 13), ("tokens_per_batch", 999),
-    ("compile", False), ("timeout", "11h30m"), ("threads_per_rank", 1), ("retries", 3),
+    ("compile", False), ("timeout", "11h30m"), ("threads_per_rank", 1),
     ("gpu_lock_dir", "/tmp/esmshard-other-locks"),
 ])
 def test_settings_that_change_no_number_rerun_nothing(template, tmp_path, option, value):
@@ -166,6 +166,12 @@ def test_compression_rewrites_only_embeddings_h5_from_the_shards(template, tmp_p
         assert shard["mean/layer_2"].compression is None
 
 
+def test_retries_are_snakemake_s_own_and_rerun_nothing(template, tmp_path):
+    workdir, config = copy_of(template, tmp_path)
+    result = run_snakemake(workdir, config, "--retries", "3")
+    assert result.returncode == 0 and "Nothing to be done" in result.stderr, result.stderr
+
+
 def test_a_new_world_size_replans_without_reading_fasta_or_loading_the_model(template, tmp_path):
     workdir, config = copy_of(template, tmp_path)
     result = run_snakemake(workdir, {**config, "world_size": 3})
@@ -182,9 +188,10 @@ def test_changed_layers_recompute_and_changing_back_reuses_the_store(template, t
     assert manifest(workdir)["computed"] == 2000
     with h5py.File(workdir / "results/embeddings.h5") as h5:
         assert sorted(h5["mean"]) == ["layer_1", "layer_2"]
-    result = run_snakemake(workdir, config)
+    result = run_snakemake(workdir, config)  # the ranks rerun: snakemake deletes their shards first
     assert result.returncode == 0, result.stderr
     assert manifest(workdir)["computed"] == 0 and "loaded in" not in rank_logs(workdir)
+    assert rank_logs(workdir).count("assembling") == 2  # each shard again from the store
     assert_same_embeddings(workdir, template)
 
 
@@ -239,7 +246,7 @@ def small_disk(tmp_path):
 def test_a_full_disk_is_a_failed_rank_that_names_it_and_the_others_go_on(tmp_path, small_disk, tiny_checkpoint):
     write_fasta(tmp_path / "p.fasta", random_sequences(400, seed=8, median=120, cap=300))
     config = config_for(tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"],
-                        chunk_sequences=50, retries=0)
+                        chunk_sequences=50)
     result = run_snakemake(tmp_path, config, cores=1)  # one rank after the other: the first fits
     assert result.returncode == 0, result.stderr
     (failed,) = manifest(tmp_path)["ranks_failed"]
@@ -252,7 +259,7 @@ def test_a_full_disk_is_a_failed_rank_that_names_it_and_the_others_go_on(tmp_pat
 
 def test_a_failed_rank_then_a_replaced_model_never_mixes_the_two_models(template, tmp_path, proteins):
     workdir, config = copy_of(template, tmp_path)
-    result = run_snakemake(workdir, {**config, "retries": 0}, "--forcerun", "plan", env={"ESMSHARD_FAIL_RANKS": "1"})
+    result = run_snakemake(workdir, config, "--forcerun", "plan", env={"ESMSHARD_FAIL_RANKS": "1"})
     assert result.returncode == 0 and not manifest(workdir)["complete"], result.stderr
     dry = run_snakemake(workdir, config, "--dry-run", "--rerun-triggers", "mtime")
     assert "esmshard: rank 1 failed last time, and --rerun-triggers without 'input'" in dry.stdout + dry.stderr

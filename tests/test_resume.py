@@ -33,8 +33,8 @@ def fasta(tmp_path_factory):
 
 
 def config_for(fasta, model, **extra):
-    """No retries (a kill must be recovered by the rerun) and small chunks (many kill points)."""
-    return conftest.config_for(fasta, model, **{"retries": 0, "chunk_sequences": 150, **extra})
+    """Small chunks (many kill points); no --retries (Snakemake's default 0): a kill is recovered by the rerun."""
+    return conftest.config_for(fasta, model, **{"chunk_sequences": 150, **extra})
 
 
 def start_snakemake(workdir: Path, config: dict) -> subprocess.Popen:
@@ -175,6 +175,10 @@ def rank_status(workdir: Path, rank: int = 0) -> dict:
     return json.loads((workdir / f"results/status/rank_{rank}.json").read_text())
 
 
+def rank_log(workdir: Path, rank: int) -> str:
+    return (workdir / f"logs/embed/rank_{rank}.log").read_text()
+
+
 def test_sigterm_keeps_finished_work_and_the_rerun_computes_only_the_rest(tmp_path, fasta, tiny_checkpoint, clean1):
     config = config_for(fasta, tiny_checkpoint, world_size=1)
     seconds = stop_after_first_segment(tmp_path, config)
@@ -223,27 +227,51 @@ def test_a_damaged_or_missing_shard_never_shrinks_the_result(tmp_path, fasta, ti
     config = config_for(fasta, tiny_checkpoint, world_size=2)
     completed_run(tmp_path, config)
     shard = tmp_path / "results/shards/shard_1.h5"
-    for damage in (lambda: shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2]), shard.unlink):
-        damage()
-        result = run_snakemake(tmp_path, {**config, "require_complete": True}, "--forcerun", "aggregate")
-        assert result.returncode == 0, result.stderr
-        assert re.search(r"rank 1: shard .*shard_1.h5 (is unreadable \(.*\)|does not exist); assembling it again from the "
-                         r"store", result.stderr)
-        assert json.loads((tmp_path / "results/manifest.json").read_text())["complete"]
-        assert_same_embeddings(tmp_path, clean2)
-    # without the store too, the rank counts as failed and the next run computes it again
+    tear = lambda: shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # noqa: E731
+    # torn after its job (snakemake sees a newer file): the aggregation assembles it again
+    tear()
+    result = run_snakemake(tmp_path, {**config, "require_complete": True}, "--forcerun", "aggregate")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"rank 1: shard .*shard_1.h5 is unreadable \(.*\); assembling it again from the store",
+                     result.stderr)
+    assert json.loads((tmp_path / "results/manifest.json").read_text())["complete"]
+    assert_same_embeddings(tmp_path, clean2)
+    # deleted: once the aggregation runs again, snakemake reruns the rank that makes the missing
+    # shard, which assembles it from the store
     shard.unlink()
+    result = run_snakemake(tmp_path, {**config, "require_complete": True}, "--forcerun", "aggregate")
+    assert result.returncode == 0, result.stderr
+    assert "wildcards: rank=1" in result.stderr and "wildcards: rank=0" not in result.stderr
+    assert rank_status(tmp_path, 1)["embedded"] == 0 and "loaded in" not in rank_log(tmp_path, 1)
+    assert_same_embeddings(tmp_path, clean2)
+    # torn without the store too: the rank counts as failed and the next run computes it again
+    tear()
     for segment in segment_files(tmp_path):
         segment.unlink()
     result = run_snakemake(tmp_path, config, "--forcerun", "aggregate")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"rank 1: shard .*shard_1.h5 does not exist, and the store does not hold all its", result.stderr)
+    assert re.search(r"rank 1: shard .*shard_1.h5 is unreadable \(.*\), and the store does not hold all its",
+                     result.stderr)
     manifest = json.loads((tmp_path / "results/manifest.json").read_text())
     assert [f["rank"] for f in manifest["ranks_failed"]] == [1]
     result = run_snakemake(tmp_path, config)
     assert result.returncode == 0, result.stderr
     assert "wildcards: rank=1" in result.stderr and "wildcards: rank=0" not in result.stderr
     assert_same_embeddings(tmp_path, clean2)
+
+
+def test_a_failed_attempt_loses_no_computed_work(tmp_path, tiny_checkpoint):
+    """Snakemake deletes a failed job's outputs (the shard, here renamed into place just before
+    the kill); the work lives on in the store, so the rerun assembles the shard from it, computing nothing."""
+    small = write_fasta(tmp_path / "small.fasta", random_sequences(300, seed=4, median=100))
+    config = config_for(small, tiny_checkpoint, world_size=1)
+    crashed = run_snakemake(tmp_path, config, env={"ESMSHARD_CRASH_AT": "shard-renamed"})
+    assert crashed.returncode != 0 and "Removing output files of failed job embed" in crashed.stderr
+    assert not (tmp_path / "results/shards/shard_0.h5").exists() and segment_files(tmp_path)
+    result = run_snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stderr
+    assert "loaded in" not in rank_log(tmp_path, 0) and rank_status(tmp_path)["embedded"] == 0
+    assert json.loads((tmp_path / "results/manifest.json").read_text())["reused"] == 300
 
 
 def test_changed_settings_never_reuse_stale_work(tmp_path, fasta, tiny_checkpoint):

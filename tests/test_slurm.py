@@ -67,12 +67,14 @@ def test_four_ranks_run_as_four_slurm_jobs_on_one_gpu_each(tmp_path, fasta, tiny
 
 
 def test_a_failed_rank_under_slurm_and_the_rerun(tmp_path, fasta, tiny_checkpoint, slurm_conf):
-    config = {"fasta": [str(fasta)], "model": str(tiny_checkpoint), "world_size": 4, "retries": 0}
+    config = {"fasta": [str(fasta)], "model": str(tiny_checkpoint), "world_size": 4}
     first = through_slurm(tmp_path, config, slurm_conf, env={"ESMSHARD_FAIL_RANKS": "1"})
     assert first.returncode == 0, first.stderr[-5000:]
     manifest = json.loads((tmp_path / "results/manifest.json").read_text())
     assert [f["rank"] for f in manifest["ranks_failed"]] == [1] and manifest["ranks_succeeded"] == [0, 2, 3]
     assert "fault injected" in manifest["ranks_failed"][0]["error"]
+    log = (tmp_path / "logs/embed/rank_1.log").read_text()  # retries: 1 of the profile reached the SLURM job
+    assert "attempt 2 of 2" in log and "failed on its last attempt (2)" in log
     before = {r: (tmp_path / f"results/shards/shard_{r}.h5").stat().st_mtime_ns for r in (0, 2, 3)}
     second = through_slurm(tmp_path, config, slurm_conf)
     assert second.returncode == 0, second.stderr[-5000:]

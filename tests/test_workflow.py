@@ -78,6 +78,17 @@ def test_each_rank_writes_its_planned_share_with_progress(clean_run):
     assert "rank cost max/mean" in (clean_run / "logs/plan.log").read_text()
 
 
+def test_shards_are_outputs_snakemake_knows(clean_run, fasta, tiny_checkpoint):
+    """--summary and --delete-all-output (storage plugins too) see every shard next to its status."""
+    config = config_for(fasta, tiny_checkpoint, world_size=3)
+    summary = run_snakemake(clean_run, config, "--summary")
+    delete = run_snakemake(clean_run, config, "--delete-all-output", "--dry-run")
+    for rank in range(3):
+        assert re.search(rf"^results/shards/shard_{rank}.h5\t.*\tembed\t", summary.stdout, re.M), summary.stdout
+        assert f"results/shards/shard_{rank}.h5" in delete.stdout + delete.stderr
+    assert (clean_run / "results/shards/shard_0.h5").exists()  # a dry run deletes nothing
+
+
 def test_one_rank_equals_three_ranks(tmp_path, clean_run, fasta, tiny_checkpoint):
     completed_run(tmp_path, config_for(fasta, tiny_checkpoint, world_size=1))
     assert_same_embeddings(tmp_path, clean_run, atol=1e-5)
@@ -85,10 +96,11 @@ def test_one_rank_equals_three_ranks(tmp_path, clean_run, fasta, tiny_checkpoint
 
 def test_failed_rank_gives_partial_result_then_a_rerun_retries_only_it(tmp_path, clean_run, fasta, tiny_checkpoint):
     config = config_for(fasta, tiny_checkpoint, world_size=3)
-    first = run_snakemake(tmp_path, config, env={"ESMSHARD_FAIL_RANKS": "1"})
+    first = run_snakemake(tmp_path, config, "--retries", "1", env={"ESMSHARD_FAIL_RANKS": "1"})
     assert first.returncode == 0, first.stderr
     assert re.search(r"WARNING: rank\(s\) 1 failed: \d+ of 63 sequences are missing", first.stderr)
-    assert "attempt 2 of 2" in (tmp_path / "logs/embed/rank_1.log").read_text()  # retried once
+    log = (tmp_path / "logs/embed/rank_1.log").read_text()
+    assert "attempt 2 of 2" in log and "failed on its last attempt (2)" in log  # retried once, as --retries says
 
     missing = planned_ids(tmp_path, 1)
     manifest = json.loads((tmp_path / "results/manifest.json").read_text())
@@ -101,7 +113,8 @@ def test_failed_rank_gives_partial_result_then_a_rerun_retries_only_it(tmp_path,
     all_ids, _, _ = read_embeddings(clean_run / "results/embeddings.h5")
     assert ids == [i for i in all_ids if i not in set(missing)]
     assert list(attrs["ranks_failed"]) == [1]
-    assert not (tmp_path / "results/shards/shard_1.h5").exists()
+    with h5py.File(tmp_path / "results/shards/shard_1.h5") as shard:  # a failure shard: the error, no data
+        assert shard.attrs["failed"] and "fault injected" in shard.attrs["error"] and not list(shard)
 
     kept = {r: (tmp_path / f"results/shards/shard_{r}.h5").stat() for r in (0, 2)}
     second = run_snakemake(tmp_path, config)
@@ -119,7 +132,7 @@ def test_failed_rank_gives_partial_result_then_a_rerun_retries_only_it(tmp_path,
 
 
 def test_all_ranks_failing_fails_the_run(tmp_path, fasta, tiny_checkpoint):
-    config = config_for(fasta, tiny_checkpoint, world_size=2, retries=0)
+    config = config_for(fasta, tiny_checkpoint, world_size=2)
     result = run_snakemake(tmp_path, config, env={"ESMSHARD_FAIL_RANKS": "0,1"})
     assert result.returncode != 0
     assert "no rank succeeded, so there are no embeddings (rank 0: RuntimeError: fault injected" in result.stderr
@@ -127,7 +140,7 @@ def test_all_ranks_failing_fails_the_run(tmp_path, fasta, tiny_checkpoint):
 
 
 def test_require_complete_turns_a_failed_rank_into_a_failure(tmp_path, fasta, tiny_checkpoint):
-    config = config_for(fasta, tiny_checkpoint, world_size=2, retries=0, require_complete=True)
+    config = config_for(fasta, tiny_checkpoint, world_size=2, require_complete=True)
     result = run_snakemake(tmp_path, config, env={"ESMSHARD_FAIL_RANKS": "1"})
     assert result.returncode != 0
     assert re.search(r"require_complete is set and rank\(s\) 1 failed \(\d+ sequences missing\)", result.stderr)
@@ -137,7 +150,7 @@ def test_require_complete_turns_a_failed_rank_into_a_failure(tmp_path, fasta, ti
 def test_a_file_that_is_not_a_checkpoint_is_reported(tmp_path, fasta):
     bogus = tmp_path / "weights.pt"
     bogus.write_text("hello")
-    result = run_snakemake(tmp_path, config_for(fasta, bogus, world_size=1, retries=0))
+    result = run_snakemake(tmp_path, config_for(fasta, bogus, world_size=1))
     assert result.returncode != 0
     assert f"model: {bogus} is not a checkpoint in fair-esm's format" in result.stderr
 
@@ -244,7 +257,7 @@ def test_every_output_at_once_lands_in_input_order(tmp_path, fasta, records, tin
 
 
 def test_a_precision_the_cpu_cannot_run_fails_the_rank_before_its_model_loads(tmp_path, fasta, tiny_checkpoint):
-    config = config_for(fasta, tiny_checkpoint, world_size=1, retries=0, engine="reference", precision="float16")
+    config = config_for(fasta, tiny_checkpoint, world_size=1, engine="reference", precision="float16")
     result = run_snakemake(tmp_path, config)
     assert result.returncode != 0
     assert "precision: the reference engine computes in float32 only on the CPU, not float16" in result.stderr

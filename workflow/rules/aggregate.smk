@@ -2,8 +2,9 @@ rule aggregate:
     input:
         index=rules.index.output.index,
         plan=rules.plan.output.plan,
-        # Every rank ends with a status file, failed or not; the script merges the shards
-        # of the ranks whose status says they succeeded.
+        # Every rank ends with a shard and a status, failed or not; the script merges the
+        # shards of the ranks that succeeded.
+        shards=expand(rules.embed.output.shard, rank=RANKS),
         statuses=expand(rules.embed.output.status, rank=RANKS),
     output:
         embeddings=paths.EMBEDDINGS,

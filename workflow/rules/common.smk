@@ -31,8 +31,24 @@ def resolve_world_size():
 WORLD_SIZE = resolve_world_size()
 
 
+# A rank records its failure (instead of failing its job) on its last attempt, so it needs the
+# number of retries: Snakemake's own (--retries, from a profile or the command line; the rules
+# leave it alone). Snakemake knows it only once it executes, after parsing, and starts jobs on
+# other nodes with --retries 0 (the main process retries; snakemake/spawn_jobs.py): the main
+# process passes its number to the jobs (rank_attempts).
+os.environ.setdefault("ESMSHARD_RETRIES", "0")
+
+
 envvars:
     "ESMSHARD_WORLD_SIZE",
+    "ESMSHARD_RETRIES",
+
+
+def rank_attempts(wildcards):
+    """How many attempts a rank gets: 1 + rule embed's retries."""
+    if workflow.is_main_process and workflow.execution_settings:
+        os.environ["ESMSHARD_RETRIES"] = str(rules.embed.rule.restart_times)
+    return int(os.environ["ESMSHARD_RETRIES"]) + 1
 
 
 RANKS = list(range(WORLD_SIZE))

@@ -22,25 +22,26 @@ rule embed:
         checkpoint=MODEL_FILES,
         retry=retry_if_failed,
     output:
-        # The declared output is the rank's outcome; the shard itself is written next to it
-        # only when complete, so that no failure (and no Snakemake clean-up) can delete it.
+        # A rank that fails for good still ends successfully, with a failure shard and a
+        # failed status. Snakemake deletes both before every attempt: finished work lives in
+        # the store (params.store, which no rule declares), so a shard is assembled again
+        # from it without computing.
+        shard=paths.SHARD,
         status=paths.STATUS,
     log:
         paths.RANK_LOG,
     wildcard_constraints:
         rank=r"\d+",
-    retries: config["retries"]
     conda:
         "../../environment.yml"
     threads: config["threads_per_rank"]
     resources:
         gpu=1,
+        # the last attempt records a failure instead of raising
         attempt=lambda wildcards, attempt: attempt,
+        attempts=rank_attempts,
     params:
         # next to the declared outputs, so that a module's prefix applies
-        shard=lambda wildcards, output: sibling(
-            output.status, "shards", f"shard_{wildcards.rank}.h5"
-        ),
         store=lambda wildcards, output: sibling(output.status, "store"),
         settings=numeric_settings(),
     script:

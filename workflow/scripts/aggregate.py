@@ -14,6 +14,7 @@ try:
     manifest = aggregate(
         Path(snakemake.input.index).parent,
         snakemake.input.plan,
+        snakemake.input.shards,
         snakemake.input.statuses,
         snakemake.params.store,
         RankSettings.from_config(snakemake.params.settings),

@@ -1,8 +1,8 @@
 """Rule embed: one rank. Its planned sequences into its shard, through the store (a GPU is
-leased, before CUDA starts, only when there is something to compute); the outcome goes to the
-status file the rule declares. A failure on the last attempt, a stop signal (also while waiting
-for a GPU) and the rank's timeout are recorded as a failed status: the others' results are
-merged, and the next run retries this rank, resuming from the store."""
+leased, before CUDA starts, only when there is something to compute); the outcome goes to its
+status file. A failure on the last attempt, a stop signal (also while waiting for a GPU) and the
+rank's timeout end the job successfully with a failure shard and a failed status: the others'
+results are merged, and the next run retries this rank, resuming from the store."""
 
 import logging
 import os
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from esmshard import logs
 from esmshard.rank import RankSettings, run_rank
+from esmshard.shard import write_failure_shard
 from esmshard.status import record_failure, write_status
 from esmshard.stopping import Stopped, TimedOut, disarm_timeout, handle_stop_signals, parse_duration
 
@@ -19,32 +20,38 @@ logs.setup(snakemake.log[0])
 log = logging.getLogger("esmshard.embed")
 config = snakemake.config
 rank = int(snakemake.wildcards.rank)
-attempt, attempts = int(snakemake.resources.attempt), int(config["retries"]) + 1
+attempt, attempts = int(snakemake.resources.attempt), int(snakemake.resources.attempts)
 retry_input = snakemake.input.get("retry")  # results/status/rank_<r>.retry_<failure>, after a failure
 retried = Path(retry_input).name.rsplit(".retry_", 1)[1] if retry_input else None
 where = {"host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
          "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # as the scheduler gave them
 log.info("rank %d, attempt %d of %d, host %s%s", rank, attempt, attempts, where["host"],
          f", SLURM job {where['slurm_job_id']}" if where["slurm_job_id"] else "")
+
+
+def record_failure_for_good(error):
+    """The job ends successfully, with a failure shard and a failed status (which the next run retries)."""
+    write_failure_shard(snakemake.output.shard, rank, record_failure(snakemake.output.status, rank, error, attempt,
+                                                                     **where))
+    sys.exit(0)
+
+
 try:
     handle_stop_signals(parse_duration(config["timeout"]))
     settings = RankSettings.from_config(config, threads=snakemake.threads)
     stats = run_rank(os.path.dirname(snakemake.input.index), snakemake.input.plan, config["model"], rank,
-                     snakemake.params.shard, snakemake.params.store, settings)
+                     snakemake.output.shard, snakemake.params.store, settings)
     disarm_timeout()
 except (Stopped, TimedOut) as stop:
     disarm_timeout()
     reason = f"ran past its timeout ({config['timeout']})" if isinstance(stop, TimedOut) else str(stop)
     log.error("rank %d %s; finished work is kept in the store and a rerun resumes from it", rank, reason)
-    record_failure(snakemake.output.status, rank, stop, attempt, **where)
-    sys.exit(0)
+    record_failure_for_good(stop)
 except Exception as error:
     disarm_timeout()
     if attempt < attempts:
         log.error("rank %d failed on attempt %d of %d: %s; snakemake will retry", rank, attempt, attempts, error)
         raise
     log.exception("rank %d failed on its last attempt (%d); recording the failure", rank, attempt)
-    record_failure(snakemake.output.status, rank, error, attempt, **where)
-    sys.exit(0)
-write_status(snakemake.output.status, rank=rank, ok=True, attempt=attempt, shard=snakemake.params.shard,
-             retried=retried, **where, **stats)
+    record_failure_for_good(error)
+write_status(snakemake.output.status, rank=rank, ok=True, attempt=attempt, retried=retried, **where, **stats)

@@ -1,6 +1,9 @@
 """Merging the shards of the ranks that succeeded into one file, in input order.
 
-Every shard is checked against the current run before any of it is used: the plan's share of
+A rank that failed for good left a failure shard (``shard.write_failure_shard``) and a failed
+status; it counts as failed, with the error the shard records.
+
+Every other shard is checked against the current run before any of it is used: the plan's share of
 that rank (IDs and residues), the numeric settings and the model's content, the rank and world
 size. A shard that is missing or damaged is assembled again from the store (no GPU work); one
 that cannot be, or was made for other settings, counts as a failed rank, never as data, and the
@@ -22,7 +25,7 @@ from esmshard.index import SequenceIndex
 from esmshard.outputs import pooling_of, ranges_index, residue_offsets
 from esmshard.plan import Plan, read_plan
 from esmshard.rank import RankSettings, RankWork, assemble_shard, rank_work
-from esmshard.shard import create_outputs, outputs_nbytes, write_attrs
+from esmshard.shard import create_outputs, outputs_nbytes, shard_failure, write_attrs
 from esmshard.status import read_status, record_failure
 from esmshard.store import Store
 
@@ -32,22 +35,25 @@ _BLOCK_ROWS = 16384  # sequences copied at a time ...
 _BLOCK_BYTES = 256 << 20  # ... and at most this many bytes of per-residue rows
 
 
-def aggregate(index_dir, plan_path, status_paths, store_root, settings: RankSettings, out_path, manifest_path,
-              missing_path, require_complete=False, compression="none") -> dict:
-    """Merge the shards of the ranks whose status says they succeeded, into ``out_path`` with
-    that HDF5 ``compression`` (none, gzip or lzf); returns the manifest."""
+def aggregate(index_dir, plan_path, shard_paths, status_paths, store_root, settings: RankSettings, out_path,
+              manifest_path, missing_path, require_complete=False, compression="none") -> dict:
+    """Merge the shards of the ranks that succeeded (a failure shard or a failed status is a
+    failed rank), into ``out_path`` with that HDF5 ``compression`` (none, gzip or lzf); returns
+    the manifest."""
     index, plan = SequenceIndex(index_dir), read_plan(plan_path)
-    if len(status_paths) != plan.world_size:
-        raise EsmShardError(f"{len(status_paths)} rank status files for a plan of {plan.world_size} ranks")
+    if not len(shard_paths) == len(status_paths) == plan.world_size:
+        raise EsmShardError(f"{len(shard_paths)} shards and {len(status_paths)} rank status files for a plan of "
+                            f"{plan.world_size} ranks")
     statuses = [read_status(path) for path in status_paths]
-    failed = {r: status.get("error", "unknown error") for r, status in enumerate(statuses) if not status["ok"]}
-    works = {}
+    failed, works = {}, {}
     for rank, status in enumerate(statuses):
-        if not status["ok"]:
+        failure = shard_failure(shard_paths[rank])
+        if failure or not status["ok"]:
+            failed[rank] = failure or status.get("error", "unknown error")
             continue
         work = dataclasses.replace(rank_work(index, plan, rank, settings),
                                    compute_precision=status.get("compute_precision"))
-        problem = usable_shard(Path(status["shard"]), work, store_root, settings.dtype)
+        problem = usable_shard(Path(shard_paths[rank]), work, store_root, settings.dtype)
         if problem:
             log.warning("rank %d: %s; it counts as failed and the next run retries it", rank, problem)
             record_failure(status_paths[rank], rank, problem, status.get("attempt", 1), host=status.get("host"))
@@ -70,7 +76,7 @@ def aggregate(index_dir, plan_path, status_paths, store_root, settings: RankSett
     ensure_space(Path(out_path).parent, outputs_nbytes(first.spec, index.lengths[keep], first.dim, settings.dtype),
                  "the merged embeddings")
     with atomic_output(out_path) as tmp:
-        merge(tmp, {r: statuses[r]["shard"] for r in works}, plan, keep, all_ids, index.lengths, first, compression)
+        merge(tmp, {r: shard_paths[r] for r in works}, plan, keep, all_ids, index.lengths, first, compression)
     manifest = _manifest(out_path, missing_path, plan, statuses, works, failed, missing, len(all_ids))
     with atomic_output(missing_path) as tmp:
         Path(tmp).write_text("".join(f"{i}\n" for r in sorted(missing) for i in missing[r]))

@@ -1,10 +1,11 @@
 """One rank's run: its planned sequences to a complete shard, through the store.
 
-The steps, each a function below: read the rank's share of the plan (``RankWork``); keep the
-shard if it already holds exactly that share with these settings; otherwise look the share up in
-the store (``store.py``) and compute only what the store lacks (a GPU is leased and the model
-loaded only then), saving finished work as store segments as it goes, so that a rank killed at
-any moment resumes from its last segment; finally assemble the shard from the store.
+The steps, each a function below: read the rank's share of the plan (``RankWork``); look the
+share up in the store (``store.py``) and compute only what the store lacks (a GPU is leased and
+the model loaded only then), saving finished work as store segments as it goes, so that a rank
+killed at any moment resumes from its last segment; finally assemble the shard from the store.
+The shard is the rule's output, which Snakemake deletes before every attempt: assembling it
+again from the store costs disk I/O, never GPU work.
 """
 
 import hashlib
@@ -110,15 +111,6 @@ def run_rank(index_dir, plan_path, checkpoint, rank: int, shard_path, store_root
     work.checkpoint = {**work.checkpoint, "path": str(checkpoint)}
     embedded = work.spec.embedded_lengths(work.lengths)
     progress = Progress(len(work.ids), int(embedded.sum()), settings.progress_seconds, rank)
-    problem = work.shard_problem(shard_path)
-    if not problem:
-        log.info("rank %d: %s already holds these %d sequences with these settings; keeping it",
-                 rank, shard_path, len(work.ids))
-        progress.update(len(work.ids), int(embedded.sum()), computed=False)
-        return {**progress.finish(), "gpu": None, "compute_precision": work.compute_precision, "store": None,
-                "reused": len(work.ids), "embedded": 0}
-    if Path(shard_path).exists():
-        log.info("rank %d: the existing %s %s; making it again", rank, shard_path, problem)
     reused, gpu, engine = fill_store_and_assemble(work, shard_path, store_root, settings, progress)
     return {**progress.finish(), "gpu": gpu, "compute_precision": work.compute_precision,
             "store": str(store_directory(store_root, work.store_identity)), "reused": reused,

@@ -8,6 +8,10 @@ Layout (HDF5; docs/output-format.md has the whole description):
   ``per_residue/layer_<L>`` [residue_offsets[-1], dim]; float32 (or float16, config ``dtype``)
 - attributes: model, layers, pooling, long_sequences, window_overlap, dtype, precision, engine,
   fingerprint (of the index), rank, world_size, versions (JSON of package versions)
+
+A rank that fails for good writes a *failure shard* instead: no datasets, attributes ``failed``
+(true), ``rank`` and ``error`` (``write_failure_shard``). Its job still succeeds, so the other
+ranks' results are merged; the aggregation counts it as a failed rank (``shard_failure``).
 """
 
 import json
@@ -18,6 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from esmshard import atomic_output
 from esmshard.outputs import OutputSpec, pooling_of, ranges_index, residue_offsets, runs
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -108,6 +113,21 @@ class ShardWriter:
 def read_attrs(path) -> dict:
     with h5py.File(path, "r") as h5:
         return {key: plain_attr(value) for key, value in h5.attrs.items()}
+
+
+def write_failure_shard(path, rank: int, error: str) -> None:
+    """A shard that records why rank ``rank`` failed, in place of its embeddings."""
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as h5:
+        write_attrs(h5, {"failed": True, "rank": rank, "error": error})
+
+
+def shard_failure(path) -> str | None:
+    """The error a failure shard at ``path`` records; None for any other file (or none)."""
+    try:
+        attrs = read_attrs(path)
+    except Exception:  # a missing or damaged shard is not a failure shard; its checks say what it is
+        return None
+    return attrs.get("error", "unknown error") if attrs.get("failed") else None
 
 
 def shard_problem(path, ids: np.ndarray, expected: dict, shapes: dict | None = None) -> str | None:

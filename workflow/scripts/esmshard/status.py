@@ -1,7 +1,7 @@
 """A rank's outcome, as the workflow, the aggregation and the report read it.
 
 Every rank ends with a status file (``{"ok": true, ...}`` or ``{"ok": false, "error": ...}``),
-which is the embed rule's declared output. A failed status (the rank's last attempt failed, or
+an output of the embed rule next to its shard. A failed status (the rank's last attempt failed, or
 its shard was found damaged later) makes the next run of the workflow retry exactly that rank,
 whatever rerun triggers it uses: the embed rule then asks for an input named after that failure,
 which rule retry_rank makes. Standard library only: the Snakefile reads statuses while it builds its jobs.
@@ -42,8 +42,10 @@ def retry_failure(path) -> str | None:
     return status.get("failure", "unknown") if status.get("ok") is not True else status.get("retried")
 
 
-def record_failure(status_path, rank: int, error, attempt: int, **where) -> None:
-    """The rank failed (on its last attempt, or its shard was found damaged later): the next run retries it."""
+def record_failure(status_path, rank: int, error, attempt: int, **where) -> str:
+    """The rank failed (on its last attempt, or its shard was found damaged later): the next run
+    retries it. Returns the error as recorded."""
     message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     write_status(status_path, rank=rank, ok=False, attempt=attempt, error=message, failure=secrets.token_hex(4),
                  **where)
+    return message
