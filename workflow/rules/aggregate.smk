@@ -13,7 +13,7 @@ rule aggregate:
     log:
         "logs/aggregate.log",
     conda:
-        "../../environment.yml"
+        "../envs/esmshard.yaml"
     params:
         require_complete=config["require_complete"],
         # a change rewrites embeddings.h5 from the shards (no GPU work)

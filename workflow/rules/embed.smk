@@ -9,7 +9,7 @@ rule retry_rank:
         failure=r"\w+",
     localrule: True
     conda:
-        "../../environment.yml"
+        "../envs/esmshard.yaml"
     shell:
         "echo 'rank {wildcards.rank} failed last time: retrying it' > {log}; touch {output.marker}"
 
@@ -33,7 +33,7 @@ rule embed:
     wildcard_constraints:
         rank=r"\d+",
     conda:
-        "../../environment.yml"
+        "../envs/esmshard.yaml"
     threads: config["threads_per_rank"]
     resources:
         gpu=1,

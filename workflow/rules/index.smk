@@ -7,7 +7,7 @@ rule index:
     log:
         "logs/index.log",
     conda:
-        "../../environment.yml"
+        "../envs/esmshard.yaml"
     params:
         invalid_residues=config["invalid_residues"],
     script:

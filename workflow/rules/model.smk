@@ -12,7 +12,7 @@ if DOWNLOAD_MODEL:
             "logs/download_model.log",
         localrule: True
         conda:
-            "../../environment.yml"
+            "../envs/esmshard.yaml"
         params:
             model=config["model"],
         script:

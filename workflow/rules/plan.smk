@@ -7,7 +7,7 @@ rule plan:
     log:
         "logs/plan.log",
     conda:
-        "../../environment.yml"
+        "../envs/esmshard.yaml"
     params:
         world_size=WORLD_SIZE,
         settings=numeric_settings(),

@@ -34,7 +34,7 @@ rule report_plots:
         "logs/report_plots.log",
     localrule: True
     conda:
-        "../../environment.yml"
+        "../envs/esmshard.yaml"
     params:
         # The whole configuration, defaults included: the table must show what the run used,
         # and a changed value redraws it (the params rerun trigger).
