@@ -1,0 +1,136 @@
+"""Deploying esmshard as Snakemake users do: `snakedeploy deploy-workflow` from a git repository,
+and Snakemake run from an environment that holds Snakemake alone (as `--sdm conda` users and the
+workflow catalog's linter do)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from conftest import REPO, SNAKEFILE, random_sequences, write_fasta
+
+BIN = Path(sys.executable).parent
+SLIM = ("snakemake", "snakemake-executor-plugin-slurm", "snakefmt")  # what a slim environment holds
+COMPUTE = ("torch", "h5py", "esm", "matplotlib")  # what only the rules' environment has
+SLIM_ENV = {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}  # nothing of this environment on the paths
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    """This repository as a git repository elsewhere: its files (committed or new, not ignored)."""
+    remote = tmp_path_factory.mktemp("remote") / "esmshard"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (remote / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, remote / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    for command in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "esmshard"]):
+        subprocess.run([*git, *command], cwd=remote, check=True)
+    return remote
+
+
+@pytest.fixture(scope="module")
+def deployed(repository, tmp_path_factory) -> Path:
+    """`snakedeploy deploy-workflow` of the repository (offline, snakedeploy takes a local path;
+    its --branch is then ignored), into a new folder."""
+    dest = tmp_path_factory.mktemp("deployed")
+    result = subprocess.run([BIN / "snakedeploy", "deploy-workflow", repository, dest, "--branch", "main"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    snakefile = dest / "workflow/Snakefile"
+    text = snakefile.read_text()
+    # snakedeploy 0.17.1 writes a local repository's Snakefile relative to the repository, which
+    # Snakemake reads relative to the deployed Snakefile: point it at the repository (relative,
+    # as the linter wants), as the README says.
+    assert re.search(r'module esmshard:\s+snakefile:\s+"workflow/Snakefile"', text), text
+    module = os.path.relpath(repository / "workflow/Snakefile", snakefile.parent)
+    snakefile.write_text(text.replace('"workflow/Snakefile"', f'"{module}"'))
+    return dest
+
+
+def test_snakedeploy_deploys_config_profiles_and_license(deployed):
+    assert (deployed / "config/config.yaml").read_text() == (REPO / "config/config.yaml").read_text()
+    assert (deployed / "config/README.md").exists() and (deployed / "LICENSE").exists()
+    assert {p.name for p in (deployed / "profiles").iterdir() if p.is_dir()} == {"local", "slurm"}
+    assert "use rule * from esmshard" in (deployed / "workflow/Snakefile").read_text()
+
+
+def test_the_deployed_workflow_lints_and_runs(deployed, repository, tiny_checkpoint):
+    write_fasta(deployed / "proteins.fasta", random_sequences(20, seed=2, median=60, cap=200))
+    config = ["--config", "fasta=[proteins.fasta]", f"model={tiny_checkpoint}", "world_size=2"]
+    # The rule scripts find the deployed repository's package after any installed esmshard (this
+    # environment has the development checkout's): first, as where esmshard is not installed.
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "HOME": str(deployed),
+           "PYTHONPATH": str(repository / "workflow/scripts")}
+    lint = subprocess.run([BIN / "snakemake", "--lint", *config], cwd=deployed, capture_output=True, text=True, env=env)
+    assert "Congratulations, your workflow is in a good condition!" in lint.stdout + lint.stderr, lint.stdout
+    run = subprocess.run([BIN / "snakemake", "--cores", "2", *config], cwd=deployed, capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (deployed / "results/embeddings.h5").exists() and (deployed / "results/shards/shard_1.h5").exists()
+
+
+def distributions_for(names) -> list[metadata.Distribution]:
+    """The installed distributions ``names`` and everything they require, as installed here."""
+    found, todo = {}, list(names)
+    while todo:
+        dist = metadata.distribution(todo.pop())
+        key = dist.metadata["Name"].lower().replace("_", "-")
+        if key in found:
+            continue
+        found[key] = dist
+        for requirement in map(Requirement, dist.requires or []):
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return list(found.values())
+
+
+@pytest.fixture(scope="module")
+def slim_python(tmp_path_factory) -> Path:
+    """A virtual environment holding only Snakemake, its SLURM plugin and snakefmt (with what they
+    require), made offline in about a second: the tested installations linked in, not downloaded."""
+    started = time.monotonic()
+    venv = tmp_path_factory.mktemp("slim") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    site = Path(sysconfig.get_path("purelib", vars={"base": venv, "platbase": venv}))
+    here = Path(sysconfig.get_path("purelib"))
+    for dist in distributions_for(SLIM):
+        for top in {Path(str(file)).parts[0] for file in dist.files or [] if not str(file).startswith("..")}:
+            if (here / top).exists() and not (site / top).exists():
+                (site / top).symlink_to(here / top)
+    print(f"slim environment made in {time.monotonic() - started:.1f} s")
+    return venv / "bin/python"
+
+
+def test_the_slim_environment_lacks_the_compute_packages(slim_python):
+    for module in (*COMPUTE, "esmshard"):
+        imported = subprocess.run([slim_python, "-c", f"import {module}"], capture_output=True, env=SLIM_ENV)
+        assert imported.returncode != 0, module
+
+
+def test_lint_format_check_and_dry_runs_need_snakemake_alone(slim_python, tmp_path):
+    write_fasta(tmp_path / "proteins.fasta", random_sequences(5, seed=1))
+    common = ["--snakefile", SNAKEFILE, "--directory", tmp_path, "--configfile", REPO / "config/config.yaml",
+              "--config", f"fasta=[{tmp_path / 'proteins.fasta'}]", "model=esm2_t6_8M_UR50D"]
+    env = {**SLIM_ENV, "HOME": str(tmp_path)}
+    for args in (["--lint"], ["--dry-run", "--cores", "1"], ["--dry-run", "--profile", REPO / "profiles/slurm"]):
+        result = subprocess.run([slim_python, "-m", "snakemake", *common, *args], capture_output=True, text=True,
+                                env=env)
+        assert result.returncode == 0, (args, (result.stdout + result.stderr)[-3000:])
+        if args == ["--lint"]:
+            assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
+        else:
+            assert re.search(r"^embed\s+1$", result.stdout + result.stderr, re.M), result.stdout
+    formatted = subprocess.run([slim_python, "-m", "snakefmt", "--check", REPO / "workflow"], capture_output=True,
+                               text=True, env=env)
+    assert formatted.returncode == 0, formatted.stderr
