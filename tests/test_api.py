@@ -185,6 +185,7 @@ def partial_run(tmp_path_factory, fasta, tiny_checkpoint):
         "missing": (out / "results/missing_ids.txt").read_text().split(),
         "rank_1": planned_ids(out, 1),
         "log": (out / "logs/snakemake.log").read_text(),
+        "rank_1_log": (out / "logs/embed/rank_1.log").read_text(),
     }
 
 
@@ -202,6 +203,7 @@ def test_a_failed_rank_gives_the_others_and_its_number(partial_run, records):
     assert partial_run["ids"] == [seq_id for seq_id in records if seq_id not in partial_run["missing"]]
     rank_0_log = (partial_run["out"] / "logs/embed/rank_0.log").read_text()
     assert "batches of at most 2048 tokens" in rank_0_log  # token_budget reached the rank
+    assert "failed on its last attempt (2)" in partial_run["rank_1_log"]  # tried once more, as profiles/local
 
 
 def test_calling_again_reruns_only_the_failed_rank(complete_run, partial_run):

@@ -212,6 +212,7 @@ def _snakemake(output_dir: Path, gpu_slots: int, targets, log, echo: bool) -> tu
         "--cores", "all",
         "--resources", f"gpu={gpu_slots}",
         "--keep-going",  # the other ranks finish even when one's job dies
+        "--retries", "1",  # as profiles/local: a failed rank is tried once more before its failure is recorded
         "--rerun-incomplete",  # after an interrupted call, redo what it left half-done
         *targets,
     ]
