@@ -68,16 +68,18 @@ def test_snakedeploy_deploys_config_profiles_and_license(deployed):
 def test_the_deployed_workflow_lints_and_runs(deployed, repository, tiny_checkpoint):
     write_fasta(deployed / "proteins.fasta", random_sequences(20, seed=2, median=60, cap=200))
     config = ["--config", "fasta=[proteins.fasta]", f"model={tiny_checkpoint}", "world_size=2"]
-    # The rule scripts find the deployed repository's package after any installed esmshard (this
-    # environment has the development checkout's): first, as where esmshard is not installed.
-    env = {"PATH": f"{BIN}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "HOME": str(deployed),
-           "PYTHONPATH": str(repository / "workflow/scripts")}
+    # This environment has esmshard installed from the development checkout: the rule scripts must
+    # still run the deployed repository's own package.
+    env = {"PATH": f"{BIN}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "HOME": str(deployed)}
     lint = subprocess.run([BIN / "snakemake", "--lint", *config], cwd=deployed, capture_output=True, text=True, env=env)
     assert "Congratulations, your workflow is in a good condition!" in lint.stdout + lint.stderr, lint.stdout
     run = subprocess.run([BIN / "snakemake", "--cores", "2", *config], cwd=deployed, capture_output=True, text=True,
                          env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (deployed / "results/embeddings.h5").exists() and (deployed / "results/shards/shard_1.h5").exists()
+    for log in ("index", "plan", "embed/rank_0", "aggregate"):
+        ran = (deployed / f"logs/{log}.log").read_text()
+        assert f"esmshard from {(repository / 'workflow/scripts/esmshard').resolve()}\n" in ran, (log, ran[:300])
 
 
 def distributions_for(names) -> list[metadata.Distribution]:

@@ -4,6 +4,8 @@ import logging
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))  # this workflow's esmshard, before any installed elsewhere
+
 from esmshard import EsmShardError, logs
 from esmshard.aggregate import aggregate
 from esmshard.rank import RankSettings

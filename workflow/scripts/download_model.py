@@ -3,6 +3,9 @@ Hugging Face cache, once, checked to be the ESM-2 named before it lands."""
 
 import logging
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # this workflow's esmshard, before any installed elsewhere
 
 from esmshard import EsmShardError, logs
 from esmshard.model import download

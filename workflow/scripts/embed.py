@@ -10,6 +10,8 @@ import socket
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))  # this workflow's esmshard, before any installed elsewhere
+
 from esmshard import logs
 from esmshard.rank import RankSettings, run_rank
 from esmshard.shard import write_failure_shard

@@ -1,6 +1,10 @@
 """Rule report_plots: the figures and configuration table that snakemake --report shows."""
 
 import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # this workflow's esmshard, before any installed elsewhere
 
 from esmshard import logs
 from esmshard.report import write_report_files

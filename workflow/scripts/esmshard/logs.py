@@ -3,6 +3,7 @@ to stderr so that they reach the terminal running snakemake."""
 
 import logging
 import sys
+from pathlib import Path
 
 from esmshard.stopping import Stopped, TimedOut
 
@@ -32,3 +33,5 @@ def setup(log_path) -> None:
     to_terminal.setLevel(logging.WARNING)
     to_terminal.setFormatter(logging.Formatter("esmshard: %(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[to_file, to_terminal], force=True)
+    # which code runs: a deployed workflow's own package, never one installed from elsewhere
+    logging.getLogger("esmshard").info("esmshard from %s", Path(__file__).resolve().parent)
