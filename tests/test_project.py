@@ -66,3 +66,12 @@ def test_the_demo_command_runs_and_says_where_the_embeddings_are(tmp_path):
     assert re.search(r"Embeddings: results/embeddings.h5 \(10 sequences x \d+ dims", result.stdout)
     if "RANDOM" in result.stdout:  # no network: the stand-in model must say what it is
         assert "The embeddings are NOT meaningful" in result.stdout
+
+
+def test_config_readme_lists_every_option_as_the_schema_says():
+    from esmshard.settings import options_table, schema
+
+    readme = (REPO / "config/README.md").read_text()
+    assert options_table() in readme, "config/README.md is stale: python -m esmshard options prints its table"
+    for option in schema()["properties"]:
+        assert f"| `{option}` |" in readme, option

@@ -2,6 +2,7 @@
 with Snakemake): the Snakefile uses this while it is parsed."""
 
 import functools
+import json
 from pathlib import Path
 
 import yaml
@@ -44,6 +45,20 @@ def _as_yaml(value, spec: dict):
 def schema() -> dict:
     with open(SCHEMA) as handle:
         return yaml.safe_load(handle)
+
+
+def options_table() -> str:
+    """Every option, its default and its meaning, from the schema, as the Markdown table that
+    config/README.md shows (``python -m esmshard options`` prints it)."""
+    rows = ["| option | default | what it is |", "|---|---|---|"]
+    for key, spec in schema()["properties"].items():
+        default = "required" if key in schema().get("required", []) else f"`{json.dumps(spec.get('default'))}`"
+        meaning = " ".join(spec["description"].split()).replace("|", r"\|")
+        if "enum" in spec or "enum" in spec.get("items", {}):
+            values = ", ".join(f"`{value}`" for value in spec.get("enum", spec.get("items", {}).get("enum")))
+            meaning += f" ({'any' if 'items' in spec else 'one'} of {values})"
+        rows.append(f"| `{key}` | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
 
 
 def defaults() -> dict:
