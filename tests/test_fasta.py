@@ -212,3 +212,11 @@ def test_fasta_module_needs_only_the_standard_library():
     code = "import sys; sys.modules.update(numpy=None, h5py=None, torch=None); import esmshard.fasta"
     scripts = Path(esmshard.__file__).parents[1]
     subprocess.run([sys.executable, "-c", code], cwd=scripts, check=True)
+
+
+def test_replace_makes_one_x_of_a_character_utf8_spells_in_several_bytes(tmp_path):
+    path = tmp_path / "accents.fasta"
+    path.write_bytes(">p1\nMK\u00e9\u2192V\n".encode("utf-8") + b">p2\nMK\xb5V\n")  # p2: one Latin-1 byte
+    first, second = read_fasta(path, invalid_residues="replace")
+    assert (first.residues, first.replaced) == (b"MKXXV", 2)
+    assert (second.residues, second.replaced) == (b"MKXV", 1)

@@ -233,4 +233,7 @@ def clean_residues(residues: bytes, where: str, invalid_residues: str = "error")
             f"letters ({ESM_RESIDUES.decode()}); fix the input or set "
             f"'invalid_residues: replace' to map such characters to X"
         )
+    if max(invalid) >= 0x80:  # one X per character, also for one that UTF-8 spells in several bytes
+        residues = residues.decode("utf-8", errors="replace").encode("ascii", errors="replace")
+        invalid = residues.translate(None, _DELETE_VALID)
     return residues.translate(_TO_X), len(invalid)
