@@ -294,9 +294,10 @@ def test_changed_settings_never_reuse_stale_work(tmp_path, fasta, tiny_checkpoin
 def test_timeout_stops_the_rank_keeps_its_work_and_counts_it_failed(tmp_path, fasta):
     from esmshard.model import write_random_checkpoint
 
-    # a model slow enough on the CPU (~10 s of work) that the rank cannot finish in its 9 seconds
+    # a model slow enough on the CPU (~10 s of work) that the rank cannot finish in its 9 seconds;
+    # small batches and segments, so that some work is saved even on a busy machine
     slower = write_random_checkpoint(tmp_path / "esm2_slower.pt", 6, 96, 4, seed=5)
-    config = config_for(fasta, slower, world_size=1, chunk_sequences=100, timeout="9s")
+    config = config_for(fasta, slower, world_size=1, chunk_sequences=20, tokens_per_batch=2048, timeout="9s")
     (tmp_path / "timed").mkdir()
     result = run_snakemake(tmp_path / "timed", config)
     assert result.returncode != 0
