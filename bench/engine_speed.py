@@ -39,11 +39,17 @@ AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
 
 def synthetic_fasta(path: Path, n: int, median: int, seed: int = 0) -> None:
     """Log-normal lengths (median ~``median``, capped at 1022), uniform random residues."""
-    rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(np.log(median), 0.6, n).astype(int), 20, MAX_RESIDUES)
     with open(path, "wb") as handle:
-        for i, length in enumerate(lengths):
-            handle.write(b">syn%07d\n" % i + AMINO[rng.integers(0, 20, length)].tobytes() + b"\n")
+        handle.writelines(synthetic_records(n, median, seed))
+
+
+def synthetic_records(n: int, median: int, seed: int = 0, cap: int | None = MAX_RESIDUES):
+    """FASTA records syn0000000, ...: log-normal lengths (median ~``median``, at least 20, at most
+    ``cap``), uniform random residues."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(median), 0.6, n).astype(int), 20, cap)
+    for i, length in enumerate(lengths):
+        yield b">syn%07d\n" % i + AMINO[rng.integers(0, 20, length)].tobytes() + b"\n"
 
 
 def fair_esm_fp16(network, alphabet, sequences: list[str], tokens_per_batch: int, layer: int) -> float:

@@ -25,18 +25,14 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow" / "scripts"))
+sys.path.insert(0, str(REPO / "bench"))
+from engine_speed import synthetic_records  # noqa: E402
 from esmshard.architectures import ESM2_MODELS  # noqa: E402
 from esmshard.model import write_random_checkpoint  # noqa: E402
 
-AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
-
-
 def write_proteins(path: Path, n: int, extra: list[Path], seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(np.log(300), 0.6, n).astype(int), 20, 1022)
     with open(path, "wb") as out:
-        for i, length in enumerate(lengths):
-            out.write(b">syn%07d\n" % i + AMINO[rng.integers(0, 20, length)].tobytes() + b"\n")
+        out.writelines(synthetic_records(n, 300, seed))
         for fasta in extra:
             out.write(fasta.read_bytes())
 

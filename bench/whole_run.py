@@ -33,23 +33,19 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow" / "scripts"))
+sys.path.insert(0, str(REPO / "bench"))
+from engine_speed import synthetic_records  # noqa: E402
 from esmshard.architectures import ESM2_MODELS  # noqa: E402
 
-AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) ", re.M)
 
 
 def write_input(path: Path, n: int, real: Path | None, real_n: int, seed: int = 0) -> None:
-    records = []
-    if real:
-        text = real.read_text().split(">")[1:]
-        records = [">" + r for r in text[:real_n]]
-    rng = np.random.default_rng(seed)
-    lengths = np.maximum(rng.lognormal(np.log(300), 0.6, n - len(records)).astype(int), 20)
-    with open(path, "w") as out:
-        out.write("".join(r if r.endswith("\n") else r + "\n" for r in records))
-        for i, length in enumerate(lengths):
-            out.write(f">syn{i:07d}\n{AMINO[rng.integers(0, 20, length)].tobytes().decode()}\n")
+    """The first ``real_n`` records of ``real``, then synthetic ones (uncapped lengths) up to ``n``."""
+    records = [r.removeprefix(b">").rstrip(b"\n") for r in real.read_bytes().split(b"\n>")[:real_n]] if real else []
+    with open(path, "wb") as out:
+        out.writelines(b">" + record + b"\n" for record in records)
+        out.writelines(synthetic_records(n - len(records), 300, seed, cap=None))
 
 
 def timed(command: list[str], env: dict, log: Path) -> float:
