@@ -2,6 +2,7 @@
 embedded by the real workflow, against transformers' own EsmModel."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from conftest import completed_run, config_for, random_sequences, read_embeddings, run_snakemake, write_fasta
-from esmshard import EsmShardError
+from esmshard import EsmShardError, embed
 from esmshard.architectures import model_inputs, resolve_model
 
 transformers = pytest.importorskip("transformers")  # a test dependency only (requirements.txt)
@@ -23,16 +24,17 @@ HUB_ID = "esmshard-test/esm2_tiny"
 LAYERS = [1, -1]  # layer 1 of 2 (the middle) and the last, after the final LayerNorm
 
 
-def tiny_esm(layer_norm_eps: float, seed: int):
-    """transformers' EsmForMaskedLM of ESM-2's kind (2 layers, width 64), random weights, the
-    LayerNorms perturbed so that their weights and eps show."""
-    config = transformers.EsmConfig(
-        vocab_size=33, pad_token_id=1, mask_token_id=32, hidden_size=64, num_hidden_layers=2,
-        num_attention_heads=4, intermediate_size=256, position_embedding_type="rotary", token_dropout=True,
-        emb_layer_norm_before=False, layer_norm_eps=layer_norm_eps,
-    )
+def tiny_esm(layer_norm_eps: float, seed: int, kind: str = "EsmForMaskedLM", **config):
+    """transformers' ``kind`` (EsmForMaskedLM, or a task model) of ESM-2's kind (2 layers, width
+    64), random weights, the LayerNorms perturbed so that their weights and eps show; ``config``
+    overrides ESM-2's config."""
+    config = transformers.EsmConfig(**{
+        "vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 256, "position_embedding_type": "rotary",
+        "token_dropout": True, "emb_layer_norm_before": False, "layer_norm_eps": layer_norm_eps, **config,
+    })
     torch.manual_seed(seed)
-    model = transformers.EsmForMaskedLM(config).eval()
+    model = getattr(transformers, kind)(config).eval()
     with torch.no_grad():
         for name, tensor in model.named_parameters():
             if "LayerNorm" in name or "layer_norm" in name:
@@ -43,7 +45,14 @@ def tiny_esm(layer_norm_eps: float, seed: int):
 def esm_model_outputs(directory, sequences: dict[str, str], **config) -> dict[int, np.ndarray]:
     """transformers' EsmModel from ``directory`` (``config`` overriding its config.json): per layer
     (fair-esm's numbering), each sequence's hidden states' mean over its residues (no BOS, EOS)."""
-    model = transformers.EsmModel.from_pretrained(directory, add_pooling_layer=False, **config).eval()
+    model = transformers.EsmModel.from_pretrained(directory, add_pooling_layer=False, **config)
+    return hidden_state_means(model, sequences)
+
+
+def hidden_state_means(model, sequences: dict[str, str]) -> dict[int, np.ndarray]:
+    """transformers' EsmModel ``model``'s outputs: per layer (fair-esm's numbering), each
+    sequence's hidden states' mean over its residues (no BOS, EOS)."""
+    model.eval()
     convert = esm.Alphabet.from_architecture("ESM-1b").get_batch_converter()  # the same token ids
     means = {layer: [] for layer in (1, 2)}
     with torch.no_grad():
@@ -149,6 +158,52 @@ def test_an_esm_model_saved_in_shards_loads_the_same_encoder(tmp_path, hf_direct
     assert not sharded["lm_head.dense.weight"].any()  # a head the directory lacks: zeros, never used
 
 
+@pytest.fixture(scope="module", params=["EsmForSequenceClassification", "EsmForTokenClassification"])
+def fine_tuned(request, tmp_path_factory):
+    """A fine-tuned model as transformers saves it: the encoder under "esm.", and beside it the task
+    head (classifier.*); token_dropout off, as EsmConfig's default (the other directories have it on)."""
+    model = tiny_esm(1e-5, seed=5, kind=request.param, token_dropout=False, num_labels=3)
+    directory = tmp_path_factory.mktemp("fine_tuned") / request.param
+    model.save_pretrained(directory)
+    return model, directory
+
+
+def test_a_fine_tuned_directory_embeds_as_its_encoder_logging_the_head_ignored(fine_tuned, sequences, caplog):
+    model, directory = fine_tuned
+    caplog.set_level(logging.INFO, logger="esmshard")
+    result = embed(sequences, model=directory, layers=LAYERS, device="cpu", precision="float32")
+    expected = hidden_state_means(model.esm, sequences)
+    assert result["ids"] == list(sequences)
+    for layer in (1, 2):  # the middle layer and the last
+        assert np.abs(result[f"mean/layer_{layer}"] - expected[layer]).max() <= 1e-5, layer
+    dropout_on = esm_model_outputs(directory, sequences, token_dropout=True)  # the config's false is honoured
+    assert np.abs(result["mean/layer_2"] - dropout_on[2]).max() > 1e-3
+    head = sorted(name for name in model.state_dict() if name.startswith("classifier."))
+    logged = [record.getMessage() for record in caplog.records if "task head" in record.getMessage()]
+    assert logged == [f"model: {directory}: ignored {len(head)} weights of a task head ({', '.join(head)}): "
+                      f"embeddings are the encoder's outputs, before any head"]
+
+
+def test_an_unknown_or_missing_encoder_weight_beside_a_task_head_is_named(fine_tuned, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from esmshard.model import load_model
+
+    directory = shutil.copytree(fine_tuned[1], tmp_path / "model")
+    weights = load_file(directory / "model.safetensors")
+    adapter = "esm.encoder.layer.0.attention.self.query.lora_A.weight"  # an adapter left unmerged
+    save_file({**weights, adapter: torch.zeros(4, 64), "score.weight": torch.zeros(3, 64)},
+              directory / "model.safetensors")
+    refused = f"model: {directory} does not hold ESM-2 weights: missing "
+    with pytest.raises(EsmShardError, match=re.escape(f"{refused}none, unexpected {adapter}, score.weight")):
+        load_model(str(directory))
+    del weights["esm.encoder.layer.1.output.dense.weight"]
+    save_file(weights, directory / "model.safetensors")
+    with pytest.raises(EsmShardError, match=re.escape(f"{refused}layers.1.fc2.weight (by fair-esm names), "
+                                                      "unexpected none")):
+        load_model(str(directory))
+
+
 def test_a_hub_id_names_its_cache_file_as_the_input_before_and_after_the_download(hf_home, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(hf_home))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -194,7 +249,16 @@ def test_a_bert_directory_stops_before_any_job_naming_it(tmp_path):
 
 @pytest.mark.parametrize("change, problem", [
     ({"emb_layer_norm_before": True}, "emb_layer_norm_before (a LayerNorm on the embeddings, as in ESM-1b)"),
-    ({"position_embedding_type": "absolute"}, "position_embedding_type 'absolute': ESM-2 has rotary positions"),
+    ({"position_embedding_type": "absolute"},
+     "position_embedding_type 'absolute': the engine runs rotary positions only, ESM-2's"),
+    ({"position_embedding_type": "relative_key"},
+     "position_embedding_type 'relative_key': the engine runs rotary positions only"),
+    ({"token_dropout": "yes"}, "token_dropout 'yes' is neither true nor false"),
+    ({"architectures": ["BertForMaskedLM"]},
+     "architectures ['BertForMaskedLM']: esmshard reads the encoder of EsmModel, EsmForMaskedLM, "
+     "EsmForSequenceClassification, EsmForTokenClassification (for another class, save its ESM-2 "
+     "encoder alone: model.esm.save_pretrained(DIRECTORY))"),
+    ({"architectures": ["EsmForProteinFolding"]}, "architectures ['EsmForProteinFolding']"),
     ({"is_folding_model": True}, "it is ESMFold"),
     ({"vocab_size": 35}, "its vocabulary"),
 ])

@@ -23,6 +23,10 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # What fair-esm's ESM2 module (the engine's) is: ESM-2's vocabulary, and pre-LayerNorm layers
 # with rotary positions and an FFN four times the width.
 ESM2_VOCABULARY = {"vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32}
+# transformers' classes whose saved weights hold an ESM-2 encoder, as config.json's
+# "architectures" names them: the encoder itself, or it under "esm." with a task head beside it
+# (fine-tuned models), which embeddings never use.
+ESM_CLASSES = ("EsmModel", "EsmForMaskedLM", "EsmForSequenceClassification", "EsmForTokenClassification")
 
 
 class Esm2Config(NamedTuple):
@@ -104,7 +108,7 @@ def read_config(directory: Path) -> Esm2Config:
     if problem:
         raise EsmShardError(f"model: {directory} is an ESM model that esmshard cannot run: {problem}")
     return Esm2Config(config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
-                    bool(config.get("token_dropout", False)), float(config.get("layer_norm_eps", 1e-12)),
+                    bool(config.get("token_dropout")), float(config.get("layer_norm_eps", 1e-12)),
                     float(config.get("rope_theta", 10000.0)))
 
 
@@ -113,9 +117,15 @@ def _unsupported(config: dict) -> str | None:
     fair-esm's ESM2, does not have; None when it has everything."""
     if config.get("is_folding_model"):
         return "it is ESMFold (is_folding_model), not an ESM-2 language model"
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not set(architectures) <= set(ESM_CLASSES):
+        return (f"architectures {architectures!r}: esmshard reads the encoder of {', '.join(ESM_CLASSES)} "
+                f"(for another class, save its ESM-2 encoder alone: model.esm.save_pretrained(DIRECTORY))")
     if config.get("position_embedding_type", "absolute") != "rotary":
-        return (f"position_embedding_type {config.get('position_embedding_type', 'absolute')!r}: "
-                f"ESM-2 has rotary positions (absolute ones are ESM-1b's)")
+        return (f"position_embedding_type {config.get('position_embedding_type', 'absolute')!r}: the engine "
+                f"runs rotary positions only, ESM-2's (absolute ones are ESM-1b's)")
+    if config.get("token_dropout") is not None and not isinstance(config["token_dropout"], bool):
+        return f"token_dropout {config['token_dropout']!r} is neither true nor false"
     if config.get("emb_layer_norm_before"):
         return "emb_layer_norm_before (a LayerNorm on the embeddings, as in ESM-1b): ESM-2 has none"
     if config.get("is_decoder") or config.get("add_cross_attention"):

@@ -7,8 +7,8 @@ checkpoint. Here a fair-esm checkpoint is read with the safe unpickler, allowing
 non-tensor type fair-esm checkpoints hold (argparse.Namespace, their config), checked to be ESM-2;
 a Hugging Face directory's weights are read from safetensors (tensors only) or, failing that,
 pytorch_model.bin through the same safe unpickler, and renamed to fair-esm's names. Either way
-the module is fair-esm's own, so both sources run through the same engine. Contact regression
-and language-model weights are never needed for embeddings.
+the module is fair-esm's own, so both sources run through the same engine. Contact regression,
+language-model and task-head weights (a fine-tuned classifier's) are never needed for embeddings.
 """
 
 import argparse
@@ -59,8 +59,13 @@ _HF_NAMES = [(re.compile(pattern), name) for pattern, name in (
     (r"\.gamma$", ".weight"),
     (r"\.beta$", ".bias"),
 )]
-# Not weights of the module: rotary frequencies (taken apart, below), position ids, BERT's pooler.
-_HF_NOT_WEIGHTS = re.compile(r"rotary_embeddings\.inv_freq$|position_ids$|^pooler\.")
+# Not weights of the module: rotary frequencies (taken apart, below), position ids.
+_HF_NOT_WEIGHTS = re.compile(r"rotary_embeddings\.inv_freq$|position_ids$")
+# Task heads that transformers' ESM classes add and fair-esm's ESM2 has no place for (it has an
+# lm_head and a contact_head): the classifier of EsmForSequenceClassification and
+# EsmForTokenClassification (a fine-tuned model), EsmModel's pooler. Embeddings are the encoder's
+# outputs, before any head, so these weights are left unread.
+_HF_TASK_HEADS = ("classifier.", "pooler.")
 
 
 def resolve_checkpoint(model: str) -> Checkpoint:
@@ -145,7 +150,7 @@ def load_model(model: str):
     checkpoint = resolve_checkpoint(model)
     if checkpoint.location.is_dir():
         config = read_config(checkpoint.location)
-        state = _hf_state(checkpoint, config)
+        state, names_in_file = _hf_state(checkpoint, config)
     else:
         data = _read_checkpoint(checkpoint.location)
         saved = data["cfg"]["model"]
@@ -153,13 +158,15 @@ def load_model(model: str):
         config = Esm2Config(saved.encoder_layers, saved.encoder_embed_dim, saved.encoder_attention_heads,
                             saved.token_dropout, 1e-5, 10000.0)
         # fair-esm's names carry these prefixes in its checkpoints (see its _load_model_and_alphabet_core_v2)
-        state = {_CHECKPOINT_PREFIX.sub("", name): tensor for name, tensor in data["model"].items()}
-    network = _esm2_with(config, state, checkpoint.location)
+        names_in_file = {_CHECKPOINT_PREFIX.sub("", name): name for name in data["model"]}
+        state = {name: data["model"][name_in_file] for name, name_in_file in names_in_file.items()}
+    network = _esm2_with(config, state, names_in_file, checkpoint.location)
     return network.eval(), network.alphabet
 
 
-def _esm2_with(config: Esm2Config, state: dict, location: Path):
-    """fair-esm's ESM2 of this config holding these tensors, on the CPU."""
+def _esm2_with(config: Esm2Config, state: dict, names_in_file: dict, location: Path):
+    """fair-esm's ESM2 of this config holding these tensors (by its names; ``names_in_file`` gives
+    each one's name in ``location``, which an error about an unexpected one says), on the CPU."""
     with _without_initialisation():
         network = esm.ESM2(num_layers=config.layers, embed_dim=config.embed_dim,
                            attention_heads=config.heads, alphabet="ESM-1b", token_dropout=config.token_dropout)
@@ -168,11 +175,10 @@ def _esm2_with(config: Esm2Config, state: dict, location: Path):
             module.eps = config.layer_norm_eps  # the config's (fair-esm's own is torch's default, 1e-5)
     expected = set(network.state_dict())
     missing = sorted(name for name in expected - set(state) if not name.startswith(_UNUSED_HEADS))
-    unexpected = sorted(set(state) - expected)
+    unexpected = sorted(names_in_file[name] for name in set(state) - expected)
     if missing or unexpected:
-        raise EsmShardError(
-            f"model: {location} does not hold ESM-2 weights: missing {_few(missing)}, unexpected {_few(unexpected)}"
-        )
+        raise EsmShardError(f"model: {location} does not hold ESM-2 weights: missing {_few(missing)}"
+                            f"{' (by fair-esm names)' if missing else ''}, unexpected {_few(unexpected)}")
     try:
         network.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as error:  # e.g. a tensor of the wrong shape for its config
@@ -183,22 +189,29 @@ def _esm2_with(config: Esm2Config, state: dict, location: Path):
     return network
 
 
-def _hf_state(checkpoint: Checkpoint, config: Esm2Config) -> dict:
-    """A Hugging Face directory's tensors under fair-esm's ESM2 names."""
+def _hf_state(checkpoint: Checkpoint, config: Esm2Config) -> tuple[dict, dict]:
+    """A Hugging Face directory's tensors under fair-esm's ESM2 names, and each one's name in the
+    directory. Task heads' weights are left out (and logged)."""
     tensors = {}
     for path in checkpoint.files[1:]:
         if not path.name.endswith(".index.json"):
             tensors.update(_read_safetensors(path) if path.suffix == ".safetensors" else _read_weights(path))
-    state, inv_freq = {}, None
-    for name, tensor in tensors.items():
-        name = name.removeprefix("esm.")
+    state, names_in_file, heads, inv_freq = {}, {}, [], None
+    for name_in_file, tensor in tensors.items():
+        name = name_in_file.removeprefix("esm.")
         if name.endswith("rotary_embeddings.inv_freq"):
             inv_freq = tensor  # one for all layers (per layer in older files, all equal)
         if _HF_NOT_WEIGHTS.search(name):
             continue
+        if name.startswith(_HF_TASK_HEADS):
+            heads.append(name_in_file)
+            continue
         for pattern, replacement in _HF_NAMES:
             name = pattern.sub(replacement, name)
-        state[name] = tensor
+        state[name], names_in_file[name] = tensor, name_in_file
+    if heads:
+        log.info("model: %s: ignored %d weights of a task head (%s): embeddings are the encoder's outputs, "
+                 "before any head", checkpoint.location, len(heads), _few(sorted(heads), limit=8))
     if "lm_head.weight" not in state and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]  # tied, as in fair-esm's ESM2
     if inv_freq is None:  # what transformers computes from the config when the file has none
@@ -206,7 +219,7 @@ def _hf_state(checkpoint: Checkpoint, config: Esm2Config) -> dict:
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     for layer in range(config.layers):
         state[f"layers.{layer}.self_attn.rot_emb.inv_freq"] = inv_freq.float()
-    return state
+    return state, names_in_file
 
 
 def _read_safetensors(path: Path) -> dict:
