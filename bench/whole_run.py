@@ -67,7 +67,8 @@ def stages(workdir: Path, started: float) -> dict:
             out[log.stem] = (round(stamps[0], 1), round(stamps[-1], 1))
     rank_log = (workdir / "logs/embed/rank_0.log").read_text()
     for key, pattern in (("first batch after process start", r"first batch done, ([\d.]+) s after"),
-                         ("model loaded in", r"loaded in ([\d.]+) s")):
+                         ("model loaded in", r"loaded in ([\d.]+) s"),
+                         ("rank's peak host memory (GiB)", r"peak host memory ([\d.]+) GiB")):
         found = re.search(pattern, rank_log)
         out[key] = float(found.group(1)) if found else None
     return out

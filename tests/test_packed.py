@@ -217,3 +217,19 @@ def test_float16_without_overflow_needs_no_fallback(wider):
 def _stream(engine, residues):
     packed = engine.packer.pack(residues)
     return packed.tokens, packed.positions, packed.cu_seqlens, packed.max_len
+
+
+def test_outputs_come_in_the_stored_dtype_rounded_as_numpy_rounds(wider):
+    """dtype float16 is cast on the device: the same numbers as casting the float32 outputs after."""
+    network, alphabet = wider
+    spec = spec_for(network, (-1, 2), ("mean", "bos", "per_residue"))
+    residues = random_residues(LENGTHS, seed=2)
+    want = PackedEngine(network, alphabet, "cpu", "float32", spec).embed(residues)
+    for engine in (PackedEngine(network, alphabet, "cpu", "float32", spec, stored="float16"),
+                   ReferenceEngine(network, alphabet, "cpu", "float32", spec, stored="float16")):
+        got = engine.embed(residues)
+        for name, values in want.items():
+            assert got[name].dtype == np.float16 and got[name].shape == values.shape, name
+            assert np.abs(got[name].astype(np.float32) - values).max() <= 1e-3 * np.abs(values).max(), name
+        if isinstance(engine, PackedEngine):
+            assert all(np.array_equal(got[name], values.astype(np.float16)) for name, values in want.items())

@@ -260,6 +260,31 @@ def test_a_damaged_or_missing_shard_never_shrinks_the_result(tmp_path, fasta, ti
     assert_same_embeddings(tmp_path, clean2)
 
 
+def test_a_shard_whose_store_rows_are_gone_counts_failed_and_is_computed_again(tmp_path, tiny_checkpoint):
+    """Per-residue rows stay in the store, where the shard refers to them: a segment deleted
+    under a finished run is noticed by the next aggregation, never read as NaN or zeros."""
+    write_fasta(tmp_path / "p.fasta", random_sequences(300, seed=5, median=120))
+    config = config_for(tmp_path / "p.fasta", tiny_checkpoint, world_size=1, pooling=["mean", "per_residue"],
+                        chunk_sequences=100)
+    completed_run(tmp_path, config)
+    reference = tmp_path / "reference.h5"
+    reference.write_bytes((tmp_path / "results/embeddings.h5").read_bytes())
+    gone = segment_files(tmp_path)[1]
+    gone.unlink()
+    result = run_snakemake(tmp_path, config, "--forcerun", "aggregate")
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"rank 0: shard .*shard_0.h5 refers to 1 store segment\(s\) that no longer exist "
+                     rf"\(e.g. ../store/\w+/{gone.name}\), and the store does not hold all its sequences",
+                     result.stderr)
+    assert [failed["rank"] for failed in json.loads((tmp_path / "results/manifest.json").read_text())["ranks_failed"]] == [0]
+    result = run_snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stderr
+    assert 0 < rank_status(tmp_path, 0)["embedded"] < 300  # only the lost segment's sequences
+    for name in ("mean/layer_2", "per_residue/layer_2"):
+        assert read_embeddings(tmp_path / "results/embeddings.h5", name)[1].tobytes() == \
+            read_embeddings(reference, name)[1].tobytes()
+
+
 def test_a_failed_attempt_loses_no_computed_work(tmp_path, tiny_checkpoint):
     """Snakemake deletes a failed job's outputs (the shard, here renamed into place just before
     the kill); the work lives on in the store, so the rerun assembles the shard from it, computing nothing."""

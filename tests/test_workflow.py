@@ -254,6 +254,18 @@ def test_every_output_at_once_lands_in_input_order(tmp_path, fasta, records, tin
     long = PackedEngine(network, alphabet, "cpu", "float32", spec).embed([np.frombuffer(records["long3000"].encode(), np.uint8)])
     assert per_residue[-1].shape == (len(records["long3000"]), 32)
     assert np.allclose(per_residue[-1], long["per_residue/layer_2"], rtol=2e-3, atol=2e-3)
+    # The shards refer to their per-residue rows in the store (written once); embeddings.h5 holds
+    # its own copy, so it can be moved alone.
+    with h5py.File(tmp_path / "results/shards/shard_1.h5") as shard:
+        sources = {source.file_name for source in shard["per_residue/layer_2"].virtual_sources()}
+        assert sources and all(name.startswith("../store/") for name in sources)
+    alone = tmp_path / "elsewhere" / "embeddings.h5"
+    alone.parent.mkdir()
+    alone.write_bytes(merged.read_bytes())
+    with h5py.File(alone) as h5:
+        assert not any(h5[f"per_residue/layer_{layer}"].is_virtual for layer in (0, 1, 2))
+    _, moved = load_embeddings(alone, pooling="per_residue", layer=2)
+    assert all(np.array_equal(a, b) for a, b in zip(moved, per_residue))
 
 
 def test_a_precision_the_cpu_cannot_run_fails_the_rank_before_its_model_loads(tmp_path, fasta, tiny_checkpoint):

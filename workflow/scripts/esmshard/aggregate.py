@@ -22,17 +22,17 @@ import numpy as np
 
 from esmshard import EsmShardError, atomic_output, ensure_space
 from esmshard.index import SequenceIndex
-from esmshard.outputs import pooling_of, ranges_index, residue_offsets
+from esmshard.outputs import blocks, pooling_of, ranges_index, residue_offsets
 from esmshard.plan import Plan, read_plan
 from esmshard.rank import RankSettings, RankWork, assemble_shard, rank_work
-from esmshard.shard import create_outputs, outputs_nbytes, shard_failure, write_attrs
+from esmshard.shard import create_outputs, outputs_nbytes, sequence_nbytes, shard_failure, write_attrs
 from esmshard.status import read_status, record_failure
 from esmshard.store import Store
 
 log = logging.getLogger(__name__)
 
 _BLOCK_ROWS = 16384  # sequences copied at a time ...
-_BLOCK_BYTES = 256 << 20  # ... and at most this many bytes of per-residue rows
+_BLOCK_BYTES = 256 << 20  # ... and at most this many bytes of their outputs
 
 
 def aggregate(index_dir, plan_path, shard_paths, status_paths, store_root, settings: RankSettings, out_path,
@@ -158,21 +158,25 @@ def merge(path, shards: dict, plan: Plan, keep: np.ndarray, all_ids, lengths, wo
         dtype = np.dtype(work.identity["dtype"])
         with h5py.File(path, "w") as out:
             datasets = create_outputs(out, spec, all_ids[positions], lengths[positions], work.dim, dtype, compression)
-            row_bytes = work.dim * dtype.itemsize
-            for start, end in _blocks(embedded if spec.per_residue else None, len(positions), row_bytes):
+            sizes = sequence_nbytes(spec, lengths[positions], work.dim, dtype)
+            for start, end in blocks(sizes, _BLOCK_ROWS, _BLOCK_BYTES):
                 block_rank = plan.rank[distinct[start:end]]
                 for name, dataset in datasets.items():
                     per_residue = pooling_of(name) == "per_residue"
                     out_start, out_end = (out_offsets[start], out_offsets[end]) if per_residue else (start, end)
-                    values = np.empty((out_end - out_start, work.dim), dtype)
-                    for rank in np.unique(block_rank).tolist():
+                    ranks = np.unique(block_rank).tolist()
+                    values = None if len(ranks) == 1 else np.empty((out_end - out_start, work.dim), dtype)
+                    for rank in ranks:
                         mine = np.flatnonzero(block_rank == rank)
                         rows = row_in_shard[distinct[start + mine]]
                         if per_residue:
                             offsets = shard_offsets[rank]
                             rows = ranges_index(offsets[rows], embedded[start + mine])
                             mine = ranges_index(out_offsets[start + mine] - out_start, embedded[start + mine])
-                        values[mine] = _read_rows(sources[rank][name], rows)
+                        if values is None:  # one shard's rows fill the block
+                            values = _read_rows(sources[rank][name], rows)
+                        else:
+                            values[mine] = _read_rows(sources[rank][name], rows)
                     dataset[out_start:out_end] = values
             attrs = {**work.identity, **{k: v for k, v in work.shard_attrs().items() if k not in ("rank", "share")}}
             write_attrs(out, {**attrs, "model": work.checkpoint["path"], "fingerprint": plan.fingerprint,
@@ -191,22 +195,9 @@ def _read_rows(dataset, rows: np.ndarray) -> np.ndarray:
     if not len(rows):
         return np.empty((0,) + dataset.shape[1:], dataset.dtype)
     first, last = int(rows.min()), int(rows.max()) + 1
+    if last - first == len(rows) and (np.diff(rows) == 1).all():  # a slice: read as it is, no copy
+        return dataset[first:last]
     if last - first <= 2 * len(rows) + 4096:
         return dataset[first:last][rows - first]
     distinct, inverse = np.unique(rows, return_inverse=True)  # h5py reads increasing rows
     return dataset[distinct][inverse.ravel()]
-
-
-def _blocks(embedded, n: int, row_bytes: int):
-    """(start, end) blocks of sequences: at most _BLOCK_ROWS, and with per-residue output at
-    most _BLOCK_BYTES of residue rows (or one sequence, if longer)."""
-    start = 0
-    ends = np.cumsum(embedded) if embedded is not None else None
-    while start < n:
-        end = min(n, start + _BLOCK_ROWS)
-        if ends is not None:
-            before = ends[start - 1] if start else 0
-            limit = before + max(1, _BLOCK_BYTES // row_bytes)
-            end = max(start + 1, min(end, int(np.searchsorted(ends, limit, side="right"))))
-        yield start, end
-        start = end

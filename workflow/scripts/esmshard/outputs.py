@@ -149,6 +149,27 @@ def ranges_index(starts, lengths) -> np.ndarray:
     return np.arange(ends[-1] if len(ends) else 0) + np.repeat(starts - (ends - lengths), lengths)
 
 
+def sorted_rows(positions, embedded) -> tuple[np.ndarray, np.ndarray]:
+    """Outputs of sequences at ``positions`` (any order; ``embedded``: their per-residue row
+    counts) put in position order: (the order of their pooled rows, of their per-residue rows)."""
+    order = np.argsort(positions, kind="stable")
+    starts = residue_offsets(embedded)[:-1]
+    return order, ranges_index(starts[order], np.asarray(embedded)[order])
+
+
+def blocks(sizes, max_count: int, max_size: int) -> list[tuple[int, int]]:
+    """(start, end) runs of consecutive items of at most ``max_count`` items and ``max_size`` of
+    ``sizes`` in all (or one item alone, where it is larger)."""
+    ends = np.cumsum(sizes)
+    found, start = [], 0
+    while start < len(ends):
+        before = ends[start - 1] if start else 0
+        end = min(len(ends), start + max_count, int(np.searchsorted(ends, before + max_size, side="right")))
+        found.append((start, max(end, start + 1)))
+        start = found[-1][1]
+    return found
+
+
 def runs(sorted_positions) -> list[tuple[int, int]]:
     """(first, last + 1) index pairs of the runs of consecutive values in a sorted array."""
     breaks = np.flatnonzero(np.diff(sorted_positions) != 1) + 1

@@ -11,6 +11,7 @@ again from the store costs disk I/O, never GPU work.
 import hashlib
 import logging
 import os
+import resource
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,18 +23,19 @@ from esmshard.architectures import checkpoint_stamp, resolve_model
 from esmshard.faults import crash_point, fail_if_asked
 from esmshard.gpu import gpu_device, pin_gpu
 from esmshard.index import SequenceIndex
-from esmshard.outputs import OutputSpec, piece_tokens
+from esmshard.outputs import OutputSpec, blocks, piece_tokens, pooling_of, sorted_rows
 from esmshard.plan import Plan, read_plan
 from esmshard.progress import Progress
 from esmshard.settings import defaults
-from esmshard.shard import ShardWriter, dataset_shapes, outputs_nbytes, shard_problem
+from esmshard.shard import ShardWriter, dataset_shapes, outputs_nbytes, sequence_nbytes, shard_problem
 from esmshard.stopping import signals_deferred
-from esmshard.store import DamagedSegment, Store, settings_identity, store_directory, store_key
+from esmshard.store import DamagedSegment, SegmentWriter, Store, settings_identity, store_directory, store_key
 
 log = logging.getLogger(__name__)
 
-# Pending per-residue results go to a store segment at this size, so host memory stays bounded.
-SEGMENT_BYTES = 1 << 30
+# A window's outputs, saved as one store segment, are at most this size: the rank's host memory
+# for outputs stays under ~4x it (the window filling; the one being written, copied once to sort it).
+SEGMENT_BYTES = 512 << 20
 # compile: auto compiles (tuned) only for this much work, in tokens of ESM-2 650M (others count
 # in proportion to layers x width^2): on an H200 eager float16 with the Triton rotary kernel runs
 # 650M at ~290k residues/s, tuned ~8% faster after 20-40 s of compiling on a fresh machine; a
@@ -112,7 +114,10 @@ def run_rank(index_dir, plan_path, checkpoint, rank: int, shard_path, store_root
     embedded = work.spec.embedded_lengths(work.lengths)
     progress = Progress(len(work.ids), int(embedded.sum()), settings.progress_seconds, rank)
     reused, gpu, engine = fill_store_and_assemble(work, shard_path, store_root, settings, progress)
+    peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    log.info("rank %d: done; peak host memory %.2f GiB", rank, peak_memory)
     return {**progress.finish(), "gpu": gpu, "compute_precision": work.compute_precision,
+            "peak_host_memory_gib": round(peak_memory, 2),
             "store": str(store_directory(store_root, work.store_identity)), "reused": reused,
             "embedded": len(work.ids) - reused, "bfloat16_batches": getattr(engine, "fallbacks", 0)}
 
@@ -171,36 +176,58 @@ def compute_precision(settings: RankSettings, device: str) -> str:
 
 
 def compute(work: RankWork, engine, todo: np.ndarray, store: Store, settings: RankSettings, progress: Progress):
-    """Embed the sequences ``todo`` (rows of ``work``) into store segments, as they finish."""
-    batches, budget = plan_batches(engine, work.lengths[todo], settings)
-    log.info("rank %d: %d batches of at most %d tokens", work.rank, len(batches), budget)
+    """Embed the sequences ``todo`` (increasing rows of ``work``) into store segments, as they finish.
+
+    They go window by window: consecutive rows, at most ``chunk_sequences`` sequences and
+    SEGMENT_BYTES of outputs, each window's batches packed on their own and saved as one segment in
+    row order, so that the shard can refer to its per-residue rows in place (``Store.residue_runs``).
+    Segments are written in the background (``SegmentWriter``); whatever stops the rank, every
+    finished batch is saved first."""
+    sizes = sequence_nbytes(work.spec, work.lengths[todo], work.dim, settings.dtype)
+    windows = blocks(sizes, settings.chunk_sequences, SEGMENT_BYTES)
+    batches, window_of = [], []
+    for number, (start, end) in enumerate(windows):
+        planned, budget = plan_batches(engine, work.lengths[todo[start:end]], settings)
+        batches += [start + batch for batch in planned]
+        window_of += [number] * len(planned)
+    log.info("rank %d: %d batches of at most %d tokens, saved in %d windows", work.rank, len(batches), budget,
+             len(windows))
+    unfinished = np.bincount(window_of, minlength=len(windows))  # batches of each window still to come
     read = lambda batch: [work.index.residues(p) for p in work.positions[todo[batch]]]  # noqa: E731
-    pending, last_write = [], time.monotonic()
+    writer, pending, last_save = SegmentWriter(store), [], time.monotonic()
     try:
-        for batch, outputs in engine.embed_batches(batches, read):
+        for number, (batch, outputs) in zip(window_of, engine.embed_batches(batches, read)):
             pending.append((todo[batch], outputs))
             progress.update(len(batch), int(work.spec.embedded_lengths(work.lengths[todo[batch]]).sum()))
-            if (sum(len(rows) for rows, _ in pending) >= settings.chunk_sequences
-                    or sum(v.nbytes for _, out in pending for v in out.values()) >= SEGMENT_BYTES
-                    or time.monotonic() - last_write >= settings.chunk_seconds):
-                _save(store, work, pending)
-                last_write = time.monotonic()
+            unfinished[number] -= 1
+            if not unfinished[number] or time.monotonic() - last_save >= settings.chunk_seconds:
+                _save(writer, work, pending)
+                last_save = time.monotonic()
+        writer.wait()
     except BaseException:
-        _save(store, work, pending)  # keep every finished batch, whatever stops the rank
+        with signals_deferred():
+            _save(writer, work, pending)
+            writer.wait()
         log.info("rank %d: stopped with %d of %d sequences in the store %s", work.rank, progress.sequences,
                  len(work.ids), store.directory)
         raise
-    _save(store, work, pending)
 
 
-def _save(store: Store, work: RankWork, pending: list) -> None:
-    if not pending:
-        return
-    rows = np.concatenate([rows for rows, _ in pending])
-    outputs = {name: np.concatenate([out[name] for _, out in pending]) for name in pending[0][1]}
-    pending.clear()
-    with signals_deferred():
-        store.write(work.digests[rows], work.lengths[rows], outputs)
+def _save(writer: SegmentWriter, work: RankWork, pending: list) -> None:
+    """Hand the pending batches to the writer as one segment, in row order."""
+    if pending:
+        batches = pending.copy()
+        pending.clear()
+        writer.submit(lambda: _segment(work, batches))
+
+
+def _segment(work: RankWork, batches: list) -> tuple:
+    """(digests, lengths, outputs) of finished batches [(rows, outputs)], in row order."""
+    rows = np.concatenate([rows for rows, _ in batches])
+    order, residue_order = sorted_rows(rows, work.spec.embedded_lengths(work.lengths[rows]))
+    outputs = {name: np.concatenate([out[name] for _, out in batches])[
+        residue_order if pooling_of(name) == "per_residue" else order] for name in batches[0][1]}
+    return work.digests[rows[order]], work.lengths[rows[order]], outputs
 
 
 def load_engine(work: RankWork, settings: RankSettings, tokens: int):
@@ -250,8 +277,8 @@ def build_engine(network, alphabet, device: str, precision: str, spec: OutputSpe
     kind = device.split(":")[0]
     compile = compile_mode(settings, kind, tokens * network.num_layers * network.embed_dim**2 / ESM2_650M_WORK)
     if settings.engine == "packed":
-        return PackedEngine(network, alphabet, device, precision, spec, compile), compile
-    return ReferenceEngine(network, alphabet, device, precision, spec), False
+        return PackedEngine(network, alphabet, device, precision, spec, compile, settings.dtype), compile
+    return ReferenceEngine(network, alphabet, device, precision, spec, settings.dtype), False
 
 
 def compile_mode(settings: RankSettings, device: str, tokens: float) -> bool | str:
@@ -280,12 +307,16 @@ def plan_batches(engine, lengths, settings: RankSettings):
 def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str, engine=None) -> None:
     """The rank's shard from the store, in plan order; only a complete file lands. Its attributes
     say how many of this run's batches overflowed float16 and were computed in bfloat16."""
-    log.info("rank %d: assembling %s from %d store segments", work.rank, shard_path, len(store.segments))
-    ensure_space(Path(shard_path).parent, outputs_nbytes(work.spec, work.lengths, work.dim, dtype), "the shard")
+    runs = store.residue_runs(work.digests) if work.spec.per_residue else None
+    log.info("rank %d: assembling %s from %d store segments%s", work.rank, shard_path, len(store.segments),
+             "" if runs is None else f", its per-residue rows referred to where they are ({len(runs)} runs)")
+    nbytes = (outputs_nbytes(work.spec, work.lengths, work.dim, dtype) if runs is None  # else pooled rows at most
+              else len(work.spec.names) * len(work.ids) * work.dim * np.dtype(dtype).itemsize)
+    ensure_space(Path(shard_path).parent, nbytes, "the shard")
     with signals_deferred(), atomic_output(shard_path) as tmp:
         attrs = {**work.identity, **work.shard_attrs(), "model": work.checkpoint["path"],
                  "bfloat16_batches": getattr(engine, "fallbacks", 0)}
-        writer = ShardWriter(tmp, work.ids, work.lengths, work.spec, work.dim, dtype, attrs)
+        writer = ShardWriter(tmp, work.ids, work.lengths, work.spec, work.dim, dtype, attrs, runs)
         store.copy_to(writer, work.digests)
         writer.close()
         crash_point("shard-written")

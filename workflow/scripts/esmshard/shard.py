@@ -15,6 +15,7 @@ ranks' results are merged; the aggregation counts it as a failed rank (``shard_f
 """
 
 import json
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +24,7 @@ import h5py
 import numpy as np
 
 from esmshard import atomic_output
-from esmshard.outputs import OutputSpec, pooling_of, ranges_index, residue_offsets, runs
+from esmshard.outputs import OutputSpec, pooling_of, residue_offsets, runs, sorted_rows
 
 DTYPES = {"float32": np.float32, "float16": np.float16}
 _CHUNK_BYTES = 4 << 20  # HDF5 chunks of about 4 MiB
@@ -47,35 +48,70 @@ def dataset_shapes(spec: OutputSpec, lengths, dim: int) -> dict[str, tuple[int, 
 
 def outputs_nbytes(spec: OutputSpec, lengths, dim: int, dtype) -> int:
     """Bytes of every output dataset for sequences of these input lengths."""
-    return sum(rows * width for rows, width in dataset_shapes(spec, lengths, dim).values()) * np.dtype(dtype).itemsize
+    return int(sequence_nbytes(spec, lengths, dim, dtype).sum())
 
 
-def create_outputs(h5: h5py.File, spec: OutputSpec, ids, lengths, dim: int, dtype,
-                   compression: str = "none") -> dict[str, h5py.Dataset]:
-    """The row datasets and empty output datasets of a shard or merged file; ``compression``
-    (config ``compression``: none, gzip or lzf) applies to the output datasets."""
+def sequence_nbytes(spec: OutputSpec, lengths, dim: int, dtype) -> np.ndarray:
+    """[n] bytes of each sequence's rows in all output datasets."""
+    per_residue = sum(pooling_of(name) == "per_residue" for name in spec.names)
+    rows = len(spec.names) - per_residue + per_residue * spec.embedded_lengths(lengths)
+    return rows * dim * np.dtype(dtype).itemsize
+
+
+def create_outputs(h5: h5py.File, spec: OutputSpec, ids, lengths, dim: int, dtype, compression: str = "none",
+                   residue_runs=None) -> dict[str, h5py.Dataset]:
+    """The row datasets, and the empty output datasets of a shard or merged file (returned, to be
+    written). ``compression`` (config ``compression``: none, gzip or lzf) applies to the outputs;
+    without it they are contiguous, the fastest layout to write and read. With ``residue_runs``
+    (``Store.residue_runs``) the per-residue outputs are instead virtual datasets over the store
+    segments that hold their rows, and nothing writes them."""
     h5.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
     h5.create_dataset("lengths", data=np.asarray(lengths, np.int64))
     h5.create_dataset("truncated", data=spec.truncated(lengths))
     if spec.per_residue:
         h5.create_dataset("residue_offsets", data=residue_offsets(spec.embedded_lengths(lengths)))
     rows_per_chunk = max(1, _CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
-    # Byte shuffling puts the floats' exponent bytes together: smaller and faster to write
-    # (docs/benchmarks.md, "Compression").
-    filters = {} if compression == "none" else {"compression": compression, "shuffle": True}
-    return {  # an empty output (a rank with nothing planned) is stored unchunked: HDF5 wants chunks <= data
-        name: h5.create_dataset(name, shape, dtype, chunks=(min(shape[0], rows_per_chunk), dim), **filters)
-        if shape[0] else h5.create_dataset(name, shape, dtype)
-        for name, shape in dataset_shapes(spec, lengths, dim).items()
-    }
+    datasets = {}
+    for name, shape in dataset_shapes(spec, lengths, dim).items():
+        if residue_runs is not None and pooling_of(name) == "per_residue":
+            _create_virtual(h5, name, shape, dtype, residue_runs)
+        elif compression == "none" or not shape[0]:  # HDF5 wants chunks <= data, so an empty one is plain
+            datasets[name] = h5.create_dataset(name, shape, dtype)
+        else:  # byte shuffling puts the floats' exponent bytes together: smaller, faster (docs/benchmarks.md)
+            datasets[name] = h5.create_dataset(name, shape, dtype, chunks=(min(shape[0], rows_per_chunk), dim),
+                                               compression=compression, shuffle=True)
+    return datasets
+
+
+def _create_virtual(h5: h5py.File, name: str, shape, dtype, runs) -> None:
+    """Dataset ``name`` made of ``runs`` (segment path, its rows, first row, end row), in order.
+    Paths are stored relative to this file's folder (HDF5 resolves them from there), so the
+    results folder may move as a whole; rows whose segment is missing would read as NaN."""
+    layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
+    folder, at = Path(h5.filename).resolve().parent, 0
+    for path, total, start, end in runs:
+        source = h5py.VirtualSource(os.path.relpath(Path(path).resolve(), folder), name, shape=(total, shape[1]),
+                                    dtype=dtype)
+        layout[at : at + end - start] = source[start:end]
+        at += end - start
+    h5.create_virtual_dataset(name, layout, fillvalue=np.nan)
+
+
+def missing_sources(path, dataset: h5py.Dataset) -> list[str]:
+    """The files a virtual ``dataset`` of the file at ``path`` reads that do not exist."""
+    if not dataset.is_virtual:
+        return []
+    folder = Path(path).resolve().parent
+    return sorted({source.file_name for source in dataset.virtual_sources()
+                   if not (folder / source.file_name).is_file()})
 
 
 class ShardWriter:
     """Writes rows at their positions; wrap in ``atomic_output`` so only a closed, complete file lands."""
 
-    def __init__(self, path, ids, lengths, spec: OutputSpec, dim: int, dtype: str, attrs: dict):
+    def __init__(self, path, ids, lengths, spec: OutputSpec, dim: int, dtype: str, attrs: dict, residue_runs=None):
         self._h5 = h5py.File(path, "w")
-        self._datasets = create_outputs(self._h5, spec, ids, lengths, dim, DTYPES[dtype])
+        self._datasets = create_outputs(self._h5, spec, ids, lengths, dim, DTYPES[dtype], residue_runs=residue_runs)
         self._embedded = spec.embedded_lengths(lengths)
         self._offsets = residue_offsets(self._embedded)
         self._written = np.zeros(len(ids), bool)
@@ -84,11 +120,8 @@ class ShardWriter:
     def write(self, positions: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
         """``outputs`` hold rows in the order of ``positions``: one per sequence, or each
         sequence's per-residue rows one after another."""
-        order = np.argsort(positions)  # h5py writes rows at increasing positions only
+        order, residue_order = sorted_rows(positions, self._embedded[positions])  # h5py writes in order only
         sorted_positions = positions[order]
-        counts = self._embedded[positions]
-        chunk_starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
-        residue_order = ranges_index(chunk_starts[order], counts[order])  # chunk rows in position order
         for name, values in outputs.items():
             dataset = self._datasets[name]
             if pooling_of(name) != "per_residue":
@@ -101,6 +134,11 @@ class ShardWriter:
                 dataset[start:stop] = values[done : done + stop - start]
                 done += stop - start
         self._written[positions] = True
+
+    @property
+    def names(self) -> list[str]:
+        """The output datasets written through ``write`` (not the virtual ones)."""
+        return list(self._datasets)
 
     def close(self) -> None:
         """Close the file; raises if any row was never written."""
@@ -141,10 +179,13 @@ def shard_problem(path, ids: np.ndarray, expected: dict, shapes: dict | None = N
             attrs = {key: plain_attr(h5.attrs.get(key)) for key in expected}
             stored = h5["ids"].asstr()[:]
             found = {name: h5[name].shape for name in (shapes or {}) if name in h5}
+            gone = sorted({file for name in found for file in missing_sources(path, h5[name])})
             for name in found:
                 h5[name][-1:]  # the last rows must be readable too
     except Exception as error:  # a torn or corrupt file raises many kinds
         return f"is unreadable ({' '.join(str(error).split())[:200]})"
+    if gone:
+        return f"refers to {len(gone)} store segment(s) that no longer exist (e.g. {gone[0]})"
     differ = [key for key in expected if attrs[key] != expected[key]]
     if differ:
         return f"was made with other settings ({', '.join(differ)})"

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 from pathlib import Path
 
 import h5py
@@ -38,6 +39,9 @@ from esmshard.shard import DTYPES, dataset_shapes, plain_attr, write_attrs
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 4 << 20  # HDF5 storage chunks of about 4 MiB, each with its own checksum
+# A shard refers to its per-residue rows in the store through at most this many mappings (each
+# HDF5 reads on opening the dataset); beyond, the rows are copied into the shard.
+MAX_VIRTUAL_RUNS = 4096
 
 
 class DamagedSegment(EsmShardError):
@@ -70,23 +74,29 @@ class Store:
         for stray in self.directory.glob(f".seg_{writer}_*"):  # this writer's temporaries of a killed write
             stray.unlink(missing_ok=True)
         self.segments: list[Path] = []
+        residue_offsets_of = []  # [rows + 1] of each segment
         keys, segment_of, row_of = [], [], []
         for path in sorted(self.directory.glob("seg_*.h5")):
-            digests = self._digests_of(path)
+            digests, lengths = self._read_keys(path)
             if digests is None:
                 continue
             keys.append(digests)
+            residue_offsets_of.append(residue_offsets(spec.embedded_lengths(lengths)))
             segment_of.append(np.full(len(digests), len(self.segments), np.int64))
             row_of.append(np.arange(len(digests), dtype=np.int64))
             self.segments.append(path)
+        # every segment's residue offsets one after another, and where each segment's begin
+        self._residue_offsets = np.concatenate(residue_offsets_of) if keys else np.zeros(0, np.int64)
+        self._offsets_at = np.cumsum([0] + [len(offsets) for offsets in residue_offsets_of])
         keys = np.concatenate(keys) if keys else np.empty(0, DIGEST)
         order = np.argsort(keys, kind="stable")
         self._keys = keys[order]
         self._segment = np.concatenate(segment_of)[order] if segment_of else np.empty(0, np.int64)
         self._row = np.concatenate(row_of)[order] if row_of else np.empty(0, np.int64)
 
-    def _digests_of(self, path: Path):
-        """The segment's digests, or None (and the segment deleted) if it is not whole or not ours."""
+    def _read_keys(self, path: Path):
+        """The segment's (digests, lengths), or (None, None) (and the segment deleted) if it is not
+        whole or not ours."""
         try:
             with h5py.File(path, "r") as h5:
                 identity = {key: plain_attr(h5.attrs.get(key)) for key in self.identity}
@@ -102,8 +112,8 @@ class Store:
         if problem:
             log.warning("discarding store segment %s (%s); its sequences will be computed again", path, problem)
             path.unlink(missing_ok=True)
-            return None
-        return digests
+            return None, None
+        return digests, lengths
 
     def _shape_problem(self, n: int, lengths, shapes: dict):
         if len(lengths) != n:
@@ -140,22 +150,40 @@ class Store:
         log.info("wrote %s (%d sequences)", path.name, len(digests))
         return path
 
+    def residue_runs(self, digests: np.ndarray):
+        """Where the per-residue rows of ``digests`` (all in the store) lie, in order: runs of
+        (segment path, its rows, first row, end row) of consecutive rows of one segment; None
+        where they take more than MAX_VIRTUAL_RUNS runs (sequences reused from many earlier runs),
+        for the caller to copy them instead."""
+        segment, row = self.find(digests)
+        at = self._offsets_at[segment] + row
+        starts, ends = self._residue_offsets[at], self._residue_offsets[at + 1]
+        new_run = np.ones(len(digests), bool)
+        new_run[1:] = (segment[1:] != segment[:-1]) | (starts[1:] != ends[:-1])
+        firsts = np.flatnonzero(new_run)
+        if len(firsts) > MAX_VIRTUAL_RUNS:
+            return None
+        lasts = np.append(firsts[1:], len(digests)) - 1
+        totals = self._residue_offsets[self._offsets_at[1:] - 1]  # rows of each segment
+        return [(self.segments[segment[f]], int(totals[segment[f]]), int(starts[f]), int(ends[e]))
+                for f, e in zip(firsts.tolist(), lasts.tolist())]
+
     def copy_to(self, writer, digests: np.ndarray) -> None:
-        """Write the outputs of ``digests`` (all in the store) to rows 0..n-1 of ``writer`` (a
-        ShardWriter), one segment in memory at a time. A segment found damaged is deleted and
+        """Write the outputs ``writer`` (a ShardWriter) takes of ``digests`` (all in the store) to its
+        rows 0..n-1, one segment in memory at a time. A segment found damaged is deleted and
         DamagedSegment raised, so that the caller computes its sequences again."""
         segment, row = self.find(digests)
         if (segment < 0).any():
             raise EsmShardError(f"the store {self.directory} lacks {int((segment < 0).sum())} of the sequences")
         for number in np.unique(segment).tolist():
             positions = np.flatnonzero(segment == number)
-            writer.write(positions, self._read_rows(self.segments[number], row[positions]))
+            writer.write(positions, self._read_rows(self.segments[number], row[positions], writer.names))
 
-    def _read_rows(self, path: Path, rows: np.ndarray) -> dict[str, np.ndarray]:
+    def _read_rows(self, path: Path, rows: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
         try:
             with h5py.File(path, "r") as h5:
                 lengths = h5["lengths"][:]
-                outputs = {name: h5[name][:] for name in self.spec.names}
+                outputs = {name: h5[name][:] for name in names}
         except Exception as error:
             path.unlink(missing_ok=True)
             raise DamagedSegment(
@@ -167,3 +195,34 @@ class Store:
             name: values[residue_rows if pooling_of(name) == "per_residue" else rows]
             for name, values in outputs.items()
         }
+
+
+class SegmentWriter:
+    """Writes a store's segments on a background thread, so that the rank's GPU goes on computing
+    while the disk writes (h5py lets go of the GIL while HDF5 writes). ``submit`` first waits for
+    the segment before: at most one is being written while the next fills, which bounds host memory."""
+
+    def __init__(self, store: Store):
+        self.store, self._thread, self._error = store, None, None
+
+    def submit(self, make_segment) -> None:
+        """Write the segment that ``make_segment()`` returns ((digests, lengths, outputs), as
+        ``Store.write`` takes them), in the background."""
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(make_segment,), name="segment-writer")
+        self._thread.start()
+
+    def _write(self, make_segment) -> None:
+        try:
+            self.store.write(*make_segment())
+        except BaseException as error:  # raised in the caller's thread by wait()
+            self._error = error
+
+    def wait(self) -> None:
+        """Until the segment being written is on disk; raises what went wrong writing it."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
