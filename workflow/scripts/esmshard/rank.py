@@ -222,11 +222,20 @@ def _save(writer: SegmentWriter, work: RankWork, pending: list) -> None:
 
 
 def _segment(work: RankWork, batches: list) -> tuple:
-    """(digests, lengths, outputs) of finished batches [(rows, outputs)], in row order."""
+    """(digests, lengths, outputs) of finished batches [(rows, outputs)], in row order: each batch's
+    rows copied once, straight to their place."""
     rows = np.concatenate([rows for rows, _ in batches])
     order, residue_order = sorted_rows(rows, work.spec.embedded_lengths(work.lengths[rows]))
-    outputs = {name: np.concatenate([out[name] for _, out in batches])[
-        residue_order if pooling_of(name) == "per_residue" else order] for name in batches[0][1]}
+    outputs = {}
+    for name, first in batches[0][1].items():
+        source_order = residue_order if pooling_of(name) == "per_residue" else order
+        place = np.empty_like(source_order)  # where each row of the batches goes
+        place[source_order] = np.arange(len(source_order))
+        values, done = np.empty((len(place), first.shape[1]), first.dtype), 0
+        for _, out in batches:
+            values[place[done : done + len(out[name])]] = out[name]
+            done += len(out[name])
+        outputs[name] = values
     return work.digests[rows[order]], work.lengths[rows[order]], outputs
 
 

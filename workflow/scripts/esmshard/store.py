@@ -140,7 +140,7 @@ class Store:
                 h5.create_dataset("digests", data=digests.view(np.uint8).reshape(-1, DIGEST.itemsize))
                 h5.create_dataset("lengths", data=np.asarray(lengths, np.int64))
                 for name, values in outputs.items():
-                    values = values.astype(DTYPES[self.dtype])
+                    values = np.asarray(values, DTYPES[self.dtype])  # a copy only where the type differs
                     rows = max(1, min(len(values), _CHUNK_BYTES // max(1, values[:1].nbytes)))
                     h5.create_dataset(name, data=values, chunks=(rows, self.dim), fletcher32=True)
                 write_attrs(h5, self.identity)
