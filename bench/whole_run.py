@@ -64,7 +64,7 @@ def stages(workdir: Path, started: float) -> dict:
         stamps = [datetime.strptime(s, "%Y-%m-%d %H:%M:%S.%f").timestamp() - started
                   for s in STAMP.findall(log.read_text())]
         if stamps:
-            out[log.stem] = (round(stamps[0], 1), round(stamps[-1], 1))
+            out[log.stem] = (round(stamps[0], 3), round(stamps[-1], 3))  # the logs' resolution
     rank_log = (workdir / "logs/embed/rank_0.log").read_text()
     for key, pattern in (("first batch after process start", r"first batch done, ([\d.]+) s after"),
                          ("model loaded in", r"loaded in ([\d.]+) s")):
