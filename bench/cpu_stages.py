@@ -35,7 +35,6 @@ import yaml  # noqa: E402
 from whole_run import stages, write_input  # noqa: E402
 
 JOBS = {"index": "index", "plan": "plan", "embed": "rank_0", "aggregate": "aggregate", "report_plots": "report_plots"}
-PROCESS_AGE = re.compile(r"job process started ([\d.]+) s ago")
 ANNOUNCED = re.compile(r"^(?:local)?rule (\w+):")
 FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)")
 
@@ -71,9 +70,7 @@ def run_once(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, cores
     spans = stages(workdir, started)
     row = {}
     for rule, job in JOBS.items():
-        first, last = spans[job]
-        log = next((workdir / "logs").rglob(f"{job}.log")).read_text()
-        process_start = first - float(PROCESS_AGE.search(log).group(1))
+        process_start, first, last = spans[job]
         row.update({f"{rule} announced": said[f"{rule} announced"], f"{rule} process start": process_start,
                     f"{rule} imports": first - process_start, f"{rule} work": last - first,
                     f"{rule} last line": last, f"{rule} finished": said[f"{rule} finished"]})
