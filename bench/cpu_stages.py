@@ -11,7 +11,9 @@ do exactly the work of a first run. Prints, per run and as medians, seconds from
 when Snakemake announced each job and said it finished (its output, timestamped as it comes),
 each job log's first and last line (whole_run.stages), and each job's own breakdown: process
 start, imports (process start to its first log line: interpreter, Snakemake's script preamble,
-imports) and work (first to last log line); and the exit of snakemake.
+imports), work (first to last log line) and exit (last line to Snakemake's "Finished": the
+process's end and Snakemake's bookkeeping); and the exit of snakemake. With --compute the timed
+runs start with an empty store instead (use a small --n): the rank then imports torch and computes.
 
 To compare two versions (before/after a change), give each one's workflow directory with
 --workflow (repeated): their runs alternate, so that a busy machine slows both alike.
@@ -63,9 +65,10 @@ def snakemake(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, core
     return started, said
 
 
-def run_once(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, cores: int, store: Path) -> dict:
-    """One timed run, starting with a copy of ``store``; returns its figures."""
-    shutil.copytree(store, workdir / "results/store")
+def run_once(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, cores: int, store: Path | None) -> dict:
+    """One timed run, starting with a copy of ``store`` (if any); returns its figures."""
+    if store:
+        shutil.copytree(store, workdir / "results/store")
     started, said = snakemake(workflow, workdir, fasta, checkpoint, cores)
     spans = stages(workdir, started)
     row = {}
@@ -73,7 +76,8 @@ def run_once(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, cores
         process_start, first, last = spans[job]
         row.update({f"{rule} announced": said[f"{rule} announced"], f"{rule} process start": process_start,
                     f"{rule} imports": first - process_start, f"{rule} work": last - first,
-                    f"{rule} last line": last, f"{rule} finished": said[f"{rule} finished"]})
+                    f"{rule} last line": last, f"{rule} finished": said[f"{rule} finished"],
+                    f"{rule} exit": said[f"{rule} finished"] - last})  # its process's end, Snakemake's bookkeeping
     row["embeddings.h5 written"] = (workdir / "results/embeddings.h5").stat().st_mtime - started
     row["snakemake exit"] = said["snakemake exit"]
     row["outside the rank"] = row["snakemake exit"] - (row["embed finished"] - row["embed announced"])
@@ -89,6 +93,8 @@ def main() -> int:
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--cache", type=Path, default=Path("/tmp/esmshard-cpu-stages"))
     parser.add_argument("--workflow", type=Path, action="append", help="a workflow directory (default: this one's)")
+    parser.add_argument("--compute", action="store_true", help="start with an empty store: the rank computes "
+                        "(imports torch, loads the model), as in a first run")
     args = parser.parse_args()
     workflows = [path.resolve() for path in args.workflow or [REPO / "workflow"]]
 
@@ -102,7 +108,7 @@ def main() -> int:
 
         write_random_checkpoint(checkpoint, 2, 32, 4, seed=1)
     seeded = args.cache / f"seed_{args.n}"  # the run that filled the store, kept for later benches
-    if not (seeded / "results/embeddings.h5").exists():
+    if not args.compute and not (seeded / "results/embeddings.h5").exists():
         shutil.rmtree(seeded, ignore_errors=True)
         snakemake(workflows[0], seeded, fasta, checkpoint, args.cores)
     runs = Path(tempfile.mkdtemp(prefix="runs-", dir=args.cache))
@@ -110,9 +116,10 @@ def main() -> int:
     for i in range(args.repeat):
         for number, workflow in enumerate(workflows):
             rows[workflow].append(run_once(workflow, runs / f"w{number}_run{i}", fasta, checkpoint, args.cores,
-                                           seeded / "results/store"))
+                                           None if args.compute else seeded / "results/store"))
 
-    print(f"{args.n} proteins, tiny random-weight model on the CPU (rank from a filled store), "
+    print(f"{args.n} proteins, tiny random-weight model on the CPU "
+          f"({'rank computing' if args.compute else 'rank from a filled store'}), "
           f"--cores {args.cores}; runs in {runs}")
     for workflow, runs_of_it in rows.items():
         print(f"\n{workflow}\n| seconds from the run's start | "
