@@ -38,6 +38,7 @@ from engine_speed import synthetic_records  # noqa: E402
 from esmshard.architectures import ESM2_MODELS  # noqa: E402
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) ", re.M)
+PROCESS_AGE = re.compile(r"job process started ([\d.]+) s ago")  # esmshard.logs.setup's second line
 
 
 def write_input(path: Path, n: int, real: Path | None, real_n: int, seed: int = 0) -> None:
@@ -58,13 +59,16 @@ def timed(command: list[str], env: dict, log: Path) -> float:
 
 
 def stages(workdir: Path, started: float) -> dict:
-    """Seconds from the run's start to each job log's first and last line, and the rank's own figures."""
+    """Seconds from the run's start to each job's process start (None where its log does not say)
+    and its log's first and last line, and the rank's own figures."""
     out = {}
     for log in sorted((workdir / "logs").rglob("*.log")):
-        stamps = [datetime.strptime(s, "%Y-%m-%d %H:%M:%S.%f").timestamp() - started
-                  for s in STAMP.findall(log.read_text())]
+        text = log.read_text()
+        stamps = [datetime.strptime(s, "%Y-%m-%d %H:%M:%S.%f").timestamp() - started for s in STAMP.findall(text)]
         if stamps:
-            out[log.stem] = (round(stamps[0], 1), round(stamps[-1], 1))
+            age = PROCESS_AGE.search(text)
+            process_start = round(stamps[0] - float(age.group(1)), 3) if age else None
+            out[log.stem] = (process_start, round(stamps[0], 3), round(stamps[-1], 3))  # the logs' resolution
     rank_log = (workdir / "logs/embed/rank_0.log").read_text()
     for key, pattern in (("first batch after process start", r"first batch done, ([\d.]+) s after"),
                          ("model loaded in", r"loaded in ([\d.]+) s"),
@@ -142,7 +146,7 @@ def main() -> int:
         print(f"| {name} | {row['seconds']:.1f} | {to_h5} | {ratio} |")
     for name, row in rows.items():
         if "stages" in row:
-            print(f"\n{name} stages (s from the start: first and last log line):")
+            print(f"\n{name} stages (s from the start: process start, first and last log line):")
             for stage, value in row["stages"].items():
                 print(f"  {stage:34s} {value}")
     (runs / "result.json").write_text(json.dumps(rows, indent=2))

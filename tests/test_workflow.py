@@ -78,6 +78,16 @@ def test_each_rank_writes_its_planned_share_with_progress(clean_run):
     assert "rank cost max/mean" in (clean_run / "logs/plan.log").read_text()
 
 
+def test_every_job_log_says_when_its_process_started(clean_run):
+    """Seconds from the process's start to the log's first line (interpreter, Snakemake's script
+    preamble, imports): what bench/cpu_stages.py and bench/whole_run.py split a job's time by."""
+    jobs = ["index", "plan", "embed/rank_0", "embed/rank_1", "embed/rank_2", "aggregate", "report_plots"]
+    for job in jobs:
+        log = (clean_run / f"logs/{job}.log").read_text()
+        age = re.search(r"^\S+ \S+ INFO job process started ([\d.]+) s ago$", log, re.M)
+        assert age and 0 < float(age.group(1)) < 60, (job, log[:300])
+
+
 def test_shards_are_outputs_snakemake_knows(clean_run, fasta, tiny_checkpoint):
     """--summary and --delete-all-output (storage plugins too) see every shard next to its status."""
     config = config_for(fasta, tiny_checkpoint, world_size=3)

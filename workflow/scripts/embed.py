@@ -4,6 +4,7 @@ status file. A failure on the last attempt, a stop signal (also while waiting fo
 rank's timeout end the job successfully with a failure shard and a failed status: the others'
 results are merged, and the next run retries this rank, resuming from the store."""
 
+import gc
 import logging
 import os
 import socket
@@ -57,3 +58,6 @@ except Exception as error:
     log.exception("rank %d failed on its last attempt (%d); recording the failure", rank, attempt)
     record_failure_for_good(error)
 write_status(snakemake.output.status, rank=rank, ok=True, attempt=attempt, retried=retried, **where, **stats)
+# The job ends here: keep the interpreter's last garbage collection from walking every object
+# torch and the engine made (the outputs are written and closed); the operating system frees them.
+gc.freeze()

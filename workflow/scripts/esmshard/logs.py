@@ -5,6 +5,7 @@ import logging
 import sys
 from pathlib import Path
 
+from esmshard.progress import process_age
 from esmshard.stopping import Stopped, TimedOut
 
 
@@ -35,3 +36,5 @@ def setup(log_path) -> None:
     logging.basicConfig(level=logging.INFO, handlers=[to_file, to_terminal], force=True)
     # which code runs: a deployed workflow's own package, never one installed from elsewhere
     logging.getLogger("esmshard").info("esmshard from %s", Path(__file__).resolve().parent)
+    # what the job spent before its first line (interpreter, Snakemake's preamble, imports)
+    logging.getLogger("esmshard").info("job process started %.3f s ago", process_age())
