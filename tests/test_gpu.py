@@ -41,10 +41,11 @@ def test_inside_slurm_the_allocation_is_kept(monkeypatch, tmp_path):
 
 HOLDER = textwrap.dedent(
     """
-    import logging, os, sys, time
+    import gc, logging, os, sys, time
     from esmshard.gpu import pin_gpu
     logging.basicConfig(level=logging.INFO)
-    lease = pin_gpu(sys.argv[1], poll_seconds=0.1)
+    pin_gpu(sys.argv[1], poll_seconds=0.1)  # as a rank does: the lease object is not kept
+    gc.collect()
     print(os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
     time.sleep(float(sys.argv[2]))
     """

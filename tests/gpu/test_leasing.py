@@ -14,11 +14,12 @@ from esmshard.gpu import visible_gpus
 
 RANK = textwrap.dedent(
     """
-    import json, os, sys
+    import gc, json, os, sys
     from esmshard.gpu import pin_gpu
-    lease = pin_gpu(sys.argv[1], poll_seconds=0.1)
+    gpu = pin_gpu(sys.argv[1], poll_seconds=0.1).gpu  # as a rank does: the lease object is not kept
+    gc.collect()
     import torch
-    seen = {"gpu": lease.gpu, "visible": os.environ["CUDA_VISIBLE_DEVICES"],
+    seen = {"gpu": gpu, "visible": os.environ["CUDA_VISIBLE_DEVICES"],
             "count": torch.cuda.device_count(), "uuid": str(torch.cuda.get_device_properties(0).uuid)}
     print(json.dumps(seen), flush=True)
     sys.stdin.read()  # hold the lease until the test closes stdin

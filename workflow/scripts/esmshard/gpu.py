@@ -74,12 +74,19 @@ def in_slurm_job() -> bool:
 class GpuLease:
     """The GPU this process uses (None: the CPU) and, when leased, the open lock file that holds it.
 
-    Nothing releases the flock early: it lasts until the process exits, however it exits.
+    Nothing releases the flock early: it lasts until the process exits, however it exits. The
+    module keeps every lease (``_HELD``), since closing the file (as garbage collection would,
+    once the caller drops the lease) drops the flock and lets another rank take the same GPU.
     """
 
     def __init__(self, gpu: str | None, handle):
         self.gpu = gpu
         self._handle = handle
+        if handle is not None:
+            _HELD.append(self)
+
+
+_HELD: list[GpuLease] = []
 
 
 def pin_gpu(lock_dir, poll_seconds: float = 5.0) -> GpuLease:
