@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 
+from conftest import config_for, random_sequences, snakemake_command, write_fasta
 from esmshard.gpu import visible_gpus
 
 RANK = textwrap.dedent(
@@ -75,3 +76,20 @@ def test_a_cuda_visible_devices_subset_is_honoured(two_gpus, tmp_path):
         finish(rank)
     assert leased == {"gpu": second_gpu, "visible": second_gpu, "count": 1,
                       "uuid": str(torch.cuda.get_device_properties(1).uuid)}
+
+
+def test_two_ranks_of_a_run_compute_on_two_gpus_at_once(two_gpus, tmp_path, tiny_checkpoint):
+    """The workflow's own ranks, at once: each keeps its lease while it computes (a lease dropped
+    early once let every rank take the first GPU)."""
+    pytest.importorskip("snakemake")
+    fasta = write_fasta(tmp_path / "proteins.fasta", random_sequences(400, seed=2))
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    config = config_for(fasta, tiny_checkpoint, world_size=2, gpu_lock_dir=str(tmp_path / "locks"))
+    command, env = snakemake_command(workdir, config, "--resources", "gpu=2", cores=4,
+                                     env={"CUDA_VISIBLE_DEVICES": ",".join(visible_gpus())})
+    command[:1] = [sys.executable, "-m", "snakemake"]  # wherever snakemake is installed
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    statuses = [json.loads((workdir / f"results/status/rank_{rank}.json").read_text()) for rank in (0, 1)]
+    assert sorted(status["gpu"] for status in statuses) == sorted(visible_gpus()[:2])
