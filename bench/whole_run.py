@@ -10,7 +10,9 @@ files). Then, timed as whole processes from start to exit:
   - esmshard cold: `snakemake --cores C --resources gpu=1` in a fresh directory, with empty
     torch.compile caches (the page cache is not dropped: the files were just written);
   - esmshard warm: the same again in another fresh directory, caches as the cold run left them.
-Prints the table (seconds, ratio to fair-esm, time to embeddings.h5) and each run's stages from
+With --variant, one more warm run with those options, and its time over the warm run's (e.g.
+per-residue output against the mean alone, in one call). Prints the table (seconds, ratio to
+fair-esm, time to embeddings.h5) and each run's stages from
 the job logs (Snakemake's start, index, plan, rank start-up to its first batch, embedding,
 aggregate, report). Checks esmshard's means against the fair-esm script's (cosine >= 0.999:
 both are float16 approximations of the same forward) and exits non-zero when they differ.
@@ -106,9 +108,13 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/esmshard-whole-run"))
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                         help="esmshard option for both runs (YAML value), e.g. pooling=[mean,per_residue]")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+                        help="options of one more warm run, compared with the warm run in the same call, "
+                             "e.g. --variant pooling=[mean,per_residue] --variant dtype=float16")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
-    extra = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.config)}
+    extra, variant = ({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
+                      for items in (args.config, args.variant))
 
     args.cache.mkdir(parents=True, exist_ok=True)
     layers, dim, heads = ESM2_MODELS[args.like]
@@ -132,6 +138,11 @@ def main() -> int:
     caches = runs / "compile-caches"
     for name in ("cold", "warm"):
         rows[f"esmshard {name}"] = run_esmshard(runs / name, fasta, checkpoint, caches, extra)
+    if variant:
+        rows[f"esmshard warm, {variant}"] = run_esmshard(runs / "variant", fasta, checkpoint, caches,
+                                                          {**extra, **variant})
+        rows[f"esmshard warm, {variant}"]["over warm"] = (rows[f"esmshard warm, {variant}"]["seconds"]
+                                                           / rows["esmshard warm"]["seconds"])
 
     with h5py.File(runs / "warm/results/embeddings.h5") as h5:
         residues = int(np.minimum(h5["lengths"][:], 1022).sum())
@@ -139,11 +150,12 @@ def main() -> int:
     print(f"\n{args.like} shape (RANDOM weights), {sequences} proteins, {residues} residues embedded, "
           f"options {extra or 'default'}; runs in {runs}")
     baseline = rows.get("fair-esm fp16 script", {}).get("seconds")
-    print(f"| run | whole run (s) | to embeddings.h5 (s) | fair-esm / run |\n|---|---:|---:|---:|")
+    print("| run | whole run (s) | to embeddings.h5 (s) | fair-esm / run | run / warm run |\n|---|---:|---:|---:|---:|")
     for name, row in rows.items():
         to_h5 = f"{row['to_embeddings']:.1f}" if "to_embeddings" in row else ""
         ratio = f"{baseline / row['seconds']:.2f}x" if baseline else ""
-        print(f"| {name} | {row['seconds']:.1f} | {to_h5} | {ratio} |")
+        over_warm = f"{row['over warm']:.2f}x" if "over warm" in row else ""
+        print(f"| {name} | {row['seconds']:.1f} | {to_h5} | {ratio} | {over_warm} |")
     for name, row in rows.items():
         if "stages" in row:
             print(f"\n{name} stages (s from the start: process start, first and last log line):")

@@ -178,7 +178,7 @@ def merge(path, shards: dict, plan: Plan, keep: np.ndarray, all_ids, lengths, wo
                         else:
                             values[mine] = _read_rows(sources[rank][name], rows)
                     dataset[out_start:out_end] = values
-            attrs = {**work.identity, **{k: v for k, v in work.shard_attrs().items() if k not in ("rank", "share")}}
+            attrs = {**work.identity, **work.run_attrs()}
             write_attrs(out, {**attrs, "model": work.checkpoint["path"], "fingerprint": plan.fingerprint,
                               "versions": sources[min(shards)].attrs["versions"],
                               "ranks_succeeded": np.array(sorted(shards), np.int64),

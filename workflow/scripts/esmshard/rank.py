@@ -96,13 +96,17 @@ class RankWork:
         """None when ``path`` is a complete shard of exactly this work, else what is wrong with it."""
         return shard_problem(path, self.ids, self.shard_attrs(), dataset_shapes(self.spec, self.lengths, self.dim))
 
+    def run_attrs(self) -> dict:
+        """What a shard of this work and the merged file share: the settings and the world size."""
+        return {"settings_key": store_key(self.identity), "compute_precision": self.compute_precision,
+                "world_size": self.world_size}
+
     def shard_attrs(self) -> dict:
-        """What identifies a complete shard of this work."""
+        """What identifies a complete shard of this work: the run's attributes, the rank and its share."""
         share = hashlib.sha256()
         for value in (self.ids.astype(str), self.digests):
             share.update(np.ascontiguousarray(value).tobytes())
-        return {"settings_key": store_key(self.identity), "compute_precision": self.compute_precision,
-                "share": share.hexdigest()[:32], "rank": self.rank, "world_size": self.world_size}
+        return {**self.run_attrs(), "share": share.hexdigest()[:32], "rank": self.rank}
 
 
 def run_rank(index_dir, plan_path, checkpoint, rank: int, shard_path, store_root, settings: RankSettings) -> dict:
