@@ -144,12 +144,23 @@ def open_category(browser, report: Path, category: str):
     browser.get(report.as_uri())
     menu_entry = (By.XPATH, f"//a[span[text()='{category}']]")  # the description's links have no span
     WebDriverWait(browser, 30).until(lambda b: b.find_elements(*menu_entry))
-    browser.find_element(*menu_entry).click()
+    click_when_still(browser, menu_entry)
     view = (By.XPATH, "//tbody//a[@iconname='eye']")  # the result's view button
     WebDriverWait(browser, 10).until(lambda b: b.find_elements(*view))
     buttons = browser.find_elements(*view)
     assert len(buttons) == 1, f"{category}: {len(buttons)} results"
-    buttons[0].click()
+    click_when_still(browser, view)
+
+
+def click_when_still(browser, locator):
+    """Click the element once nothing lies over it: the report's menu animates (on a busy machine
+    a click can land on the entry sliding past), so a click that another element would receive is
+    tried again, up to 10 s."""
+    from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 10, ignored_exceptions=(ElementClickInterceptedException, StaleElementReferenceException)
+                  ).until(lambda b: b.find_element(*locator).click() or True)
 
 
 def test_report_page_shows_the_plots_and_the_config_in_a_real_browser(browser, report_run, tiny_checkpoint):

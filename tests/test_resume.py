@@ -260,9 +260,9 @@ def test_a_damaged_or_missing_shard_never_shrinks_the_result(tmp_path, fasta, ti
     assert_same_embeddings(tmp_path, clean2)
 
 
-def test_a_shard_whose_store_rows_are_gone_counts_failed_and_is_computed_again(tmp_path, tiny_checkpoint):
-    """Per-residue rows stay in the store, where the shard refers to them: a segment deleted
-    under a finished run is noticed by the next aggregation, never read as NaN or zeros."""
+def test_a_shard_whose_store_rows_are_gone_or_damaged_counts_failed_and_is_computed_again(tmp_path, tiny_checkpoint):
+    """Per-residue rows stay in the store, where the shard refers to them: a segment deleted or
+    damaged under a finished run is noticed by the next aggregation, never read as NaN or zeros."""
     write_fasta(tmp_path / "p.fasta", random_sequences(300, seed=5, median=120))
     config = config_for(tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"],
                         chunk_sequences=50)
@@ -281,8 +281,29 @@ def test_a_shard_whose_store_rows_are_gone_counts_failed_and_is_computed_again(t
     result = run_snakemake(tmp_path, config)
     assert result.returncode == 0, result.stderr
     assert 0 < rank_status(tmp_path, 1)["embedded"] <= 50  # only the lost segment's sequences
+    assert_same_outputs(tmp_path, reference)
+    # Damaged in place: its checksums fail while merging; the segment is deleted, the rank counts
+    # as failed, the merge goes on without it, and the next run computes those sequences again.
+    damaged = [segment for segment in segment_files(tmp_path) if segment.name.startswith("seg_r1_")][0]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4096] = os.urandom(4096)  # per-residue values: most of the file
+    damaged.write_bytes(bytes(data))
+    result = run_snakemake(tmp_path, config, "--forcerun", "aggregate")
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"rank 1: shard .*shard_1.h5 could not be read \(.*\); damaged store segments deleted: "
+                     rf"{damaged.name}; it counts as failed", result.stderr)
+    assert not damaged.exists()
+    manifest = json.loads((tmp_path / "results/manifest.json").read_text())
+    assert [failed["rank"] for failed in manifest["ranks_failed"]] == [1] and 0 < manifest["missing"] < 300
+    result = run_snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stderr
+    assert 0 < rank_status(tmp_path, 1)["embedded"] <= 50
+    assert_same_outputs(tmp_path, reference)
+
+
+def assert_same_outputs(workdir: Path, reference: Path) -> None:
     for name in ("mean/layer_2", "per_residue/layer_2"):
-        assert read_embeddings(tmp_path / "results/embeddings.h5", name)[1].tobytes() == \
+        assert read_embeddings(workdir / "results/embeddings.h5", name)[1].tobytes() == \
             read_embeddings(reference, name)[1].tobytes()
 
 

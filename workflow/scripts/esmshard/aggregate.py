@@ -8,7 +8,9 @@ that rank (IDs and residues), the numeric settings and the model's content, the 
 size. A shard that is missing or damaged is assembled again from the store (no GPU work); one
 that cannot be, or was made for other settings, counts as a failed rank, never as data, and the
 next run retries that rank. Every ID gets its sequence's embeddings, also where identical
-sequences were computed once. The manifest says which ranks succeeded, which failed and why,
+sequences were computed once. A shard whose rows cannot be read while merging (a store segment it
+refers to fails its checksums: the segment is deleted) counts as failed too, and the merge starts
+again without it. The manifest says which ranks succeeded, which failed and why,
 which IDs are missing, and how many sequences were reused from the store or computed.
 """
 
@@ -27,7 +29,7 @@ from esmshard.plan import Plan, read_plan
 from esmshard.rank import RankSettings, RankWork, assemble_shard, rank_work
 from esmshard.shard import create_outputs, outputs_nbytes, sequence_nbytes, shard_failure, write_attrs
 from esmshard.status import read_status, record_failure
-from esmshard.store import Store
+from esmshard.store import Store, discard_damaged
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def aggregate(index_dir, plan_path, shard_paths, status_paths, store_root, setti
         raise EsmShardError(f"{len(shard_paths)} shards and {len(status_paths)} rank status files for a plan of "
                             f"{plan.world_size} ranks")
     statuses = [read_status(path) for path in status_paths]
-    failed, works = {}, {}
+    works, failed = {}, {}
     for rank, status in enumerate(statuses):
         failure = shard_failure(shard_paths[rank])
         if failure or not status["ok"]:
@@ -55,28 +57,31 @@ def aggregate(index_dir, plan_path, shard_paths, status_paths, store_root, setti
                                    compute_precision=status.get("compute_precision"))
         problem = usable_shard(Path(shard_paths[rank]), work, store_root, settings.dtype)
         if problem:
-            log.warning("rank %d: %s; it counts as failed and the next run retries it", rank, problem)
-            record_failure(status_paths[rank], rank, problem, status.get("attempt", 1), host=status.get("host"))
-            failed[rank] = problem
+            _count_failed(rank, problem, status_paths[rank], statuses[rank], failed)
         else:
             works[rank] = work
     _check_same_precision(works, statuses)
-    if not works:
-        details = "; ".join(f"rank {r}: {error}" for r, error in sorted(failed.items()))
-        raise EsmShardError(f"no rank succeeded, so there are no embeddings ({details}); see the rank logs")
-    keep = np.isin(plan.rank[plan.source], list(works))  # [n] the ID's sequence is in a good shard
     all_ids = index.ids()
+    while True:  # again without a shard whose rows in the store turn out damaged
+        keep = _check_enough(works, failed, plan, require_complete)
+        first = next(iter(works.values()))  # the settings every good shard shares
+        ensure_space(Path(out_path).parent, outputs_nbytes(first.spec, index.lengths[keep], first.dim,
+                                                           settings.dtype), "the merged embeddings")
+        try:
+            with atomic_output(out_path) as tmp:
+                merge(tmp, {r: shard_paths[r] for r in works}, plan, keep, all_ids, index.lengths, first, compression)
+            break
+        except DamagedShard as damage:
+            problem = damaged_rows_problem(shard_paths[damage.rank], first.spec, damage)
+            _count_failed(damage.rank, problem, status_paths[damage.rank], statuses[damage.rank], failed)
+            del works[damage.rank]
+            for rank in list(works):  # a deleted segment may hold rows of other shards too
+                problem = works[rank].shard_problem(shard_paths[rank])
+                if problem:
+                    _count_failed(rank, f"shard {shard_paths[rank]} {problem}", status_paths[rank], statuses[rank],
+                                  failed)
+                    del works[rank]
     missing = {r: all_ids[plan.rank[plan.source] == r].tolist() for r in sorted(failed)}
-    if failed and require_complete:
-        raise EsmShardError(
-            f"require_complete is set and rank(s) {_list(failed)} failed ({int((~keep).sum())} sequences "
-            f"missing); rerun snakemake to retry them"
-        )
-    first = next(iter(works.values()))  # the settings every good shard shares
-    ensure_space(Path(out_path).parent, outputs_nbytes(first.spec, index.lengths[keep], first.dim, settings.dtype),
-                 "the merged embeddings")
-    with atomic_output(out_path) as tmp:
-        merge(tmp, {r: shard_paths[r] for r in works}, plan, keep, all_ids, index.lengths, first, compression)
     manifest = _manifest(out_path, missing_path, plan, statuses, works, failed, missing, len(all_ids))
     with atomic_output(missing_path) as tmp:
         Path(tmp).write_text("".join(f"{i}\n" for r in sorted(missing) for i in missing[r]))
@@ -89,6 +94,46 @@ def aggregate(index_dir, plan_path, shard_paths, status_paths, store_root, setti
             _list(failed), manifest["missing"], len(all_ids), out_path, missing_path,
         )
     return manifest
+
+
+class DamagedShard(EsmShardError):
+    """Rows of a shard could not be read while merging (a store segment it refers to failed its checksum)."""
+
+    def __init__(self, rank: int, error: Exception):
+        self.rank, self.error = rank, " ".join(str(error).split())[:200]
+        super().__init__(f"rank {rank}'s shard could not be read ({self.error})")
+
+
+def damaged_rows_problem(shard_path, spec, damage: DamagedShard) -> str:
+    """What to record for a shard whose rows could not be read: the store segments it refers to
+    that fail their checksums are deleted (so that the next run computes their sequences again)."""
+    with h5py.File(shard_path, "r") as h5:
+        sources = {Path(shard_path).resolve().parent / source.file_name
+                   for name in spec.names if h5[name].is_virtual for source in h5[name].virtual_sources()}
+    damaged = discard_damaged(sorted(sources), [name for name in spec.names if pooling_of(name) == "per_residue"])
+    found = f"; damaged store segments deleted: {', '.join(p.name for p in damaged)}" if damaged else ""
+    return f"shard {shard_path} could not be read ({damage.error}){found}"
+
+
+def _count_failed(rank: int, problem: str, status_path, status: dict, failed: dict) -> None:
+    log.warning("rank %d: %s; it counts as failed and the next run retries it", rank, problem)
+    record_failure(status_path, rank, problem, status.get("attempt", 1), host=status.get("host"))
+    failed[rank] = problem
+
+
+def _check_enough(works: dict, failed: dict, plan: Plan, require_complete: bool) -> np.ndarray:
+    """[n] whether each ID's sequence is in a good shard; raises when none is, or when some are
+    missing and ``require_complete`` is set."""
+    if not works:
+        details = "; ".join(f"rank {r}: {error}" for r, error in sorted(failed.items()))
+        raise EsmShardError(f"no rank succeeded, so there are no embeddings ({details}); see the rank logs")
+    keep = np.isin(plan.rank[plan.source], list(works))
+    if failed and require_complete:
+        raise EsmShardError(
+            f"require_complete is set and rank(s) {_list(failed)} failed ({int((~keep).sum())} sequences "
+            f"missing); rerun snakemake to retry them"
+        )
+    return keep
 
 
 def usable_shard(path: Path, work: RankWork, store_root, dtype: str) -> str | None:
@@ -173,10 +218,14 @@ def merge(path, shards: dict, plan: Plan, keep: np.ndarray, all_ids, lengths, wo
                             offsets = shard_offsets[rank]
                             rows = ranges_index(offsets[rows], embedded[start + mine])
                             mine = ranges_index(out_offsets[start + mine] - out_start, embedded[start + mine])
+                        try:
+                            found = _read_rows(sources[rank][name], rows)
+                        except OSError as error:  # HDF5's checksum failures and unreadable sources
+                            raise DamagedShard(rank, error) from None
                         if values is None:  # one shard's rows fill the block
-                            values = _read_rows(sources[rank][name], rows)
+                            values = found
                         else:
-                            values[mine] = _read_rows(sources[rank][name], rows)
+                            values[mine] = found
                     dataset[out_start:out_end] = values
             attrs = {**work.identity, **work.run_attrs()}
             write_attrs(out, {**attrs, "model": work.checkpoint["path"], "fingerprint": plan.fingerprint,

@@ -197,6 +197,25 @@ class Store:
         }
 
 
+def discard_damaged(paths, names: list[str]) -> list[Path]:
+    """Read the datasets ``names`` of each segment in full, so HDF5 checks every checksum; delete
+    the segments that fail (their sequences are then computed again) and return them."""
+    damaged = []
+    for path in paths:
+        try:
+            with h5py.File(path, "r") as h5:
+                for name in names:
+                    dataset = h5[name]
+                    for start in range(0, len(dataset), 1 << 16):  # blocks of rows: bounded memory
+                        dataset[start : start + (1 << 16)]
+        except Exception as error:  # a torn or corrupt file raises many kinds
+            log.warning("store segment %s is damaged (%s); deleted, its sequences will be computed again", path,
+                        " ".join(str(error).split())[:200])
+            Path(path).unlink(missing_ok=True)
+            damaged.append(Path(path))
+    return damaged
+
+
 class SegmentWriter:
     """Writes a store's segments on a background thread, so that the rank's GPU goes on computing
     while the disk writes (h5py lets go of the GIL while HDF5 writes). ``submit`` first waits for
