@@ -218,11 +218,15 @@ def compute(work: RankWork, engine, todo: np.ndarray, store: Store, settings: Ra
 
 
 def _save(writer: SegmentWriter, work: RankWork, pending: list) -> None:
-    """Hand the pending batches to the writer as one segment, in row order."""
+    """Hand the pending batches to the writer as one segment, in row order. A stop signal that
+    comes while the segment before is being written leaves them pending (the caller saves them);
+    one that comes while they are handed over waits until they are."""
     if pending:
-        batches = pending.copy()
-        pending.clear()
-        writer.submit(lambda: _segment(work, batches))
+        writer.wait()
+        with signals_deferred():
+            batches = pending.copy()
+            pending.clear()
+            writer.submit(lambda: _segment(work, batches))
 
 
 def _segment(work: RankWork, batches: list) -> tuple:

@@ -222,26 +222,30 @@ class SegmentWriter:
     the segment before: at most one is being written while the next fills, which bounds host memory."""
 
     def __init__(self, store: Store):
-        self.store, self._thread, self._error = store, None, None
+        self.store, self._done, self._error = store, None, None
 
     def submit(self, make_segment) -> None:
         """Write the segment that ``make_segment()`` returns ((digests, lengths, outputs), as
         ``Store.write`` takes them), in the background."""
         self.wait()
-        self._thread = threading.Thread(target=self._write, args=(make_segment,), name="segment-writer")
-        self._thread.start()
+        self._done = threading.Event()
+        threading.Thread(target=self._write, args=(make_segment, self._done), name="segment-writer").start()
 
-    def _write(self, make_segment) -> None:
+    def _write(self, make_segment, done: threading.Event) -> None:
         try:
             self.store.write(*make_segment())
         except BaseException as error:  # raised in the caller's thread by wait()
             self._error = error
+        finally:
+            done.set()
 
     def wait(self) -> None:
-        """Until the segment being written is on disk; raises what went wrong writing it."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Until the segment being written is on disk; raises what went wrong writing it. A stop
+        signal's exception may interrupt the wait, and the next wait waits again (an Event, not
+        Thread.join: an interrupted join can mark a running thread as finished)."""
+        if self._done is not None:
+            self._done.wait()
+            self._done = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error
