@@ -261,6 +261,8 @@ def test_a_bert_directory_stops_before_any_job_naming_it(tmp_path):
     ({"architectures": ["EsmForProteinFolding"]}, "architectures ['EsmForProteinFolding']"),
     ({"is_folding_model": True}, "it is ESMFold"),
     ({"vocab_size": 35}, "its vocabulary"),
+    ({"layer_norm_eps": "1e-5"}, "layer_norm_eps '1e-5' is not a positive number"),
+    ({"rope_theta": None}, "rope_theta None is not a positive number"),
 ])
 def test_esm_configs_the_engine_cannot_run_are_named(tmp_path, hf_directory, change, problem):
     directory = tmp_path / "model"
@@ -281,6 +283,11 @@ def test_a_directory_without_weights_or_config_is_named(tmp_path, hf_directory):
         resolve_model(str(directory))
     (directory / "config.json").unlink()
     with pytest.raises(EsmShardError, match=f"model: {directory} is a directory without config.json"):
+        resolve_model(str(directory))
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (directory / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(EsmShardError, match=f"model: {directory} holds a PEFT adapter \\(adapter_config.json\\), "
+                       "not a whole model: merge it into its base model"):
         resolve_model(str(directory))
 
 

@@ -96,6 +96,11 @@ def read_config(directory: Path) -> Esm2Config:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
+        if (directory / "adapter_config.json").is_file():
+            raise EsmShardError(
+                f"model: {directory} holds a PEFT adapter (adapter_config.json), not a whole model: merge it "
+                f"into its base model and save that, e.g. PeftModel.from_pretrained(base, DIRECTORY)"
+                f".merge_and_unload().save_pretrained(NEW_DIRECTORY)") from None
         raise EsmShardError(f"model: {directory} is a directory without config.json: not a Hugging Face "
                             f"model directory") from None
     except (OSError, ValueError) as error:
@@ -136,6 +141,10 @@ def _unsupported(config: dict) -> str | None:
     shape = [config.get(key) for key in ("num_hidden_layers", "hidden_size", "num_attention_heads")]
     if not all(isinstance(value, int) and value > 0 for value in shape) or shape[1] % shape[2]:
         return f"num_hidden_layers, hidden_size, num_attention_heads {shape} are not a transformer's"
+    for key, default in (("layer_norm_eps", 1e-12), ("rope_theta", 10000.0)):
+        value = config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            return f"{key} {value!r} is not a positive number"
     if config.get("intermediate_size", 3072) != 4 * shape[1]:
         return f"intermediate_size {config.get('intermediate_size', 3072)}: ESM-2's is 4 x hidden_size"
     return None
