@@ -73,7 +73,7 @@ def create_outputs(h5: h5py.File, spec: OutputSpec, ids, lengths, dim: int, dtyp
     rows_per_chunk = max(1, _CHUNK_BYTES // (dim * np.dtype(dtype).itemsize))
     datasets = {}
     for name, shape in dataset_shapes(spec, lengths, dim).items():
-        if residue_runs is not None and pooling_of(name) == "per_residue":
+        if residue_runs and pooling_of(name) == "per_residue":  # (none for an empty share: plain)
             _create_virtual(h5, name, shape, dtype, residue_runs)
         elif compression == "none" or not shape[0]:  # HDF5 wants chunks <= data, so an empty one is plain
             datasets[name] = h5.create_dataset(name, shape, dtype)
