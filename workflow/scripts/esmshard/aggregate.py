@@ -27,7 +27,7 @@ from esmshard.index import SequenceIndex
 from esmshard.outputs import blocks, pooling_of, ranges_index, residue_offsets
 from esmshard.plan import Plan, read_plan
 from esmshard.rank import RankSettings, RankWork, assemble_shard, rank_work
-from esmshard.shard import create_outputs, outputs_nbytes, sequence_nbytes, shard_failure, write_attrs
+from esmshard.shard import create_outputs, outputs_nbytes, sequence_nbytes, shard_failure, virtual_sources, write_attrs
 from esmshard.status import read_status, record_failure
 from esmshard.store import Store, discard_damaged
 
@@ -108,8 +108,7 @@ def damaged_rows_problem(shard_path, spec, damage: DamagedShard) -> str:
     """What to record for a shard whose rows could not be read: the store segments it refers to
     that fail their checksums are deleted (so that the next run computes their sequences again)."""
     with h5py.File(shard_path, "r") as h5:
-        sources = {Path(shard_path).resolve().parent / source.file_name
-                   for name in spec.names if h5[name].is_virtual for source in h5[name].virtual_sources()}
+        sources = {file for name in spec.names for file in virtual_sources(shard_path, h5[name]).values()}
     damaged = discard_damaged(sorted(sources), [name for name in spec.names if pooling_of(name) == "per_residue"])
     found = f"; damaged store segments deleted: {', '.join(p.name for p in damaged)}" if damaged else ""
     return f"shard {shard_path} could not be read ({damage.error}){found}"

@@ -234,11 +234,14 @@ def _segment(work: RankWork, batches: list) -> tuple:
     rows copied once, straight to their place."""
     rows = np.concatenate([rows for rows, _ in batches])
     order, residue_order = sorted_rows(rows, work.spec.embedded_lengths(work.lengths[rows]))
+    places = {}  # where each row of the batches goes, for the pooled and the per-residue outputs there are
+    for per_residue in {pooling_of(name) == "per_residue" for name in batches[0][1]}:
+        source_order = residue_order if per_residue else order
+        places[per_residue] = np.empty_like(source_order)
+        places[per_residue][source_order] = np.arange(len(source_order))
     outputs = {}
     for name, first in batches[0][1].items():
-        source_order = residue_order if pooling_of(name) == "per_residue" else order
-        place = np.empty_like(source_order)  # where each row of the batches goes
-        place[source_order] = np.arange(len(source_order))
+        place = places[pooling_of(name) == "per_residue"]
         values, done = np.empty((len(place), first.shape[1]), first.dtype), 0
         for _, out in batches:
             values[place[done : done + len(out[name])]] = out[name]

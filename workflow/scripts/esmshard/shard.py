@@ -97,13 +97,18 @@ def _create_virtual(h5: h5py.File, name: str, shape, dtype, runs) -> None:
     h5.create_virtual_dataset(name, layout, fillvalue=np.nan)
 
 
+def virtual_sources(path, dataset: h5py.Dataset) -> dict[str, Path]:
+    """The files a ``dataset`` of the file at ``path`` reads if it is virtual: each as the dataset
+    names it (relative to the file's folder) and where that is."""
+    if not dataset.is_virtual:
+        return {}
+    folder = Path(path).resolve().parent
+    return {source.file_name: folder / source.file_name for source in dataset.virtual_sources()}
+
+
 def missing_sources(path, dataset: h5py.Dataset) -> list[str]:
     """The files a virtual ``dataset`` of the file at ``path`` reads that do not exist."""
-    if not dataset.is_virtual:
-        return []
-    folder = Path(path).resolve().parent
-    return sorted({source.file_name for source in dataset.virtual_sources()
-                   if not (folder / source.file_name).is_file()})
+    return sorted(name for name, file in virtual_sources(path, dataset).items() if not file.is_file())
 
 
 class ShardWriter:

@@ -110,8 +110,7 @@ class Store:
         except Exception as error:  # a torn or corrupt file raises many kinds
             problem = f"unreadable: {' '.join(str(error).split())[:200]}"
         if problem:
-            log.warning("discarding store segment %s (%s); its sequences will be computed again", path, problem)
-            path.unlink(missing_ok=True)
+            _discard(path, problem)
             return None, None
         return digests, lengths
 
@@ -209,11 +208,15 @@ def discard_damaged(paths, names: list[str]) -> list[Path]:
                     for start in range(0, len(dataset), 1 << 16):  # blocks of rows: bounded memory
                         dataset[start : start + (1 << 16)]
         except Exception as error:  # a torn or corrupt file raises many kinds
-            log.warning("store segment %s is damaged (%s); deleted, its sequences will be computed again", path,
-                        " ".join(str(error).split())[:200])
-            Path(path).unlink(missing_ok=True)
+            _discard(Path(path), f"damaged: {' '.join(str(error).split())[:200]}")
             damaged.append(Path(path))
     return damaged
+
+
+def _discard(path: Path, problem: str) -> None:
+    """Delete a segment that cannot be used (the next rank to need its sequences computes them)."""
+    log.warning("discarding store segment %s (%s); its sequences will be computed again", path, problem)
+    path.unlink(missing_ok=True)
 
 
 class SegmentWriter:
