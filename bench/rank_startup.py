@@ -1,10 +1,12 @@
 """Where a rank's start-up goes, step by step, in a fresh process (run it twice: cold, then warm).
 
-    python bench/rank_startup.py CHECKPOINT [--compile auto|true|tuned|false]
+    python bench/rank_startup.py CHECKPOINT [--compile auto|true|tuned|false] [--rotary triton|torch]
 
 Prints seconds since the process started after each step a rank takes before its first batch is
 done: importing the package, torch and fair-esm, starting CUDA, reading the checkpoint, building
-the packed model on the GPU, and the first batch (log-normal lengths, 131,072 tokens) and a second.
+the packed model on the GPU, a one-sequence batch (kernel start-up alone), then batches of
+log-normal lengths (131,072 tokens) until the time per batch settles. ``--rotary torch`` rotates
+q and k with eager torch instead of the Triton kernel (no Triton in the process).
 """
 
 import sys
@@ -34,6 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
     parser.add_argument("--compile", default="false")
+    parser.add_argument("--rotary", choices=["triton", "torch"], default="triton")
+    parser.add_argument("--batches", type=int, default=5)
     args = parser.parse_args()
     import torch
 
@@ -43,9 +47,15 @@ def main() -> None:
     mark("CUDA started")
     from esmshard.engine import PackedEngine
     from esmshard.model import load_model
+    from esmshard import packed
     from esmshard.outputs import OutputSpec
 
     mark("import fair-esm, esmshard.engine")
+    packed.ROTARY_KERNEL = args.rotary == "triton"
+    if packed.ROTARY_KERNEL:
+        import esmshard.rotary_kernel  # noqa: F401
+
+        mark("import triton, the rotary kernel")
     network, alphabet = load_model(args.checkpoint)
     mark("checkpoint read (load_model)")
     spec = OutputSpec.resolve([-1], ["mean"], network.num_layers)
@@ -55,14 +65,16 @@ def main() -> None:
     mark("packed model on the GPU")
     rng = np.random.default_rng(0)
     amino = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
-    for batch in ("first", "second"):
+    engine.embed([amino[rng.integers(0, 20, 100)]])
+    mark("a one-sequence batch done (kernel start-up)")
+    for batch in range(1, args.batches + 1):
         residues, tokens = [], 0
         while tokens < 131072 - 1024:
             length = int(np.clip(rng.lognormal(np.log(300), 0.6), 20, 1022))
             residues.append(amino[rng.integers(0, 20, length)])
             tokens += length + 2
         engine.embed(residues)
-        mark(f"{batch} batch done ({tokens} tokens)")
+        mark(f"batch {batch} done ({tokens} tokens)")
     offset = process_age() - (time.monotonic() - STARTED)  # interpreter start before this file ran
     print(f"interpreter start to this script: {offset:.2f} s")
     previous = 0.0

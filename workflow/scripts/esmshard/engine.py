@@ -20,6 +20,7 @@ the host and no CPU time goes into converting them.
 import logging
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -27,7 +28,7 @@ import torch
 
 from esmshard.fasta import ESM_RESIDUES
 from esmshard.outputs import OutputSpec, pooling_of, residue_offsets
-from esmshard.packed import PackedESM2
+from esmshard.packed import PackedESM2, load_kernels
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class PackedEngine:
         self.device = torch.device(device)
         self.stored = PRECISIONS[stored]
         self.spec = spec
-        self.model = PackedESM2(network, PRECISIONS[precision], self.device, compile).eval()
+        self.model = _built_while_kernels_load(network, PRECISIONS[precision], self.device, compile)
         self.packer = Packer(alphabet, spec)
         self.dim = network.embed_dim
         self._pin = self.device.type == "cuda"
@@ -262,6 +263,19 @@ class PackedEngine:
             outputs = self._outputs_splitting_on_oom(in_flight.residues, in_flight.packed, self._fallback_model)
             host = {name: t.to(self.stored).cpu() for name, t in outputs.items()}
         return in_flight.batch, {name: tensor.numpy() for name, tensor in host.items()}
+
+
+def _built_while_kernels_load(network, dtype: torch.dtype, device: torch.device, compile) -> PackedESM2:
+    """The packed model on ``device``; on a GPU, the attention and rotary kernels are loaded on a
+    thread meanwhile (seconds each, which would otherwise come before the first batch)."""
+    if device.type != "cuda":
+        return PackedESM2(network, dtype, device, compile).eval()
+    heads = network.layers[0].self_attn.num_heads
+    with ThreadPoolExecutor(1) as pool:
+        loading = pool.submit(load_kernels, heads, network.embed_dim // heads, dtype, device)
+        model = PackedESM2(network, dtype, device, compile).eval()
+        loading.result()  # its errors here: the first batch would meet them too
+    return model
 
 
 @dataclass

@@ -12,7 +12,6 @@ language-model and task-head weights (a fine-tuned classifier's) are never neede
 """
 
 import argparse
-import contextlib
 import logging
 import os
 import re
@@ -31,6 +30,7 @@ from esmshard.architectures import (
     resolve_model,
 )
 from esmshard.huggingface import HUB_ID, WEIGHT_FILES, Esm2Config, model_files, read_config
+from esmshard.packed import without_initialisation
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def load_model(model: str):
 def _esm2_with(config: Esm2Config, state: dict, names_in_file: dict, location: Path):
     """fair-esm's ESM2 of this config holding these tensors (by its names; ``names_in_file`` gives
     each one's name in ``location``, which an error about an unexpected one says), on the CPU."""
-    with _without_initialisation():
+    with without_initialisation():
         network = esm.ESM2(num_layers=config.layers, embed_dim=config.embed_dim,
                            attention_heads=config.heads, alphabet="ESM-1b", token_dropout=config.token_dropout)
     for module in network.modules():
@@ -236,21 +236,6 @@ def _read_weights(path: Path) -> dict:
     if not isinstance(data, dict) or not all(isinstance(value, torch.Tensor) for value in data.values()):
         raise EsmShardError(f"model: {path} is not a PyTorch weights file (a dict of tensors)")
     return data
-
-
-@contextlib.contextmanager
-def _without_initialisation():
-    """torch.nn.init's functions do nothing meanwhile (as transformers' no_init_weights). Not the
-    meta device: its arithmetic goes through torch._refs, whose import is ~3 s of a rank's start-up."""
-    names = ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "ones_", "zeros_", "constant_")
-    saved = {name: getattr(torch.nn.init, name) for name in names}
-    for name in names:
-        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-    try:
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
 
 
 def _few(names: list[str], limit: int = 5) -> str:

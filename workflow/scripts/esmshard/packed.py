@@ -8,6 +8,8 @@ the residual stream, LayerNorms and rotary angles are float32, the matrix produc
 compute dtype (float16 on GPU by default) with float32 accumulation.
 """
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,11 +28,8 @@ class PackedLayer(nn.Module):
         self.heads = attn.num_heads
         self.eps = layer.self_attn_layer_norm.eps  # the model's config's (fair-esm's is 1e-5)
         self.attn_norm = _copy(layer.self_attn_layer_norm, torch.float32, device)
-        self.qkv = _linear(
-            torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-            torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
-            dtype, device,
-        )
+        self.qkv = _linear([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
+                           [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], dtype, device)
         self.out_proj = _copy(attn.out_proj, dtype, device)
         self.ffn_norm = _copy(layer.final_layer_norm, torch.float32, device)
         self.fc1 = _copy(layer.fc1, dtype, device)
@@ -151,6 +150,22 @@ def with_rotary_kernel(projection):
     return inputs
 
 
+def load_kernels(heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+    """Attention and rotary on 8 tokens, so that their CUDA kernels are loaded: the first use of
+    FlashAttention's varlen kernel in a process takes 2-5 s on an H200 (torch 2.11), Triton's
+    ~0.5 s. PackedEngine runs this on a thread while the weights go to the GPU."""
+    with torch.inference_mode():
+        qkv = torch.zeros(8, 3, heads, head_dim, dtype=dtype, device=device)  # [T, 3, H, d]
+        q, k, v = qkv.unbind(1)
+        if ROTARY_KERNEL:
+            from esmshard.rotary_kernel import rotate_qk
+
+            cos = torch.ones(8, head_dim, device=device)  # [T, d]
+            q, k = rotate_qk(qkv.view(8, -1), cos, torch.zeros_like(cos), heads)
+        attention(q, k, v, torch.tensor([0, 8], dtype=torch.int32, device=device), 8)
+        torch.cuda.synchronize(device)
+
+
 def _rotate(x, cos, sin):
     """Rotary embedding of [T, H, d] in float32, as fair-esm's apply_rotary_pos_emb."""
     x32 = x.float()
@@ -175,21 +190,43 @@ def attention(q, k, v, cu_seqlens, max_len: int):
     return out
 
 
-def _linear(weight, bias, dtype, device) -> nn.Linear:
-    """An nn.Linear holding copies of these tensors (no random initialisation first)."""
-    linear = nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], device=device, dtype=dtype)
+def _linear(weights: list, biases: list, dtype, device) -> nn.Linear:
+    """An nn.Linear holding copies of these tensors, one under the other (q, k and v in one)."""
+    with without_initialisation():
+        linear = nn.Linear(weights[0].shape[1], sum(len(w) for w in weights), device=device, dtype=dtype)
     with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.copy_(bias)
+        at = 0
+        for weight, bias in zip(weights, biases):  # each straight to its rows: no concatenated copy first
+            linear.weight[at : at + len(weight)].copy_(weight)
+            linear.bias[at : at + len(weight)].copy_(bias)
+            at += len(weight)
     return linear
 
 
 def _copy(module, dtype, device):
     """A copy of an nn.Linear, or of an nn.LayerNorm (its eps too), in dtype on device."""
     if isinstance(module, nn.LayerNorm):
-        copy = nn.utils.skip_init(nn.LayerNorm, module.normalized_shape, eps=module.eps, device=device, dtype=dtype)
+        with without_initialisation():
+            copy = nn.LayerNorm(module.normalized_shape, eps=module.eps, device=device, dtype=dtype)
         with torch.no_grad():
             copy.weight.copy_(module.weight)
             copy.bias.copy_(module.bias)
         return copy
-    return _linear(module.weight, module.bias, dtype, device)
+    return _linear([module.weight], [module.bias], dtype, device)
+
+
+@contextlib.contextmanager
+def without_initialisation():
+    """torch.nn.init's functions do nothing meanwhile (as transformers' no_init_weights), so modules
+    built now hold uninitialised memory, to be overwritten. Not the meta device (or
+    nn.utils.skip_init, which uses it): its arithmetic goes through torch._refs and imports sympy,
+    seconds of a rank's start-up."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "xavier_uniform_", "ones_", "zeros_", "constant_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
