@@ -151,9 +151,8 @@ def with_rotary_kernel(projection):
 
 
 def load_kernels(heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
-    """Attention and rotary on 8 tokens, so that their CUDA kernels are loaded: the first use of
-    FlashAttention's varlen kernel in a process takes 2-5 s on an H200 (torch 2.11), Triton's
-    ~0.5 s. PackedEngine runs this on a thread while the weights go to the GPU."""
+    """Attention and rotary on 8 tokens, so that their kernels are ready (Triton's first launch in
+    a process takes ~0.5 s). PackedEngine runs this on a thread while the weights go to the GPU."""
     with torch.inference_mode():
         qkv = torch.zeros(8, 3, heads, head_dim, dtype=dtype, device=device)  # [T, 3, H, d]
         q, k, v = qkv.unbind(1)
@@ -177,9 +176,11 @@ def _rotate(x, cos, sin):
 def attention(q, k, v, cu_seqlens, max_len: int):
     """Attention within each sequence of a packed stream; q, k, v: [T, H, d] -> [T, H, d]."""
     if q.is_cuda and q.dtype != torch.float32:
-        from torch.nn.attention.varlen import varlen_attn
-
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+        # FlashAttention's variable-length kernel, as torch.nn.attention.varlen.varlen_attn calls
+        # it (no dropout, not causal), without that wrapper: its custom-op machinery takes 3.5-4.5 s
+        # on its first call in a process (torch 2.11, H200); the op itself starts at once.
+        return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0,
+                                                       False, False)[0]
     # The CPU, and float32 on a GPU (FlashAttention takes fp16/bf16 only): the same math, one
     # sequence at a time.
     out = torch.empty_like(q)
