@@ -266,8 +266,8 @@ class PackedEngine:
 
 
 def _built_while_kernels_load(network, dtype: torch.dtype, device: torch.device, compile) -> PackedESM2:
-    """The packed model on ``device``; on a GPU, the attention and rotary kernels are loaded on a
-    thread meanwhile (seconds each, which would otherwise come before the first batch)."""
+    """The packed model on ``device``; on a GPU, the attention and rotary kernels are started on a
+    thread meanwhile (Triton's first launch alone takes ~0.5 s)."""
     if device.type != "cuda":
         return PackedESM2(network, dtype, device, compile).eval()
     heads = network.layers[0].self_attn.num_heads
