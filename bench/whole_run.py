@@ -10,8 +10,8 @@ files). Then, timed as whole processes from start to exit:
   - esmshard cold: `snakemake --cores C --resources gpu=1` in a fresh directory, with empty
     torch.compile caches (the page cache is not dropped: the files were just written);
   - esmshard warm: the same again in another fresh directory, caches as the cold run left them.
-With --variant, one more warm run with those options, and its time over the warm run's (e.g.
-per-residue output against the mean alone, in one call). Prints the table (seconds, ratio to
+Each --variant (a YAML mapping of options) adds one more warm run with those options, and its
+time over the warm run's (e.g. per-residue output against the mean alone, in one call). Prints the table (seconds, ratio to
 fair-esm, time to embeddings.h5) and each run's stages from
 the job logs (Snakemake's start, index, plan, rank start-up to its first batch, embedding,
 aggregate, report). Checks esmshard's means against the fair-esm script's (cosine >= 0.999:
@@ -108,13 +108,14 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/esmshard-whole-run"))
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                         help="esmshard option for both runs (YAML value), e.g. pooling=[mean,per_residue]")
-    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--variant", action="append", default=[], type=yaml.safe_load, metavar="YAML",
                         help="options of one more warm run, compared with the warm run in the same call, "
-                             "e.g. --variant pooling=[mean,per_residue] --variant dtype=float16")
+                             "e.g. --variant '{pooling: [mean, per_residue], dtype: float16}'; repeat for more")
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
-    extra, variant = ({key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
-                      for items in (args.config, args.variant))
+    extra = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.config)}
+    if not all(isinstance(variant, dict) for variant in args.variant):
+        parser.error("--variant takes a YAML mapping, e.g. '{dtype: float16}'")
 
     args.cache.mkdir(parents=True, exist_ok=True)
     layers, dim, heads = ESM2_MODELS[args.like]
@@ -138,11 +139,10 @@ def main() -> int:
     caches = runs / "compile-caches"
     for name in ("cold", "warm"):
         rows[f"esmshard {name}"] = run_esmshard(runs / name, fasta, checkpoint, caches, extra)
-    if variant:
-        rows[f"esmshard warm, {variant}"] = run_esmshard(runs / "variant", fasta, checkpoint, caches,
-                                                          {**extra, **variant})
-        rows[f"esmshard warm, {variant}"]["over warm"] = (rows[f"esmshard warm, {variant}"]["seconds"]
-                                                           / rows["esmshard warm"]["seconds"])
+    for number, variant in enumerate(args.variant):
+        row = rows[f"esmshard warm, {variant}"] = run_esmshard(runs / f"variant{number}", fasta, checkpoint, caches,
+                                                               {**extra, **variant})
+        row["over warm"] = row["seconds"] / rows["esmshard warm"]["seconds"]
 
     with h5py.File(runs / "warm/results/embeddings.h5") as h5:
         residues = int(np.minimum(h5["lengths"][:], 1022).sum())
