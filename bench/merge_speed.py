@@ -3,13 +3,14 @@
     python bench/merge_speed.py --n 1000000 --dim 32 --world-size 2
     python bench/merge_speed.py --n 200000 --dim 1280 --world-size 2
 
-Synthetic shards (random float32 means, one layer, every sequence distinct, ranks assigned at
-random as the plan's balancing interleaves them) written once under --cache; then the real
+Synthetic shards (random float32 means, one layer, every sequence distinct, ranks assigned by
+the plan's own balancing, ``plan.balance``) written once under --cache; then the real
 ``merge`` into a new file, timed (the page cache holds the shards: they were just written), next
 to a floor for the same bytes: each shard's rows copied in order, in blocks, into one dataset.
 """
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow" / "scripts"))
 from esmshard.aggregate import merge  # noqa: E402
 from esmshard.outputs import OutputSpec  # noqa: E402
-from esmshard.plan import Plan  # noqa: E402
+from esmshard.plan import Plan, balance, sequence_costs  # noqa: E402
 from esmshard.rank import RankWork  # noqa: E402
 
 LAYERS = 2
@@ -30,17 +31,17 @@ LAYERS = 2
 def synthetic(cache: Path, n: int, dim: int, world_size: int) -> tuple[Plan, np.ndarray, np.ndarray, RankWork, dict]:
     """(plan, ids, lengths, work, {rank: shard path}) of ``n`` distinct sequences."""
     rng = np.random.default_rng(0)
-    ranks = rng.integers(0, world_size, n).astype(np.int32)
+    lengths = rng.integers(20, 1000, n)
+    ranks, _ = balance(sequence_costs(lengths, dim), world_size)
     plan = Plan(ranks, np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), world_size, "f" * 32,
                 {"path": "synthetic.pt", "digest": "0" * 32, "num_layers": LAYERS, "embed_dim": dim})
     ids = np.array([f"seq{i:09d}" for i in range(n)], dtype=object)
-    lengths = rng.integers(20, 1000, n)
     spec = OutputSpec.resolve([-1], ["mean"], LAYERS, "truncate", 512)
     work = RankWork(None, 0, world_size, plan.position, ids, lengths, np.zeros(n, "S16"), spec, dim, plan.model,
                     {"dtype": "float32"}, "float32")
-    shards = {}
+    shards, assignment = {}, hashlib.sha256(ranks.tobytes()).hexdigest()[:8]  # cached per assignment
     for rank in range(world_size):
-        shards[rank] = cache / f"shard_{n}_{dim}_{world_size}_{rank}.h5"
+        shards[rank] = cache / f"shard_{n}_{dim}_{world_size}_{assignment}_{rank}.h5"
         if not shards[rank].exists():
             rows = int((ranks == rank).sum())
             with h5py.File(shards[rank], "w") as h5:

@@ -1,3 +1,4 @@
+import itertools
 import re
 
 import numpy as np
@@ -20,6 +21,50 @@ def test_balanced_within_two_percent_on_realistic_lengths(n, world_size):
     assert sorted(set(ranks.tolist())) == list(range(world_size))
     assert np.isclose(rank_costs.sum(), costs.sum())  # every sequence counted exactly once
     assert np.allclose(rank_costs, [costs[ranks == r].sum() for r in range(world_size)])
+
+
+def best_contiguous_split(costs: np.ndarray, world_size: int) -> float:
+    """The least most-loaded rank's cost over every way to cut ``costs`` into ``world_size`` runs."""
+    prefix = np.concatenate([[0], np.cumsum(costs)])
+    return min(max(np.diff(prefix[[0, *cuts, len(costs)]]))
+               for cuts in itertools.combinations_with_replacement(range(len(costs) + 1), world_size - 1))
+
+
+def assert_contiguous_in_rank_order(ranks: np.ndarray) -> None:
+    assert (np.diff(ranks) >= 0).all()  # rank r's sequences all precede rank r + 1's
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_shares_are_contiguous_and_the_best_contiguous_split(seed):
+    rng = np.random.default_rng(seed)
+    world_size = int(rng.integers(1, 5))
+    costs = rng.choice([rng.integers(1, 10, 8), rng.lognormal(3, 1.5, 8)])[: rng.integers(1, 9)].astype(float)
+    ranks, rank_costs = balance(costs, world_size)
+    assert_contiguous_in_rank_order(ranks)
+    assert np.isclose(rank_costs.max(), best_contiguous_split(costs, world_size), rtol=1e-12, atol=0)
+    assert np.allclose(rank_costs, [costs[ranks == r].sum() for r in range(world_size)])
+
+
+def test_realistic_shares_are_contiguous_and_even_below_the_most_loaded_rank():
+    lengths = np.clip(np.random.default_rng(7).lognormal(np.log(300), 0.8, 20000).astype(int), 1, 5000)
+    ranks, rank_costs = balance(sequence_costs(lengths, embed_dim=1280), 8)
+    assert_contiguous_in_rank_order(ranks)
+    assert rank_costs.min() / rank_costs.mean() >= 0.999  # the last rank does not take what is left over
+
+
+def test_more_ranks_than_sequences_leaves_some_ranks_without_a_share():
+    costs = sequence_costs(np.array([5, 50, 500]), 320)
+    ranks, rank_costs = balance(costs, 5)
+    assert_contiguous_in_rank_order(ranks)
+    assert rank_costs.max() == costs.max() and (rank_costs == 0).sum() >= 2 and np.isclose(rank_costs.sum(), costs.sum())
+    assert balance(np.zeros(0), 3)[0].tolist() == [] and balance(np.zeros(0), 3)[1].tolist() == [0, 0, 0]
+
+
+def test_one_huge_sequence_has_a_rank_of_its_own():
+    costs = np.array([1.0] * 6 + [1000.0] + [1.0] * 30)
+    ranks, rank_costs = balance(costs, 4)
+    assert_contiguous_in_rank_order(ranks)
+    assert rank_costs.max() == 1000 and (ranks == ranks[6]).sum() == 1  # anything with it would be more
 
 
 def test_cost_grows_faster_than_length_and_caps_at_1022():
@@ -47,7 +92,6 @@ def test_identical_sequences_are_planned_once_at_their_first_occurrence():
     first, source = distinct(digests)
     assert first.tolist() == [0, 1, 3]  # input order of first occurrences
     assert source.tolist() == [0, 1, 0, 2, 1, 0]  # every position knows its distinct sequence
-
 
 
 def test_the_space_warning_counts_the_store_the_shards_and_the_merged_file(tmp_path):
