@@ -1,5 +1,6 @@
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,12 @@ def completed_run(workdir: Path, config: dict, *args: str, env: dict | None = No
     result = run_snakemake(workdir, config, *args, env=env)
     assert result.returncode == 0, result.stderr
     return workdir
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table snakemake prints: which rules ran, how many jobs each."""
+    table = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
 
 
 def assert_same_embeddings(workdir: Path, other: Path, atol: float = 0.0) -> int:

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -15,16 +16,25 @@ from collections import Counter
 from pathlib import Path
 
 import conftest
+import h5py
 import pytest
 
 from conftest import (
     assert_same_embeddings,
     completed_run,
+    job_counts,
     random_sequences,
     read_embeddings,
     run_snakemake,
     write_fasta,
 )
+from esmshard import EsmShardError
+from esmshard import store as store_module
+from esmshard.aggregate import store_references
+from esmshard.index import SequenceIndex
+from esmshard.plan import read_plan
+from esmshard.rank import RankSettings, rank_work
+from esmshard.reader import load_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -305,6 +315,68 @@ def assert_same_outputs(workdir: Path, reference: Path) -> None:
     for name in ("mean/layer_2", "per_residue/layer_2"):
         assert read_embeddings(workdir / "results/embeddings.h5", name)[1].tobytes() == \
             read_embeddings(reference, name)[1].tobytes()
+
+
+def test_embeddings_h5_refers_to_the_store_and_a_lost_segment_is_computed_again(tmp_path, tiny_checkpoint,
+                                                                                  monkeypatch, caplog):
+    """per_residue_in_embeddings: refer. Two ranks' contiguous shares put embeddings.h5's
+    per-residue rows in a few runs of the store (one per segment, one more per repeated
+    sequence), read bit for bit as the copy; switching merges again without any rank; a deleted
+    segment makes reading fail naming it, and the next run computes exactly its sequences."""
+    records = random_sequences(300, seed=5, median=120)
+    repeated = [list(records)[i] for i in (10, 120, 250)]
+    records.update({f"again{i}": records[seq_id] for i, seq_id in enumerate(repeated)})  # at the end of the input
+    write_fasta(tmp_path / "p.fasta", records)
+    copy = config_for(tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"],
+                      chunk_sequences=50)
+    completed_run(tmp_path, copy)
+    merged, names = tmp_path / "results/embeddings.h5", ("mean/layer_2", "per_residue/layer_2")
+    copied = {name: read_embeddings(merged, name)[1].tobytes() for name in names}
+    copied_size = merged.stat().st_size
+    refer = {**copy, "per_residue_in_embeddings": "refer"}
+    result = run_snakemake(tmp_path, refer)
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stderr) == {"aggregate": 1, "report_plots": 1, "all": 1}  # no rank
+    segments = segment_files(tmp_path)
+    with h5py.File(merged) as h5:
+        assert h5["per_residue/layer_2"].is_virtual and not h5["mean/layer_2"].is_virtual
+        mappings = h5["per_residue/layer_2"].virtual_sources()
+    assert {mapping.file_name for mapping in mappings} == {f"store/{s.parent.name}/{s.name}" for s in segments}
+    assert len(mappings) == len(segments) + 3 and len(segments) <= 8  # 2 ranks of ~150 sequences, 50 a segment
+    assert merged.stat().st_size < copied_size / 10
+    assert all(read_embeddings(merged, name)[1].tobytes() == copied[name] for name in names)
+    manifest = json.loads((tmp_path / "results/manifest.json").read_text())
+    assert sorted(manifest["store_segments_by_rank"]) == ["0", "1"]
+    moved = tmp_path / "moved"  # results/ moved as a whole
+    shutil.copytree(tmp_path / "results", moved / "results")
+    assert read_embeddings(moved / "results/embeddings.h5", names[1])[1].tobytes() == copied[names[1]]
+
+    # Where the rows are copied all the same, and the log says why
+    plan, index = read_plan(tmp_path / "results/plan.h5"), SequenceIndex(tmp_path / "results/index")
+    work = rank_work(index, plan, 0, RankSettings.from_config(refer))
+    digests, ranks = index.digests(), plan.rank[plan.source]
+    with caplog.at_level("WARNING", "esmshard.aggregate"):
+        assert store_references(tmp_path / "results/store", work, "float32", digests, ranks, "gzip") is None
+        monkeypatch.setattr(store_module, "MAX_VIRTUAL_RUNS", len(segments) + 2)
+        assert store_references(tmp_path / "results/store", work, "float32", digests, ranks, "none") is None
+    assert "copied into the merged file (compression gzip: a compressed file holds its own copy)" in caplog.text
+    assert "copied into the merged file (they lie in too many runs of the store" in caplog.text
+
+    lost = [segment for segment in segments if segment.name.startswith("seg_r1_")][1]
+    with h5py.File(lost) as h5:
+        lost_sequences = len(h5["lengths"])
+    lost.unlink()
+    with pytest.raises(EsmShardError, match=rf"^{merged} refers to 1 store segment\(s\) that no longer exist "
+                                            rf"\(store/\w+/{lost.name}\): run snakemake again"):
+        load_embeddings(merged, pooling="per_residue")
+    result = run_snakemake(tmp_path, refer)
+    assert result.returncode == 0, result.stderr
+    assert job_counts(result.stderr) == {"retry_rank": 1, "embed": 1, "aggregate": 1, "report_plots": 1, "all": 1}
+    assert "wildcards: rank=1" in result.stderr and rank_status(tmp_path, 1)["embedded"] == lost_sequences
+    assert all(read_embeddings(merged, name)[1].tobytes() == copied[name] for name in names)
+    _, per_residue = load_embeddings(merged, pooling="per_residue")
+    assert sum(map(len, per_residue)) == len(read_embeddings(merged, names[1])[1])
+    assert "Nothing to be done" in run_snakemake(tmp_path, refer).stderr
 
 
 def test_a_failed_attempt_loses_no_computed_work(tmp_path, tiny_checkpoint):

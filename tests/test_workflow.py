@@ -13,6 +13,7 @@ from conftest import (
     config_for,
     fair_esm_mean,
     fair_esm_outputs,
+    job_counts,
     planned_ids,
     random_sequences,
     read_embeddings,
@@ -37,13 +38,6 @@ def records():
 @pytest.fixture(scope="module")
 def fasta(tmp_path_factory, records):
     return write_fasta(tmp_path_factory.mktemp("input") / "proteins.fasta", records)
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The 'Job stats' table snakemake prints: which rules ran, how many jobs each."""
-    table = output.split("Job stats:", 1)[1].split("\n\n", 1)[0]
-    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
-
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from esmshard import paths
 from esmshard.architectures import model_inputs
 from esmshard.fasta import expand_fasta_paths
 from esmshard.gpu import count_visible_gpus
-from esmshard.status import failed, retry_failure
+from esmshard.status import failed, lost_segments, retry_failure
 from snakemake.logging import logger
 from esmshard.stopping import parse_duration
 
@@ -92,14 +92,16 @@ def sibling(path, *parts):
 
 
 def retry_if_failed(wildcards):
-    """A rank whose status records a failure is retried by the next run: it then needs a new
-    file, named after the failure, made by retry_rank."""
+    """A rank whose status records a failure, or whose rows embeddings.h5 refers to in a store
+    segment that is gone (per_residue_in_embeddings: refer), is retried by the next run: it then
+    needs a new file, named after the failure, made by retry_rank."""
     status = rules.embed.output.status.format(
         rank=wildcards.rank
     )  # as on disk (a module's prefix included)
-    if failed(status):
+    lost = lost_segments(rules.aggregate.output.manifest, wildcards.rank)
+    if failed(status) or lost:
         warn_without_input_trigger(wildcards.rank)
-    failure = retry_failure(status)
+    failure = retry_failure(status, lost)
     # as written in the rule: Snakemake adds a module's prefix to what an input function returns
     return RETRY_MARKER.format(rank=wildcards.rank, failure=failure) if failure else []
 

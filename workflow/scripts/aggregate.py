@@ -25,6 +25,7 @@ try:
         snakemake.output.missing,
         require_complete=snakemake.params.require_complete,
         compression=snakemake.params.compression,
+        per_residue_in_embeddings=snakemake.params.per_residue_in_embeddings,
     )
 except EsmShardError as error:
     log.error("%s", error)

@@ -12,11 +12,17 @@ sequences were computed once. A shard whose rows cannot be read while merging (a
 refers to fails its checksums: the segment is deleted) counts as failed too, and the merge starts
 again without it. The manifest says which ranks succeeded, which failed and why,
 which IDs are missing, and how many sequences were reused from the store or computed.
+
+The merged file holds its own copy of every row, or (``per_residue_in_embeddings: refer``) its
+per-residue outputs are virtual datasets over the store segments that hold them, which the
+manifest lists per rank: a segment lost later makes the next run retry those ranks
+(``status.lost_segments``).
 """
 
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 import h5py
@@ -29,7 +35,7 @@ from esmshard.plan import Plan, read_plan
 from esmshard.rank import RankSettings, RankWork, assemble_shard, rank_work
 from esmshard.shard import create_outputs, outputs_nbytes, sequence_nbytes, shard_failure, virtual_sources, write_attrs
 from esmshard.status import read_status, record_failure
-from esmshard.store import Store, discard_damaged
+from esmshard.store import MAX_VIRTUAL_RUNS, Store, discard_damaged
 
 log = logging.getLogger(__name__)
 
@@ -38,38 +44,33 @@ _BLOCK_BYTES = 256 << 20  # ... and at most this many bytes of their outputs
 
 
 def aggregate(index_dir, plan_path, shard_paths, status_paths, store_root, settings: RankSettings, out_path,
-              manifest_path, missing_path, require_complete=False, compression="none") -> dict:
+              manifest_path, missing_path, require_complete=False, compression="none",
+              per_residue_in_embeddings="copy") -> dict:
     """Merge the shards of the ranks that succeeded (a failure shard or a failed status is a
-    failed rank), into ``out_path`` with that HDF5 ``compression`` (none, gzip or lzf); returns
-    the manifest."""
+    failed rank), into ``out_path`` with that HDF5 ``compression`` (none, gzip or lzf), its
+    per-residue rows copied or referred to in the store (``per_residue_in_embeddings``: copy
+    or refer); returns the manifest."""
     index, plan = SequenceIndex(index_dir), read_plan(plan_path)
     if not len(shard_paths) == len(status_paths) == plan.world_size:
         raise EsmShardError(f"{len(shard_paths)} shards and {len(status_paths)} rank status files for a plan of "
                             f"{plan.world_size} ranks")
     statuses = [read_status(path) for path in status_paths]
-    works, failed = {}, {}
-    for rank, status in enumerate(statuses):
-        failure = shard_failure(shard_paths[rank])
-        if failure or not status["ok"]:
-            failed[rank] = failure or status.get("error", "unknown error")
-            continue
-        work = dataclasses.replace(rank_work(index, plan, rank, settings),
-                                   compute_precision=status.get("compute_precision"))
-        problem = usable_shard(Path(shard_paths[rank]), work, store_root, settings.dtype)
-        if problem:
-            _count_failed(rank, problem, status_paths[rank], statuses[rank], failed)
-        else:
-            works[rank] = work
+    works, failed = _usable_ranks(index, plan, shard_paths, status_paths, statuses, store_root, settings)
     _check_same_precision(works, statuses)
     all_ids = index.ids()
     while True:  # again without a shard whose rows in the store turn out damaged
         keep = _check_enough(works, failed, plan, require_complete)
         first = next(iter(works.values()))  # the settings every good shard shares
+        runs, segments = None, {}
+        if per_residue_in_embeddings == "refer" and first.spec.per_residue:
+            runs, segments = store_references(store_root, first, settings.dtype, index.digests()[keep],
+                                              plan.rank[plan.source[keep]], compression) or (None, {})
         ensure_space(Path(out_path).parent, outputs_nbytes(first.spec, index.lengths[keep], first.dim,
-                                                           settings.dtype), "the merged embeddings")
+                                                           settings.dtype, runs is None), "the merged embeddings")
         try:
             with atomic_output(out_path) as tmp:
-                merge(tmp, {r: shard_paths[r] for r in works}, plan, keep, all_ids, index.lengths, first, compression)
+                merge(tmp, {r: shard_paths[r] for r in works}, plan, keep, all_ids, index.lengths, first, compression,
+                      runs)
             break
         except DamagedShard as damage:
             problem = damaged_rows_problem(shard_paths[damage.rank], first.spec, damage)
@@ -83,6 +84,9 @@ def aggregate(index_dir, plan_path, shard_paths, status_paths, store_root, setti
                     del works[rank]
     missing = {r: all_ids[plan.rank[plan.source] == r].tolist() for r in sorted(failed)}
     manifest = _manifest(out_path, missing_path, plan, statuses, works, failed, missing, len(all_ids))
+    folder = Path(manifest_path).resolve().parent  # the store segments embeddings.h5 reads, from there
+    manifest["store_segments_by_rank"] = {str(rank): [os.path.relpath(path.resolve(), folder) for path in paths]
+                                          for rank, paths in sorted(segments.items())}
     with atomic_output(missing_path) as tmp:
         Path(tmp).write_text("".join(f"{i}\n" for r in sorted(missing) for i in missing[r]))
     with atomic_output(manifest_path) as tmp:
@@ -94,6 +98,24 @@ def aggregate(index_dir, plan_path, shard_paths, status_paths, store_root, setti
             _list(failed), manifest["missing"], len(all_ids), out_path, missing_path,
         )
     return manifest
+
+
+def _usable_ranks(index, plan: Plan, shard_paths, status_paths, statuses: list, store_root, settings: RankSettings):
+    """({rank: its RankWork} of the ranks whose shards can be merged, {rank: error} of the others)."""
+    works, failed = {}, {}
+    for rank, status in enumerate(statuses):
+        failure = shard_failure(shard_paths[rank])
+        if failure or not status["ok"]:
+            failed[rank] = failure or status.get("error", "unknown error")
+            continue
+        work = dataclasses.replace(rank_work(index, plan, rank, settings),
+                                   compute_precision=status.get("compute_precision"))
+        problem = usable_shard(Path(shard_paths[rank]), work, store_root, settings.dtype)
+        if problem:
+            _count_failed(rank, problem, status_paths[rank], status, failed)
+        else:
+            works[rank] = work
+    return works, failed
 
 
 class DamagedShard(EsmShardError):
@@ -149,6 +171,31 @@ def usable_shard(path: Path, work: RankWork, store_root, dtype: str) -> str | No
     return None
 
 
+def store_references(store_root, work: RankWork, dtype: str, digests: np.ndarray, ranks: np.ndarray,
+                     compression: str):
+    """Where the merged file's per-residue rows lie in the store, for sequences of these
+    ``digests`` in output order (``ranks``: the rank each came from): (``Store.residue_runs``,
+    {rank: the store segments that hold its rows}); None, saying why in the log, where they must
+    be copied instead."""
+    if compression != "none":
+        why = f"compression {compression}: a compressed file holds its own copy"
+    else:
+        store = Store(store_root, work.store_identity, work.spec, work.dim, dtype, writer="aggregate")
+        segment = store.find(digests)[0]
+        lacking = int((segment < 0).sum())
+        runs = None if lacking else store.residue_runs(digests)
+        if runs is not None:
+            log.info("per-residue rows referred to where they are: %d runs of the store's %s", len(runs),
+                     store.directory)
+            pairs = np.unique(np.stack([ranks, segment]), axis=1).tolist()  # (rank, segment) of every row
+            return runs, {rank: [store.segments[s] for r, s in zip(*pairs) if r == rank] for rank in set(pairs[0])}
+        why = (f"the store {store.directory} lacks {lacking} of their sequences" if lacking
+               else f"they lie in too many runs of the store, over {MAX_VIRTUAL_RUNS}")
+    log.warning("per_residue_in_embeddings is refer, but the per-residue rows are copied into the merged file (%s)",
+                why)
+    return None
+
+
 def _check_same_precision(works: dict, statuses: list) -> None:
     precisions = {work.compute_precision for work in works.values()}
     if len(precisions) > 1:
@@ -184,8 +231,9 @@ def _list(ranks) -> str:
 
 
 def merge(path, shards: dict, plan: Plan, keep: np.ndarray, all_ids, lengths, work: RankWork,
-          compression: str = "none") -> None:
-    """Write the kept IDs in input order, each with its distinct sequence's rows from its shard."""
+          compression: str = "none", residue_runs=None) -> None:
+    """Write the kept IDs in input order, each with its distinct sequence's rows from its shard;
+    with ``residue_runs`` (``store_references``) the per-residue outputs refer to the store instead."""
     spec = work.spec
     positions = np.flatnonzero(keep)
     distinct = plan.source[positions]  # [k] which distinct sequence each output row is
@@ -201,8 +249,9 @@ def merge(path, shards: dict, plan: Plan, keep: np.ndarray, all_ids, lengths, wo
     try:
         dtype = np.dtype(work.identity["dtype"])
         with h5py.File(path, "w") as out:
-            datasets = create_outputs(out, spec, all_ids[positions], lengths[positions], work.dim, dtype, compression)
-            sizes = sequence_nbytes(spec, lengths[positions], work.dim, dtype)
+            datasets = create_outputs(out, spec, all_ids[positions], lengths[positions], work.dim, dtype, compression,
+                                      residue_runs)
+            sizes = sequence_nbytes(spec, lengths[positions], work.dim, dtype, residue_runs is None)
             for start, end in blocks(sizes, _BLOCK_ROWS, _BLOCK_BYTES):
                 block_rank = plan.rank[distinct[start:end]]
                 for name, dataset in datasets.items():

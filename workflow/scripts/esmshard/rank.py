@@ -330,9 +330,8 @@ def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str, engine=
     runs = store.residue_runs(work.digests) if work.spec.per_residue else None
     log.info("rank %d: assembling %s from %d store segments%s", work.rank, shard_path, len(store.segments),
              "" if runs is None else f", its per-residue rows referred to where they are ({len(runs)} runs)")
-    nbytes = (outputs_nbytes(work.spec, work.lengths, work.dim, dtype) if runs is None  # else pooled rows at most
-              else len(work.spec.names) * len(work.ids) * work.dim * np.dtype(dtype).itemsize)
-    ensure_space(Path(shard_path).parent, nbytes, "the shard")
+    ensure_space(Path(shard_path).parent, outputs_nbytes(work.spec, work.lengths, work.dim, dtype, runs is None),
+                 "the shard")
     with signals_deferred(), atomic_output(shard_path) as tmp:
         attrs = {**work.identity, **work.shard_attrs(), "model": work.checkpoint["path"],
                  "bfloat16_batches": getattr(engine, "fallbacks", 0)}

@@ -11,6 +11,7 @@ import numpy as np
 
 from esmshard import EsmShardError, atomic_output
 from esmshard.outputs import OutputSpec, dataset_name, pooling_of, resolve_layer
+from esmshard.shard import missing_sources
 
 _SAFE = "A-Za-z0-9_.|:+=@,-"  # characters that go into a .pt file's name as they are (no '~')
 # What OutputSpec.from_attrs reads.
@@ -24,7 +25,8 @@ def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = N
     layer). Pooled outputs come as one [n, dim] array; ``per_residue`` as a list of [length, dim]
     arrays. With ``ids`` (one ID, or a list, tuple or array of them), only those rows are read
     from disk, in the order asked; an unknown ID raises KeyError naming it. Without, everything
-    is read. A missing file raises FileNotFoundError, a file that is not esmshard's EsmShardError.
+    is read. A missing file raises FileNotFoundError; a file that is not esmshard's, or that refers
+    to store segments that no longer exist, EsmShardError.
     """
     if isinstance(ids, str):  # one ID, not a sequence of one-character IDs
         ids = [ids]
@@ -46,7 +48,8 @@ def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = N
 @contextlib.contextmanager
 def _open_embeddings(path):
     """(open file, its OutputSpec); a one-line error naming the file unless it is an esmshard
-    ``embeddings.h5`` or shard."""
+    ``embeddings.h5`` or shard whose rows are all there (a per-residue dataset may refer to store
+    segments: per_residue_in_embeddings refer, and shards)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
@@ -60,6 +63,12 @@ def _open_embeddings(path):
             lacking = [f"dataset {name!r}" for name in datasets if name not in h5]
         if lacking:
             raise EsmShardError(f"{path} is not esmshard embeddings: it has no {', '.join(lacking)}")
+        gone = sorted({name for output in spec.names for name in missing_sources(path, h5[output])})
+        if gone:  # HDF5 would read their rows as NaN
+            raise EsmShardError(
+                f"{path} refers to {len(gone)} store segment(s) that no longer exist ({', '.join(gone[:3])}"
+                f"{', ...' if len(gone) > 3 else ''}): run snakemake again, which computes their sequences again"
+            )
         yield h5, spec
 
 

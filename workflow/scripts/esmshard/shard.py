@@ -46,15 +46,16 @@ def dataset_shapes(spec: OutputSpec, lengths, dim: int) -> dict[str, tuple[int, 
     return {name: ((residues if pooling_of(name) == "per_residue" else n), dim) for name in spec.names}
 
 
-def outputs_nbytes(spec: OutputSpec, lengths, dim: int, dtype) -> int:
-    """Bytes of every output dataset for sequences of these input lengths."""
-    return int(sequence_nbytes(spec, lengths, dim, dtype).sum())
+def outputs_nbytes(spec: OutputSpec, lengths, dim: int, dtype, per_residue: bool = True) -> int:
+    """Bytes of every output dataset for sequences of these input lengths (``per_residue``
+    False: of the pooled ones alone, where the per-residue rows are referred to in the store)."""
+    return int(sequence_nbytes(spec, lengths, dim, dtype, per_residue).sum())
 
 
-def sequence_nbytes(spec: OutputSpec, lengths, dim: int, dtype) -> np.ndarray:
-    """[n] bytes of each sequence's rows in all output datasets."""
-    per_residue = sum(pooling_of(name) == "per_residue" for name in spec.names)
-    rows = len(spec.names) - per_residue + per_residue * spec.embedded_lengths(lengths)
+def sequence_nbytes(spec: OutputSpec, lengths, dim: int, dtype, per_residue: bool = True) -> np.ndarray:
+    """[n] bytes of each sequence's rows in all output datasets (``per_residue``: as outputs_nbytes)."""
+    residue_outputs = sum(pooling_of(name) == "per_residue" for name in spec.names)
+    rows = len(spec.names) - residue_outputs + residue_outputs * spec.embedded_lengths(lengths) * per_residue
     return rows * dim * np.dtype(dtype).itemsize
 
 
@@ -84,9 +85,10 @@ def create_outputs(h5: h5py.File, spec: OutputSpec, ids, lengths, dim: int, dtyp
 
 
 def _create_virtual(h5: h5py.File, name: str, shape, dtype, runs) -> None:
-    """Dataset ``name`` made of ``runs`` (segment path, its rows, first row, end row), in order.
-    Paths are stored relative to this file's folder (HDF5 resolves them from there), so the
-    results folder may move as a whole; rows whose segment is missing would read as NaN."""
+    """Dataset ``name`` made of ``runs`` (segment path, its rows, first row, end row), in order;
+    runs may repeat rows. Paths are stored relative to this file's folder (HDF5 resolves them from
+    there; the folder of a temporary name renamed into place), so the results folder may move as
+    a whole; rows whose segment is missing would read as NaN (``missing_sources`` says which)."""
     layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
     folder, at = Path(h5.filename).resolve().parent, 0
     for path, total, start, end in runs:

@@ -4,9 +4,12 @@ Every rank ends with a status file (``{"ok": true, ...}`` or ``{"ok": false, "er
 an output of the embed rule next to its shard. A failed status (the rank's last attempt failed, or
 its shard was found damaged later) makes the next run of the workflow retry exactly that rank,
 whatever rerun triggers it uses: the embed rule then asks for an input named after that failure,
-which rule retry_rank makes. Standard library only: the Snakefile reads statuses while it builds its jobs.
+which rule retry_rank makes. So does a store segment lost under a merged file that refers to it
+(``per_residue_in_embeddings: refer``; the manifest lists the segments of each rank's rows).
+Standard library only: the Snakefile reads statuses and the manifest while it builds its jobs.
 """
 
+import hashlib
 import json
 import secrets
 from pathlib import Path
@@ -31,15 +34,31 @@ def failed(path) -> bool:
         return False
 
 
-def retry_failure(path) -> str | None:
-    """The failure whose retry marker the rank needs as an input: the one its status records,
-    which makes the next run retry it; after the retry, the same one (so that the retried rank is
-    up to date); None for a rank that never failed."""
+def retry_failure(path, lost=()) -> str | None:
+    """The failure whose retry marker the rank needs as an input: the one its status records, or
+    else the loss of the store segments ``lost`` (``lost_segments``), which makes the next run retry it;
+    after the retry, the same one (so that the retried rank is up to date); None for a rank that
+    never failed."""
     try:
         status = read_status(path)
     except (OSError, ValueError):
         return None
-    return status.get("failure", "unknown") if status.get("ok") is not True else status.get("retried")
+    if status.get("ok") is not True:
+        return status.get("failure", "unknown")
+    if lost:
+        return "lost" + hashlib.sha256("\n".join(sorted(lost)).encode()).hexdigest()[:8]
+    return status.get("retried")
+
+
+def lost_segments(manifest_path, rank) -> list[str]:
+    """The store segments holding rank ``rank``'s rows that the merged file of ``manifest_path``
+    refers to and that no longer exist (none where the merged file holds its own copy)."""
+    try:
+        referred = json.loads(Path(manifest_path).read_text()).get("store_segments_by_rank", {})
+    except (OSError, ValueError):
+        return []
+    folder = Path(manifest_path).parent
+    return [name for name in referred.get(str(rank), []) if not (folder / name).is_file()]
 
 
 def record_failure(status_path, rank: int, error, attempt: int, **where) -> str:

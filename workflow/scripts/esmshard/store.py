@@ -39,8 +39,9 @@ from esmshard.shard import DTYPES, dataset_shapes, plain_attr, write_attrs
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 4 << 20  # HDF5 storage chunks of about 4 MiB, each with its own checksum
-# A shard refers to its per-residue rows in the store through at most this many mappings (each
-# HDF5 reads on opening the dataset); beyond, the rows are copied into the shard.
+# A shard (or embeddings.h5, per_residue_in_embeddings: refer) refers to its per-residue rows in
+# the store through at most this many mappings (each HDF5 reads on opening the dataset); beyond,
+# the rows are copied.
 MAX_VIRTUAL_RUNS = 4096
 
 
