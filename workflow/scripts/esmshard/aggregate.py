@@ -187,7 +187,7 @@ def store_references(store_root, work: RankWork, dtype: str, digests: np.ndarray
         if runs is not None:
             log.info("per-residue rows referred to where they are: %d runs of the store's %s", len(runs),
                      store.directory)
-            pairs = np.unique(np.stack([ranks, segment]), axis=1).tolist()  # (rank, segment) of every row
+            pairs = np.unique(np.stack([ranks, segment]), axis=1).tolist()  # every (rank, segment) pair there is
             return runs, {rank: [store.segments[s] for r, s in zip(*pairs) if r == rank] for rank in set(pairs[0])}
         why = (f"the store {store.directory} lacks {lacking} of their sequences" if lacking
                else f"they lie in too many runs of the store, over {MAX_VIRTUAL_RUNS}")
