@@ -17,6 +17,7 @@ from pathlib import Path
 
 import conftest
 import h5py
+import numpy as np
 import pytest
 
 from conftest import (
@@ -29,6 +30,7 @@ from conftest import (
     write_fasta,
 )
 from esmshard import EsmShardError
+from esmshard import aggregate as aggregate_module
 from esmshard import store as store_module
 from esmshard.aggregate import store_references
 from esmshard.index import SequenceIndex
@@ -270,7 +272,8 @@ def test_a_damaged_or_missing_shard_never_shrinks_the_result(tmp_path, fasta, ti
     assert_same_embeddings(tmp_path, clean2)
 
 
-def test_a_shard_whose_store_rows_are_gone_or_damaged_counts_failed_and_is_computed_again(tmp_path, tiny_checkpoint):
+def test_a_shard_whose_store_rows_are_gone_or_damaged_counts_failed_and_is_computed_again(tmp_path, tiny_checkpoint,
+                                                                                          monkeypatch):
     """Per-residue rows stay in the store, where the shard refers to them: a segment deleted or
     damaged under a finished run is noticed by the next aggregation, never read as NaN or zeros."""
     write_fasta(tmp_path / "p.fasta", random_sequences(300, seed=5, median=120))
@@ -309,6 +312,32 @@ def test_a_shard_whose_store_rows_are_gone_or_damaged_counts_failed_and_is_compu
     assert result.returncode == 0, result.stderr
     assert 0 < rank_status(tmp_path, 1)["embedded"] <= 50
     assert_same_outputs(tmp_path, reference)
+    # Gone while the merge reads it (HDF5 would give its rows as NaN): the same, never NaN.
+    lost = [segment for segment in segment_files(tmp_path) if segment.name.startswith("seg_r1_")][0]
+    read_rows = aggregate_module._read_rows
+
+    def read_rows_losing_a_segment(dataset, rows):
+        lost.unlink(missing_ok=True)
+        return read_rows(dataset, rows)
+
+    monkeypatch.setattr(aggregate_module, "_read_rows", read_rows_losing_a_segment)
+    manifest = aggregate_in_process(tmp_path, config)
+    assert [failed["rank"] for failed in manifest["ranks_failed"]] == [1]
+    assert f"store segment ../store/{lost.parent.name}/{lost.name} went while the merge read it" in \
+        manifest["ranks_failed"][0]["error"]
+    ids, rows, _ = read_embeddings(tmp_path / "results/embeddings.h5", "per_residue/layer_2")
+    assert len(ids) == 300 - manifest["missing"] and np.isfinite(rows).all()
+
+
+def aggregate_in_process(workdir: Path, config: dict) -> dict:
+    """The aggregate job's work on a finished run's files (what workflow/scripts/aggregate.py calls)."""
+    results = workdir / "results"
+    world_size = config["world_size"]
+    return aggregate_module.aggregate(
+        results / "index", results / "plan.h5", [results / f"shards/shard_{r}.h5" for r in range(world_size)],
+        [results / f"status/rank_{r}.json" for r in range(world_size)], results / "store",
+        RankSettings.from_config(config), results / "embeddings.h5", results / "manifest.json",
+        results / "missing_ids.txt")
 
 
 def assert_same_outputs(workdir: Path, reference: Path) -> None:

@@ -33,7 +33,15 @@ from esmshard.index import SequenceIndex
 from esmshard.outputs import blocks, pooling_of, ranges_index, residue_offsets
 from esmshard.plan import Plan, read_plan
 from esmshard.rank import RankSettings, RankWork, assemble_shard, rank_work
-from esmshard.shard import create_outputs, outputs_nbytes, sequence_nbytes, shard_failure, virtual_sources, write_attrs
+from esmshard.shard import (
+    create_outputs,
+    missing_sources,
+    outputs_nbytes,
+    sequence_nbytes,
+    shard_failure,
+    virtual_sources,
+    write_attrs,
+)
 from esmshard.status import read_status, record_failure
 from esmshard.store import MAX_VIRTUAL_RUNS, Store, discard_damaged
 
@@ -130,7 +138,8 @@ def damaged_rows_problem(shard_path, spec, damage: DamagedShard) -> str:
     """What to record for a shard whose rows could not be read: the store segments it refers to
     that fail their checksums are deleted (so that the next run computes their sequences again)."""
     with h5py.File(shard_path, "r") as h5:
-        sources = {file for name in spec.names for file in virtual_sources(shard_path, h5[name]).values()}
+        sources = {file for name in spec.names for file in virtual_sources(shard_path, h5[name]).values()
+                   if file.is_file()}  # (one gone already needs no deleting)
     damaged = discard_damaged(sorted(sources), [name for name in spec.names if pooling_of(name) == "per_residue"])
     found = f"; damaged store segments deleted: {', '.join(p.name for p in damaged)}" if damaged else ""
     return f"shard {shard_path} could not be read ({damage.error}){found}"
@@ -275,6 +284,7 @@ def merge(path, shards: dict, plan: Plan, keep: np.ndarray, all_ids, lengths, wo
                         else:
                             values[mine] = found
                     dataset[out_start:out_end] = values
+            _check_sources_kept(shards, sources, spec)
             attrs = {**work.identity, **work.run_attrs()}
             write_attrs(out, {**attrs, "model": work.checkpoint["path"], "fingerprint": plan.fingerprint,
                               "versions": sources[min(shards)].attrs["versions"],
@@ -284,6 +294,16 @@ def merge(path, shards: dict, plan: Plan, keep: np.ndarray, all_ids, lengths, wo
     finally:
         for source in sources.values():
             source.close()
+
+
+def _check_sources_kept(shards: dict, sources: dict, spec) -> None:
+    """DamagedShard for a shard whose store segments went while the merge read it: HDF5 reads the
+    rows of a missing source as the fill value (NaN), which must never reach the merged file."""
+    for rank, source in sources.items():
+        gone = sorted({file for name in spec.names if pooling_of(name) == "per_residue"
+                       for file in missing_sources(shards[rank], source[name])})
+        if gone:
+            raise DamagedShard(rank, OSError(f"store segment {gone[0]} went while the merge read it"))
 
 
 def _read_rows(dataset, rows: np.ndarray) -> np.ndarray:
