@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import esm
 import numpy as np
@@ -215,6 +216,17 @@ def test_a_hub_id_names_its_cache_file_as_the_input_before_and_after_the_downloa
                        r".*HF_HUB_OFFLINE forbids downloading it: download it where there is network with "
                        r"'python -m esmshard download esmshard-test/not_downloaded'"):
         model_inputs("esmshard-test/not_downloaded")
+
+
+@pytest.mark.parametrize("model", ["resources/esm2_t33_650M_UR50D.pt", "models/esm2/model.safetensors",
+                                   "./esm2_finetuned", "~/no_such_esm2_directory"])
+def test_a_missing_path_is_named_as_such_not_looked_for_on_the_hub(model, hf_home, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online: a hub id would be downloaded
+    message = re.escape(f"model: {Path(model).expanduser()} does not exist (a checkpoint file or model directory")
+    for resolve in (model_inputs, resolve_model):
+        with pytest.raises(EsmShardError, match=message):
+            resolve(model)
 
 
 def test_a_missing_hub_id_offline_stops_before_any_job_saying_what_to_do(tmp_path, hf_home):

@@ -66,6 +66,8 @@ def resolve_model(model: str) -> Checkpoint:
             raise EsmShardError(f"model: {model} is not downloaded yet (to {released}): "
                                 f"'python -m esmshard download {model}' does it")
         return Checkpoint(released, (released,))
+    if names_a_file(model):
+        raise EsmShardError(f"model: {path} does not exist (a checkpoint file or model directory, by its name)")
     if not HUB_ID.fullmatch(model):
         raise EsmShardError(
             f"model: {model!r} is neither an existing checkpoint file or model directory, a Hugging Face hub "
@@ -86,6 +88,13 @@ def resolve_model(model: str) -> Checkpoint:
                             f"'python -m esmshard download {model}'") from None
 
 
+def names_a_file(model: str) -> bool:
+    """Whether ``model`` can only be a path: absolute or relative to ., .. or ~, or ending as a
+    weights file does (so a mistyped path, which also reads as a hub id org/name, is not looked
+    for on the hub)."""
+    return model.startswith(("/", "./", "../", "~")) or model.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
 def model_inputs(model: str) -> tuple[list[Path], bool]:
     """(the files that stand for ``model`` as an input of the jobs that read it, whether rule
     download_model must make them). A released model is its file in torch.hub's cache, and a hub
@@ -94,7 +103,7 @@ def model_inputs(model: str) -> tuple[list[Path], bool]:
     path = Path(model).expanduser()
     if not path.exists() and model in ESM2_MODELS and not released_checkpoint(model).is_file():
         return [released_checkpoint(model)], True
-    if not path.exists() and HUB_ID.fullmatch(model):
+    if not path.exists() and HUB_ID.fullmatch(model) and not names_a_file(model):
         if hub_snapshot(model) is None and not hub_offline():
             return [hub_ref(model)], True
         resolve_model(model)  # offline, or a cached copy that must be whole: checked before any job
