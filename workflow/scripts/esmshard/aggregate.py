@@ -19,7 +19,6 @@ manifest lists per rank: a segment lost later makes the next run retry those ran
 (``status.lost_segments``).
 """
 
-import dataclasses
 import json
 import logging
 import os
@@ -116,8 +115,7 @@ def _usable_ranks(index, plan: Plan, shard_paths, status_paths, statuses: list, 
         if failure or not status["ok"]:
             failed[rank] = failure or status.get("error", "unknown error")
             continue
-        work = dataclasses.replace(rank_work(index, plan, rank, settings),
-                                   compute_precision=status.get("compute_precision"))
+        work = rank_work(index, plan, rank, settings, status.get("compute_precision"))
         problem = usable_shard(Path(shard_paths[rank]), work, store_root, settings.dtype)
         if problem:
             _count_failed(rank, problem, status_paths[rank], status, failed)

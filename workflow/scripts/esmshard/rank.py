@@ -157,7 +157,10 @@ def fill_store_and_assemble(work: RankWork, shard_path, store_root, settings: Ra
     raise EsmShardError(f"the store {store.directory} was found damaged three times; check the disk")
 
 
-def rank_work(index: SequenceIndex, plan: Plan, rank: int, settings: RankSettings) -> RankWork:
+def rank_work(index: SequenceIndex, plan: Plan, rank: int, settings: RankSettings,
+              precision: str | None = None) -> RankWork:
+    """Rank ``rank``'s work, computed in ``precision`` (default: what the settings resolve to on
+    this host's device; the merge passes the one the rank's status records)."""
     if plan.fingerprint != index.fingerprint:
         raise EsmShardError("the plan was made for another index; rerun the plan rule")
     if not 0 <= rank < plan.world_size:
@@ -169,7 +172,7 @@ def rank_work(index: SequenceIndex, plan: Plan, rank: int, settings: RankSetting
         index, rank, plan.world_size, positions, index.ids(positions), index.lengths[positions],
         index.digests()[positions], spec, plan.model["embed_dim"], plan.model,
         settings_identity(plan.model["digest"], spec, settings.dtype, settings.precision, settings.engine),
-        compute_precision(settings, gpu_device()),
+        precision or compute_precision(settings, gpu_device()),  # (asking for the device runs nvidia-smi)
     )
 
 
