@@ -443,9 +443,12 @@ def test_timeout_stops_the_rank_keeps_its_work_and_counts_it_failed(tmp_path, fa
     from esmshard.model import write_random_checkpoint
 
     # a model slow enough on the CPU (~10 s of work) that the rank cannot finish in its 9 seconds;
-    # small batches and segments, so that some work is saved even on a busy machine
+    # small batches and segments, so that some work is saved even on a busy machine, and one torch
+    # thread: with two on a busy 2-core machine (CI's other worker), OpenMP's barriers stalled the
+    # first batch for 7.5 s, and no batch finished in time (measured with two busy processes)
     slower = write_random_checkpoint(tmp_path / "esm2_slower.pt", 6, 96, 4, seed=5)
-    config = config_for(fasta, slower, world_size=1, chunk_sequences=20, tokens_per_batch=2048, timeout="9s")
+    config = config_for(fasta, slower, world_size=1, chunk_sequences=20, tokens_per_batch=2048, timeout="9s",
+                        threads_per_rank=1)
     (tmp_path / "timed").mkdir()
     result = run_snakemake(tmp_path / "timed", config)
     assert result.returncode != 0
