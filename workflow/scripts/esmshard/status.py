@@ -9,8 +9,10 @@ which rule retry_rank makes. So does a store segment lost under a merged file th
 Standard library only: the Snakefile reads statuses and the manifest while it builds its jobs.
 """
 
+import functools
 import hashlib
 import json
+import os
 import secrets
 from pathlib import Path
 
@@ -54,11 +56,18 @@ def lost_segments(manifest_path, rank) -> list[str]:
     """The store segments holding rank ``rank``'s rows that the merged file of ``manifest_path``
     refers to and that no longer exist (none where the merged file holds its own copy)."""
     try:
-        referred = json.loads(Path(manifest_path).read_text()).get("store_segments_by_rank", {})
+        referred = _referred_segments(str(manifest_path), os.stat(manifest_path).st_mtime_ns)
     except (OSError, ValueError):
         return []
     folder = Path(manifest_path).parent
     return [name for name in referred.get(str(rank), []) if not (folder / name).is_file()]
+
+
+@functools.lru_cache(maxsize=4)
+def _referred_segments(manifest_path: str, mtime_ns: int) -> dict:
+    """The manifest's store segments by rank, read once per version of the file: the Snakefile asks
+    for every rank, and the manifest also lists every missing ID of a failed rank."""
+    return json.loads(Path(manifest_path).read_text()).get("store_segments_by_rank", {})
 
 
 def record_failure(status_path, rank: int, error, attempt: int, **where) -> str:
