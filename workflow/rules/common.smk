@@ -1,4 +1,5 @@
 import os
+import threading
 from pathlib import Path
 
 # The package (on sys.path since the Snakefile) is imported here only through modules that need
@@ -118,3 +119,23 @@ def warn_without_input_trigger(rank):
             f"esmshard: rank {rank} failed last time, and --rerun-triggers without 'input' "
             f"keeps snakemake from retrying it: add 'input' to --rerun-triggers"
         )
+
+
+def cancel_rescheduling_timers():
+    """Cancel the timers Snakemake's job rate limiter leaves behind once the run is over.
+
+    After every scheduling pass it starts a non-daemon threading.Timer of --max-jobs-per-timespan's
+    timespan (1 s, the least the option can say) to schedule again; the interpreter waits for the
+    last one before exiting, so every run ended ~1 s after its last job.
+    """
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer):
+            thread.cancel()
+
+
+onsuccess:
+    cancel_rescheduling_timers()
+
+
+onerror:
+    cancel_rescheduling_timers()
