@@ -5,7 +5,7 @@
 For each model (RANDOM weights of the real shape: speed does not depend on the values):
   (a) fair-esm in fp16 the way its scripts/extract.py runs it: sequences in memory, length-sorted
       padded batches of --baseline-tokens tokens, per-sequence mean of the last layer;
-  (b) esmshard's embed job end to end: index read, tokenising, packed bf16 forward, pooling and
+  (b) esmshard's embed job end to end: index read, tokenising, packed forward (--precision), pooling and
       the HDF5 shard write (the rank's work after its model is loaded).
 Prints residues/s, b/a, peak GPU memory, the fraction of the FLOP limit (2 x parameters FLOPs per
 token at 790 TFLOP/s, the bf16 rate measured on an H200), and the numerics of (b) against
@@ -94,12 +94,12 @@ def run_model(name: str, args, workdir: Path) -> dict:
     limit = PEAK_FLOPS / (2 * params)  # tokens/s at the FLOP limit
 
     # (b) first, while the fp32 network is the only copy on the GPU besides the packed one
-    settings = RankSettings.from_config({"precision": "bfloat16", "tokens_per_batch": args.tokens_per_batch,
+    settings = RankSettings.from_config({"precision": args.precision, "tokens_per_batch": args.tokens_per_batch,
                                           "progress_seconds": 1e9})
     plan_path = write_bench_plan(workdir, name)
     work = rank_work(SequenceIndex(workdir / "index"), read_plan(plan_path), 0, settings)
     spec = OutputSpec.resolve([-1], ["mean"], layers)
-    engine = PackedEngine(network, alphabet, "cuda", "bfloat16", spec, compile=args.compile)
+    engine = PackedEngine(network, alphabet, "cuda", args.precision, spec, compile=args.compile)
     started = time.perf_counter()
     engine.embed([index.residues(i) for i in range(min(64, len(index)))])  # warm-up
     torch.cuda.synchronize()
@@ -124,6 +124,10 @@ def run_model(name: str, args, workdir: Path) -> dict:
     )
     rel_l2 = np.linalg.norm(packed_vectors - reference, axis=1) / np.linalg.norm(reference, axis=1)
 
+    if args.no_baseline:
+        baseline_seconds, baseline_peak = float("nan"), 0
+        return result(name, params, residues, sequences, limit, baseline_seconds, baseline_peak, packed_seconds,
+                      packed_peak, cosine, rel_l2)
     # (a) fair-esm fp16
     network = network.half()
     fair_esm_fp16(network, alphabet, sequences[:64], args.baseline_tokens, layers)  # warm-up
@@ -132,7 +136,12 @@ def run_model(name: str, args, workdir: Path) -> dict:
     baseline_peak = torch.cuda.max_memory_allocated()
     del network
     torch.cuda.empty_cache()
+    return result(name, params, residues, sequences, limit, baseline_seconds, baseline_peak, packed_seconds,
+                  packed_peak, cosine, rel_l2)
 
+
+def result(name, params, residues, sequences, limit, baseline_seconds, baseline_peak, packed_seconds, packed_peak,
+           cosine, rel_l2) -> dict:
     tokens = residues + 2 * len(sequences)
     return {
         "model": name,
@@ -169,9 +178,17 @@ def main():
                         choices=["tuned", True, False], help="the config's compile: tuned (default), true, false")
     parser.add_argument("--rotary-kernel", type=int, choices=[0, 1], default=None,
                         help="compiled CUDA path: rotary through the Triton kernel (default: packed.ROTARY_KERNEL)")
+    parser.add_argument("--norm-kernel", type=int, choices=[0, 1], default=None,
+                        help="eager CUDA path: residual adds and LayerNorms through the Triton kernel "
+                             "(default: packed.NORM_KERNEL)")
+    parser.add_argument("--precision", default="float16", choices=["float16", "bfloat16"],
+                        help="the packed engine's (default: float16, what precision: auto runs on a GPU)")
+    parser.add_argument("--no-baseline", action="store_true", help="the packed engine only (no ratio)")
     args = parser.parse_args()
     if args.rotary_kernel is not None:
         packed.ROTARY_KERNEL = bool(args.rotary_kernel)
+    if args.norm_kernel is not None:
+        packed.NORM_KERNEL = bool(args.norm_kernel)
 
     workdir = Path(tempfile.mkdtemp(prefix="esmshard-bench-"))
     synthetic_fasta(workdir / "proteins.fasta", args.n, args.median)
@@ -179,8 +196,8 @@ def main():
     lengths = SequenceIndex(workdir / "index").lengths
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.n} synthetic proteins, median length "
           f"{int(np.median(lengths))}, {summary.n_residues} residues; RANDOM weights of the real shapes")
-    print(f"packed engine: compile {args.compile} ({packed.COMPILE_OPTIONS.get(args.compile)}), rotary kernel "
-          f"{packed.ROTARY_KERNEL}")
+    print(f"packed engine: {args.precision}, compile {args.compile} ({packed.COMPILE_OPTIONS.get(args.compile)}), "
+          f"rotary kernel {packed.ROTARY_KERNEL}, norm kernel {packed.NORM_KERNEL}")
 
     rows = []
     for name in args.models:
@@ -195,7 +212,7 @@ def main():
         base, ours = row["baseline"], row["packed"]
         print(f"| {row['model']} | fair-esm fp16, {args.baseline_tokens} padded tokens/batch | {base[0]:,.0f} | 1.00x "
               f"| {base[1] / 2**30:.1f} GiB | {100 * base[2]:.0f}% | |")
-        print(f"| {row['model']} | esmshard embed job (packed bf16) | {ours[0]:,.0f} | {ours[0] / base[0]:.2f}x "
+        print(f"| {row['model']} | esmshard embed job (packed {args.precision}) | {ours[0]:,.0f} | {ours[0] / base[0]:.2f}x "
               f"| {ours[1] / 2**30:.1f} GiB | {100 * ours[2]:.0f}% | cos min {row['cos_min']:.6f}, "
               f"rel L2 max {row['rel_l2_max']:.1e} |")
     for row in rows:

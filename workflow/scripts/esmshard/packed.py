@@ -59,7 +59,7 @@ def attention_inputs(x, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, 
 
 def qkv_projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps: float):
     """LayerNorm and the fused q/k/v projection: [T, D] -> [T, 3D] in the compute dtype."""
-    normed = F.layer_norm(x, (x.shape[1],), norm_weight, norm_bias, eps).to(qkv_weight.dtype)
+    _, normed = added_and_normed(x, None, norm_weight, norm_bias, eps, qkv_weight.dtype)
     return F.linear(normed, qkv_weight, qkv_bias)
 
 
@@ -67,9 +67,22 @@ def attention_output_and_ffn(x, attended, out_weight, out_bias, norm_weight, nor
                              fc2_weight, fc2_bias, eps: float):
     """Output projection and residual, then LayerNorm, fc1, exact GELU, fc2 and residual."""
     T, D = x.shape
-    x = x + F.linear(attended.reshape(T, D), out_weight, out_bias).float()
-    normed = F.layer_norm(x, (D,), norm_weight, norm_bias, eps).to(fc1_weight.dtype)
-    return x + F.linear(F.gelu(F.linear(normed, fc1_weight, fc1_bias)), fc2_weight, fc2_bias).float()
+    attention_output = F.linear(attended.reshape(T, D), out_weight, out_bias)
+    x, normed = added_and_normed(x, attention_output, norm_weight, norm_bias, eps, fc1_weight.dtype)
+    return x + F.linear(F.gelu(F.linear(normed, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)  # float32 + dtype
+
+
+def added_and_normed(x, residual, norm_weight, norm_bias, eps: float, dtype: torch.dtype):
+    """(x + residual (None: nothing) in float32, its LayerNorm in ``dtype``); x: [T, D] float32.
+    Eager on CUDA through norm_kernel.py's Triton kernel (one pass instead of three kernels);
+    torch.compile fuses the same torch code by itself."""
+    if x.is_cuda and NORM_KERNEL and not torch.compiler.is_compiling():
+        from esmshard.norm_kernel import layer_norm
+
+        return layer_norm(x, norm_weight, norm_bias, eps, dtype, residual)
+    if residual is not None:
+        x = x + residual
+    return x, F.layer_norm(x, (x.shape[1],), norm_weight, norm_bias, eps).to(dtype)
 
 
 class PackedESM2(nn.Module):
@@ -125,6 +138,8 @@ COMPILE_OPTIONS = {True: {}, "tuned": {"max_autotune_pointwise": True, "coordina
 # On CUDA: rotary through rotary_kernel.py (Triton), one pass instead of eager torch's eight or
 # inductor's slower fused code.
 ROTARY_KERNEL = True
+# On CUDA without torch.compile: the residual adds and LayerNorms through norm_kernel.py (Triton).
+NORM_KERNEL = True
 
 
 def compiled_steps(options: dict, rotary_kernel: bool = False):
@@ -151,8 +166,8 @@ def with_rotary_kernel(projection):
 
 
 def load_kernels(heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
-    """Attention and rotary on 8 tokens, so that their kernels are ready (Triton's first launch in
-    a process takes ~0.5 s). PackedEngine runs this on a thread while the weights go to the GPU."""
+    """Attention, rotary and LayerNorm on 8 tokens, so that their kernels are ready (Triton's first
+    launch in a process takes ~0.5 s). PackedEngine runs this on a thread while the weights go to the GPU."""
     with torch.inference_mode():
         qkv = torch.zeros(8, 3, heads, head_dim, dtype=dtype, device=device)  # [T, 3, H, d]
         q, k, v = qkv.unbind(1)
@@ -162,6 +177,11 @@ def load_kernels(heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
             cos = torch.ones(8, head_dim, device=device)  # [T, d]
             q, k = rotate_qk(qkv.view(8, -1), cos, torch.zeros_like(cos), heads)
         attention(q, k, v, torch.tensor([0, 8], dtype=torch.int32, device=device), 8)
+        if NORM_KERNEL:
+            stream = torch.zeros(8, heads * head_dim, device=device)  # [T, D] float32
+            norm = torch.ones(heads * head_dim, device=device)
+            added_and_normed(stream, None, norm, norm, 1e-5, dtype)
+            added_and_normed(stream, stream.to(dtype), norm, norm, 1e-5, dtype)
         torch.cuda.synchronize(device)
 
 
