@@ -14,12 +14,12 @@ from esmshard.stopping import TimedOut, handle_stop_signals, signals_deferred
 from esmshard.store import SegmentWriter, Store, settings_identity
 
 
-@pytest.mark.parametrize("setting, device, tokens, mode", [
-    ("auto", "cuda", 100_000_000, "tuned"), ("auto", "cuda", 99_999_999, False), ("auto", "cpu", 10**9, False),
-    ("tuned", "cuda", 10, "tuned"), (True, "cuda", 10, True), (False, "cuda", 10**9, False), ("tuned", "cpu", 10, False),
+@pytest.mark.parametrize("setting, device, mode", [
+    ("auto", "cuda", False), ("auto", "cpu", False), ("tuned", "cuda", "tuned"), (True, "cuda", True),
+    (False, "cuda", False), ("tuned", "cpu", False),
 ])
-def test_compile_only_where_it_pays(setting, device, tokens, mode):
-    assert compile_mode(RankSettings.from_config({"compile": setting}), device, tokens) == mode
+def test_compile_only_on_a_gpu_and_when_asked(setting, device, mode):
+    assert compile_mode(RankSettings.from_config({"compile": setting}), device) == mode
 
 
 def test_a_stop_while_a_segment_is_written_keeps_the_next_batches_for_the_rank_to_save(tmp_path):

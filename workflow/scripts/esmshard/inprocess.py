@@ -73,7 +73,7 @@ def embed(sequences, model=None, layers=None, pooling=None, device=None, **optio
     except ValueError as error:  # a layer the model does not have
         raise ValueError(f"config: {error}") from None
     lengths = np.array([len(r) for r in residues], np.int64)
-    engine, _ = build_engine(network, alphabet, device, precision, spec, chosen, int(spec.tokens(lengths).sum()))
+    engine, _ = build_engine(network, alphabet, device, precision, spec, chosen)
     batches, _ = plan_batches(engine, lengths, chosen)
     outputs = _collect(engine, batches, residues, spec, DTYPES[chosen.dtype])
     return {"ids": ids, "lengths": lengths, "truncated": spec.truncated(lengths), **outputs}

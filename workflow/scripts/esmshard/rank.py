@@ -36,12 +36,6 @@ log = logging.getLogger(__name__)
 # A window's outputs, saved as one store segment, are at most this size: the rank's host memory
 # for outputs stays under ~4x it (the window filling; the one being written, copied once to sort it).
 SEGMENT_BYTES = 512 << 20
-# compile: auto compiles (tuned) only for this much work, in tokens of ESM-2 650M (others count
-# in proportion to layers x width^2): on an H200 eager float16 with the Triton rotary kernel runs
-# 650M at ~290k residues/s, tuned ~8% faster after 20-40 s of compiling on a fresh machine; a
-# 36M-residue rank that compiled ran at 230k residues/s overall (docs/benchmarks.md).
-AUTO_COMPILE_TOKENS = 100_000_000
-ESM2_650M_WORK = 33 * 1280**2
 
 
 @dataclass
@@ -119,11 +113,22 @@ def run_rank(index_dir, plan_path, checkpoint, rank: int, shard_path, store_root
     progress = Progress(len(work.ids), int(embedded.sum()), settings.progress_seconds, rank)
     reused, gpu, engine = fill_store_and_assemble(work, shard_path, store_root, settings, progress)
     peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    log.info("rank %d: done; peak host memory %.2f GiB", rank, peak_memory)
+    peak_gpu_memory = gpu_peak_memory(engine)
+    log.info("rank %d: done; peak host memory %.2f GiB%s", rank, peak_memory,
+             "" if peak_gpu_memory is None else f", peak GPU memory {peak_gpu_memory:.2f} GiB")
     return {**progress.finish(), "gpu": gpu, "compute_precision": work.compute_precision,
-            "peak_host_memory_gib": round(peak_memory, 2),
+            "peak_host_memory_gib": round(peak_memory, 2), "peak_gpu_memory_gib": peak_gpu_memory,
             "store": str(store_directory(store_root, work.store_identity)), "reused": reused,
             "embedded": len(work.ids) - reused, "bfloat16_batches": getattr(engine, "fallbacks", 0)}
+
+
+def gpu_peak_memory(engine) -> float | None:
+    """GiB of GPU memory torch held at most in this process (None: no engine ran on a GPU)."""
+    if engine is None or engine.device.type != "cuda":
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_reserved(engine.device) / 2**30, 2)
 
 
 def fill_store_and_assemble(work: RankWork, shard_path, store_root, settings: RankSettings, progress: Progress,
@@ -276,7 +281,7 @@ def load_engine(work: RankWork, settings: RankSettings, tokens: int):
     started = time.monotonic()
     network, alphabet = load_model(str(checkpoint.location))
     precision = work.compute_precision
-    engine, compile = build_engine(network, alphabet, device, precision, work.spec, settings, tokens)
+    engine, compile = build_engine(network, alphabet, device, precision, work.spec, settings)
     log.info("model %s (%d layers, dim %d) on %s, %s engine in %s (compile %s for %d tokens), outputs %s; "
              "loaded in %.1f s", checkpoint.location, network.num_layers, network.embed_dim,
              torch.cuda.get_device_name() if device == "cuda" else "cpu", settings.engine, precision,
@@ -291,26 +296,23 @@ def check_engine_precision(engine: str, device: str, precision: str) -> None:
                             f"{precision}; set precision to float32 or auto, or engine to packed")
 
 
-def build_engine(network, alphabet, device: str, precision: str, spec: OutputSpec, settings: RankSettings,
-                 tokens: int):
-    """(the engine the settings ask for, on ``device`` (a torch device string), for ``tokens`` of
-    work; its compile mode)."""
+def build_engine(network, alphabet, device: str, precision: str, spec: OutputSpec, settings: RankSettings):
+    """(the engine the settings ask for, on ``device`` (a torch device string); its compile mode)."""
     from esmshard.engine import PackedEngine, ReferenceEngine
 
-    kind = device.split(":")[0]
-    compile = compile_mode(settings, kind, tokens * network.num_layers * network.embed_dim**2 / ESM2_650M_WORK)
+    compile = compile_mode(settings, device.split(":")[0])
     if settings.engine == "packed":
         return PackedEngine(network, alphabet, device, precision, spec, compile, settings.dtype), compile
     return ReferenceEngine(network, alphabet, device, precision, spec, settings.dtype), False
 
 
-def compile_mode(settings: RankSettings, device: str, tokens: float) -> bool | str:
-    """The packed engine's compile mode for ``tokens`` of work (in ESM-2 650M tokens): none on the
-    CPU; ``auto`` only where it pays."""
-    if device != "cuda":
+def compile_mode(settings: RankSettings, device: str) -> bool | str:
+    """The packed engine's compile mode: none on the CPU, and none for ``auto``: on an H200 eager
+    float16 with the Triton LayerNorm and rotary kernels runs as fast as ``tuned`` (650M 302k
+    residues/s both, 3B 89.2k and 88.8k; docs/benchmarks.md), which costs 20-40 s of compiling on
+    a fresh machine."""
+    if device != "cuda" or settings.compile == "auto":
         return False
-    if settings.compile == "auto":
-        return "tuned" if tokens >= AUTO_COMPILE_TOKENS else False
     return settings.compile
 
 
