@@ -74,7 +74,8 @@ def stages(workdir: Path, started: float) -> dict:
     rank_log = (workdir / "logs/embed/rank_0.log").read_text()
     for key, pattern in (("first batch after process start", r"first batch done, ([\d.]+) s after"),
                          ("model loaded in", r"loaded in ([\d.]+) s"),
-                         ("rank's peak host memory (GiB)", r"peak host memory ([\d.]+) GiB")):
+                         ("rank's peak host memory (GiB)", r"peak host memory ([\d.]+) GiB"),
+                         ("rank's peak GPU memory (GiB)", r"peak GPU memory ([\d.]+) GiB")):
         found = re.search(pattern, rank_log)
         out[key] = float(found.group(1)) if found else None
     return out
@@ -128,7 +129,8 @@ def main() -> int:
 
         from esmshard.model import write_random_checkpoint
 
-        write_random_checkpoint(checkpoint, layers, dim, heads, seed=0, dtype=torch.float16)
+        write_random_checkpoint(checkpoint, layers, dim, heads, seed=0, dtype=torch.float16,
+                                device="cuda" if torch.cuda.is_available() else "cpu")
 
     runs = Path(tempfile.mkdtemp(prefix="runs-", dir=args.cache))
     rows = {}

@@ -284,15 +284,17 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
 
 
 def write_random_checkpoint(path, layers: int, embed_dim: int, heads: int, seed: int = 0,
-                            dtype: torch.dtype = torch.float32) -> Path:
+                            dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
     """Write an ESM-2 checkpoint with random weights in fair-esm's released file layout (the
     released files hold float16 weights: ``dtype``).
 
     For tests, the demo without network, and speed benchmarks: the architecture is real, the
-    weights are not, so its embeddings mean nothing biologically.
+    weights are not, so its embeddings mean nothing biologically. ``device`` draws them (a GPU
+    draws 15B's in seconds, and the host then holds only the file's copy).
     """
     torch.manual_seed(seed)
-    network = esm.ESM2(num_layers=layers, embed_dim=embed_dim, attention_heads=heads, token_dropout=True)
+    with torch.device(device):
+        network = esm.ESM2(num_layers=layers, embed_dim=embed_dim, attention_heads=heads, token_dropout=True)
     with torch.no_grad():
         for name, tensor in network.named_parameters():
             if "layer_norm" in name:  # make LayerNorms non-trivial so tests see their effect
@@ -302,7 +304,7 @@ def write_random_checkpoint(path, layers: int, embed_dim: int, heads: int, seed:
         if name.startswith("contact_head."):
             continue  # released checkpoints keep these in a separate regression file
         prefix = "encoder." if name.startswith("lm_head.") else "encoder.sentence_encoder."
-        weights[prefix + name] = tensor.to(dtype, copy=True)
+        weights[prefix + name] = tensor.to("cpu", dtype, copy=True)
     config = argparse.Namespace(
         encoder_layers=layers, encoder_embed_dim=embed_dim, encoder_attention_heads=heads, token_dropout=True
     )
