@@ -224,7 +224,8 @@ def _manifest(out_path, missing_path, plan: Plan, statuses, works, failed, missi
         "distinct_sequences": len(plan.position),
         "embedded": n_sequences - n_missing,
         "missing": n_missing,
-        # distinct sequences of the succeeded ranks computed by this run, and taken from the store
+        # distinct sequences of the succeeded ranks computed and taken from the store, as each rank's
+        # latest job counted them: a rank this snakemake run did not start again keeps its counts
         "computed": sum(int(statuses[r].get("embedded", 0)) for r in works),
         "reused": sum(int(statuses[r].get("reused", 0)) for r in works),
         "missing_ids_file": str(missing_path),
