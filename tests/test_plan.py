@@ -100,22 +100,25 @@ def test_the_space_warning_counts_the_store_the_shards_and_the_merged_file(tmp_p
     lengths, position = np.array([100, 100, 50]), np.array([0, 2])  # the second is a copy of the first
     assert space_warning(tmp_path, spec, lengths, position, 32, "float32") is None
     huge = np.array([10**12, 10**12])  # 250 TiB of per-residue vectors each
-    warning = space_warning(tmp_path, spec, huge, np.array([0]), 32, "float16")
-    distinct, merged = (10**12 + 1) * 64, (2 * 10**12 + 2) * 64
-    assert warning.startswith(f"the embeddings of this run need up to {(2 * distinct + merged) / 2**40:,.1f} TiB "
-                              f"in {tmp_path} (the store and the shards {distinct / 2**40:,.1f} TiB each, "
-                              f"embeddings.h5 {merged / 2**40:,.1f} TiB; ")
-    assert re.search(r"but only [\d,.]+ [KMGT]iB are free there: ranks will fail when the disk fills", warning)
+    store = (10**12 + 1) * 64  # the one distinct sequence's rows, float16 at width 32: per residue and mean
+    copied = (2 * 10**12 + 2) * 64  # both IDs' rows
+    for mode, merged, merged_text in (("copy", copied, f"{copied / 2**40:,.1f} TiB"), ("refer", 128, "0.1 KiB")):
+        warning = space_warning(tmp_path, spec, huge, np.array([0]), 32, "float16", mode)
+        # the shards hold the mean alone (64 bytes): their per-residue rows are the store's
+        assert warning.startswith(f"the embeddings of this run need up to {(store + 64 + merged) / 2**40:,.1f} TiB "
+                                  f"in {tmp_path} (the store {store / 2**40:,.1f} TiB, the shards 0.1 KiB, "
+                                  f"embeddings.h5 {merged_text}; ")
+        assert re.search(r"but only [\d,.]+ [KMGT]iB are free there: ranks will fail when the disk fills", warning)
 
 
 def test_the_plan_rule_warns_before_any_rank_when_the_results_may_not_fit(tmp_path, tiny_checkpoint):
     write_fasta(tmp_path / "p.fasta", random_sequences(200, seed=3, median=300, cap=600))
     config = config_for(tmp_path / "p.fasta", tiny_checkpoint, pooling=["per_residue"])
-    with small_filesystem(tmp_path / "results", "4m"):  # the index fits, ~3 x 8 MiB of vectors do not
+    with small_filesystem(tmp_path / "results", "4m"):  # the index fits, 2 x ~8 MiB of vectors (store, copy) do not
         result = run_snakemake(tmp_path, config, "plan")
         assert result.returncode == 0, result.stderr
     warning = re.search(r"^esmshard: WARNING: the embeddings of this run need up to ([\d.]+) MiB in results",
                         result.stderr, re.M)
-    assert warning and float(warning[1]) > 20, result.stderr
+    assert warning and float(warning[1]) > 14, result.stderr
     assert "only" in (tmp_path / "logs/plan.log").read_text() and not (tmp_path / "logs/embed").exists()
     assert "WARNING" not in run_snakemake(tmp_path, config, "plan", "--forcerun", "plan").stderr  # on the real disk

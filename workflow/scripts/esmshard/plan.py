@@ -142,18 +142,20 @@ def imbalance(rank_costs: np.ndarray) -> float:
 
 
 def space_warning(directory, spec: OutputSpec, lengths: np.ndarray, position: np.ndarray, dim: int,
-                  dtype: str) -> str | None:
+                  dtype: str, per_residue_in_embeddings: str = "copy") -> str | None:
     """What to tell the user when the embeddings of sequences of ``lengths`` (``position``: the
     distinct ones) may not fit in the free space of ``directory``, where the results go; None
-    when they fit. The store and the shards each hold every distinct sequence's outputs, the
-    merged file every ID's; all uncompressed (the most that is written)."""
-    distinct = outputs_nbytes(spec, lengths[position], dim, dtype)
-    merged = outputs_nbytes(spec, lengths, dim, dtype)
+    when they fit. The store holds every distinct sequence's outputs; the shards their pooled
+    ones (their per-residue rows are the store's); embeddings.h5 every ID's pooled ones, and its
+    per-residue rows unless it refers to the store's. All uncompressed (the most that is written)."""
+    store = outputs_nbytes(spec, lengths[position], dim, dtype)
+    shards = outputs_nbytes(spec, lengths[position], dim, dtype, per_residue=False)
+    merged = outputs_nbytes(spec, lengths, dim, dtype, per_residue=per_residue_in_embeddings == "copy")
     free = shutil.disk_usage(directory).free
-    if 2 * distinct + merged <= free:
+    if store + shards + merged <= free:
         return None
-    return (f"the embeddings of this run need up to {_size(2 * distinct + merged)} in {directory} (the store "
-            f"and the shards {_size(distinct)} each, embeddings.h5 {_size(merged)}; less where the store "
+    return (f"the embeddings of this run need up to {_size(store + shards + merged)} in {directory} (the store "
+            f"{_size(store)}, the shards {_size(shards)}, embeddings.h5 {_size(merged)}; less where the store "
             f"already holds some), but only {_size(free)} are free there: ranks will fail when the disk fills. "
             f"Free some space, or store less: dtype float16 halves it, per_residue output is most of it")
 
