@@ -1,12 +1,13 @@
 """Where a rank's start-up goes, step by step, in a fresh process (run it twice: cold, then warm).
 
-    python bench/rank_startup.py CHECKPOINT [--compile auto|true|tuned|false] [--rotary triton|torch]
+    python bench/rank_startup.py CHECKPOINT [--compile true|tuned|false] [--kernels triton|torch]
 
 Prints seconds since the process started after each step a rank takes before its first batch is
 done: importing the package, torch and fair-esm, starting CUDA, reading the checkpoint, building
 the packed model on the GPU, a one-sequence batch (kernel start-up alone), then batches of
-log-normal lengths (131,072 tokens) until the time per batch settles. ``--rotary torch`` rotates
-q and k with eager torch instead of the Triton kernel (no Triton in the process).
+log-normal lengths (131,072 tokens) until the time per batch settles. ``--kernels torch`` rotates
+q and k and computes the LayerNorms with eager torch instead of esmshard's Triton kernels (no
+Triton in the process).
 """
 
 import sys
@@ -36,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
     parser.add_argument("--compile", default="false")
-    parser.add_argument("--rotary", choices=["triton", "torch"], default="triton")
+    parser.add_argument("--kernels", choices=["triton", "torch"], default="triton")
     parser.add_argument("--batches", type=int, default=5)
     args = parser.parse_args()
     import torch
@@ -51,11 +52,12 @@ def main() -> None:
     from esmshard.outputs import OutputSpec
 
     mark("import fair-esm, esmshard.engine")
-    packed.ROTARY_KERNEL = args.rotary == "triton"
+    packed.ROTARY_KERNEL = packed.NORM_KERNEL = args.kernels == "triton"
     if packed.ROTARY_KERNEL:
+        import esmshard.norm_kernel  # noqa: F401
         import esmshard.rotary_kernel  # noqa: F401
 
-        mark("import triton, the rotary kernel")
+        mark("import triton, the rotary and LayerNorm kernels")
     network, alphabet = load_model(args.checkpoint)
     mark("checkpoint read (load_model)")
     spec = OutputSpec.resolve([-1], ["mean"], network.num_layers)
