@@ -16,9 +16,10 @@ demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash demo/run.sh
 
 # One worker per core, whole files per worker (their module fixtures are shared runs); the
-# SLURM and SIGKILL tests mostly wait, so they overlap with the rest.
+# SLURM and SIGKILL tests mostly wait, so they overlap with the rest. The 20 slowest tests are
+# listed at the end, to keep an eye on the suite's time.
 test: setup
-	$(PYTHON) -m pytest -n auto --dist loadfile
+	$(PYTHON) -m pytest -n auto --dist loadfile --durations=20
 
 # The GPU tests (tests/gpu), in one process: a missing GPU is an error. Not set up here, so that a
 # GPU machine without network can run them: PYTHON=python3 for its environment (README).
