@@ -282,7 +282,7 @@ def load_engine(work: RankWork, settings: RankSettings, tokens: int):
     network, alphabet = load_model(str(checkpoint.location))
     precision = work.compute_precision
     engine, compile = build_engine(network, alphabet, device, precision, work.spec, settings)
-    log.info("model %s (%d layers, dim %d) on %s, %s engine in %s (compile %s for %d tokens), outputs %s; "
+    log.info("model %s (%d layers, dim %d) on %s, %s engine in %s (compile %s), %d tokens to compute, outputs %s; "
              "loaded in %.1f s", checkpoint.location, network.num_layers, network.embed_dim,
              torch.cuda.get_device_name() if device == "cuda" else "cpu", settings.engine, precision,
              compile, tokens, ", ".join(work.spec.names), time.monotonic() - started)
