@@ -41,13 +41,17 @@ ANNOUNCED = re.compile(r"^(?:local)?rule (\w+):")
 FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)")
 
 
-def snakemake(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, cores: int) -> tuple[float, dict]:
+def snakemake(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, cores: int,
+              profile: bool = False) -> tuple[float, dict]:
     """Run snakemake in ``workdir``; returns its start time and, per rule, when Snakemake
-    announced its job and said it finished (seconds from the start)."""
+    announced its job and said it finished (seconds from the start). With ``profile``, its main
+    process runs under cProfile, written to ``workdir``/snakemake.prof."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = {"fasta": [str(fasta)], "model": str(checkpoint), "world_size": 1}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [str(Path(sys.executable).with_name("snakemake")), "--snakefile", str(workflow / "Snakefile"),
+    profiler = [sys.executable, "-m", "cProfile", "-o", str(workdir / "snakemake.prof")] if profile else []
+    command = [*profiler, shutil.which("snakemake", path=Path(sys.executable).parent) or shutil.which("snakemake"),
+               "--snakefile", str(workflow / "Snakefile"),
                "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", str(cores)]
     lines, said = [], {}
     started = time.time()
@@ -65,11 +69,12 @@ def snakemake(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, core
     return started, said
 
 
-def run_once(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, cores: int, store: Path | None) -> dict:
+def run_once(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, cores: int, store: Path | None,
+             profile: bool) -> dict:
     """One timed run, starting with a copy of ``store`` (if any); returns its figures."""
     if store:
         shutil.copytree(store, workdir / "results/store")
-    started, said = snakemake(workflow, workdir, fasta, checkpoint, cores)
+    started, said = snakemake(workflow, workdir, fasta, checkpoint, cores, profile)
     spans = stages(workdir, started)
     row = {}
     for rule, job in JOBS.items():
@@ -95,6 +100,8 @@ def main() -> int:
     parser.add_argument("--workflow", type=Path, action="append", help="a workflow directory (default: this one's)")
     parser.add_argument("--compute", action="store_true", help="start with an empty store: the rank computes "
                         "(imports torch, loads the model), as in a first run")
+    parser.add_argument("--profile", action="store_true", help="run Snakemake's main process under cProfile "
+                        "(each run's snakemake.prof; it slows that process, so its times are not comparable)")
     args = parser.parse_args()
     workflows = [path.resolve() for path in args.workflow or [REPO / "workflow"]]
 
@@ -116,7 +123,7 @@ def main() -> int:
     for i in range(args.repeat):
         for number, workflow in enumerate(workflows):
             rows[workflow].append(run_once(workflow, runs / f"w{number}_run{i}", fasta, checkpoint, args.cores,
-                                           None if args.compute else seeded / "results/store"))
+                                           None if args.compute else seeded / "results/store", args.profile))
 
     print(f"{args.n} proteins, tiny random-weight model on the CPU "
           f"({'rank computing' if args.compute else 'rank from a filled store'}), "
