@@ -21,6 +21,13 @@ SNAKEFILE = REPO / "workflow" / "Snakefile"
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def identity_cache(tmp_path_factory):
+    """Checkpoint identities (esmshard.architectures.identity_cache) go to the test session's own
+    cache, which the snakemake commands it starts inherit, not to the user's ~/.cache."""
+    os.environ["ESMSHARD_CACHE"] = str(tmp_path_factory.mktemp("esmshard-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A real ESM-2 architecture (2 layers, width 32) with random weights, in fair-esm's format."""

@@ -1,4 +1,5 @@
 import argparse
+import os
 
 import pytest
 import torch
@@ -114,12 +115,30 @@ def test_a_checkpoints_identity_is_hashed_once_and_again_when_the_file_changes(t
     from esmshard import architectures
     from esmshard.architectures import checkpoint_identity, resolve_model
 
+    cache = tmp_path / "cache"
     path = write_random_checkpoint(tmp_path / "m.pt", 2, 32, 4, seed=1)
-    first = checkpoint_identity(resolve_model(str(path)), tmp_path / "cache.json")
+    first = checkpoint_identity(resolve_model(str(path)), cache)
     assert (first["num_layers"], first["embed_dim"]) == (2, 32) and first["size"] == path.stat().st_size
     monkeypatch.setattr(architectures, "checkpoint_digest", lambda p: pytest.fail("hashed an unchanged file again"))
-    assert checkpoint_identity(resolve_model(str(path)), tmp_path / "cache.json") == first
+    assert checkpoint_identity(resolve_model(str(path)), cache) == first
     monkeypatch.undo()
-    write_random_checkpoint(path, 2, 32, 4, seed=2)  # another model at the same path
-    second = checkpoint_identity(resolve_model(str(path)), tmp_path / "cache.json")
+    times = path.stat()
+    write_random_checkpoint(path, 2, 32, 4, seed=2)  # another model at the same path...
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))  # ...made to look like the old file
+    assert path.stat().st_size == times.st_size
+    second = checkpoint_identity(resolve_model(str(path)), cache)
     assert second["digest"] != first["digest"]
+
+
+def test_identities_are_shared_by_every_run_of_the_user_and_an_unwritable_cache_only_costs_hashing(
+        tmp_path, monkeypatch):
+    from esmshard.architectures import checkpoint_identity, identity_cache, resolve_model
+
+    monkeypatch.setenv("ESMSHARD_CACHE", str(tmp_path / "user cache"))
+    assert identity_cache() == tmp_path / "user cache" / "checkpoint_identity"
+    path = write_random_checkpoint(tmp_path / "m.pt", 2, 32, 4, seed=1)
+    identity = checkpoint_identity(resolve_model(str(path)))
+    assert len(list(identity_cache().glob("*.json"))) == 1
+    blocked = tmp_path / "not a directory"
+    blocked.write_text("")
+    assert checkpoint_identity(resolve_model(str(path)), blocked) == identity

@@ -17,7 +17,7 @@ log = logging.getLogger("esmshard.plan")
 settings = snakemake.params.settings
 try:
     checkpoint = resolve_model(snakemake.config["model"])  # its files are this job's input
-    model = checkpoint_identity(checkpoint, Path(snakemake.output.plan).parent / ".checkpoint_identity.json")
+    model = checkpoint_identity(checkpoint)
     spec = OutputSpec.resolve(settings["layers"], settings["pooling"], model["num_layers"], settings["long_sequences"],
                               settings["window_overlap"])
 except (EsmShardError, ValueError) as error:

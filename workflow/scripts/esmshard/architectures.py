@@ -124,17 +124,30 @@ def model_digest(checkpoint: Checkpoint) -> str:
     return digests[0] if len(digests) == 1 else hashlib.sha256("".join(digests).encode()).hexdigest()[:32]
 
 
-def checkpoint_identity(checkpoint: Checkpoint, cache_path) -> dict:
+def identity_cache() -> Path:
+    """Where checkpoint identities are kept for every run of this user: $ESMSHARD_CACHE, else
+    esmshard/ in $XDG_CACHE_HOME (~/.cache)."""
+    root = os.getenv("ESMSHARD_CACHE") or os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "esmshard")
+    return Path(root).expanduser() / "checkpoint_identity"
+
+
+def checkpoint_identity(checkpoint: Checkpoint, cache_dir: Path | None = None) -> dict:
     """What the plan records of a model: the digest of its files' content (its identity), its shape,
-    size and time. Kept in ``cache_path`` and reused while the files' sizes, times and inodes are
-    unchanged: hashing a 3B checkpoint takes seconds."""
-    key = {"files": [[str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino]
-                     for path, stat in ((path, os.stat(path)) for path in checkpoint.files)]}
+    size and time. Hashing a 3B checkpoint takes a second, 15B's six, so the identity is kept in
+    ``cache_dir`` (default identity_cache()), one file per checkpoint, and reused by any run while
+    the files' device, inode, size, modification and change times are unchanged (a file rewritten,
+    replaced, or touched back to its old time has another change time). A cache that cannot be
+    written only costs the hashing."""
+    stats = [(str(Path(path).resolve()), os.stat(path)) for path in checkpoint.files]
+    key = {"files": [[path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+                     for path, stat in stats]}
+    name = hashlib.sha256(json.dumps([path for path, _ in stats]).encode()).hexdigest()[:32]
+    cache_path = (identity_cache() if cache_dir is None else Path(cache_dir)) / f"{name}.json"
     try:
-        cached = json.loads(Path(cache_path).read_text())
+        cached = json.loads(cache_path.read_text())
         if cached["key"] == key:
             return cached["identity"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         pass
     if checkpoint.location.is_dir():
         shape = Architecture(*read_config(checkpoint.location)[:3])
@@ -142,8 +155,11 @@ def checkpoint_identity(checkpoint: Checkpoint, cache_path) -> dict:
         shape = checkpoint_architecture(checkpoint.location)
     identity = {"path": str(checkpoint.location.resolve()), "digest": model_digest(checkpoint),
                 **checkpoint_stamp(checkpoint), "num_layers": shape.layers, "embed_dim": shape.embed_dim}
-    with atomic_output(cache_path) as tmp:
-        Path(tmp).write_text(json.dumps({"key": key, "identity": identity}, indent=2) + "\n")
+    try:
+        with atomic_output(cache_path) as tmp:
+            Path(tmp).write_text(json.dumps({"key": key, "identity": identity}, indent=2) + "\n")
+    except OSError:
+        pass
     return identity
 
 
