@@ -28,7 +28,7 @@ import torch
 
 from esmshard.fasta import ESM_RESIDUES
 from esmshard.outputs import OutputSpec, pooling_of, residue_offsets
-from esmshard.packed import PackedESM2, load_kernels
+from esmshard.packed import PackedESM2, kernel_warmups
 
 log = logging.getLogger(__name__)
 
@@ -266,15 +266,17 @@ class PackedEngine:
 
 
 def _built_while_kernels_load(network, dtype: torch.dtype, device: torch.device, compile) -> PackedESM2:
-    """The packed model on ``device``; on a GPU, the attention and rotary kernels are started on a
-    thread meanwhile (Triton's first launch alone takes ~0.5 s)."""
+    """The packed model on ``device``; on a GPU, the attention, rotary and LayerNorm kernels are
+    readied on threads meanwhile (packed.kernel_warmups)."""
     if device.type != "cuda":
         return PackedESM2(network, dtype, device, compile).eval()
     heads = network.layers[0].self_attn.num_heads
-    with ThreadPoolExecutor(1) as pool:
-        loading = pool.submit(load_kernels, heads, network.embed_dim // heads, dtype, device)
+    warmups = kernel_warmups(heads, network.embed_dim // heads, dtype, device)
+    with ThreadPoolExecutor(len(warmups)) as pool:
+        loading = [pool.submit(warmup) for warmup in warmups]
         model = PackedESM2(network, dtype, device, compile).eval()
-        loading.result()  # its errors here: the first batch would meet them too
+        for warmup in loading:
+            warmup.result()  # its errors here: the first batch would meet them too
     return model
 
 

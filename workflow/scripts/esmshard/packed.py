@@ -165,10 +165,14 @@ def with_rotary_kernel(projection):
     return inputs
 
 
-def load_kernels(heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
-    """Attention, rotary and LayerNorm on 8 tokens, so that their kernels are ready (Triton's first
-    launch in a process takes ~0.5 s). PackedEngine runs this on a thread while the weights go to the GPU."""
-    with torch.inference_mode():
+def kernel_warmups(heads: int, head_dim: int, dtype: torch.dtype, device) -> list:
+    """Functions that run attention with rotary, and LayerNorm, on 8 tokens, so that their kernels
+    are ready: Triton compiles each on its first launch (~1-2 s on a fresh machine, ~0.5 s from its
+    cache). PackedEngine runs them on threads of their own while the weights go to the GPU; Triton
+    compiles mostly without the GIL, so two compiles on two threads overlap."""
+
+    @torch.inference_mode()
+    def attention_and_rotary():
         qkv = torch.zeros(8, 3, heads, head_dim, dtype=dtype, device=device)  # [T, 3, H, d]
         q, k, v = qkv.unbind(1)
         if ROTARY_KERNEL:
@@ -177,12 +181,17 @@ def load_kernels(heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
             cos = torch.ones(8, head_dim, device=device)  # [T, d]
             q, k = rotate_qk(qkv.view(8, -1), cos, torch.zeros_like(cos), heads)
         attention(q, k, v, torch.tensor([0, 8], dtype=torch.int32, device=device), 8)
-        if NORM_KERNEL:
-            stream = torch.zeros(8, heads * head_dim, device=device)  # [T, D] float32
-            norm = torch.ones(heads * head_dim, device=device)
-            added_and_normed(stream, None, norm, norm, 1e-5, dtype)
-            added_and_normed(stream, stream.to(dtype), norm, norm, 1e-5, dtype)
         torch.cuda.synchronize(device)
+
+    @torch.inference_mode()
+    def layer_norm():
+        # one call readies both uses: with and without the residual add are one compiled kernel
+        stream = torch.zeros(8, heads * head_dim, device=device)  # [T, D] float32
+        norm = torch.ones(heads * head_dim, device=device)
+        added_and_normed(stream, stream.to(dtype), norm, norm, 1e-5, dtype)
+        torch.cuda.synchronize(device)
+
+    return [attention_and_rotary, layer_norm] if NORM_KERNEL else [attention_and_rotary]
 
 
 def _rotate(x, cos, sin):
