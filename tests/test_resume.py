@@ -1,4 +1,5 @@
-"""Crash safety inside a rank: kills, stop signals, time limits, damaged files, changed settings.
+"""Crash safety inside a rank: stop signals, time limits, damaged files, changed settings (random
+SIGKILLs: test_sigkill.py).
 
 Everything runs the real snakemake command on the tiny model, on the CPU, where results are
 deterministic: a resumed run must give bit-identical embeddings to an uninterrupted one.
@@ -6,16 +7,12 @@ deterministic: a resumed run must give bit-identical embeddings to an uninterrup
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import subprocess
 import time
-from collections import Counter
 from pathlib import Path
 
-import conftest
 import h5py
 import numpy as np
 import pytest
@@ -29,6 +26,7 @@ from conftest import (
     run_snakemake,
     write_fasta,
 )
+from crashes import config_for, embed_processes, half_written, segment_files, start_snakemake, wait_for
 from esmshard import EsmShardError
 from esmshard import aggregate as aggregate_module
 from esmshard import store as store_module
@@ -44,62 +42,6 @@ def fasta(tmp_path_factory):
     return write_fasta(tmp_path_factory.mktemp("input") / "proteins.fasta", random_sequences(3000, seed=3, median=120))
 
 
-def config_for(fasta, model, **extra):
-    """Small chunks (many kill points); no --retries (Snakemake's default 0): a kill is recovered by the rerun."""
-    return conftest.config_for(fasta, model, **{"chunk_sequences": 150, **extra})
-
-
-def start_snakemake(workdir: Path, config: dict) -> subprocess.Popen:
-    """Snakemake running in the background, to be killed at will."""
-    command, env = conftest.snakemake_command(workdir, config)
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def rank_of(pid: int, workdir: Path) -> str:
-    """Which rank a job process is: the rank log it holds open."""
-    try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            target = os.readlink(fd)
-            if target.startswith(str(workdir / "logs/embed/rank_")):
-                return target.rsplit("_", 1)[1].split(".")[0]
-    except OSError:
-        pass
-    return "?"
-
-
-def embed_processes(workdir: Path) -> list[int]:
-    """PIDs of the workflow's running embed jobs (the rank processes)."""
-    marker = f"{workdir}/.snakemake/scripts/".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if marker in cmdline and b"embed.py" in cmdline and entry.name.isdigit():
-            pids.append(int(entry.name))
-    return pids
-
-
-def wait_for(condition, timeout: float = 60, step: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(step)
-    return None
-
-
-def segment_files(workdir: Path) -> list[Path]:
-    """The store's segments: the finished work of every rank, kept by content."""
-    return sorted((workdir / "results/store").glob("*/seg_*.h5"))
-
-
-def half_written(workdir: Path) -> list[Path]:
-    return sorted((workdir / "results/store").glob("*/.seg_*"))
-
-
 @pytest.fixture(scope="module")
 def clean2(tmp_path_factory, fasta, tiny_checkpoint):
     return completed_run(tmp_path_factory.mktemp("clean2"), config_for(fasta, tiny_checkpoint, world_size=2))
@@ -108,64 +50,6 @@ def clean2(tmp_path_factory, fasta, tiny_checkpoint):
 @pytest.fixture(scope="module")
 def clean1(tmp_path_factory, fasta, tiny_checkpoint):
     return completed_run(tmp_path_factory.mktemp("clean1"), config_for(fasta, tiny_checkpoint, world_size=1))
-
-
-def phase_of(log_text: str) -> str:
-    last = log_text.strip().splitlines()[-1] if log_text.strip() else ""
-    if "assembling" in last:
-        return "assembling the shard"
-    if "wrote seg_" in last:
-        return "after a segment write"
-    if "sequences (" in last or "batches of at most" in last:
-        return "embedding"
-    return "starting up / loading the model"
-
-
-def test_sigkill_at_random_moments_then_rerun_gives_identical_embeddings(tmp_path, fasta, tiny_checkpoint, clean2):
-    rng = random.Random(20261128)
-    config = config_for(fasta, tiny_checkpoint, world_size=2)
-    kills, reruns, rounds, rows, phases = 0, 0, 0, 0, Counter()
-    while kills < 20:
-        rounds += 1
-        workdir = tmp_path / f"round{rounds}"
-        workdir.mkdir()
-        while True:
-            process = start_snakemake(workdir, config)
-            reruns += 1
-            pids = wait_for(lambda: embed_processes(workdir) or process.poll() is not None)
-            if pids is True or pids is None or process.poll() is not None:
-                break  # nothing left to embed this round
-            time.sleep(rng.uniform(1.0, 4.0))  # startup takes ~2 s of it
-            victims = embed_processes(workdir)
-            if victims:
-                victim = rng.choice(victims)
-                log = workdir / f"logs/embed/rank_{rank_of(victim, workdir)}.log"
-                os.kill(victim, signal.SIGKILL)
-                kills += 1
-                phases[phase_of(log.read_text()) if log.exists() else "starting up / loading the model"] += 1
-            process.wait(timeout=300)
-        assert process.wait(timeout=300) == 0, process.stderr.read()
-        rows += assert_same_embeddings(workdir, clean2)
-        assert not half_written(workdir)  # a killed write's temporary is gone once its rank reran
-    # and at the exact moments a random kill rarely hits: a segment written but not yet renamed,
-    # the shard written but not renamed, the shard renamed but its status not yet written
-    for point in ("segment-written", "shard-written", "shard-renamed"):
-        rounds += 1
-        workdir = tmp_path / point
-        workdir.mkdir()
-        crashed = run_snakemake(workdir, config, env={"ESMSHARD_CRASH_AT": point})
-        assert crashed.returncode != 0 and "SIGKILL" in crashed.stderr
-        kills += 1
-        phases[point] += 1
-        rerun = run_snakemake(workdir, config)
-        reruns += 2
-        assert rerun.returncode == 0, rerun.stderr
-        rows += assert_same_embeddings(workdir, clean2)
-        assert not half_written(workdir)
-    summary = {"kills": kills, "snakemake runs": reruns, "rounds": rounds, "rows compared": rows,
-               "mismatches": 0, "kill phases": dict(phases)}
-    print("kill test:", json.dumps(summary))
-    (Path(os.environ.get("ESMSHARD_KILL_REPORT", tmp_path / "kill_report.json"))).write_text(json.dumps(summary))
 
 
 def stop_after_first_segment(workdir: Path, config: dict, signum=signal.SIGTERM):
