@@ -1,5 +1,6 @@
-"""Helpers of the crash tests (test_resume.py, test_sigkill.py): snakemake started in the
-background, its rank processes found and killed, the store's files."""
+"""Helpers of the crash tests (test_resume.py, test_sigkill.py): their input and its uninterrupted
+run (fixtures, which each test module imports), snakemake started in the background, its rank
+processes found and killed, the store's files."""
 
 import os
 import subprocess
@@ -7,11 +8,23 @@ import time
 from pathlib import Path
 
 import conftest
+import pytest
+from conftest import completed_run, random_sequences, write_fasta
 
 
 def config_for(fasta, model, **extra):
     """Small chunks (many kill points); no --retries (Snakemake's default 0): a kill is recovered by the rerun."""
     return conftest.config_for(fasta, model, **{"chunk_sequences": 150, **extra})
+
+
+@pytest.fixture(scope="module")
+def fasta(tmp_path_factory):
+    return write_fasta(tmp_path_factory.mktemp("input") / "proteins.fasta", random_sequences(3000, seed=3, median=120))
+
+
+@pytest.fixture(scope="module")
+def clean2(tmp_path_factory, fasta, tiny_checkpoint):
+    return completed_run(tmp_path_factory.mktemp("clean2"), config_for(fasta, tiny_checkpoint, world_size=2))
 
 
 def start_snakemake(workdir: Path, config: dict) -> subprocess.Popen:

@@ -26,6 +26,7 @@ from conftest import (
     run_snakemake,
     write_fasta,
 )
+from crashes import clean2, fasta  # noqa: F401 (fixtures)
 from crashes import config_for, embed_processes, half_written, segment_files, start_snakemake, wait_for
 from esmshard import EsmShardError
 from esmshard import aggregate as aggregate_module
@@ -35,16 +36,6 @@ from esmshard.index import SequenceIndex
 from esmshard.plan import read_plan
 from esmshard.rank import RankSettings, rank_work
 from esmshard.reader import load_embeddings
-
-
-@pytest.fixture(scope="module")
-def fasta(tmp_path_factory):
-    return write_fasta(tmp_path_factory.mktemp("input") / "proteins.fasta", random_sequences(3000, seed=3, median=120))
-
-
-@pytest.fixture(scope="module")
-def clean2(tmp_path_factory, fasta, tiny_checkpoint):
-    return completed_run(tmp_path_factory.mktemp("clean2"), config_for(fasta, tiny_checkpoint, world_size=2))
 
 
 @pytest.fixture(scope="module")

@@ -10,20 +10,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import pytest
-
-from conftest import assert_same_embeddings, completed_run, random_sequences, run_snakemake, write_fasta
+from conftest import assert_same_embeddings, run_snakemake
+from crashes import clean2, fasta  # noqa: F401 (fixtures)
 from crashes import config_for, embed_processes, half_written, phase_of, rank_of, start_snakemake, wait_for
-
-
-@pytest.fixture(scope="module")
-def fasta(tmp_path_factory):
-    return write_fasta(tmp_path_factory.mktemp("input") / "proteins.fasta", random_sequences(3000, seed=3, median=120))
-
-
-@pytest.fixture(scope="module")
-def clean2(tmp_path_factory, fasta, tiny_checkpoint):
-    return completed_run(tmp_path_factory.mktemp("clean2"), config_for(fasta, tiny_checkpoint, world_size=2))
 
 
 def test_sigkill_at_random_moments_then_rerun_gives_identical_embeddings(tmp_path, fasta, tiny_checkpoint, clean2):
