@@ -7,8 +7,9 @@ at 1022) with at least --residues residues and an ESM-2 650M checkpoint with RAN
 then times `snakemake --cores C --resources gpu=N` from start to finish for each N, and prints
 wall time, residues/s and each rank's own rate. An untimed run with the most ranks on the first
 2,000 proteins comes first (unless --no-warmup), so that every timed run is warm: Triton's
-kernels compiled on each GPU, the checkpoint's identity cached and its file in the page cache. Run the N you want in separate calls if one
-call cannot hold them all; results accumulate in --cache/scaling.jsonl.
+kernels compiled on each GPU, the checkpoint's identity cached and its file in the page cache.
+Run the N you want in separate calls if one call cannot hold them all; results accumulate in
+--cache/scaling.jsonl.
 """
 
 import argparse
