@@ -26,6 +26,9 @@ test: setup
 test-gpu:
 	ESMSHARD_TEST_DEVICE=$${ESMSHARD_TEST_DEVICE:-cuda} $(PYTHON) -m pytest tests/gpu -p no:xdist
 
+# ruff (configured in pyproject.toml) on the Python code, snakefmt on the rule files, and Snakemake's own lint.
 lint: setup
+	$(VENV)/bin/ruff check workflow/scripts tests bench
+	$(VENV)/bin/ruff format --check workflow/scripts tests bench
 	$(VENV)/bin/snakefmt --check workflow
 	$(VENV)/bin/snakemake --lint

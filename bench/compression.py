@@ -29,16 +29,25 @@ from esmshard.shard import create_outputs  # noqa: E402
 
 AMINO = list("ACDEFGHIKLMNPQRSTVWY")
 # (label, config compression, byte shuffle): the first three are what esmshard writes.
-FILTERS = [("none", "none", False), ("gzip", "gzip", True), ("lzf", "lzf", True),
-           ("gzip, no shuffle", "gzip", False), ("lzf, no shuffle", "lzf", False)]
+FILTERS = [
+    ("none", "none", False),
+    ("gzip", "gzip", True),
+    ("lzf", "lzf", True),
+    ("gzip, no shuffle", "gzip", False),
+    ("lzf, no shuffle", "lzf", False),
+]
 
 
 def vectors(checkpoint: Path, proteins: int, median: int, seed: int = 0) -> tuple[np.ndarray, dict]:
     """(lengths, {"mean": [n, dim], "per_residue": [residues, dim]}) float32, from esmshard.embed."""
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.lognormal(np.log(median), 0.6, proteins).astype(int), 20, MAX_RESIDUES)
-    result = embed(["".join(rng.choice(AMINO, n)) for n in lengths], model=checkpoint,
-                   pooling=["mean", "per_residue"], device="cpu")
+    result = embed(
+        ["".join(rng.choice(AMINO, n)) for n in lengths],
+        model=checkpoint,
+        pooling=["mean", "per_residue"],
+        device="cpu",
+    )
     (mean,) = [name for name in result if name.startswith("mean/")]
     per_residue = np.concatenate(result[mean.replace("mean", "per_residue")])
     return lengths, {"mean": result[mean], "per_residue": per_residue}
@@ -49,12 +58,14 @@ def write_once(path: Path, values: np.ndarray, lengths, pooling: str, compressio
     spec = OutputSpec((1,), (pooling,), 1)
     with h5py.File(path, "w") as h5:
         if shuffle or compression == "none":  # what esmshard writes
-            (dataset,) = create_outputs(h5, spec, [str(i) for i in range(len(lengths))], lengths, values.shape[1],
-                                        values.dtype, compression).values()
+            (dataset,) = create_outputs(
+                h5, spec, [str(i) for i in range(len(lengths))], lengths, values.shape[1], values.dtype, compression
+            ).values()
         else:
             rows = max(1, min(len(values), (4 << 20) // values[0].nbytes))  # as create_outputs' chunks
-            dataset = h5.create_dataset(spec.names[0], values.shape, values.dtype, compression=compression,
-                                        chunks=(rows, values.shape[1]))
+            dataset = h5.create_dataset(
+                spec.names[0], values.shape, values.dtype, compression=compression, chunks=(rows, values.shape[1])
+            )
         started = time.perf_counter()
         dataset[:] = values
         h5.flush()
@@ -76,8 +87,15 @@ def measure(directory: Path, values: np.ndarray, lengths, pooling: str, repeats:
                 back = h5[f"{pooling}/layer_1"][:]
             reads.append(time.perf_counter() - started)
         megabytes = values.nbytes / 1e6
-        rows.append((label, stored / plain, megabytes / min(t for t, _ in writes), megabytes / min(reads),
-                     np.array_equal(back, values)))
+        rows.append(
+            (
+                label,
+                stored / plain,
+                megabytes / min(t for t, _ in writes),
+                megabytes / min(reads),
+                np.array_equal(back, values),
+            )
+        )
     return rows
 
 
@@ -92,8 +110,10 @@ def main(argv=None) -> int:
         scratch = Path(scratch)
         checkpoint = args.checkpoint or write_random_checkpoint(scratch / "esm2_t6_random.pt", 6, 320, 20)
         lengths, outputs = vectors(checkpoint, args.proteins, args.median)
-        print(f"{len(lengths)} proteins, {int(lengths.sum())} residues, width {outputs['mean'].shape[1]}, "
-              f"checkpoint {checkpoint if args.checkpoint else '(random weights, esm2_t6_8M shape)'}")
+        print(
+            f"{len(lengths)} proteins, {int(lengths.sum())} residues, width {outputs['mean'].shape[1]}, "
+            f"checkpoint {checkpoint if args.checkpoint else '(random weights, esm2_t6_8M shape)'}"
+        )
         print(f"{'data':<28} {'compression':<17} {'size':>6} {'write MB/s':>11} {'read MB/s':>10}")
         lossless = True
         for dtype in ("float32", "float16"):
@@ -101,8 +121,10 @@ def main(argv=None) -> int:
                 values = values.astype(dtype)
                 what = f"{pooling} {dtype} {values.nbytes / 2**20:.1f} MiB"
                 for label, size, write, read, same in measure(scratch, values, lengths, pooling, args.repeats):
-                    print(f"{what:<28} {label:<17} {size:>6.3f} {write:>11.0f} {read:>10.0f}"
-                          f"{'' if same else '  NOT LOSSLESS'}")
+                    print(
+                        f"{what:<28} {label:<17} {size:>6.3f} {write:>11.0f} {read:>10.0f}"
+                        f"{'' if same else '  NOT LOSSLESS'}"
+                    )
                     lossless &= same
     print("PASS: every dataset read back bit for bit" if lossless else "FAIL: a dataset did not read back as written")
     return 0 if lossless else 1

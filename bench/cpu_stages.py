@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "workflow" / "scripts"))
 sys.path.insert(0, str(REPO / "bench"))
 import yaml  # noqa: E402
+
 from whole_run import stages, write_input  # noqa: E402
 
 JOBS = {"index": "index", "plan": "plan", "embed": "rank_0", "aggregate": "aggregate", "report_plots": "report_plots"}
@@ -41,8 +42,9 @@ ANNOUNCED = re.compile(r"^(?:local)?rule (\w+):")
 FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)")
 
 
-def snakemake(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, cores: int,
-              profile: bool = False) -> tuple[float, dict]:
+def snakemake(
+    workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, cores: int, profile: bool = False
+) -> tuple[float, dict]:
     """Run snakemake in ``workdir``; returns its start time and, per rule, when Snakemake
     announced its job and said it finished (seconds from the start). With ``profile``, its main
     process runs under cProfile, written to ``workdir``/snakemake.prof."""
@@ -50,13 +52,27 @@ def snakemake(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, core
     config = {"fasta": [str(fasta)], "model": str(checkpoint), "world_size": 1}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     profiler = [sys.executable, "-m", "cProfile", "-o", str(workdir / "snakemake.prof")] if profile else []
-    command = [*profiler, shutil.which("snakemake", path=Path(sys.executable).parent) or shutil.which("snakemake"),
-               "--snakefile", str(workflow / "Snakefile"),
-               "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", str(cores)]
+    command = [
+        *profiler,
+        shutil.which("snakemake", path=Path(sys.executable).parent) or shutil.which("snakemake"),
+        "--snakefile",
+        str(workflow / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        str(cores),
+    ]
     lines, said = [], {}
     started = time.time()
-    with subprocess.Popen(command, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True) as process:
+    with subprocess.Popen(
+        command,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    ) as process:
         for line in process.stdout:
             lines.append(line)
             for pattern, what in ((ANNOUNCED, "announced"), (FINISHED, "finished")):
@@ -69,8 +85,9 @@ def snakemake(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, core
     return started, said
 
 
-def run_once(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, cores: int, store: Path | None,
-             profile: bool) -> dict:
+def run_once(
+    workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, cores: int, store: Path | None, profile: bool
+) -> dict:
     """One timed run, starting with a copy of ``store`` (if any); returns its figures."""
     if store:
         shutil.copytree(store, workdir / "results/store")
@@ -79,10 +96,17 @@ def run_once(workflow: Path, workdir: Path, fasta: Path, checkpoint: Path, cores
     row = {}
     for rule, job in JOBS.items():
         process_start, first, last = spans[job]
-        row.update({f"{rule} announced": said[f"{rule} announced"], f"{rule} process start": process_start,
-                    f"{rule} imports": first - process_start, f"{rule} work": last - first,
-                    f"{rule} last line": last, f"{rule} finished": said[f"{rule} finished"],
-                    f"{rule} exit": said[f"{rule} finished"] - last})  # its process's end, Snakemake's bookkeeping
+        row.update(
+            {
+                f"{rule} announced": said[f"{rule} announced"],
+                f"{rule} process start": process_start,
+                f"{rule} imports": first - process_start,
+                f"{rule} work": last - first,
+                f"{rule} last line": last,
+                f"{rule} finished": said[f"{rule} finished"],
+                f"{rule} exit": said[f"{rule} finished"] - last,
+            }
+        )  # its process's end, Snakemake's bookkeeping
     row["embeddings.h5 written"] = (workdir / "results/embeddings.h5").stat().st_mtime - started
     row["snakemake exit"] = said["snakemake exit"]
     row["outside the rank"] = row["snakemake exit"] - (row["embed finished"] - row["embed announced"])
@@ -98,10 +122,17 @@ def main() -> int:
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--cache", type=Path, default=Path("/tmp/esmshard-cpu-stages"))
     parser.add_argument("--workflow", type=Path, action="append", help="a workflow directory (default: this one's)")
-    parser.add_argument("--compute", action="store_true", help="start with an empty store: the rank computes "
-                        "(imports torch, loads the model), as in a first run")
-    parser.add_argument("--profile", action="store_true", help="run Snakemake's main process under cProfile "
-                        "(each run's snakemake.prof; it slows that process, so its times are not comparable)")
+    parser.add_argument(
+        "--compute",
+        action="store_true",
+        help="start with an empty store: the rank computes (imports torch, loads the model), as in a first run",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run Snakemake's main process under cProfile "
+        "(each run's snakemake.prof; it slows that process, so its times are not comparable)",
+    )
     args = parser.parse_args()
     workflows = [path.resolve() for path in args.workflow or [REPO / "workflow"]]
 
@@ -122,15 +153,29 @@ def main() -> int:
     rows = {workflow: [] for workflow in workflows}
     for i in range(args.repeat):
         for number, workflow in enumerate(workflows):
-            rows[workflow].append(run_once(workflow, runs / f"w{number}_run{i}", fasta, checkpoint, args.cores,
-                                           None if args.compute else seeded / "results/store", args.profile))
+            rows[workflow].append(
+                run_once(
+                    workflow,
+                    runs / f"w{number}_run{i}",
+                    fasta,
+                    checkpoint,
+                    args.cores,
+                    None if args.compute else seeded / "results/store",
+                    args.profile,
+                )
+            )
 
-    print(f"{args.n} proteins, tiny random-weight model on the CPU "
-          f"({'rank computing' if args.compute else 'rank from a filled store'}), "
-          f"--cores {args.cores}; runs in {runs}")
+    print(
+        f"{args.n} proteins, tiny random-weight model on the CPU "
+        f"({'rank computing' if args.compute else 'rank from a filled store'}), "
+        f"--cores {args.cores}; runs in {runs}"
+    )
     for workflow, runs_of_it in rows.items():
-        print(f"\n{workflow}\n| seconds from the run's start | "
-              + " | ".join(f"run {i}" for i in range(len(runs_of_it))) + " | median |")
+        print(
+            f"\n{workflow}\n| seconds from the run's start | "
+            + " | ".join(f"run {i}" for i in range(len(runs_of_it)))
+            + " | median |"
+        )
         print("|---|" + "---:|" * (len(runs_of_it) + 1))
         for key in runs_of_it[0]:
             values = [row[key] for row in runs_of_it]

@@ -62,7 +62,7 @@ def fair_esm_fp16(network, alphabet, sequences: list[str], tokens_per_batch: int
     torch.cuda.synchronize()
     started = time.perf_counter()
     with torch.no_grad():
-        for labels, strs, toks in loader:
+        for _labels, strs, toks in loader:
             out = network(toks.to("cuda", non_blocking=True), repr_layers=[layer])["representations"][layer]
             for i, s in enumerate(strs):
                 out[i, 1 : min(len(s), MAX_RESIDUES) + 1].mean(0).clone().cpu()
@@ -94,8 +94,9 @@ def run_model(name: str, args, workdir: Path) -> dict:
     limit = PEAK_FLOPS / (2 * params)  # tokens/s at the FLOP limit
 
     # (b) first, while the fp32 network is the only copy on the GPU besides the packed one
-    settings = RankSettings.from_config({"precision": args.precision, "tokens_per_batch": args.tokens_per_batch,
-                                          "progress_seconds": 1e9})
+    settings = RankSettings.from_config(
+        {"precision": args.precision, "tokens_per_batch": args.tokens_per_batch, "progress_seconds": 1e9}
+    )
     plan_path = write_bench_plan(workdir, name)
     work = rank_work(SequenceIndex(workdir / "index"), read_plan(plan_path), 0, settings)
     spec = OutputSpec.resolve([-1], ["mean"], layers)
@@ -103,8 +104,10 @@ def run_model(name: str, args, workdir: Path) -> dict:
     started = time.perf_counter()
     engine.embed([index.residues(i) for i in range(min(64, len(index)))])  # warm-up
     torch.cuda.synchronize()
-    print(f"{name}: the packed engine's first batch (torch.compile) took {time.perf_counter() - started:.1f} s",
-          flush=True)
+    print(
+        f"{name}: the packed engine's first batch (torch.compile) took {time.perf_counter() - started:.1f} s",
+        flush=True,
+    )
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     progress = Progress(len(work.ids), residues, settings.progress_seconds, 0)
@@ -125,8 +128,9 @@ def run_model(name: str, args, workdir: Path) -> dict:
     rel_l2 = np.linalg.norm(packed_vectors - reference, axis=1) / np.linalg.norm(reference, axis=1)
 
     if args.no_baseline:
-        return result(name, params, residues, sequences, limit, float("nan"), 0, packed_seconds, packed_peak, cosine,
-                      rel_l2)
+        return result(
+            name, params, residues, sequences, limit, float("nan"), 0, packed_seconds, packed_peak, cosine, rel_l2
+        )
     # (a) fair-esm fp16
     network = network.half()
     fair_esm_fp16(network, alphabet, sequences[:64], args.baseline_tokens, layers)  # warm-up
@@ -135,12 +139,34 @@ def run_model(name: str, args, workdir: Path) -> dict:
     baseline_peak = torch.cuda.max_memory_allocated()
     del network
     torch.cuda.empty_cache()
-    return result(name, params, residues, sequences, limit, baseline_seconds, baseline_peak, packed_seconds,
-                  packed_peak, cosine, rel_l2)
+    return result(
+        name,
+        params,
+        residues,
+        sequences,
+        limit,
+        baseline_seconds,
+        baseline_peak,
+        packed_seconds,
+        packed_peak,
+        cosine,
+        rel_l2,
+    )
 
 
-def result(name, params, residues, sequences, limit, baseline_seconds, baseline_peak, packed_seconds, packed_peak,
-           cosine, rel_l2) -> dict:
+def result(
+    name,
+    params,
+    residues,
+    sequences,
+    limit,
+    baseline_seconds,
+    baseline_peak,
+    packed_seconds,
+    packed_peak,
+    cosine,
+    rel_l2,
+) -> dict:
     tokens = residues + 2 * len(sequences)
     return {
         "model": name,
@@ -171,17 +197,37 @@ def main():
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--median", type=int, default=300)
     parser.add_argument("--tokens-per-batch", type=int, default=None, help="packed engine; default: from free memory")
-    parser.add_argument("--baseline-tokens", type=int, default=4096, help="fair-esm padded tokens per batch (extract.py: 4096)")
+    parser.add_argument(
+        "--baseline-tokens", type=int, default=4096, help="fair-esm padded tokens per batch (extract.py: 4096)"
+    )
     parser.add_argument("--check", type=int, default=200, help="sequences compared with fair-esm fp32")
-    parser.add_argument("--compile", default="tuned", type=lambda v: {"true": True, "false": False}.get(v, v),
-                        choices=["tuned", True, False], help="the config's compile: tuned (default), true, false")
-    parser.add_argument("--rotary-kernel", type=int, choices=[0, 1], default=None,
-                        help="compiled CUDA path: rotary through the Triton kernel (default: packed.ROTARY_KERNEL)")
-    parser.add_argument("--norm-kernel", type=int, choices=[0, 1], default=None,
-                        help="eager CUDA path: residual adds and LayerNorms through the Triton kernel "
-                             "(default: packed.NORM_KERNEL)")
-    parser.add_argument("--precision", default="float16", choices=["float16", "bfloat16"],
-                        help="the packed engine's (default: float16, what precision: auto runs on a GPU)")
+    parser.add_argument(
+        "--compile",
+        default="tuned",
+        type=lambda v: {"true": True, "false": False}.get(v, v),
+        choices=["tuned", True, False],
+        help="the config's compile: tuned (default), true, false",
+    )
+    parser.add_argument(
+        "--rotary-kernel",
+        type=int,
+        choices=[0, 1],
+        default=None,
+        help="compiled CUDA path: rotary through the Triton kernel (default: packed.ROTARY_KERNEL)",
+    )
+    parser.add_argument(
+        "--norm-kernel",
+        type=int,
+        choices=[0, 1],
+        default=None,
+        help="eager CUDA path: residual adds and LayerNorms through the Triton kernel (default: packed.NORM_KERNEL)",
+    )
+    parser.add_argument(
+        "--precision",
+        default="float16",
+        choices=["float16", "bfloat16"],
+        help="the packed engine's (default: float16, what precision: auto runs on a GPU)",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="the packed engine only (no ratio)")
     args = parser.parse_args()
     if args.rotary_kernel is not None:
@@ -193,33 +239,46 @@ def main():
     synthetic_fasta(workdir / "proteins.fasta", args.n, args.median)
     summary = build_index([workdir / "proteins.fasta"], workdir / "index")
     lengths = SequenceIndex(workdir / "index").lengths
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.n} synthetic proteins, median length "
-          f"{int(np.median(lengths))}, {summary.n_residues} residues; RANDOM weights of the real shapes")
-    print(f"packed engine: {args.precision}, compile {args.compile} ({packed.COMPILE_OPTIONS.get(args.compile)}), "
-          f"rotary kernel {packed.ROTARY_KERNEL}, norm kernel {packed.NORM_KERNEL}")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.n} synthetic proteins, median length "
+        f"{int(np.median(lengths))}, {summary.n_residues} residues; RANDOM weights of the real shapes"
+    )
+    print(
+        f"packed engine: {args.precision}, compile {args.compile} ({packed.COMPILE_OPTIONS.get(args.compile)}), "
+        f"rotary kernel {packed.ROTARY_KERNEL}, norm kernel {packed.NORM_KERNEL}"
+    )
 
     rows = []
     for name in args.models:
         rows.append(run_model(name, args, workdir))
         row = rows[-1]
-        print(f"{name}: packed {row['packed'][0]:,.0f} residues/s, fair-esm fp16 {row['baseline'][0]:,.0f}; "
-              f"cos min {row['cos_min']:.6f}, rel L2 max {row['rel_l2_max']:.1e}", flush=True)
+        print(
+            f"{name}: packed {row['packed'][0]:,.0f} residues/s, fair-esm fp16 {row['baseline'][0]:,.0f}; "
+            f"cos min {row['cos_min']:.6f}, rel L2 max {row['rel_l2_max']:.1e}",
+            flush=True,
+        )
     print("\n| model | path | residues/s | vs fair-esm fp16 | peak GPU memory | of FLOP limit | numerics vs fp32 |")
     print("|---|---|---:|---:|---:|---:|---|")
     for row in rows:
         base, ours = row["baseline"], row["packed"]
         if not args.no_baseline:
-            print(f"| {row['model']} | fair-esm fp16, {args.baseline_tokens} padded tokens/batch | {base[0]:,.0f} "
-                  f"| 1.00x | {base[1] / 2**30:.1f} GiB | {100 * base[2]:.0f}% | |")
+            print(
+                f"| {row['model']} | fair-esm fp16, {args.baseline_tokens} padded tokens/batch | {base[0]:,.0f} "
+                f"| 1.00x | {base[1] / 2**30:.1f} GiB | {100 * base[2]:.0f}% | |"
+            )
         ratio = "not run" if args.no_baseline else f"{ours[0] / base[0]:.2f}x"
-        print(f"| {row['model']} | esmshard embed job (packed {args.precision}) | {ours[0]:,.0f} | {ratio} "
-              f"| {ours[1] / 2**30:.1f} GiB | {100 * ours[2]:.0f}% | cos min {row['cos_min']:.6f}, "
-              f"rel L2 max {row['rel_l2_max']:.1e} |")
+        print(
+            f"| {row['model']} | esmshard embed job (packed {args.precision}) | {ours[0]:,.0f} | {ratio} "
+            f"| {ours[1] / 2**30:.1f} GiB | {100 * ours[2]:.0f}% | cos min {row['cos_min']:.6f}, "
+            f"rel L2 max {row['rel_l2_max']:.1e} |"
+        )
     for row in rows:
         print(f"{row['model']}: FLOP limit {row['limit_residues']:,.0f} residues/s ({row['params'] / 1e6:.0f}M params)")
     failed = [row["model"] for row in rows if not (row["cos_min"] >= 0.9999 and row["rel_l2_max"] <= 1e-2)]
-    print(f"FAIL: numerics of {', '.join(failed)}" if failed else "PASS",
-          "(cosine >= 0.9999 and relative L2 <= 1e-2 against fair-esm fp32)")
+    print(
+        f"FAIL: numerics of {', '.join(failed)}" if failed else "PASS",
+        "(cosine >= 0.9999 and relative L2 <= 1e-2 against fair-esm fp32)",
+    )
     return 1 if failed else 0
 
 

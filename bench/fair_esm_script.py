@@ -24,9 +24,7 @@ def main(fasta: str, checkpoint: str, output: str) -> None:
     layer = model.num_layers
     dataset = esm.FastaBatchedDataset.from_file(fasta)
     batches = dataset.get_batch_indices(4096, extra_toks_per_seq=1)
-    loader = torch.utils.data.DataLoader(
-        dataset, collate_fn=alphabet.get_batch_converter(1022), batch_sampler=batches
-    )
+    loader = torch.utils.data.DataLoader(dataset, collate_fn=alphabet.get_batch_converter(1022), batch_sampler=batches)
     means = {}
     with torch.no_grad():
         for labels, strs, toks in loader:

@@ -74,8 +74,10 @@ def main():
             ours, residues = best_seconds(esmshard_reader, path, args.repeat)
             theirs, same = best_seconds(biopython_reader, path, args.repeat)
             assert same == residues, f"{path}: the readers disagree ({residues} vs {same} residues)"
-            print(f"{path.name:<28} {path.stat().st_size / 1e6:>7.1f} {ours:>15.3f} {theirs:>16.3f} "
-                  f"{theirs / ours:>18.2f}x")
+            print(
+                f"{path.name:<28} {path.stat().st_size / 1e6:>7.1f} {ours:>15.3f} {theirs:>16.3f} "
+                f"{theirs / ours:>18.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ def fair_esm_outputs(network, alphabet, sequences, layers, tokens_per_batch=1638
     batch = []
     for i in order + [None]:
         longest = min(len(sequences[batch[-1]]), MAX_RESIDUES) + 2 if batch else 0
-        if i is None or (batch and (len(batch) + 1) * max(longest, min(len(sequences[i]), MAX_RESIDUES) + 2) > tokens_per_batch):
+        if i is None or (
+            batch and (len(batch) + 1) * max(longest, min(len(sequences[i]), MAX_RESIDUES) + 2) > tokens_per_batch
+        ):
             _, _, tokens = converter([(str(j), sequences[j]) for j in batch])
             with torch.no_grad():
                 representations = network(tokens.cuda(), repr_layers=list(layers))["representations"]
@@ -60,8 +62,10 @@ def compare(name, got, want, min_cosine, max_rel_l2):
     got, want = got.astype(np.float64), want.astype(np.float64)
     cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     rel_l2 = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
-    print(f"{name:22s} rows {len(got):8d}  cosine min {cosine.min():.6f} median {np.median(cosine):.6f}  "
-          f"rel L2 max {rel_l2.max():.2e} median {np.median(rel_l2):.2e}")
+    print(
+        f"{name:22s} rows {len(got):8d}  cosine min {cosine.min():.6f} median {np.median(cosine):.6f}  "
+        f"rel L2 max {rel_l2.max():.2e} median {np.median(rel_l2):.2e}"
+    )
     return bool(cosine.min() >= min_cosine and rel_l2.max() <= max_rel_l2)
 
 
@@ -101,9 +105,22 @@ def main():
     }
     (workdir / "config.yaml").write_text(json.dumps(config))
     started = time.monotonic()
-    command = [sys.executable, "-m", "snakemake", "results/embeddings.h5", "--snakefile", str(REPO / "workflow/Snakefile"),
-               "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "4",
-               "--resources", "gpu=1"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "results/embeddings.h5",
+        "--snakefile",
+        str(REPO / "workflow/Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "4",
+        "--resources",
+        "gpu=1",
+    ]
     subprocess.run(command, check=True)
     wall = time.monotonic() - started
 
@@ -116,10 +133,14 @@ def main():
     with h5py.File(workdir / "results/embeddings.h5") as h5:
         assert list(h5["ids"].asstr()[:]) == list(sequences), "IDs differ from input order"
         attrs = dict(h5.attrs)
-        print(f"\nGPU: {torch.cuda.get_device_name()}  model: {args.like} shape, RANDOM weights  "
-              f"precision: {attrs['precision']}  engine: {attrs['engine']}")
-        print(f"sequences: {len(sequences)} ({len(sequences) - len(whole)} over {MAX_RESIDUES} residues left out "
-              f"of the comparison)  workflow wall time: {wall:.1f} s (including model load and snakemake start)")
+        print(
+            f"\nGPU: {torch.cuda.get_device_name()}  model: {args.like} shape, RANDOM weights  "
+            f"precision: {attrs['precision']}  engine: {attrs['engine']}"
+        )
+        print(
+            f"sequences: {len(sequences)} ({len(sequences) - len(whole)} over {MAX_RESIDUES} residues left out "
+            f"of the comparison)  workflow wall time: {wall:.1f} s (including model load and snakemake start)"
+        )
         for pooling in poolings:
             for layer in layers:
                 name = f"{pooling}/layer_{layer}"
@@ -131,8 +152,10 @@ def main():
                 else:
                     got, want = h5[name][:][whole], np.stack([reference[pooling, layer][i] for i in whole])
                 passed &= compare(name, got, want, args.min_cosine, args.max_rel_l2)
-    print("PASS" if passed else "FAIL",
-          f"(cosine >= {args.min_cosine} and rel. L2 <= {args.max_rel_l2:g} for every sequence and residue)")
+    print(
+        "PASS" if passed else "FAIL",
+        f"(cosine >= {args.min_cosine} and rel. L2 <= {args.max_rel_l2:g} for every sequence and residue)",
+    )
     for log in sorted((workdir / "logs/embed").glob("*.log")):
         print(log.name, log.read_text().strip().splitlines()[-1])
     return 0 if passed else 1

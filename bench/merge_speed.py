@@ -33,12 +33,30 @@ def synthetic(cache: Path, n: int, dim: int, world_size: int) -> tuple[Plan, np.
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 1000, n)
     ranks, _ = balance(sequence_costs(lengths, dim), world_size)
-    plan = Plan(ranks, np.arange(n, dtype=np.int64), np.arange(n, dtype=np.int64), world_size, "f" * 32,
-                {"path": "synthetic.pt", "digest": "0" * 32, "num_layers": LAYERS, "embed_dim": dim})
+    plan = Plan(
+        ranks,
+        np.arange(n, dtype=np.int64),
+        np.arange(n, dtype=np.int64),
+        world_size,
+        "f" * 32,
+        {"path": "synthetic.pt", "digest": "0" * 32, "num_layers": LAYERS, "embed_dim": dim},
+    )
     ids = np.array([f"seq{i:09d}" for i in range(n)], dtype=object)
     spec = OutputSpec.resolve([-1], ["mean"], LAYERS, "truncate", 512)
-    work = RankWork(None, 0, world_size, plan.position, ids, lengths, np.zeros(n, "S16"), spec, dim, plan.model,
-                    {"dtype": "float32"}, "float32")
+    work = RankWork(
+        None,
+        0,
+        world_size,
+        plan.position,
+        ids,
+        lengths,
+        np.zeros(n, "S16"),
+        spec,
+        dim,
+        plan.model,
+        {"dtype": "float32"},
+        "float32",
+    )
     shards, assignment = {}, hashlib.sha256(ranks.tobytes()).hexdigest()[:8]  # cached per assignment
     for rank in range(world_size):
         shards[rank] = cache / f"shard_{n}_{dim}_{world_size}_{assignment}_{rank}.h5"
@@ -56,13 +74,14 @@ def floor(shards: dict, out: Path, dim: int, block: int = 16384) -> float:
     started = time.perf_counter()
     sources = [h5py.File(path, "r")[f"mean/layer_{LAYERS}"] for path in shards.values()]
     with h5py.File(out, "w") as h5:
-        rows = h5.create_dataset("rows", (sum(len(s) for s in sources), dim), np.float32,
-                                 chunks=(max(1, (4 << 20) // (dim * 4)), dim))  # 4 MiB, as the merged file's
+        rows = h5.create_dataset(
+            "rows", (sum(len(s) for s in sources), dim), np.float32, chunks=(max(1, (4 << 20) // (dim * 4)), dim)
+        )  # 4 MiB, as the merged file's
         done = 0
         for source in sources:
             for start in range(0, len(source), block):
-                values = source[start:start + block]
-                rows[done:done + len(values)] = values
+                values = source[start : start + block]
+                rows[done : done + len(values)] = values
                 done += len(values)
     return time.perf_counter() - started
 
@@ -88,9 +107,11 @@ def main() -> int:
     out.unlink()
     megabytes = args.n * args.dim * 4 / 1e6
     merge_s, floor_s = min(merges), min(floors)
-    print(f"{args.n:,} vectors of {args.dim} float32 ({megabytes:,.0f} MB), {args.world_size} ranks: "
-          f"merge {merge_s:.3f} s ({merge_s / args.n * 1e6:.2f} s per million vectors), "
-          f"in-order copy of the rows {floor_s:.3f} s ({floor_s / args.n * 1e6:.2f} s per million)")
+    print(
+        f"{args.n:,} vectors of {args.dim} float32 ({megabytes:,.0f} MB), {args.world_size} ranks: "
+        f"merge {merge_s:.3f} s ({merge_s / args.n * 1e6:.2f} s per million vectors), "
+        f"in-order copy of the rows {floor_s:.3f} s ({floor_s / args.n * 1e6:.2f} s per million)"
+    )
     return 0
 
 

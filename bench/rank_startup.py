@@ -46,9 +46,9 @@ def main() -> None:
     torch.cuda.init()
     torch.empty(1, device="cuda")
     mark("CUDA started")
+    from esmshard import packed
     from esmshard.engine import PackedEngine
     from esmshard.model import load_model
-    from esmshard import packed
     from esmshard.outputs import OutputSpec
 
     mark("import fair-esm, esmshard.engine")

@@ -30,6 +30,7 @@ from engine_speed import synthetic_records  # noqa: E402
 from esmshard.architectures import ESM2_MODELS  # noqa: E402
 from esmshard.model import write_random_checkpoint  # noqa: E402
 
+
 def write_proteins(path: Path, n: int, extra: list[Path], seed: int = 0) -> None:
     with open(path, "wb") as out:
         out.writelines(synthetic_records(n, 300, seed))
@@ -39,9 +40,21 @@ def write_proteins(path: Path, n: int, extra: list[Path], seed: int = 0) -> None
 
 def run(workdir: Path, config: dict, gpus: int) -> dict:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow/Snakefile"), "--directory",
-               str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "all", "--resources",
-               f"gpu={gpus}"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "workflow/Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "all",
+        "--resources",
+        f"gpu={gpus}",
+    ]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -49,9 +62,13 @@ def run(workdir: Path, config: dict, gpus: int) -> dict:
         sys.exit(f"snakemake failed:\n{result.stderr[-4000:]}")
     logs = "".join(p.read_text() for p in (workdir / "logs/embed").glob("rank_*.log"))
     manifest = json.loads((workdir / "results/manifest.json").read_text())
-    return {"seconds": seconds, "nothing": "Nothing to be done" in result.stderr,
-            "computed": manifest["computed"], "loaded": "loaded in" in logs,
-            "rules": sorted(set(re.findall(r"^(?:local)?rule (\w+):", result.stderr, re.M)))}
+    return {
+        "seconds": seconds,
+        "nothing": "Nothing to be done" in result.stderr,
+        "computed": manifest["computed"],
+        "loaded": "loaded in" in logs,
+        "rules": sorted(set(re.findall(r"^(?:local)?rule (\w+):", result.stderr, re.M))),
+    }
 
 
 def vectors(workdir: Path) -> tuple[list, np.ndarray]:
@@ -72,7 +89,12 @@ def main() -> int:
     write_random_checkpoint(workdir / "model.pt", *ESM2_MODELS[args.like])
     write_proteins(workdir / "proteins.fasta", args.n, args.fasta)
     compile_option = {"true": True, "false": False}.get(args.compile, args.compile)
-    config = {"fasta": ["proteins.fasta"], "model": "model.pt", "world_size": args.world_size, "compile": compile_option}
+    config = {
+        "fasta": ["proteins.fasta"],
+        "model": "model.pt",
+        "world_size": args.world_size,
+        "compile": compile_option,
+    }
     gpus = args.world_size + 1
     rows = [("first run", run(workdir, config, gpus), None)]
     ids, first = vectors(workdir)
@@ -83,22 +105,31 @@ def main() -> int:
         fasta.write(">appended\nMKKLLPTAAGLLLLAAQPAMAMDIGINSDPNSSSVDKLAAALEHHHHHH\n")
     rows.append(("one protein appended", run(workdir, config, gpus), 1))
     rows.append(("world_size + 1", run(workdir, {**config, "world_size": args.world_size + 1}, gpus), 0))
-    rows.append(("tokens_per_batch changed", run(workdir, {**config, "world_size": args.world_size + 1,
-                                                           "tokens_per_batch": 20000}, gpus), 0))
+    rows.append(
+        (
+            "tokens_per_batch changed",
+            run(workdir, {**config, "world_size": args.world_size + 1, "tokens_per_batch": 20000}, gpus),
+            0,
+        )
+    )
     rows.append(("layers [-1] -> [-1, 1]", run(workdir, {**config, "layers": [-1, 1]}, gpus), None))
     rows.append(("layers back to [-1]", run(workdir, config, gpus), 0))
     after_ids, after = vectors(workdir)
     same = after_ids[: len(ids)] == ids and np.array_equal(after[: len(ids)], first)
 
-    print(f"\n{args.n} proteins + {len(args.fasta)} file(s), {args.like} shape (RANDOM weights), "
-          f"world_size {args.world_size}, compile {args.compile}; whole snakemake runs in {workdir}")
+    print(
+        f"\n{args.n} proteins + {len(args.fasta)} file(s), {args.like} shape (RANDOM weights), "
+        f"world_size {args.world_size}, compile {args.compile}; whole snakemake runs in {workdir}"
+    )
     print("| change | wall time | sequences computed | model loaded | rules run |")
     print("|---|---:|---:|---|---|")
     ok = same
     for name, row, allowed in rows:
-        print(f"| {name} | {row['seconds']:.1f} s | {row['computed'] if not row['nothing'] else 0} | "
-              f"{'yes' if row['loaded'] and not row['nothing'] else 'no'} | "
-              f"{', '.join(row['rules']) or 'nothing to be done'} |")
+        print(
+            f"| {name} | {row['seconds']:.1f} s | {row['computed'] if not row['nothing'] else 0} | "
+            f"{'yes' if row['loaded'] and not row['nothing'] else 'no'} | "
+            f"{', '.join(row['rules']) or 'nothing to be done'} |"
+        )
         ok &= allowed is None or row["nothing"] or row["computed"] <= allowed
     print(f"vectors of the first run unchanged after all reruns: {same}")
     print("PASS" if ok else "FAIL: a rerun computed more than its change needs, or a vector changed")

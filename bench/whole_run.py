@@ -11,9 +11,9 @@ files). Then, timed as whole processes from start to exit:
     torch.compile caches (the page cache is not dropped: the files were just written);
   - esmshard warm: the same again in another fresh directory, caches as the cold run left them.
 Each --variant (a YAML mapping of options) adds one more warm run with those options, and its
-time over the warm run's (e.g. per-residue output against the mean alone, in one call). Prints the table (seconds, ratio to
-fair-esm, time to embeddings.h5) and each run's stages from
-the job logs (Snakemake's start, index, plan, rank start-up to its first batch, embedding,
+time over the warm run's (e.g. per-residue output against the mean alone, in one call). Prints
+the table (seconds, ratio to fair-esm, time to embeddings.h5) and each run's stages from the job
+logs (Snakemake's start, index, plan, rank start-up to its first batch, embedding,
 aggregate, report). Checks esmshard's means against the fair-esm script's (cosine >= 0.999:
 both are float16 approximations of the same forward) and exits non-zero when they differ.
 """
@@ -72,10 +72,12 @@ def stages(workdir: Path, started: float) -> dict:
             process_start = round(stamps[0] - float(age.group(1)), 3) if age else None
             out[log.stem] = (process_start, round(stamps[0], 3), round(stamps[-1], 3))  # the logs' resolution
     rank_log = (workdir / "logs/embed/rank_0.log").read_text()
-    for key, pattern in (("first batch after process start", r"first batch done, ([\d.]+) s after"),
-                         ("model loaded in", r"loaded in ([\d.]+) s"),
-                         ("rank's peak host memory (GiB)", r"peak host memory ([\d.]+) GiB"),
-                         ("rank's peak GPU memory (GiB)", r"peak GPU memory ([\d.]+) GiB")):
+    for key, pattern in (
+        ("first batch after process start", r"first batch done, ([\d.]+) s after"),
+        ("model loaded in", r"loaded in ([\d.]+) s"),
+        ("rank's peak host memory (GiB)", r"peak host memory ([\d.]+) GiB"),
+        ("rank's peak GPU memory (GiB)", r"peak GPU memory ([\d.]+) GiB"),
+    ):
         found = re.search(pattern, rank_log)
         out[key] = float(found.group(1)) if found else None
     return out
@@ -85,13 +87,31 @@ def run_esmshard(workdir: Path, fasta: Path, checkpoint: Path, caches: Path, ext
     workdir.mkdir(parents=True)
     config = {"fasta": [str(fasta)], "model": str(checkpoint), "world_size": 1, **extra}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton")}
-    command = ["snakemake", "--snakefile", str(REPO / "workflow/Snakefile"), "--directory", str(workdir),
-               "--configfile", str(workdir / "config.yaml"), "--cores", str(os.cpu_count()), "--resources", "gpu=1"]
+    env = {
+        **os.environ,
+        "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
+        "TRITON_CACHE_DIR": str(caches / "triton"),
+    }
+    command = [
+        "snakemake",
+        "--snakefile",
+        str(REPO / "workflow/Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        str(os.cpu_count()),
+        "--resources",
+        "gpu=1",
+    ]
     started = timed(command, env, workdir / "snakemake.out")
     ended = time.time()
-    return {"seconds": ended - started, "to_embeddings": (workdir / "results/embeddings.h5").stat().st_mtime - started,
-            "stages": stages(workdir, started)}
+    return {
+        "seconds": ended - started,
+        "to_embeddings": (workdir / "results/embeddings.h5").stat().st_mtime - started,
+        "stages": stages(workdir, started),
+    }
 
 
 def cosines(esmshard_h5: Path, fair_esm_h5: Path, layer: int) -> np.ndarray:
@@ -107,11 +127,22 @@ def main() -> int:
     parser.add_argument("--real", type=Path, default=None)
     parser.add_argument("--real-n", type=int, default=1000)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/esmshard-whole-run"))
-    parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
-                        help="esmshard option for both runs (YAML value), e.g. pooling=[mean,per_residue]")
-    parser.add_argument("--variant", action="append", default=[], type=yaml.safe_load, metavar="YAML",
-                        help="options of one more warm run, compared with the warm run in the same call, "
-                             "e.g. --variant '{pooling: [mean, per_residue], dtype: float16}'; repeat for more")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="esmshard option for both runs (YAML value), e.g. pooling=[mean,per_residue]",
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        type=yaml.safe_load,
+        metavar="YAML",
+        help="options of one more warm run, compared with the warm run in the same call, "
+        "e.g. --variant '{pooling: [mean, per_residue], dtype: float16}'; repeat for more",
+    )
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
     extra = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.config)}
@@ -129,28 +160,47 @@ def main() -> int:
 
         from esmshard.model import write_random_checkpoint
 
-        write_random_checkpoint(checkpoint, layers, dim, heads, seed=0, dtype=torch.float16,
-                                device="cuda" if torch.cuda.is_available() else "cpu")
+        write_random_checkpoint(
+            checkpoint,
+            layers,
+            dim,
+            heads,
+            seed=0,
+            dtype=torch.float16,
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        )
 
     runs = Path(tempfile.mkdtemp(prefix="runs-", dir=args.cache))
     rows = {}
     if not args.no_baseline:
-        started = timed([sys.executable, str(REPO / "bench/fair_esm_script.py"), str(fasta), str(checkpoint),
-                         str(runs / "fair_esm.h5")], dict(os.environ), runs / "fair_esm.out")
+        started = timed(
+            [
+                sys.executable,
+                str(REPO / "bench/fair_esm_script.py"),
+                str(fasta),
+                str(checkpoint),
+                str(runs / "fair_esm.h5"),
+            ],
+            dict(os.environ),
+            runs / "fair_esm.out",
+        )
         rows["fair-esm fp16 script"] = {"seconds": time.time() - started}
     caches = runs / "compile-caches"
     for name in ("cold", "warm"):
         rows[f"esmshard {name}"] = run_esmshard(runs / name, fasta, checkpoint, caches, extra)
     for number, variant in enumerate(args.variant):
-        row = rows[f"esmshard warm, {variant}"] = run_esmshard(runs / f"variant{number}", fasta, checkpoint, caches,
-                                                               {**extra, **variant})
+        row = rows[f"esmshard warm, {variant}"] = run_esmshard(
+            runs / f"variant{number}", fasta, checkpoint, caches, {**extra, **variant}
+        )
         row["over warm"] = row["seconds"] / rows["esmshard warm"]["seconds"]
 
     with h5py.File(runs / "warm/results/embeddings.h5") as h5:
         residues = int(np.minimum(h5["lengths"][:], 1022).sum())
         sequences = len(h5["ids"])
-    print(f"\n{args.like} shape (RANDOM weights), {sequences} proteins, {residues} residues embedded, "
-          f"options {extra or 'default'}; runs in {runs}")
+    print(
+        f"\n{args.like} shape (RANDOM weights), {sequences} proteins, {residues} residues embedded, "
+        f"options {extra or 'default'}; runs in {runs}"
+    )
     baseline = rows.get("fair-esm fp16 script", {}).get("seconds")
     print("| run | whole run (s) | to embeddings.h5 (s) | fair-esm / run | run / warm run |\n|---|---:|---:|---:|---:|")
     for name, row in rows.items():

@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from esmshard.index import SequenceIndex
-from esmshard.outputs import OutputSpec
 from esmshard.model import write_random_checkpoint
+from esmshard.outputs import OutputSpec
 from esmshard.plan import read_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,10 +61,14 @@ def snakemake_command(workdir: Path, config: dict, *args: str, env: dict | None 
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     command = [
         str(Path(sys.executable).with_name("snakemake")),
-        "--snakefile", str(SNAKEFILE),
-        "--directory", str(workdir),
-        "--configfile", str(workdir / "config.yaml"),
-        "--cores", str(cores),
+        "--snakefile",
+        str(SNAKEFILE),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        str(cores),
         *args,
     ]
     return command, {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ESMSHARD_FAIL_RANKS": "", **(env or {})}

@@ -7,8 +7,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import conftest
 import pytest
+
+import conftest
 from conftest import completed_run, random_sequences, write_fasta
 
 

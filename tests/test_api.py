@@ -55,7 +55,6 @@ def snakemake_calls(log: str) -> list[list[str]]:
     return [("\n" + call).split("\n$ ")[1:] for call in calls[1:]]
 
 
-
 def test_model_config_is_checked_against_the_workflow_schema(tmp_path, fasta):
     with pytest.raises(ValueError, match=r"unknown option\(s\) 'modle', 'pooling_x'; the workflow's options are "):
         run_multi_gpu_inference(fasta, tmp_path, {"model": "esm2_t6_8M_UR50D", "modle": 1, "pooling_x": 2})
@@ -111,8 +110,13 @@ def test_a_second_call_on_a_directory_in_use_changes_nothing_there(tmp_path, fas
     (out / "logs").mkdir()
     (out / "logs/snakemake.log").write_text("the first call's log\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    first = subprocess.Popen([sys.executable, "-c", HOLD_THE_DIRECTORY, str(out)], env=env, text=True,
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    first = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_DIRECTORY, str(out)],
+        env=env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     try:
         assert first.stdout.readline() == "holding\n"
         with pytest.raises(RuntimeError, match=f"^another run is using {re.escape(str(out))}$"):
@@ -171,8 +175,12 @@ def partial_run(tmp_path_factory, fasta, tiny_checkpoint):
 
     Returns what the call returned and what it left, before complete_run calls again."""
     out = tmp_path_factory.mktemp("run")
-    config = {"model_type": "esm2", "model_name": str(tiny_checkpoint), "token_budget": 2048,
-              **tiny_config(tiny_checkpoint, gpu_lock_dir=str(out / "locks"))}
+    config = {
+        "model_type": "esm2",
+        "model_name": str(tiny_checkpoint),
+        "token_budget": 2048,
+        **tiny_config(tiny_checkpoint, gpu_lock_dir=str(out / "locks")),
+    }
     del config["model"]
     env = {"CUDA_VISIBLE_DEVICES": "0,1", "ESMSHARD_FAIL_RANKS": "1"}
     merged, failed = call(run_multi_gpu_inference, fasta, out, config, env=env)
@@ -193,7 +201,9 @@ def partial_run(tmp_path_factory, fasta, tiny_checkpoint):
 def complete_run(partial_run, fasta):
     """The same call again, now without a failing rank: it resumes."""
     out = partial_run["out"]
-    merged, failed = call(run_multi_gpu_inference, fasta, out, partial_run["config"], env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    merged, failed = call(
+        run_multi_gpu_inference, fasta, out, partial_run["config"], env={"CUDA_VISIBLE_DEVICES": "0,1"}
+    )
     return out, merged, failed
 
 
@@ -251,13 +261,20 @@ def ids_swapped(h5):
     h5["ids"][4], h5["ids"][5] = h5["ids"][5], h5["ids"][4]
 
 
-@pytest.mark.parametrize("damage, message", [
-    (not_finite, r"mean/layer_2 of 'seq00003' \(row 3\) is not finite"),
-    (ids_swapped, r"its IDs are not the index's 12 IDs less the 0 missing ones, in input order \(12 IDs, the first "
-                  r"difference at row 4\)"),
-])
-def test_a_merged_file_that_fails_its_check_is_a_value_error(tmp_path, complete_run, partial_run, fasta, monkeypatch,
-                                                             damage, message):
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (not_finite, r"mean/layer_2 of 'seq00003' \(row 3\) is not finite"),
+        (
+            ids_swapped,
+            r"its IDs are not the index's 12 IDs less the 0 missing ones, in input order \(12 IDs, the first "
+            r"difference at row 4\)",
+        ),
+    ],
+)
+def test_a_merged_file_that_fails_its_check_is_a_value_error(
+    tmp_path, complete_run, partial_run, fasta, monkeypatch, damage, message
+):
     out, _, _ = complete_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)  # keeps times: snakemake sees nothing to do

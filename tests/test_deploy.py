@@ -27,8 +27,16 @@ SLIM_ENV = {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}  # nothing of t
 def repository(tmp_path_factory) -> Path:
     """This repository as a git repository elsewhere: its files (committed or new, not ignored)."""
     remote = tmp_path_factory.mktemp("remote") / "esmshard"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         if (REPO / name).is_file():
             (remote / name).parent.mkdir(parents=True, exist_ok=True)
@@ -44,8 +52,9 @@ def deployed(repository, tmp_path_factory) -> Path:
     """`snakedeploy deploy-workflow` of the repository (offline, snakedeploy takes a local path;
     its --branch is then ignored), into a new folder."""
     dest = tmp_path_factory.mktemp("deployed")
-    result = subprocess.run([BIN / "snakedeploy", "deploy-workflow", repository, dest, "--branch", "main"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [BIN / "snakedeploy", "deploy-workflow", repository, dest, "--branch", "main"], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     snakefile = dest / "workflow/Snakefile"
     text = snakefile.read_text()
@@ -73,8 +82,9 @@ def test_the_deployed_workflow_lints_and_runs(deployed, repository, tiny_checkpo
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "HOME": str(deployed)}
     lint = subprocess.run([BIN / "snakemake", "--lint", *config], cwd=deployed, capture_output=True, text=True, env=env)
     assert "Congratulations, your workflow is in a good condition!" in lint.stdout + lint.stderr, lint.stdout
-    run = subprocess.run([BIN / "snakemake", "--cores", "2", *config], cwd=deployed, capture_output=True, text=True,
-                         env=env, timeout=600)
+    run = subprocess.run(
+        [BIN / "snakemake", "--cores", "2", *config], cwd=deployed, capture_output=True, text=True, env=env, timeout=600
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert (deployed / "results/embeddings.h5").exists() and (deployed / "results/shards/shard_1.h5").exists()
     for log in ("index", "plan", "embed/rank_0", "aggregate"):
@@ -122,17 +132,28 @@ def test_the_slim_environment_lacks_the_compute_packages(slim_python):
 
 def test_lint_format_check_and_dry_runs_need_snakemake_alone(slim_python, tmp_path):
     write_fasta(tmp_path / "proteins.fasta", random_sequences(5, seed=1))
-    common = ["--snakefile", SNAKEFILE, "--directory", tmp_path, "--configfile", REPO / "config/config.yaml",
-              "--config", f"fasta=[{tmp_path / 'proteins.fasta'}]", "model=esm2_t6_8M_UR50D"]
+    common = [
+        "--snakefile",
+        SNAKEFILE,
+        "--directory",
+        tmp_path,
+        "--configfile",
+        REPO / "config/config.yaml",
+        "--config",
+        f"fasta=[{tmp_path / 'proteins.fasta'}]",
+        "model=esm2_t6_8M_UR50D",
+    ]
     env = {**SLIM_ENV, "HOME": str(tmp_path)}
     for args in (["--lint"], ["--dry-run", "--cores", "1"], ["--dry-run", "--profile", REPO / "profiles/slurm"]):
-        result = subprocess.run([slim_python, "-m", "snakemake", *common, *args], capture_output=True, text=True,
-                                env=env)
+        result = subprocess.run(
+            [slim_python, "-m", "snakemake", *common, *args], capture_output=True, text=True, env=env
+        )
         assert result.returncode == 0, (args, (result.stdout + result.stderr)[-3000:])
         if args == ["--lint"]:
             assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
         else:
             assert re.search(r"^embed\s+1$", result.stdout + result.stderr, re.M), result.stdout
-    formatted = subprocess.run([slim_python, "-m", "snakefmt", "--check", REPO / "workflow"], capture_output=True,
-                               text=True, env=env)
+    formatted = subprocess.run(
+        [slim_python, "-m", "snakefmt", "--check", REPO / "workflow"], capture_output=True, text=True, env=env
+    )
     assert formatted.returncode == 0, formatted.stderr

@@ -19,7 +19,8 @@ def test_every_output_of_a_mixed_batch_equals_fair_esm_per_sequence(tiny):
     spec = spec_for(network, (-1, 1, 0), ("mean", "bos", "per_residue"))
     engine = ReferenceEngine(network, alphabet, "cpu", "float32", spec)
     embedded = engine.embed(residues_of(sequences))
-    assert sorted(embedded) == sorted(f"{p}/layer_{l}" for p in ("mean", "bos", "per_residue") for l in (0, 1, 2))
+    names = [f"{pooling}/layer_{layer}" for pooling in ("mean", "bos", "per_residue") for layer in (0, 1, 2)]
+    assert sorted(embedded) == sorted(names)
     lengths = [min(len(s), 1022) for s in sequences]
     for layer in (0, 1, 2):
         assert embedded[f"mean/layer_{layer}"].shape == (len(sequences), 32)

@@ -18,7 +18,13 @@ from esmshard import EsmShardError, gpu
 
 @pytest.mark.parametrize(
     "env, expected",
-    [("0,1,2", ["0", "1", "2"]), ("", []), ("3", ["3"]), ("1,-1,2", ["1"]), ("GPU-abc, GPU-def", ["GPU-abc", "GPU-def"])],
+    [
+        ("0,1,2", ["0", "1", "2"]),
+        ("", []),
+        ("3", ["3"]),
+        ("1,-1,2", ["1"]),
+        ("GPU-abc, GPU-def", ["GPU-abc", "GPU-def"]),
+    ],
 )
 def test_visible_gpus_honours_cuda_visible_devices(monkeypatch, env, expected):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", env)
@@ -249,10 +255,7 @@ def test_a_stop_signal_ends_the_wait_and_leaves_no_lock_held(tmp_path):
     assert out.strip() == "[]"  # no lock file left open, so no flock held
 
 
-ADVICE = (
-    "; set gpu_lock_dir in the config to a directory that"
-    " every user running esmshard on this host can write"
-)
+ADVICE = "; set gpu_lock_dir in the config to a directory that every user running esmshard on this host can write"
 
 
 def pin_error(lock_dir, monkeypatch) -> str:

@@ -29,11 +29,22 @@ def tiny_esm(layer_norm_eps: float, seed: int, kind: str = "EsmForMaskedLM", **c
     """transformers' ``kind`` (EsmForMaskedLM, or a task model) of ESM-2's kind (2 layers, width
     64), random weights, the LayerNorms perturbed so that their weights and eps show; ``config``
     overrides ESM-2's config."""
-    config = transformers.EsmConfig(**{
-        "vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32, "hidden_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "intermediate_size": 256, "position_embedding_type": "rotary",
-        "token_dropout": True, "emb_layer_norm_before": False, "layer_norm_eps": layer_norm_eps, **config,
-    })
+    config = transformers.EsmConfig(
+        **{
+            "vocab_size": 33,
+            "pad_token_id": 1,
+            "mask_token_id": 32,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 256,
+            "position_embedding_type": "rotary",
+            "token_dropout": True,
+            "emb_layer_norm_before": False,
+            "layer_norm_eps": layer_norm_eps,
+            **config,
+        }
+    )
     torch.manual_seed(seed)
     model = getattr(transformers, kind)(config).eval()
     with torch.no_grad():
@@ -181,8 +192,10 @@ def test_a_fine_tuned_directory_embeds_as_its_encoder_logging_the_head_ignored(f
     assert np.abs(result["mean/layer_2"] - dropout_on[2]).max() > 1e-3
     head = sorted(name for name in model.state_dict() if name.startswith("classifier."))
     logged = [record.getMessage() for record in caplog.records if "task head" in record.getMessage()]
-    assert logged == [f"model: {directory}: ignored {len(head)} weights of a task head ({', '.join(head)}): "
-                      f"embeddings are the encoder's outputs, before any head"]
+    assert logged == [
+        f"model: {directory}: ignored {len(head)} weights of a task head ({', '.join(head)}): "
+        f"embeddings are the encoder's outputs, before any head"
+    ]
 
 
 def test_an_unknown_or_missing_encoder_weight_beside_a_task_head_is_named(fine_tuned, tmp_path):
@@ -193,15 +206,17 @@ def test_an_unknown_or_missing_encoder_weight_beside_a_task_head_is_named(fine_t
     directory = shutil.copytree(fine_tuned[1], tmp_path / "model")
     weights = load_file(directory / "model.safetensors")
     adapter = "esm.encoder.layer.0.attention.self.query.lora_A.weight"  # an adapter left unmerged
-    save_file({**weights, adapter: torch.zeros(4, 64), "score.weight": torch.zeros(3, 64)},
-              directory / "model.safetensors")
+    save_file(
+        {**weights, adapter: torch.zeros(4, 64), "score.weight": torch.zeros(3, 64)}, directory / "model.safetensors"
+    )
     refused = f"model: {directory} does not hold ESM-2 weights: missing "
     with pytest.raises(EsmShardError, match=re.escape(f"{refused}none, unexpected {adapter}, score.weight")):
         load_model(str(directory))
     del weights["esm.encoder.layer.1.output.dense.weight"]
     save_file(weights, directory / "model.safetensors")
-    with pytest.raises(EsmShardError, match=re.escape(f"{refused}layers.1.fc2.weight (by fair-esm names), "
-                                                      "unexpected none")):
+    with pytest.raises(
+        EsmShardError, match=re.escape(f"{refused}layers.1.fc2.weight (by fair-esm names), unexpected none")
+    ):
         load_model(str(directory))
 
 
@@ -212,14 +227,24 @@ def test_a_hub_id_names_its_cache_file_as_the_input_before_and_after_the_downloa
     assert model_inputs(HUB_ID) == ([ref], False)
     assert model_inputs("esmshard-test/not_downloaded")[1] is True  # rule download_model fetches it
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(EsmShardError, match=r"not_downloaded is neither a directory nor in the Hugging Face cache "
-                       r".*HF_HUB_OFFLINE forbids downloading it: download it where there is network with "
-                       r"'python -m esmshard download esmshard-test/not_downloaded'"):
+    with pytest.raises(
+        EsmShardError,
+        match=r"not_downloaded is neither a directory nor in the Hugging Face cache "
+        r".*HF_HUB_OFFLINE forbids downloading it: download it where there is network with "
+        r"'python -m esmshard download esmshard-test/not_downloaded'",
+    ):
         model_inputs("esmshard-test/not_downloaded")
 
 
-@pytest.mark.parametrize("model", ["resources/esm2_t33_650M_UR50D.pt", "models/esm2/model.safetensors",
-                                   "./esm2_finetuned", "~/no_such_esm2_directory"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "resources/esm2_t33_650M_UR50D.pt",
+        "models/esm2/model.safetensors",
+        "./esm2_finetuned",
+        "~/no_such_esm2_directory",
+    ],
+)
 def test_a_missing_path_is_named_as_such_not_looked_for_on_the_hub(model, hf_home, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(hf_home))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online: a hub id would be downloaded
@@ -233,16 +258,22 @@ def test_a_missing_hub_id_offline_stops_before_any_job_saying_what_to_do(tmp_pat
     fasta = write_fasta(tmp_path / "p.fasta", {"p1": "MKV"})
     result = run_snakemake(tmp_path, config_for(fasta, "facebook/esm2_t33_650M_UR50D"), env=offline(hf_home))
     assert result.returncode != 0
-    assert f"model: facebook/esm2_t33_650M_UR50D is neither a directory nor in the Hugging Face cache " \
-           f"{hf_home}/hub" in result.stderr
+    assert (
+        f"model: facebook/esm2_t33_650M_UR50D is neither a directory nor in the Hugging Face cache "
+        f"{hf_home}/hub" in result.stderr
+    )
     assert "'python -m esmshard download facebook/esm2_t33_650M_UR50D'" in result.stderr
     assert not (tmp_path / "results").exists()
 
 
 def test_the_download_command_offline_says_it_cannot_download(tmp_path):
     # a process of its own: huggingface_hub reads HF_HUB_OFFLINE when it is imported
-    result = subprocess.run([sys.executable, "-m", "esmshard", "download", HUB_ID, str(tmp_path / "model")],
-                            capture_output=True, text=True, env={**os.environ, **offline(tmp_path)})
+    result = subprocess.run(
+        [sys.executable, "-m", "esmshard", "download", HUB_ID, str(tmp_path / "model")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **offline(tmp_path)},
+    )
     assert result.returncode == 1
     assert f"error: model: cannot download {HUB_ID} from the Hugging Face hub (" in result.stderr
     assert not (tmp_path / "model" / "config.json").exists()
@@ -250,8 +281,9 @@ def test_the_download_command_offline_says_it_cannot_download(tmp_path):
 
 def test_a_bert_directory_stops_before_any_job_naming_it(tmp_path):
     directory = tmp_path / "bert"
-    transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                   intermediate_size=64)).save_pretrained(directory)
+    transformers.BertModel(
+        transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(directory)
     fasta = write_fasta(tmp_path / "p.fasta", {"p1": "MKV"})
     result = run_snakemake(tmp_path, config_for(fasta, directory))
     assert result.returncode != 0
@@ -259,30 +291,40 @@ def test_a_bert_directory_stops_before_any_job_naming_it(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-@pytest.mark.parametrize("change, problem", [
-    ({"emb_layer_norm_before": True}, "emb_layer_norm_before (a LayerNorm on the embeddings, as in ESM-1b)"),
-    ({"position_embedding_type": "absolute"},
-     "position_embedding_type 'absolute': the engine runs rotary positions only, ESM-2's"),
-    ({"position_embedding_type": "relative_key"},
-     "position_embedding_type 'relative_key': the engine runs rotary positions only"),
-    ({"token_dropout": "yes"}, "token_dropout 'yes' is neither true nor false"),
-    ({"architectures": ["BertForMaskedLM"]},
-     "architectures ['BertForMaskedLM']: esmshard reads the encoder of EsmModel, EsmForMaskedLM, "
-     "EsmForSequenceClassification, EsmForTokenClassification (for another class, save its ESM-2 "
-     "encoder alone: model.esm.save_pretrained(DIRECTORY))"),
-    ({"architectures": ["EsmForProteinFolding"]}, "architectures ['EsmForProteinFolding']"),
-    ({"is_folding_model": True}, "it is ESMFold"),
-    ({"vocab_size": 35}, "its vocabulary"),
-    ({"layer_norm_eps": "1e-5"}, "layer_norm_eps '1e-5' is not a positive number"),
-    ({"rope_theta": None}, "rope_theta None is not a positive number"),
-])
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"emb_layer_norm_before": True}, "emb_layer_norm_before (a LayerNorm on the embeddings, as in ESM-1b)"),
+        (
+            {"position_embedding_type": "absolute"},
+            "position_embedding_type 'absolute': the engine runs rotary positions only, ESM-2's",
+        ),
+        (
+            {"position_embedding_type": "relative_key"},
+            "position_embedding_type 'relative_key': the engine runs rotary positions only",
+        ),
+        ({"token_dropout": "yes"}, "token_dropout 'yes' is neither true nor false"),
+        (
+            {"architectures": ["BertForMaskedLM"]},
+            "architectures ['BertForMaskedLM']: esmshard reads the encoder of EsmModel, EsmForMaskedLM, "
+            "EsmForSequenceClassification, EsmForTokenClassification (for another class, save its ESM-2 "
+            "encoder alone: model.esm.save_pretrained(DIRECTORY))",
+        ),
+        ({"architectures": ["EsmForProteinFolding"]}, "architectures ['EsmForProteinFolding']"),
+        ({"is_folding_model": True}, "it is ESMFold"),
+        ({"vocab_size": 35}, "its vocabulary"),
+        ({"layer_norm_eps": "1e-5"}, "layer_norm_eps '1e-5' is not a positive number"),
+        ({"rope_theta": None}, "rope_theta None is not a positive number"),
+    ],
+)
 def test_esm_configs_the_engine_cannot_run_are_named(tmp_path, hf_directory, change, problem):
     directory = tmp_path / "model"
     shutil.copytree(hf_directory, directory)
     config = json.loads((directory / "config.json").read_text())
     (directory / "config.json").write_text(json.dumps({**config, **change}))
-    with pytest.raises(EsmShardError, match=f"model: {directory} is an ESM model that esmshard cannot run: "
-                       + re.escape(problem)):
+    with pytest.raises(
+        EsmShardError, match=f"model: {directory} is an ESM model that esmshard cannot run: " + re.escape(problem)
+    ):
         resolve_model(str(directory))
 
 
@@ -290,16 +332,20 @@ def test_a_directory_without_weights_or_config_is_named(tmp_path, hf_directory):
     directory = tmp_path / "model"
     shutil.copytree(hf_directory, directory)
     (directory / "model.safetensors").unlink()
-    with pytest.raises(EsmShardError, match=f"model: {directory} has no weights file: expected model.safetensors "
-                       "or pytorch_model.bin"):
+    with pytest.raises(
+        EsmShardError, match=f"model: {directory} has no weights file: expected model.safetensors or pytorch_model.bin"
+    ):
         resolve_model(str(directory))
     (directory / "config.json").unlink()
     with pytest.raises(EsmShardError, match=f"model: {directory} is a directory without config.json"):
         resolve_model(str(directory))
     (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (directory / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(EsmShardError, match=f"model: {directory} holds a PEFT adapter \\(adapter_config.json\\), "
-                       "not a whole model: merge it into its base model"):
+    with pytest.raises(
+        EsmShardError,
+        match=f"model: {directory} holds a PEFT adapter \\(adapter_config.json\\), "
+        "not a whole model: merge it into its base model",
+    ):
         resolve_model(str(directory))
 
 
@@ -317,7 +363,8 @@ def test_a_pytorch_model_bin_is_read_by_the_weights_only_loader(tmp_path, hf_dir
     shutil.copytree(hf_directory, directory)
     (directory / "model.safetensors").unlink()
     torch.save({"esm.embeddings.word_embeddings.weight": Payload()}, directory / "pytorch_model.bin")
-    with pytest.raises(EsmShardError, match=f"model: {directory}/pytorch_model.bin is not a PyTorch weights file "
-                       "that loads safely"):
+    with pytest.raises(
+        EsmShardError, match=f"model: {directory}/pytorch_model.bin is not a PyTorch weights file that loads safely"
+    ):
         load_model(str(directory))
     assert "unpickled arbitrary code" not in capsys.readouterr().out

@@ -46,7 +46,9 @@ def test_duplicate_id_within_a_file(tmp_path):
 def test_duplicate_id_across_files(tmp_path):
     a = write_fasta(tmp_path / "a.fasta", {"p1": "MK", "p2": "MKV"})
     b = write_fasta(tmp_path / "b.fasta", {"p3": "MK", "p2": "MKV"})
-    with pytest.raises(EsmShardError, match=r"duplicate sequence ID 'p2': .*a.fasta record 2 .* and .*b.fasta record 2"):
+    with pytest.raises(
+        EsmShardError, match=r"duplicate sequence ID 'p2': .*a.fasta record 2 .* and .*b.fasta record 2"
+    ):
         build_index([a, b], tmp_path / "index")
 
 

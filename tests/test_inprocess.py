@@ -84,17 +84,24 @@ def test_a_list_truncation_and_float16(tiny_checkpoint, records):
     assert np.abs(per_residue[-1].astype(np.float32) - expected).max() <= 2e-3  # float16 rounding
 
 
-@pytest.mark.parametrize("sequences, options, message", [
-    ({"ok": "MKV", "P1": "MKV#L"}, {}, r"^sequences: record 2 \('P1'\): residue 4 is '#', which is not one of "
-                                       r"ESM-2's 25 letters"),
-    (["MKV", "MKÉV"], {}, r"^sequences: record 2 \('1'\): residue 3 is 'É'"),
-    ({"empty": "*"}, {}, r"^sequences: record 1 \('empty'\): record has no residues$"),
-    ("MKV", {}, "not one string"),
-    (["MKV"], {"pooling": ["max"]}, r"^config: pooling/0: 'max' is not one of"),
-    (["MKV"], {"retries": 2}, r"^embed: unknown option\(s\) 'retries'"),
-    (["MKV"], {"device": "cuda:0"}, r"^device: cuda:0, but torch .* finds no CUDA device"),
-    (["MKV"], {"engine": "reference", "precision": "bfloat16"}, "reference engine computes in float32 only"),
-])
+@pytest.mark.parametrize(
+    "sequences, options, message",
+    [
+        (
+            {"ok": "MKV", "P1": "MKV#L"},
+            {},
+            r"^sequences: record 2 \('P1'\): residue 4 is '#', which is not one of "
+            r"ESM-2's 25 letters",
+        ),
+        (["MKV", "MKÉV"], {}, r"^sequences: record 2 \('1'\): residue 3 is 'É'"),
+        ({"empty": "*"}, {}, r"^sequences: record 1 \('empty'\): record has no residues$"),
+        ("MKV", {}, "not one string"),
+        (["MKV"], {"pooling": ["max"]}, r"^config: pooling/0: 'max' is not one of"),
+        (["MKV"], {"retries": 2}, r"^embed: unknown option\(s\) 'retries'"),
+        (["MKV"], {"device": "cuda:0"}, r"^device: cuda:0, but torch .* finds no CUDA device"),
+        (["MKV"], {"engine": "reference", "precision": "bfloat16"}, "reference engine computes in float32 only"),
+    ],
+)
 def test_bad_input_is_a_value_error_before_the_model_loads(sequences, options, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         embed(sequences, model=str(tmp_path / "no-such-checkpoint.pt"), **options)

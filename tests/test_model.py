@@ -82,8 +82,11 @@ def test_arbitrary_pickled_objects_are_refused(tmp_path, capsys):
 
 
 def test_unknown_model_name(tmp_path):
-    with pytest.raises(EsmShardError, match="neither an existing checkpoint file or model directory, a Hugging "
-                       "Face hub id .* nor a released ESM-2 model"):
+    with pytest.raises(
+        EsmShardError,
+        match="neither an existing checkpoint file or model directory, a Hugging "
+        "Face hub id .* nor a released ESM-2 model",
+    ):
         resolve_checkpoint("esm2_t99_1T_UR50D")
 
 
@@ -131,7 +134,8 @@ def test_a_checkpoints_identity_is_hashed_once_and_again_when_the_file_changes(t
 
 
 def test_identities_are_shared_by_every_run_of_the_user_and_an_unwritable_cache_only_costs_hashing(
-        tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
     from esmshard.architectures import checkpoint_identity, identity_cache, resolve_model
 
     monkeypatch.setenv("ESMSHARD_CACHE", str(tmp_path / "user cache"))

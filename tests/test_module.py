@@ -53,8 +53,10 @@ def test_two_prefixed_instances_with_two_models_never_mix(tmp_path, tiny_checkpo
     write_fasta(tmp_path / "proteins.fasta", records)
     other = write_random_checkpoint(tmp_path / "other.pt", 2, 32, 4, seed=9)
     (tmp_path / "Snakefile").write_text(HOST.format(snakefile=SNAKEFILE))
-    host_config = {"a": config_for("proteins.fasta", tiny_checkpoint, world_size=2),
-                   "b": config_for("proteins.fasta", other, world_size=2)}
+    host_config = {
+        "a": config_for("proteins.fasta", tiny_checkpoint, world_size=2),
+        "b": config_for("proteins.fasta", other, world_size=2),
+    }
     (tmp_path / "host.yaml").write_text(json.dumps(host_config))
 
     first = run_host(tmp_path, env={"ESMSHARD_FAIL_RANKS": "1"})  # rank 1 fails in both instances

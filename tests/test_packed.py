@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import AMINO, fair_esm_mean, fair_esm_outputs, spec_for, split_rows
-from esmshard.engine import PackedEngine, ReferenceEngine, Packer
+from esmshard.engine import PackedEngine, Packer, ReferenceEngine
 from esmshard.model import load_model, write_random_checkpoint
 
 LENGTHS = (300, 1, 2, 50, 1022, 3000, 77, 2)
@@ -23,7 +23,9 @@ def wider(tmp_path_factory):
 def test_packed_cpu_float32_equals_fair_esm(wider):
     """Every output, of layers 0, mid and last at once, in one mixed batch: max abs diff <= 1e-4."""
     network, alphabet = wider
-    engine = PackedEngine(network, alphabet, "cpu", "float32", spec_for(network, (-1, 2, 0), ("mean", "bos", "per_residue")))
+    engine = PackedEngine(
+        network, alphabet, "cpu", "float32", spec_for(network, (-1, 2, 0), ("mean", "bos", "per_residue"))
+    )
     residues = random_residues(LENGTHS)
     embedded = engine.embed(residues)
     lengths = [min(len(r), 1022) for r in residues]
@@ -58,7 +60,9 @@ def test_compiled_layers_match_and_compile_once(wider):
 
 def test_pack_makes_one_stream_with_restarting_positions(tiny_checkpoint):
     network, alphabet = load_model(str(tiny_checkpoint))
-    batch = Packer(alphabet, spec_for(network)).pack([np.frombuffer(b"MKV", np.uint8), np.frombuffer(b"W" * 1030, np.uint8)])
+    batch = Packer(alphabet, spec_for(network)).pack(
+        [np.frombuffer(b"MKV", np.uint8), np.frombuffer(b"W" * 1030, np.uint8)]
+    )
     assert batch.cu_seqlens.tolist() == [0, 5, 5 + 1024]
     assert batch.max_len == 1024
     assert batch.tokens[:5].tolist() == [alphabet.cls_idx] + [alphabet.get_idx(c) for c in "MKV"] + [alphabet.eos_idx]
@@ -74,7 +78,9 @@ def test_windows_cover_a_long_protein_and_average_where_they_overlap(tiny_checkp
     spec = spec_for(network, long_sequences="window")
     windows = spec.windows(2500)
     assert len(windows) == 4 and windows[0] == (0, 1022) and windows[-1] == (1478, 2500)
-    assert all(end - start == 1022 and next_start <= end - 512 for (start, end), (next_start, _) in zip(windows, windows[1:]))
+    assert all(
+        end - start == 1022 and next_start <= end - 512 for (start, end), (next_start, _) in zip(windows, windows[1:])
+    )
     batch = Packer(alphabet, spec).pack([np.frombuffer(b"A" * 2500, np.uint8), np.frombuffer(b"MK", np.uint8)])
     assert batch.cu_seqlens.tolist() == [1024 * k for k in range(5)] + [4096 + 4]
     assert batch.residue_rows_out == 2502
@@ -100,11 +106,15 @@ def test_a_window_of_a_long_protein_is_a_single_pass_where_context_suffices(tiny
     tokens = Packer(alphabet, per_residue_mean).table[protein]
     tokens = torch.tensor([alphabet.cls_idx, *tokens, alphabet.eos_idx])
     with torch.inference_mode():
-        ((_, hidden),) = single_pass.hidden_states(tokens, torch.arange(len(tokens)), torch.tensor([0, len(tokens)], dtype=torch.int32), len(tokens), (2,))
+        ((_, hidden),) = single_pass.hidden_states(
+            tokens, torch.arange(len(tokens)), torch.tensor([0, len(tokens)], dtype=torch.int32), len(tokens), (2,)
+        )
     assert windowed["per_residue/layer_2"].shape == (2500, 32)
     assert np.abs(windowed["per_residue/layer_2"] - hidden[1:-1].numpy()).max() <= 1e-5
     # the mean is over the whole protein (float32 sums of 2,500 rows: the CPU tolerance of 1e-4)
-    assert np.abs(windowed["mean/layer_2"][0] - windowed["per_residue/layer_2"].astype(np.float64).mean(0)).max() <= 1e-4
+    assert (
+        np.abs(windowed["mean/layer_2"][0] - windowed["per_residue/layer_2"].astype(np.float64).mean(0)).max() <= 1e-4
+    )
 
 
 def test_windows_with_real_attention_equal_each_window_where_only_it_covers(tiny_checkpoint):
@@ -225,8 +235,10 @@ def test_outputs_come_in_the_stored_dtype_rounded_as_numpy_rounds(wider):
     spec = spec_for(network, (-1, 2), ("mean", "bos", "per_residue"))
     residues = random_residues(LENGTHS, seed=2)
     want = PackedEngine(network, alphabet, "cpu", "float32", spec).embed(residues)
-    for engine in (PackedEngine(network, alphabet, "cpu", "float32", spec, stored="float16"),
-                   ReferenceEngine(network, alphabet, "cpu", "float32", spec, stored="float16")):
+    for engine in (
+        PackedEngine(network, alphabet, "cpu", "float32", spec, stored="float16"),
+        ReferenceEngine(network, alphabet, "cpu", "float32", spec, stored="float16"),
+    ):
         got = engine.embed(residues)
         for name, values in want.items():
             assert got[name].dtype == np.float16 and got[name].shape == values.shape, name

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import config_for, random_sequences, run_snakemake, small_filesystem, write_fasta
-from esmshard.outputs import OutputSpec, window_counts
 from esmshard.index import DIGEST
+from esmshard.outputs import OutputSpec, window_counts
 from esmshard.plan import balance, distinct, imbalance, sequence_costs, space_warning
 
 
@@ -26,8 +26,10 @@ def test_balanced_within_two_percent_on_realistic_lengths(n, world_size):
 def best_contiguous_split(costs: np.ndarray, world_size: int) -> float:
     """The least most-loaded rank's cost over every way to cut ``costs`` into ``world_size`` runs."""
     prefix = np.concatenate([[0], np.cumsum(costs)])
-    return min(max(np.diff(prefix[[0, *cuts, len(costs)]]))
-               for cuts in itertools.combinations_with_replacement(range(len(costs) + 1), world_size - 1))
+    return min(
+        max(np.diff(prefix[[0, *cuts, len(costs)]]))
+        for cuts in itertools.combinations_with_replacement(range(len(costs) + 1), world_size - 1)
+    )
 
 
 def assert_contiguous_in_rank_order(ranks: np.ndarray) -> None:
@@ -105,9 +107,11 @@ def test_the_space_warning_counts_the_store_the_shards_and_the_merged_file(tmp_p
     for mode, merged, merged_text in (("copy", copied, f"{copied / 2**40:,.1f} TiB"), ("refer", 128, "0.1 KiB")):
         warning = space_warning(tmp_path, spec, huge, np.array([0]), 32, "float16", mode)
         # the shards hold the mean alone (64 bytes): their per-residue rows are the store's
-        assert warning.startswith(f"the embeddings of this run need up to {(store + 64 + merged) / 2**40:,.1f} TiB "
-                                  f"in {tmp_path} (the store {store / 2**40:,.1f} TiB, the shards 0.1 KiB, "
-                                  f"embeddings.h5 {merged_text}; ")
+        assert warning.startswith(
+            f"the embeddings of this run need up to {(store + 64 + merged) / 2**40:,.1f} TiB "
+            f"in {tmp_path} (the store {store / 2**40:,.1f} TiB, the shards 0.1 KiB, "
+            f"embeddings.h5 {merged_text}; "
+        )
         assert re.search(r"but only [\d,.]+ [KMGT]iB are free there: ranks will fail when the disk fills", warning)
 
 
@@ -117,8 +121,9 @@ def test_the_plan_rule_warns_before_any_rank_when_the_results_may_not_fit(tmp_pa
     with small_filesystem(tmp_path / "results", "4m"):  # the index fits, 2 x ~8 MiB of vectors (store, copy) do not
         result = run_snakemake(tmp_path, config, "plan")
         assert result.returncode == 0, result.stderr
-    warning = re.search(r"^esmshard: WARNING: the embeddings of this run need up to ([\d.]+) MiB in results",
-                        result.stderr, re.M)
+    warning = re.search(
+        r"^esmshard: WARNING: the embeddings of this run need up to ([\d.]+) MiB in results", result.stderr, re.M
+    )
     assert warning and float(warning[1]) > 14, result.stderr
     assert "only" in (tmp_path / "logs/plan.log").read_text() and not (tmp_path / "logs/embed").exists()
     assert "WARNING" not in run_snakemake(tmp_path, config, "plan", "--forcerun", "plan").stderr  # on the real disk

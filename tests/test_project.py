@@ -17,9 +17,19 @@ BIN = Path(sys.executable).parent
 def test_snakemake_lint_is_clean(tmp_path):
     shutil.copytree(REPO / "demo", tmp_path / "demo")  # the default config's input, read while parsing
     result = subprocess.run(
-        [BIN / "snakemake", "--snakefile", SNAKEFILE, "--directory", tmp_path, "--configfile",
-         REPO / "config/config.yaml", "--lint"],
-        capture_output=True, text=True, cwd=REPO,
+        [
+            BIN / "snakemake",
+            "--snakefile",
+            SNAKEFILE,
+            "--directory",
+            tmp_path,
+            "--configfile",
+            REPO / "config/config.yaml",
+            "--lint",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr
@@ -52,8 +62,11 @@ def test_pip_conda_and_the_rules_environment_pin_the_same_versions():
     assert {name: pip.get(name) for name in packages} == {name: runtime[name] for name in packages}
     assert runtime["python"] == development["python"]
     assert not {"snakemake", "pytest", "snakefmt", "snakedeploy", "selenium"} & packages  # runtime only
-    rule_envs = set(re.findall(r"conda:\s*\n\s*(\S+)", "".join(
-        path.read_text() for path in (REPO / "workflow/rules").glob("*.smk"))))
+    rule_envs = set(
+        re.findall(
+            r"conda:\s*\n\s*(\S+)", "".join(path.read_text() for path in (REPO / "workflow/rules").glob("*.smk"))
+        )
+    )
     assert rule_envs == {'"../envs/esmshard.yaml"'}
 
 

@@ -14,10 +14,17 @@ from esmshard.stopping import TimedOut, handle_stop_signals, signals_deferred
 from esmshard.store import SegmentWriter, Store, settings_identity
 
 
-@pytest.mark.parametrize("setting, device, mode", [
-    ("auto", "cuda", False), ("auto", "cpu", False), ("tuned", "cuda", "tuned"), (True, "cuda", True),
-    (False, "cuda", False), ("tuned", "cpu", False),
-])
+@pytest.mark.parametrize(
+    "setting, device, mode",
+    [
+        ("auto", "cuda", False),
+        ("auto", "cpu", False),
+        ("tuned", "cuda", "tuned"),
+        (True, "cuda", True),
+        (False, "cuda", False),
+        ("tuned", "cpu", False),
+    ],
+)
 def test_compile_only_on_a_gpu_and_when_asked(setting, device, mode):
     assert compile_mode(RankSettings.from_config({"compile": setting}), device) == mode
 
@@ -29,8 +36,9 @@ def test_a_stop_while_a_segment_is_written_keeps_the_next_batches_for_the_rank_t
     lengths = np.array([5, 7, 9, 11])
     digests = np.array([bytes([i]) * 16 for i in range(4)], dtype="V16")
     identity = settings_identity("digest", spec, "float32", "float32", "packed")
-    work = RankWork(None, 0, 1, np.arange(4), np.array(list("abcd"), object), lengths, digests, spec, 4, {},
-                    identity, "float32")
+    work = RankWork(
+        None, 0, 1, np.arange(4), np.array(list("abcd"), object), lengths, digests, spec, 4, {}, identity, "float32"
+    )
     store = Store(tmp_path, identity, spec, 4, "float32")
     writer = SegmentWriter(store)
 

@@ -102,12 +102,16 @@ def test_export_npy_and_fair_esm_pt(embeddings_file, tmp_path):
     _, means = load_embeddings(path, layer=6)
     assert np.array_equal(np.load(tmp_path / "npy/mean_layer_6.npy"), means)
     assert (tmp_path / "npy/ids.txt").read_text().split() == IDS
-    assert np.load(tmp_path / "npy/residue_offsets.npy")[-1] == np.load(tmp_path / "npy/per_residue_layer_3.npy").shape[0]
+    assert (
+        np.load(tmp_path / "npy/residue_offsets.npy")[-1] == np.load(tmp_path / "npy/per_residue_layer_3.npy").shape[0]
+    )
     run(str(tmp_path / "pt"), "--format", "pt")
     saved = torch.load(tmp_path / "pt" / "sp|P00004|X.pt")
     assert saved["label"] == "sp|P00004|X"
     assert torch.equal(saved["mean_representations"][6], torch.from_numpy(means[4]))
-    assert torch.equal(saved["bos_representations"][3], torch.from_numpy(load_embeddings(path, pooling="bos", layer=3)[1][4]))
+    assert torch.equal(
+        saved["bos_representations"][3], torch.from_numpy(load_embeddings(path, pooling="bos", layer=3)[1][4])
+    )
     assert saved["representations"][6].shape == (lengths[4], 8)
 
 
@@ -176,12 +180,18 @@ def bad_paths(embeddings_file, tmp_path):
     return {
         "missing file": (tmp_path / "nothing.h5", out, FileNotFoundError, "nothing.h5: no such file"),
         "other HDF5": (
-            tmp_path / "other.h5", out, EsmShardError,
+            tmp_path / "other.h5",
+            out,
+            EsmShardError,
             "other.h5 is not esmshard embeddings: it has no attribute 'layers', attribute 'pooling'",
         ),
         "FASTA": (fasta, out, EsmShardError, "proteins.fasta is not an HDF5 file, so not esmshard"),
-        "output is a file": (embeddings_file[0], tmp_path / "taken", NotADirectoryError,
-                             "taken exists and is not a directory"),
+        "output is a file": (
+            embeddings_file[0],
+            tmp_path / "taken",
+            NotADirectoryError,
+            "taken exists and is not a directory",
+        ),
     }
 
 

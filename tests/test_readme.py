@@ -32,25 +32,49 @@ def test_readme_command_is_accepted(command, tmp_path, tiny_checkpoint):
     if "--profile" in argv:  # the profile's directory, as in a checkout
         at = argv.index("--profile") + 1
         argv[at] = str(REPO / argv[at])
-    result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""})
+    result = subprocess.run(
+        argv,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert re.search(r"^embed\s+\d+$", result.stdout + result.stderr, re.M)
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("timeout", "1.2.3", r"timeout: '1.2.3' is not a duration"),
-    ("layers", "[-1,99]", r"layer 99 is outside this model's layers 0..2"),
-    ("pooling", "[max]", r"'max' is not one of \['mean', 'bos', 'per_residue'\]"),
-    ("world_size", "0", r"0 is less than the minimum of 1"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("timeout", "1.2.3", r"timeout: '1.2.3' is not a duration"),
+        ("layers", "[-1,99]", r"layer 99 is outside this model's layers 0..2"),
+        ("pooling", "[max]", r"'max' is not one of \['mean', 'bos', 'per_residue'\]"),
+        ("world_size", "0", r"0 is less than the minimum of 1"),
+    ],
+)
 def test_bad_command_line_values_are_named(option, value, message, tmp_path, tiny_checkpoint):
     write_fasta(tmp_path / "p.fasta", random_sequences(3))
     (tmp_path / "config").mkdir()
     (tmp_path / "config/config.yaml").write_text(f"fasta: [p.fasta]\nmodel: {tiny_checkpoint}\n")
-    argv = [str(BIN / "snakemake"), "plan", "--snakefile", str(SNAKEFILE), "--cores", "1", "--directory", str(tmp_path),
-            "--config", f"{option}={value}"]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=300,
-                            env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""})
+    argv = [
+        str(BIN / "snakemake"),
+        "plan",
+        "--snakefile",
+        str(SNAKEFILE),
+        "--cores",
+        "1",
+        "--directory",
+        str(tmp_path),
+        "--config",
+        f"{option}={value}",
+    ]
+    result = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert result.returncode != 0 and re.search(message, result.stdout + result.stderr), result.stderr[-3000:]
     assert not (tmp_path / "results/status").exists()

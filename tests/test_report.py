@@ -22,8 +22,17 @@ PROGRESS_SECONDS = 1  # the rank logs' interval in the workflow run below
 
 
 def ok_status(rank, seconds=2.0, rate=1000.0, sequences=10, gpu=None):
-    return {"rank": rank, "ok": True, "attempt": 1, "host": "node1", "gpu": gpu, "sequences": sequences,
-            "residues": int(rate * seconds), "seconds": seconds, "residues_per_second": rate}
+    return {
+        "rank": rank,
+        "ok": True,
+        "attempt": 1,
+        "host": "node1",
+        "gpu": gpu,
+        "sequences": sequences,
+        "residues": int(rate * seconds),
+        "seconds": seconds,
+        "residues_per_second": rate,
+    }
 
 
 def failed_status(rank):
@@ -31,9 +40,14 @@ def failed_status(rank):
 
 
 def manifest_for(failed: dict[int, tuple[str, list[str]]], sequences=30, embedded=20) -> dict:
-    return {"complete": not failed, "world_size": 3, "sequences": sequences, "embedded": embedded,
-            "missing": sequences - embedded, "ranks_failed": [
-                {"rank": r, "error": error, "missing_ids": ids} for r, (error, ids) in failed.items()]}
+    return {
+        "complete": not failed,
+        "world_size": 3,
+        "sequences": sequences,
+        "embedded": embedded,
+        "missing": sequences - embedded,
+        "ranks_failed": [{"rank": r, "error": error, "missing_ids": ids} for r, (error, ids) in failed.items()],
+    }
 
 
 def figure_texts(figure) -> list[str]:
@@ -45,14 +59,19 @@ def test_a_failed_rank_is_drawn_as_failed_with_its_error():
     statuses = [ok_status(0, gpu="0"), failed_status(1), ok_status(2, gpu="1")]
     outcomes = rank_outcomes(statuses, manifest_for({1: ("RuntimeError: CUDA out of memory", missing)}))
     assert [(o.rank, o.ok, o.device, o.embedded, o.missing) for o in outcomes] == [
-        (0, True, "GPU 0", 10, 0), (1, False, "", 0, 10), (2, True, "GPU 1", 10, 0)]
+        (0, True, "GPU 0", 10, 0),
+        (1, False, "", 0, 10),
+        (2, True, "GPU 1", 10, 0),
+    ]
     assert outcomes[1].seconds is None and outcomes[1].residues_per_second is None
 
     texts = figure_texts(rank_throughput(outcomes))
     assert texts.count("failed") == 2  # in both panels, at rank 1
     assert "rank 1 failed: RuntimeError: CUDA out of memory" in texts
-    assert "20 of 30 sequences embedded; 10 missing" in sequences_embedded(outcomes, manifest_for(
-        {1: ("x", missing)})).axes[0].get_title()
+    assert (
+        "20 of 30 sequences embedded; 10 missing"
+        in sequences_embedded(outcomes, manifest_for({1: ("x", missing)})).axes[0].get_title()
+    )
 
 
 def test_a_shard_the_aggregation_rejected_counts_as_failed_although_its_status_says_ok():
@@ -76,8 +95,14 @@ def report_run(tmp_path_factory, tiny_checkpoint):
     one thread, as two threads on two busy cores ran 10x slower); then `snakemake --report`."""
     workdir = tmp_path_factory.mktemp("report")
     fasta = write_fasta(workdir / "proteins.fasta", random_sequences(4000, seed=5, median=120))
-    config = {"fasta": [str(fasta)], "model": str(tiny_checkpoint), "world_size": 2,
-              "progress_seconds": PROGRESS_SECONDS, "tokens_per_batch": 2048, "threads_per_rank": 1}
+    config = {
+        "fasta": [str(fasta)],
+        "model": str(tiny_checkpoint),
+        "world_size": 2,
+        "progress_seconds": PROGRESS_SECONDS,
+        "tokens_per_batch": 2048,
+        "threads_per_rank": 1,
+    }
     result = run_snakemake(workdir, config, env={"ESMSHARD_FAIL_RANKS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = run_snakemake(workdir, config, "--report", str(workdir / "report.html"))
@@ -93,8 +118,11 @@ def test_a_normal_run_makes_the_report_files(report_run):
 
 
 def test_rank_log_shows_progress_with_eta_at_a_steady_interval(report_run):
-    progress = re.compile(r"^(\S+ \S+) INFO rank 0: (\d+)/(\d+) sequences \(([\d.]+)%\), .* (\d+) residues/s, "
-                          r"elapsed \S+, ETA (\d+:\d\d:\d\d)$", re.M)
+    progress = re.compile(
+        r"^(\S+ \S+) INFO rank 0: (\d+)/(\d+) sequences \(([\d.]+)%\), .* (\d+) residues/s, "
+        r"elapsed \S+, ETA (\d+:\d\d:\d\d)$",
+        re.M,
+    )
     lines = progress.findall((report_run / "logs/embed/rank_0.log").read_text())
     assert len(lines) >= 3, lines  # at least two lines on the interval, then the final one
     *on_interval, final = lines
@@ -159,8 +187,9 @@ def click_when_still(browser, locator):
     from selenium.common.exceptions import ElementClickInterceptedException, StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(browser, 10, ignored_exceptions=(ElementClickInterceptedException, StaleElementReferenceException)
-                  ).until(lambda b: b.find_element(*locator).click() or True)
+    WebDriverWait(
+        browser, 10, ignored_exceptions=(ElementClickInterceptedException, StaleElementReferenceException)
+    ).until(lambda b: b.find_element(*locator).click() or True)
 
 
 def test_report_page_shows_the_plots_and_the_config_in_a_real_browser(browser, report_run, tiny_checkpoint):
@@ -171,7 +200,11 @@ def test_report_page_shows_the_plots_and_the_config_in_a_real_browser(browser, r
     browser.get(report.as_uri())
     WebDriverWait(browser, 30).until(lambda b: "esmshard embedded the protein sequences" in b.page_source)
     assert browser.execute_script("return Object.keys(categories).sort()") == [
-        "Configuration", "Input", "Output", "Ranks"]
+        "Configuration",
+        "Input",
+        "Output",
+        "Ranks",
+    ]
 
     for category, path in PLOTS.items():
         open_category(browser, report, category)
@@ -190,11 +223,14 @@ def test_report_page_shows_the_plots_and_the_config_in_a_real_browser(browser, r
 
     open_category(browser, report, "Configuration")
     frame = WebDriverWait(browser, 10).until(
-        lambda b: b.find_elements(By.CSS_SELECTOR, "iframe[src^='data:text/html']"))[0]
+        lambda b: b.find_elements(By.CSS_SELECTOR, "iframe[src^='data:text/html']")
+    )[0]
     browser.switch_to.frame(frame)
     try:
-        rows = {row.find_element(By.TAG_NAME, "th").text: row.find_element(By.TAG_NAME, "td").text
-                for row in WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#config tr"))}
+        rows = {
+            row.find_element(By.TAG_NAME, "th").text: row.find_element(By.TAG_NAME, "td").text
+            for row in WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#config tr"))
+        }
     finally:
         browser.switch_to.default_content()
     assert rows["model"] == str(tiny_checkpoint) and rows["world_size"] == "2" and rows["precision"] == "auto"

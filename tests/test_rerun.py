@@ -142,11 +142,19 @@ def test_an_unchanged_input_rerun_loads_no_model_and_changes_no_number(template,
     assert "loaded in" not in rank_logs(workdir)
 
 
-@pytest.mark.parametrize("option, value", [
-    ("progress_seconds", 7), ("chunk_seconds", 11), ("chunk_sequences", 13), ("tokens_per_batch", 999),
-    ("compile", False), ("timeout", "11h30m"), ("threads_per_rank", 1),
-    ("gpu_lock_dir", "/tmp/esmshard-other-locks"),
-])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("progress_seconds", 7),
+        ("chunk_seconds", 11),
+        ("chunk_sequences", 13),
+        ("tokens_per_batch", 999),
+        ("compile", False),
+        ("timeout", "11h30m"),
+        ("threads_per_rank", 1),
+        ("gpu_lock_dir", "/tmp/esmshard-other-locks"),
+    ],
+)
 def test_settings_that_change_no_number_rerun_nothing(template, tmp_path, option, value):
     workdir, config = copy_of(template, tmp_path)
     result = run_snakemake(workdir, {**config, option: value})
@@ -245,13 +253,15 @@ def small_disk(tmp_path):
 
 def test_a_full_disk_is_a_failed_rank_that_names_it_and_the_others_go_on(tmp_path, small_disk, tiny_checkpoint):
     write_fasta(tmp_path / "p.fasta", random_sequences(400, seed=8, median=120, cap=300))
-    config = config_for(tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"],
-                        chunk_sequences=50)
+    config = config_for(
+        tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"], chunk_sequences=50
+    )
     result = run_snakemake(tmp_path, config, cores=1)  # one rank after the other: the first fits
     assert result.returncode == 0, result.stderr
     (failed,) = manifest(tmp_path)["ranks_failed"]
-    assert re.search(r"no space left on results/store/\w+: a store segment needs [\d.]+ MiB, [\d.]+ MiB are free",
-                     failed["error"])
+    assert re.search(
+        r"no space left on results/store/\w+: a store segment needs [\d.]+ MiB, [\d.]+ MiB are free", failed["error"]
+    )
     assert "no space left on results/store/" in (tmp_path / f"logs/embed/rank_{failed['rank']}.log").read_text()
     ids, _, _ = read_embeddings(tmp_path / "results/embeddings.h5", "mean/layer_2")
     assert len(ids) == 400 - len(failed["missing_ids"]) > 0

@@ -26,8 +26,7 @@ from conftest import (
     run_snakemake,
     write_fasta,
 )
-from crashes import clean2, fasta  # noqa: F401 (fixtures)
-from crashes import config_for, embed_processes, half_written, segment_files, start_snakemake, wait_for
+from crashes import clean2, config_for, embed_processes, fasta, half_written, segment_files, start_snakemake, wait_for  # noqa: F401 (fixtures)
 from esmshard import EsmShardError
 from esmshard import aggregate as aggregate_module
 from esmshard import store as store_module
@@ -119,8 +118,9 @@ def test_a_damaged_or_missing_shard_never_shrinks_the_result(tmp_path, fasta, ti
     tear()
     result = run_snakemake(tmp_path, {**config, "require_complete": True}, "--forcerun", "aggregate")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"rank 1: shard .*shard_1.h5 is unreadable \(.*\); assembling it again from the store",
-                     result.stderr)
+    assert re.search(
+        r"rank 1: shard .*shard_1.h5 is unreadable \(.*\); assembling it again from the store", result.stderr
+    )
     assert json.loads((tmp_path / "results/manifest.json").read_text())["complete"]
     assert_same_embeddings(tmp_path, clean2)
     # deleted: once the aggregation runs again, snakemake reruns the rank that makes the missing
@@ -137,8 +137,9 @@ def test_a_damaged_or_missing_shard_never_shrinks_the_result(tmp_path, fasta, ti
         segment.unlink()
     result = run_snakemake(tmp_path, config, "--forcerun", "aggregate")
     assert result.returncode == 0, result.stderr
-    assert re.search(r"rank 1: shard .*shard_1.h5 is unreadable \(.*\), and the store does not hold all its",
-                     result.stderr)
+    assert re.search(
+        r"rank 1: shard .*shard_1.h5 is unreadable \(.*\), and the store does not hold all its", result.stderr
+    )
     manifest = json.loads((tmp_path / "results/manifest.json").read_text())
     assert [f["rank"] for f in manifest["ranks_failed"]] == [1]
     result = run_snakemake(tmp_path, config)
@@ -147,13 +148,15 @@ def test_a_damaged_or_missing_shard_never_shrinks_the_result(tmp_path, fasta, ti
     assert_same_embeddings(tmp_path, clean2)
 
 
-def test_a_shard_whose_store_rows_are_gone_or_damaged_counts_failed_and_is_computed_again(tmp_path, tiny_checkpoint,
-                                                                                          monkeypatch):
+def test_a_shard_whose_store_rows_are_gone_or_damaged_counts_failed_and_is_computed_again(
+    tmp_path, tiny_checkpoint, monkeypatch
+):
     """Per-residue rows stay in the store, where the shard refers to them: a segment deleted or
     damaged under a finished run is noticed by the next aggregation, never read as NaN or zeros."""
     write_fasta(tmp_path / "p.fasta", random_sequences(300, seed=5, median=120))
-    config = config_for(tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"],
-                        chunk_sequences=50)
+    config = config_for(
+        tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"], chunk_sequences=50
+    )
     completed_run(tmp_path, config)
     reference = tmp_path / "reference.h5"
     reference.write_bytes((tmp_path / "results/embeddings.h5").read_bytes())
@@ -161,9 +164,11 @@ def test_a_shard_whose_store_rows_are_gone_or_damaged_counts_failed_and_is_compu
     gone.unlink()
     result = run_snakemake(tmp_path, config, "--forcerun", "aggregate")
     assert result.returncode == 0, result.stderr
-    assert re.search(rf"rank 1: shard .*shard_1.h5 refers to 1 store segment\(s\) that no longer exist "
-                     rf"\(e.g. ../store/\w+/{gone.name}\), and the store does not hold all its sequences",
-                     result.stderr)
+    assert re.search(
+        rf"rank 1: shard .*shard_1.h5 refers to 1 store segment\(s\) that no longer exist "
+        rf"\(e.g. ../store/\w+/{gone.name}\), and the store does not hold all its sequences",
+        result.stderr,
+    )
     manifest = json.loads((tmp_path / "results/manifest.json").read_text())
     assert [failed["rank"] for failed in manifest["ranks_failed"]] == [1] and 0 < manifest["missing"] < 300
     result = run_snakemake(tmp_path, config)
@@ -178,8 +183,11 @@ def test_a_shard_whose_store_rows_are_gone_or_damaged_counts_failed_and_is_compu
     damaged.write_bytes(bytes(data))
     result = run_snakemake(tmp_path, config, "--forcerun", "aggregate")
     assert result.returncode == 0, result.stderr
-    assert re.search(rf"rank 1: shard .*shard_1.h5 could not be read \(.*\); damaged store segments deleted: "
-                     rf"{damaged.name}; it counts as failed", result.stderr)
+    assert re.search(
+        rf"rank 1: shard .*shard_1.h5 could not be read \(.*\); damaged store segments deleted: "
+        rf"{damaged.name}; it counts as failed",
+        result.stderr,
+    )
     assert not damaged.exists()
     manifest = json.loads((tmp_path / "results/manifest.json").read_text())
     assert [failed["rank"] for failed in manifest["ranks_failed"]] == [1] and 0 < manifest["missing"] < 300
@@ -198,8 +206,10 @@ def test_a_shard_whose_store_rows_are_gone_or_damaged_counts_failed_and_is_compu
     monkeypatch.setattr(aggregate_module, "_read_rows", read_rows_losing_a_segment)
     manifest = aggregate_in_process(tmp_path, config)
     assert [failed["rank"] for failed in manifest["ranks_failed"]] == [1]
-    assert f"store segment ../store/{lost.parent.name}/{lost.name} went while the merge read it" in \
-        manifest["ranks_failed"][0]["error"]
+    assert (
+        f"store segment ../store/{lost.parent.name}/{lost.name} went while the merge read it"
+        in manifest["ranks_failed"][0]["error"]
+    )
     ids, rows, _ = read_embeddings(tmp_path / "results/embeddings.h5", "per_residue/layer_2")
     assert len(ids) == 300 - manifest["missing"] and np.isfinite(rows).all()
 
@@ -209,20 +219,29 @@ def aggregate_in_process(workdir: Path, config: dict) -> dict:
     results = workdir / "results"
     world_size = config["world_size"]
     return aggregate_module.aggregate(
-        results / "index", results / "plan.h5", [results / f"shards/shard_{r}.h5" for r in range(world_size)],
-        [results / f"status/rank_{r}.json" for r in range(world_size)], results / "store",
-        RankSettings.from_config(config), results / "embeddings.h5", results / "manifest.json",
-        results / "missing_ids.txt")
+        results / "index",
+        results / "plan.h5",
+        [results / f"shards/shard_{r}.h5" for r in range(world_size)],
+        [results / f"status/rank_{r}.json" for r in range(world_size)],
+        results / "store",
+        RankSettings.from_config(config),
+        results / "embeddings.h5",
+        results / "manifest.json",
+        results / "missing_ids.txt",
+    )
 
 
 def assert_same_outputs(workdir: Path, reference: Path) -> None:
     for name in ("mean/layer_2", "per_residue/layer_2"):
-        assert read_embeddings(workdir / "results/embeddings.h5", name)[1].tobytes() == \
-            read_embeddings(reference, name)[1].tobytes()
+        assert (
+            read_embeddings(workdir / "results/embeddings.h5", name)[1].tobytes()
+            == read_embeddings(reference, name)[1].tobytes()
+        )
 
 
-def test_embeddings_h5_refers_to_the_store_and_a_lost_segment_is_computed_again(tmp_path, tiny_checkpoint,
-                                                                                  monkeypatch, caplog):
+def test_embeddings_h5_refers_to_the_store_and_a_lost_segment_is_computed_again(
+    tmp_path, tiny_checkpoint, monkeypatch, caplog
+):
     """per_residue_in_embeddings: refer. Two ranks' contiguous shares put embeddings.h5's
     per-residue rows in a few runs of the store (one per segment, one more per repeated
     sequence), read bit for bit as the copy; switching merges again without any rank; a deleted
@@ -231,8 +250,9 @@ def test_embeddings_h5_refers_to_the_store_and_a_lost_segment_is_computed_again(
     repeated = [list(records)[i] for i in (10, 120, 250)]
     records.update({f"again{i}": records[seq_id] for i, seq_id in enumerate(repeated)})  # at the end of the input
     write_fasta(tmp_path / "p.fasta", records)
-    copy = config_for(tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"],
-                      chunk_sequences=50)
+    copy = config_for(
+        tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"], chunk_sequences=50
+    )
     completed_run(tmp_path, copy)
     merged, names = tmp_path / "results/embeddings.h5", ("mean/layer_2", "per_residue/layer_2")
     copied = {name: read_embeddings(merged, name)[1].tobytes() for name in names}
@@ -270,8 +290,11 @@ def test_embeddings_h5_refers_to_the_store_and_a_lost_segment_is_computed_again(
     with h5py.File(lost) as h5:
         lost_sequences = len(h5["lengths"])
     lost.unlink()
-    with pytest.raises(EsmShardError, match=rf"^{merged} refers to 1 store segment\(s\) that no longer exist "
-                                            rf"\(store/\w+/{lost.name}\): run snakemake again"):
+    with pytest.raises(
+        EsmShardError,
+        match=rf"^{merged} refers to 1 store segment\(s\) that no longer exist "
+        rf"\(store/\w+/{lost.name}\): run snakemake again",
+    ):
         load_embeddings(merged, pooling="per_residue")
     result = run_snakemake(tmp_path, refer)
     assert result.returncode == 0, result.stderr
@@ -322,8 +345,9 @@ def test_timeout_stops_the_rank_keeps_its_work_and_counts_it_failed(tmp_path, fa
     # thread: with two on a busy 2-core machine (CI's other worker), OpenMP's barriers stalled the
     # first batch for 7.5 s, and no batch finished in time (measured with two busy processes)
     slower = write_random_checkpoint(tmp_path / "esm2_slower.pt", 6, 96, 4, seed=5)
-    config = config_for(fasta, slower, world_size=1, chunk_sequences=20, tokens_per_batch=2048, timeout="9s",
-                        threads_per_rank=1)
+    config = config_for(
+        fasta, slower, world_size=1, chunk_sequences=20, tokens_per_batch=2048, timeout="9s", threads_per_rank=1
+    )
     (tmp_path / "timed").mkdir()
     result = run_snakemake(tmp_path / "timed", config)
     assert result.returncode != 0
@@ -338,9 +362,19 @@ def test_timeout_stops_the_rank_keeps_its_work_and_counts_it_failed(tmp_path, fa
     assert_same_embeddings(tmp_path / "timed", tmp_path / "clean")
 
 
-@pytest.mark.parametrize("text, seconds", [(90, 90.0), ("90s", 90.0), ("45m", 2700.0), ("12h", 43200.0),
-                                           ("11h30m", 41400.0), ("1d", 86400.0), ("1:30:00", 5400.0),
-                                           (None, None)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        (90, 90.0),
+        ("90s", 90.0),
+        ("45m", 2700.0),
+        ("12h", 43200.0),
+        ("11h30m", 41400.0),
+        ("1d", 86400.0),
+        ("1:30:00", 5400.0),
+        (None, None),
+    ],
+)
 def test_durations(text, seconds):
     from esmshard.stopping import parse_duration
 

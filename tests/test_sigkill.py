@@ -11,8 +11,17 @@ from collections import Counter
 from pathlib import Path
 
 from conftest import assert_same_embeddings, run_snakemake
-from crashes import clean2, fasta  # noqa: F401 (fixtures)
-from crashes import config_for, embed_processes, half_written, phase_of, rank_of, start_snakemake, wait_for
+from crashes import (  # noqa: F401 (fixtures)
+    clean2,
+    config_for,
+    embed_processes,
+    fasta,
+    half_written,
+    phase_of,
+    rank_of,
+    start_snakemake,
+    wait_for,
+)
 
 
 def test_sigkill_at_random_moments_then_rerun_gives_identical_embeddings(tmp_path, fasta, tiny_checkpoint, clean2):
@@ -26,7 +35,7 @@ def test_sigkill_at_random_moments_then_rerun_gives_identical_embeddings(tmp_pat
         while True:
             process = start_snakemake(workdir, config)
             reruns += 1
-            pids = wait_for(lambda: embed_processes(workdir) or process.poll() is not None)
+            pids = wait_for(lambda w=workdir, p=process: embed_processes(w) or p.poll() is not None)
             if pids is True or pids is None or process.poll() is not None:
                 break  # nothing left to embed this round
             time.sleep(rng.uniform(1.0, 4.0))  # startup takes ~2 s of it
@@ -56,7 +65,13 @@ def test_sigkill_at_random_moments_then_rerun_gives_identical_embeddings(tmp_pat
         assert rerun.returncode == 0, rerun.stderr
         rows += assert_same_embeddings(workdir, clean2)
         assert not half_written(workdir)
-    summary = {"kills": kills, "snakemake runs": reruns, "rounds": rounds, "rows compared": rows,
-               "mismatches": 0, "kill phases": dict(phases)}
+    summary = {
+        "kills": kills,
+        "snakemake runs": reruns,
+        "rounds": rounds,
+        "rows compared": rows,
+        "mismatches": 0,
+        "kill phases": dict(phases),
+    }
     print("kill test:", json.dumps(summary))
     (Path(os.environ.get("ESMSHARD_KILL_REPORT", tmp_path / "kill_report.json"))).write_text(json.dumps(summary))

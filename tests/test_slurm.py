@@ -18,8 +18,9 @@ SLURM_SCRIPTS = REPO / "tests" / "slurm"
 def slurm_conf(tmp_path_factory):
     # outside pytest's private temporary directories: munged runs as the munge user
     state = Path(os.environ.get("ESMSHARD_SLURM_STATE", "/tmp/esmshard-slurm"))
-    started = subprocess.run(["bash", str(SLURM_SCRIPTS / "start.sh"), str(state)],
-                             capture_output=True, text=True, timeout=600)
+    started = subprocess.run(
+        ["bash", str(SLURM_SCRIPTS / "start.sh"), str(state)], capture_output=True, text=True, timeout=600
+    )
     if started.returncode != 0:
         message = f"SLURM could not be started here: {started.stderr[-2000:]}"
         if os.environ.get("CI"):
@@ -38,10 +39,24 @@ def fasta(tmp_path_factory):
 def through_slurm(workdir: Path, config: dict, slurm_conf: str, env: dict | None = None):
     """snakemake --profile profiles/slurm, with the placeholders filled in for the test cluster."""
     command, full_env = snakemake_command(
-        workdir, config, "--profile", str(REPO / "profiles/slurm"),
-        "--default-resources", "slurm_account=test", "slurm_partition=debug", "runtime=10", "mem_mb=1000",
-        "--set-resources", "embed:slurm_partition=debug", "embed:cpus_per_task=2", "embed:mem_mb=1000",
-        "--slurm-init-seconds-before-status-checks", "2", "--jobs", "8", env={"SLURM_CONF": slurm_conf, **(env or {})},
+        workdir,
+        config,
+        "--profile",
+        str(REPO / "profiles/slurm"),
+        "--default-resources",
+        "slurm_account=test",
+        "slurm_partition=debug",
+        "runtime=10",
+        "mem_mb=1000",
+        "--set-resources",
+        "embed:slurm_partition=debug",
+        "embed:cpus_per_task=2",
+        "embed:mem_mb=1000",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--jobs",
+        "8",
+        env={"SLURM_CONF": slurm_conf, **(env or {})},
     )
     full_env.pop("CUDA_VISIBLE_DEVICES", None)  # the jobs' GPUs are SLURM's to give
     return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=900)

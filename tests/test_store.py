@@ -20,8 +20,10 @@ def outputs_of(rows: np.ndarray) -> dict:
     """Values that say which sequence (and residue) they belong to."""
     embedded = SPEC.embedded_lengths(LENGTHS[rows])
     per_residue = np.concatenate([np.full((n, 4), 100 * r) + np.arange(n)[:, None] for r, n in zip(rows, embedded)])
-    return {"mean/layer_2": np.repeat(rows[:, None], 4, 1).astype(np.float16),
-            "per_residue/layer_2": per_residue.astype(np.float16)}
+    return {
+        "mean/layer_2": np.repeat(rows[:, None], 4, 1).astype(np.float16),
+        "per_residue/layer_2": per_residue.astype(np.float16),
+    }
 
 
 @pytest.fixture
@@ -70,8 +72,10 @@ def test_a_shard_whose_segment_is_gone_says_so(filled, tmp_path):
     assemble(filled, path, filled.residue_runs(DIGESTS))
     filled.segments[1].unlink()
     problem = shard_problem(path, IDS, {"rank": 0}, {"per_residue/layer_2": (36 + 1041 + 12, 4)})
-    assert problem == f"refers to 1 store segment(s) that no longer exist (e.g. ../store/{filled.directory.name}/" \
-                      f"{filled.segments[1].name})"
+    assert (
+        problem == f"refers to 1 store segment(s) that no longer exist (e.g. ../store/{filled.directory.name}/"
+        f"{filled.segments[1].name})"
+    )
 
 
 def test_a_failed_background_write_is_raised_to_the_rank(tmp_path):

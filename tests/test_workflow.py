@@ -55,7 +55,9 @@ def test_three_ranks_give_fair_esm_embeddings_in_input_order(clean_run, records,
     with h5py.File(clean_run / "results/embeddings.h5") as h5:
         assert h5["truncated"][:].tolist() == [len(s) > 1022 for s in records.values()]
         assert h5["lengths"][:].tolist() == [len(s) for s in records.values()]
-    assert attrs["model"] == str(tiny_checkpoint) and list(attrs["layers"]) == [2] and list(attrs["pooling"]) == ["mean"]
+    assert (
+        attrs["model"] == str(tiny_checkpoint) and list(attrs["layers"]) == [2] and list(attrs["pooling"]) == ["mean"]
+    )
     assert attrs["dtype"] == "float32" and attrs["world_size"] == 3 and "fair-esm" in json.loads(attrs["versions"])
     manifest = json.loads((clean_run / "results/manifest.json").read_text())
     assert manifest["complete"] and manifest["ranks_succeeded"] == [0, 1, 2] and manifest["missing"] == 0
@@ -160,12 +162,24 @@ def test_a_file_that_is_not_a_checkpoint_is_reported(tmp_path, fasta):
 
 
 BAD_INPUTS = {
-    "duplicate within a file": ({"a.fasta": ">x\nMKV\n>y\nMK\n>x\nMKV\n"}, r"duplicate sequence ID 'x': .*a.fasta record 1 .*a.fasta record 3"),
-    "duplicate across files": ({"a.fasta": ">x\nMKV\n", "b.fasta": ">x\nMKV\n"}, r"duplicate sequence ID 'x': .*a.fasta record 1 .*b.fasta record 1"),
-    "record without residues": ({"a.fasta": ">x\nMKV\n>y\n>z\nMK\n"}, r"a.fasta: record 2 \('y', line 3\): record has no residues"),
+    "duplicate within a file": (
+        {"a.fasta": ">x\nMKV\n>y\nMK\n>x\nMKV\n"},
+        r"duplicate sequence ID 'x': .*a.fasta record 1 .*a.fasta record 3",
+    ),
+    "duplicate across files": (
+        {"a.fasta": ">x\nMKV\n", "b.fasta": ">x\nMKV\n"},
+        r"duplicate sequence ID 'x': .*a.fasta record 1 .*b.fasta record 1",
+    ),
+    "record without residues": (
+        {"a.fasta": ">x\nMKV\n>y\n>z\nMK\n"},
+        r"a.fasta: record 2 \('y', line 3\): record has no residues",
+    ),
     "file without records": ({"a.fasta": ">x\nMKV\n", "b.fasta": ""}, r"b.fasta: no FASTA records"),
     "FASTQ": ({"a.fastq": "@r1\nACGT\n+\nIIII\n"}, r"a.fastq: line 1: this looks like FASTQ"),
-    "character outside the alphabet": ({"a.fasta": ">x\nMKV\n>y\nMK#V\n"}, r"a.fasta: record 2 \('y', line 3\): residue 3 is '#'"),
+    "character outside the alphabet": (
+        {"a.fasta": ">x\nMKV\n>y\nMK#V\n"},
+        r"a.fasta: record 2 \('y', line 3\): residue 3 is '#'",
+    ),
 }
 
 
@@ -186,7 +200,9 @@ def test_bad_input_stops_before_any_model_work(tmp_path, tiny_checkpoint, case):
 
 def test_replace_policy_maps_unknown_letters_to_x(tmp_path, tiny_checkpoint):
     (tmp_path / "a.fasta").write_text(">x\nMKJV*\n>y\nmk-v\n")
-    result = run_snakemake(tmp_path, config_for(tmp_path / "a.fasta", tiny_checkpoint, world_size=1, invalid_residues="replace"))
+    result = run_snakemake(
+        tmp_path, config_for(tmp_path / "a.fasta", tiny_checkpoint, world_size=1, invalid_residues="replace")
+    )
     assert result.returncode == 0, result.stderr
     assert "replaced 2 residues outside ESM-2's alphabet with X" in (tmp_path / "logs/index.log").read_text()
     ids, embeddings, _ = read_embeddings(tmp_path / "results/embeddings.h5")
@@ -234,8 +250,16 @@ def test_every_output_at_once_lands_in_input_order(tmp_path, fasta, records, tin
     """Three layers, mean + BOS + per-residue, float16 on disk, windows for the 3,000-residue
     protein, three ranks: the merged file holds each output in input order, equal to fair-esm
     for every protein the model takes whole, and to the engine's own windows for the long one."""
-    config = config_for(fasta, tiny_checkpoint, world_size=3, layers=[-1, 0, 1], dtype="float16",
-                        pooling=["per_residue", "mean", "bos"], long_sequences="window", chunk_sequences=7)
+    config = config_for(
+        fasta,
+        tiny_checkpoint,
+        world_size=3,
+        layers=[-1, 0, 1],
+        dtype="float16",
+        pooling=["per_residue", "mean", "bos"],
+        long_sequences="window",
+        chunk_sequences=7,
+    )
     completed_run(tmp_path, config)
     merged = tmp_path / "results/embeddings.h5"
     with h5py.File(merged) as h5:
@@ -252,10 +276,16 @@ def test_every_output_at_once_lands_in_input_order(tmp_path, fasta, records, tin
         assert ids == list(records)
         for i, seq_id in enumerate(ids[:-1]):  # every protein but the 3,000-residue one
             expected = fair_esm_outputs(network, alphabet, records[seq_id], layer)
-            for got, want in ((means[i], expected["mean"]), (bos[i], expected["bos"]), (per_residue[i], expected["per_residue"])):
+            for got, want in (
+                (means[i], expected["mean"]),
+                (bos[i], expected["bos"]),
+                (per_residue[i], expected["per_residue"]),
+            ):
                 assert np.allclose(got, want, rtol=2e-3, atol=2e-3), (seq_id, layer)
     spec = OutputSpec.resolve([-1, 0, 1], ["per_residue"], 2, "window")
-    long = PackedEngine(network, alphabet, "cpu", "float32", spec).embed([np.frombuffer(records["long3000"].encode(), np.uint8)])
+    long = PackedEngine(network, alphabet, "cpu", "float32", spec).embed(
+        [np.frombuffer(records["long3000"].encode(), np.uint8)]
+    )
     assert per_residue[-1].shape == (len(records["long3000"]), 32)
     assert np.allclose(per_residue[-1], long["per_residue/layer_2"], rtol=2e-3, atol=2e-3)
     # The shards refer to their per-residue rows in the store (written once); embeddings.h5 holds

@@ -68,7 +68,9 @@ def assert_rows_close(got, want, precision: str, what: str = "") -> None:
     cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * norm)
     rel_l2 = np.linalg.norm(got - want, axis=1) / norm
     worst = int(np.argmax(np.nan_to_num(rel_l2, nan=np.inf)))
-    found = (f"{what}: {len(got)} rows, cosine min {cosine.min():.7f} (>= {COSINE_MIN}), relative L2 max "
-             f"{rel_l2.max():.2e} (<= {REL_L2_MAX[precision]:.0e}, {precision}) at row {worst}")
+    found = (
+        f"{what}: {len(got)} rows, cosine min {cosine.min():.7f} (>= {COSINE_MIN}), relative L2 max "
+        f"{rel_l2.max():.2e} (<= {REL_L2_MAX[precision]:.0e}, {precision}) at row {worst}"
+    )
     print(found)  # the margins, with pytest -rP
     assert cosine.min() >= COSINE_MIN and rel_l2.max() <= REL_L2_MAX[precision], found

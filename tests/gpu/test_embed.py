@@ -17,8 +17,14 @@ def test_embed_equals_fair_esm_in_the_default_precision(device, tmp_path):
     checkpoint = write_random_checkpoint(tmp_path / "esm2_t6_random.pt", 6, 320, 20, seed=4)
     network, alphabet = load_model(str(checkpoint))
     residues = random_residues([1, 2, 1022, 3000] + lognormal_lengths(36, seed=5), seed=6)
-    result = embed([r.tobytes().decode() for r in residues], model=checkpoint, layers=[3, -1], pooling=POOLINGS,
-                   long_sequences="window", device=device)
+    result = embed(
+        [r.tobytes().decode() for r in residues],
+        model=checkpoint,
+        layers=[3, -1],
+        pooling=POOLINGS,
+        long_sequences="window",
+        device=device,
+    )
     spec = OutputSpec.resolve([3, -1], POOLINGS, network.num_layers, long_sequences="window")
     reference = fair_esm_outputs(copy.deepcopy(network).to(device).float(), alphabet, spec, residues, device)
     precision = compute_precision(RankSettings.from_config({}), device)

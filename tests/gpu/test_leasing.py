@@ -37,8 +37,14 @@ def two_gpus(cuda):
 def start_rank(lock_dir, **env):
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env}
     full_env.pop("SLURM_JOB_ID", None)  # inside SLURM, pin_gpu keeps the allocation instead
-    return subprocess.Popen([sys.executable, "-c", RANK, str(lock_dir)], env=full_env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", RANK, str(lock_dir)],
+        env=full_env,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def report(rank) -> dict:
@@ -74,8 +80,12 @@ def test_a_cuda_visible_devices_subset_is_honoured(two_gpus, tmp_path):
         leased = report(rank)
     finally:
         finish(rank)
-    assert leased == {"gpu": second_gpu, "visible": second_gpu, "count": 1,
-                      "uuid": str(torch.cuda.get_device_properties(1).uuid)}
+    assert leased == {
+        "gpu": second_gpu,
+        "visible": second_gpu,
+        "count": 1,
+        "uuid": str(torch.cuda.get_device_properties(1).uuid),
+    }
 
 
 def test_two_ranks_of_a_run_compute_on_two_gpus_at_once(two_gpus, tmp_path, tiny_checkpoint):
@@ -86,8 +96,9 @@ def test_two_ranks_of_a_run_compute_on_two_gpus_at_once(two_gpus, tmp_path, tiny
     workdir = tmp_path / "run"
     workdir.mkdir()
     config = config_for(fasta, tiny_checkpoint, world_size=2, gpu_lock_dir=str(tmp_path / "locks"))
-    command, env = snakemake_command(workdir, config, "--resources", "gpu=2", cores=4,
-                                     env={"CUDA_VISIBLE_DEVICES": ",".join(visible_gpus())})
+    command, env = snakemake_command(
+        workdir, config, "--resources", "gpu=2", cores=4, env={"CUDA_VISIBLE_DEVICES": ",".join(visible_gpus())}
+    )
     command[:1] = [sys.executable, "-m", "snakemake"]  # wherever snakemake is installed
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

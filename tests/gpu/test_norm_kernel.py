@@ -20,7 +20,7 @@ def test_layer_norm_is_float64s_rounded_once(device, monkeypatch, add, dtype, to
     monkeypatch.setattr(packed, "NORM_KERNEL", implementation == "triton")
     generator = torch.Generator().manual_seed(tokens * 10 + width)
     # a residual stream's scale: large values, an offset per token (what makes a naive variance lose digits)
-    x = (30 * torch.randn(tokens, width, generator=generator) + torch.randn(tokens, 1, generator=generator) * 100)
+    x = 30 * torch.randn(tokens, width, generator=generator) + torch.randn(tokens, 1, generator=generator) * 100
     residual = torch.randn(tokens, width, generator=generator).to(dtype) if add else None
     weight = 1 + 0.1 * torch.randn(width, generator=generator)
     bias = 0.1 * torch.randn(width, generator=generator)

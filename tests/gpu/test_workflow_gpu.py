@@ -13,8 +13,17 @@ from conftest import REPO, random_sequences, write_fasta
 def test_gpu_workflow_check_passes(cuda, tmp_path):
     pytest.importorskip("snakemake")
     fasta = write_fasta(tmp_path / "proteins.fasta", random_sequences(300, seed=11, median=200, cap=1500))
-    command = [sys.executable, str(REPO / "bench/gpu_workflow_check.py"), "--like", "esm2_t6_8M_UR50D",
-               "--all-outputs", "--fasta", str(fasta), "--workdir", str(tmp_path / "run")]
+    command = [
+        sys.executable,
+        str(REPO / "bench/gpu_workflow_check.py"),
+        "--like",
+        "esm2_t6_8M_UR50D",
+        "--all-outputs",
+        "--fasta",
+        str(fasta),
+        "--workdir",
+        str(tmp_path / "run"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     print(result.stdout)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]

@@ -30,5 +30,11 @@ try:
 except EsmShardError as error:
     log.error("%s", error)
     sys.exit(1)
-log.info("%d of %d sequences embedded into %s (%d distinct sequences computed by this run, %d taken from the store)",
-         manifest["embedded"], manifest["sequences"], manifest["output"], manifest["computed"], manifest["reused"])
+log.info(
+    "%d of %d sequences embedded into %s (%d distinct sequences computed by this run, %d taken from the store)",
+    manifest["embedded"],
+    manifest["sequences"],
+    manifest["output"],
+    manifest["computed"],
+    manifest["reused"],
+)

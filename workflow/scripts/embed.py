@@ -26,24 +26,41 @@ rank = int(snakemake.wildcards.rank)
 attempt, attempts = int(snakemake.resources.attempt), int(snakemake.resources.attempts)
 retry_input = snakemake.input.get("retry")  # results/status/rank_<r>.retry_<failure>, after a failure
 retried = Path(retry_input).name.rsplit(".retry_", 1)[1] if retry_input else None
-where = {"host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # as the scheduler gave them
-log.info("rank %d, attempt %d of %d, host %s%s", rank, attempt, attempts, where["host"],
-         f", SLURM job {where['slurm_job_id']}" if where["slurm_job_id"] else "")
+where = {
+    "host": socket.gethostname(),
+    "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+}  # as the scheduler gave them
+log.info(
+    "rank %d, attempt %d of %d, host %s%s",
+    rank,
+    attempt,
+    attempts,
+    where["host"],
+    f", SLURM job {where['slurm_job_id']}" if where["slurm_job_id"] else "",
+)
 
 
 def record_failure_for_good(error):
     """The job ends successfully, with a failure shard and a failed status (which the next run retries)."""
-    write_failure_shard(snakemake.output.shard, rank, record_failure(snakemake.output.status, rank, error, attempt,
-                                                                     **where))
+    write_failure_shard(
+        snakemake.output.shard, rank, record_failure(snakemake.output.status, rank, error, attempt, **where)
+    )
     sys.exit(0)
 
 
 try:
     handle_stop_signals(parse_duration(config["timeout"]))
     settings = RankSettings.from_config(config, threads=snakemake.threads)
-    stats = run_rank(os.path.dirname(snakemake.input.index), snakemake.input.plan, config["model"], rank,
-                     snakemake.output.shard, snakemake.params.store, settings)
+    stats = run_rank(
+        os.path.dirname(snakemake.input.index),
+        snakemake.input.plan,
+        config["model"],
+        rank,
+        snakemake.output.shard,
+        snakemake.params.store,
+        settings,
+    )
     disarm_timeout()
 except (Stopped, TimedOut) as stop:
     disarm_timeout()

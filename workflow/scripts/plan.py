@@ -18,8 +18,13 @@ settings = snakemake.params.settings
 try:
     checkpoint = resolve_model(snakemake.config["model"])  # its files are this job's input
     model = checkpoint_identity(checkpoint)
-    spec = OutputSpec.resolve(settings["layers"], settings["pooling"], model["num_layers"], settings["long_sequences"],
-                              settings["window_overlap"])
+    spec = OutputSpec.resolve(
+        settings["layers"],
+        settings["pooling"],
+        model["num_layers"],
+        settings["long_sequences"],
+        settings["window_overlap"],
+    )
 except (EsmShardError, ValueError) as error:
     log.error("%s", error if isinstance(error, EsmShardError) else f"config: {error}")
     sys.exit(1)
@@ -29,13 +34,27 @@ lengths = index.lengths[position]
 costs = sequence_costs(lengths, model["embed_dim"], spec.window_counts(lengths))
 ranks, rank_costs = balance(costs, snakemake.params.world_size)
 write_plan(snakemake.output.plan, Plan(ranks, position, source, len(rank_costs), index.fingerprint, model), rank_costs)
-log.info("%d sequences, %d distinct; model %s (%d layers, width %d, content %s)", len(index), len(position),
-         checkpoint.location, model["num_layers"], model["embed_dim"], model["digest"])
+log.info(
+    "%d sequences, %d distinct; model %s (%d layers, width %d, content %s)",
+    len(index),
+    len(position),
+    checkpoint.location,
+    model["num_layers"],
+    model["embed_dim"],
+    model["digest"],
+)
 for rank, cost in enumerate(rank_costs):
     log.info("rank %d: %d sequences, predicted cost %.4g", rank, int((ranks == rank).sum()), cost)
 log.info("rank cost max/mean: %.4f over %d ranks", imbalance(rank_costs), len(rank_costs))
 # (per_residue_in_embeddings is read here, not a param: changing it must not make a new plan)
-warning = space_warning(Path(snakemake.output.plan).parent, spec, index.lengths, position, model["embed_dim"],
-                        settings["dtype"], snakemake.config["per_residue_in_embeddings"])
+warning = space_warning(
+    Path(snakemake.output.plan).parent,
+    spec,
+    index.lengths,
+    position,
+    model["embed_dim"],
+    settings["dtype"],
+    snakemake.config["per_residue_in_embeddings"],
+)
 if warning:  # before any GPU work: the ranks check each write again and fail cleanly
     log.warning("%s", warning)

@@ -30,6 +30,7 @@ import os
 import shutil
 from pathlib import Path
 
+
 class EsmShardError(Exception):
     """An error the user can fix; the message says what and where, in one line."""
 

@@ -1,9 +1,9 @@
 """Command-line tools.
 
-    python -m esmshard random-checkpoint PATH [--like esm2_t33_650M_UR50D]
-    python -m esmshard export results/embeddings.h5 OUT_DIR [--format npy|pt]
-    python -m esmshard download esm2_t33_650M_UR50D|facebook/esm2_t33_650M_UR50D [DIR]
-    python -m esmshard options   (the table of config options in config/README.md, from the schema)
+python -m esmshard random-checkpoint PATH [--like esm2_t33_650M_UR50D]
+python -m esmshard export results/embeddings.h5 OUT_DIR [--format npy|pt]
+python -m esmshard download esm2_t33_650M_UR50D|facebook/esm2_t33_650M_UR50D [DIR]
+python -m esmshard options   (the table of config options in config/README.md, from the schema)
 """
 
 import argparse
@@ -31,12 +31,17 @@ def main(argv=None) -> None:
     export.add_argument("out_dir")
     export.add_argument("--format", choices=["npy", "pt"], default="npy")
     download = commands.add_parser(
-        "download", help="download a released ESM-2 model or a Hugging Face hub id (for clusters whose nodes are "
-        "offline), checked before it lands"
+        "download",
+        help="download a released ESM-2 model or a Hugging Face hub id (for clusters whose nodes are "
+        "offline), checked before it lands",
     )
     download.add_argument("model", help=f"a released name ({', '.join(ESM2_MODELS)}) or a hub id (org/name)")
-    download.add_argument("dir", nargs="?", help="where to put it (default: torch.hub's cache for a released model, "
-                          "the Hugging Face cache for a hub id: where the workflow looks)")
+    download.add_argument(
+        "dir",
+        nargs="?",
+        help="where to put it (default: torch.hub's cache for a released model, "
+        "the Hugging Face cache for a hub id: where the workflow looks)",
+    )
     commands.add_parser("options", help="print every config option, its default and meaning (from the schema)")
     args = parser.parse_args(argv)
 

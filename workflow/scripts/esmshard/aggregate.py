@@ -50,17 +50,29 @@ _BLOCK_ROWS = 16384  # sequences copied at a time ...
 _BLOCK_BYTES = 256 << 20  # ... and at most this many bytes of their outputs
 
 
-def aggregate(index_dir, plan_path, shard_paths, status_paths, store_root, settings: RankSettings, out_path,
-              manifest_path, missing_path, require_complete=False, compression="none",
-              per_residue_in_embeddings="copy") -> dict:
+def aggregate(
+    index_dir,
+    plan_path,
+    shard_paths,
+    status_paths,
+    store_root,
+    settings: RankSettings,
+    out_path,
+    manifest_path,
+    missing_path,
+    require_complete=False,
+    compression="none",
+    per_residue_in_embeddings="copy",
+) -> dict:
     """Merge the shards of the ranks that succeeded (a failure shard or a failed status is a
     failed rank), into ``out_path`` with that HDF5 ``compression`` (none, gzip or lzf), its
     per-residue rows copied or referred to in the store (``per_residue_in_embeddings``: copy
     or refer); returns the manifest."""
     index, plan = SequenceIndex(index_dir), read_plan(plan_path)
     if not len(shard_paths) == len(status_paths) == plan.world_size:
-        raise EsmShardError(f"{len(shard_paths)} shards and {len(status_paths)} rank status files for a plan of "
-                            f"{plan.world_size} ranks")
+        raise EsmShardError(
+            f"{len(shard_paths)} shards and {len(status_paths)} rank status files for a plan of {plan.world_size} ranks"
+        )
     statuses = [read_status(path) for path in status_paths]
     works, failed = _usable_ranks(index, plan, shard_paths, status_paths, statuses, store_root, settings)
     _check_same_precision(works, statuses)
@@ -70,14 +82,27 @@ def aggregate(index_dir, plan_path, shard_paths, status_paths, store_root, setti
         first = next(iter(works.values()))  # the settings every good shard shares
         runs, segments = None, {}
         if per_residue_in_embeddings == "refer" and first.spec.per_residue:
-            runs, segments = store_references(store_root, first, settings.dtype, index.digests()[keep],
-                                              plan.rank[plan.source[keep]], compression) or (None, {})
-        ensure_space(Path(out_path).parent, outputs_nbytes(first.spec, index.lengths[keep], first.dim,
-                                                           settings.dtype, runs is None), "the merged embeddings")
+            runs, segments = store_references(
+                store_root, first, settings.dtype, index.digests()[keep], plan.rank[plan.source[keep]], compression
+            ) or (None, {})
+        ensure_space(
+            Path(out_path).parent,
+            outputs_nbytes(first.spec, index.lengths[keep], first.dim, settings.dtype, runs is None),
+            "the merged embeddings",
+        )
         try:
             with atomic_output(out_path) as tmp:
-                merge(tmp, {r: shard_paths[r] for r in works}, plan, keep, all_ids, index.lengths, first, compression,
-                      runs)
+                merge(
+                    tmp,
+                    {r: shard_paths[r] for r in works},
+                    plan,
+                    keep,
+                    all_ids,
+                    index.lengths,
+                    first,
+                    compression,
+                    runs,
+                )
             break
         except DamagedShard as damage:
             problem = damaged_rows_problem(shard_paths[damage.rank], first.spec, damage)
@@ -86,14 +111,17 @@ def aggregate(index_dir, plan_path, shard_paths, status_paths, store_root, setti
             for rank in list(works):  # a deleted segment may hold rows of other shards too
                 problem = works[rank].shard_problem(shard_paths[rank])
                 if problem:
-                    _count_failed(rank, f"shard {shard_paths[rank]} {problem}", status_paths[rank], statuses[rank],
-                                  failed)
+                    _count_failed(
+                        rank, f"shard {shard_paths[rank]} {problem}", status_paths[rank], statuses[rank], failed
+                    )
                     del works[rank]
     missing = {r: all_ids[plan.rank[plan.source] == r].tolist() for r in sorted(failed)}
     manifest = _manifest(out_path, missing_path, plan, statuses, works, failed, missing, len(all_ids))
     folder = Path(manifest_path).resolve().parent  # the store segments embeddings.h5 reads, from there
-    manifest["store_segments_by_rank"] = {str(rank): [os.path.relpath(path.resolve(), folder) for path in paths]
-                                          for rank, paths in sorted(segments.items())}
+    manifest["store_segments_by_rank"] = {
+        str(rank): [os.path.relpath(path.resolve(), folder) for path in paths]
+        for rank, paths in sorted(segments.items())
+    }
     with atomic_output(missing_path) as tmp:
         Path(tmp).write_text("".join(f"{i}\n" for r in sorted(missing) for i in missing[r]))
     with atomic_output(manifest_path) as tmp:
@@ -102,7 +130,11 @@ def aggregate(index_dir, plan_path, shard_paths, status_paths, store_root, setti
         log.warning(
             "rank(s) %s failed: %d of %d sequences are missing from %s (IDs in %s). "
             "Rerun snakemake to retry only the failed ranks.",
-            _list(failed), manifest["missing"], len(all_ids), out_path, missing_path,
+            _list(failed),
+            manifest["missing"],
+            len(all_ids),
+            out_path,
+            missing_path,
         )
     return manifest
 
@@ -136,8 +168,9 @@ def damaged_rows_problem(shard_path, spec, damage: DamagedShard) -> str:
     """What to record for a shard whose rows could not be read: the store segments it refers to
     that fail their checksums are deleted (so that the next run computes their sequences again)."""
     with h5py.File(shard_path, "r") as h5:
-        sources = {file for name in spec.names for file in virtual_sources(shard_path, h5[name]).values()
-                   if file.is_file()}  # (one gone already needs no deleting)
+        sources = {
+            file for name in spec.names for file in virtual_sources(shard_path, h5[name]).values() if file.is_file()
+        }  # (one gone already needs no deleting)
     damaged = discard_damaged(sorted(sources), [name for name in spec.names if pooling_of(name) == "per_residue"])
     found = f"; damaged store segments deleted: {', '.join(p.name for p in damaged)}" if damaged else ""
     return f"shard {shard_path} could not be read ({damage.error}){found}"
@@ -178,8 +211,7 @@ def usable_shard(path: Path, work: RankWork, store_root, dtype: str) -> str | No
     return None
 
 
-def store_references(store_root, work: RankWork, dtype: str, digests: np.ndarray, ranks: np.ndarray,
-                     compression: str):
+def store_references(store_root, work: RankWork, dtype: str, digests: np.ndarray, ranks: np.ndarray, compression: str):
     """Where the merged file's per-residue rows lie in the store, for sequences of these
     ``digests`` in output order (``ranks``: the rank each came from): (``Store.residue_runs``,
     {rank: the store segments that hold its rows}); None, saying why in the log, where they must
@@ -192,14 +224,19 @@ def store_references(store_root, work: RankWork, dtype: str, digests: np.ndarray
         lacking = int((segment < 0).sum())
         runs = None if lacking else store.residue_runs(digests)
         if runs is not None:
-            log.info("per-residue rows referred to where they are: %d runs of the store's %s", len(runs),
-                     store.directory)
+            log.info(
+                "per-residue rows referred to where they are: %d runs of the store's %s", len(runs), store.directory
+            )
             pairs = np.unique(np.stack([ranks, segment]), axis=1).tolist()  # every (rank, segment) pair there is
             return runs, {rank: [store.segments[s] for r, s in zip(*pairs) if r == rank] for rank in set(pairs[0])}
-        why = (f"the store {store.directory} lacks {lacking} of their sequences" if lacking
-               else f"they lie in too many runs of the store, over {MAX_VIRTUAL_RUNS}")
-    log.warning("per_residue_in_embeddings is refer, but the per-residue rows are copied into the merged file (%s)",
-                why)
+        why = (
+            f"the store {store.directory} lacks {lacking} of their sequences"
+            if lacking
+            else f"they lie in too many runs of the store, over {MAX_VIRTUAL_RUNS}"
+        )
+    log.warning(
+        "per_residue_in_embeddings is refer, but the per-residue rows are copied into the merged file (%s)", why
+    )
     return None
 
 
@@ -238,8 +275,17 @@ def _list(ranks) -> str:
     return ", ".join(str(r) for r in sorted(ranks))
 
 
-def merge(path, shards: dict, plan: Plan, keep: np.ndarray, all_ids, lengths, work: RankWork,
-          compression: str = "none", residue_runs=None) -> None:
+def merge(
+    path,
+    shards: dict,
+    plan: Plan,
+    keep: np.ndarray,
+    all_ids,
+    lengths,
+    work: RankWork,
+    compression: str = "none",
+    residue_runs=None,
+) -> None:
     """Write the kept IDs in input order, each with its distinct sequence's rows from its shard;
     with ``residue_runs`` (``store_references``) the per-residue outputs refer to the store instead."""
     spec = work.spec
@@ -257,8 +303,9 @@ def merge(path, shards: dict, plan: Plan, keep: np.ndarray, all_ids, lengths, wo
     try:
         dtype = np.dtype(work.identity["dtype"])
         with h5py.File(path, "w") as out:
-            datasets = create_outputs(out, spec, all_ids[positions], lengths[positions], work.dim, dtype, compression,
-                                      residue_runs)
+            datasets = create_outputs(
+                out, spec, all_ids[positions], lengths[positions], work.dim, dtype, compression, residue_runs
+            )
             sizes = sequence_nbytes(spec, lengths[positions], work.dim, dtype, residue_runs is None)
             for start, end in blocks(sizes, _BLOCK_ROWS, _BLOCK_BYTES):
                 block_rank = plan.rank[distinct[start:end]]
@@ -285,11 +332,18 @@ def merge(path, shards: dict, plan: Plan, keep: np.ndarray, all_ids, lengths, wo
                     dataset[out_start:out_end] = values
             _check_sources_kept(shards, sources, spec)
             attrs = {**work.identity, **work.run_attrs()}
-            write_attrs(out, {**attrs, "model": work.checkpoint["path"], "fingerprint": plan.fingerprint,
-                              "versions": sources[min(shards)].attrs["versions"],
-                              "ranks_succeeded": np.array(sorted(shards), np.int64),
-                              "ranks_failed": np.array(sorted(set(range(plan.world_size)) - set(shards)), np.int64),
-                              "n_missing": int((~keep).sum())})
+            write_attrs(
+                out,
+                {
+                    **attrs,
+                    "model": work.checkpoint["path"],
+                    "fingerprint": plan.fingerprint,
+                    "versions": sources[min(shards)].attrs["versions"],
+                    "ranks_succeeded": np.array(sorted(shards), np.int64),
+                    "ranks_failed": np.array(sorted(set(range(plan.world_size)) - set(shards)), np.int64),
+                    "n_missing": int((~keep).sum()),
+                },
+            )
     finally:
         for source in sources.values():
             source.close()
@@ -299,8 +353,14 @@ def _check_sources_kept(shards: dict, sources: dict, spec) -> None:
     """DamagedShard for a shard whose store segments went while the merge read it: HDF5 reads the
     rows of a missing source as the fill value (NaN), which must never reach the merged file."""
     for rank, source in sources.items():
-        gone = sorted({file for name in spec.names if pooling_of(name) == "per_residue"
-                       for file in missing_sources(shards[rank], source[name])})
+        gone = sorted(
+            {
+                file
+                for name in spec.names
+                if pooling_of(name) == "per_residue"
+                for file in missing_sources(shards[rank], source[name])
+            }
+        )
         if gone:
             raise DamagedShard(rank, OSError(f"store segment {gone[0]} went while the merge read it"))
 

@@ -56,9 +56,7 @@ _ESMSHARD_ERROR = re.compile(r"^esmshard: ERROR: (.+)$", re.MULTILINE)
 _WORKFLOW_ERROR = re.compile(r'^(?!CalledProcessError)\w+Error in file "[^"]+", line \d+:\n(.+)$', re.MULTILINE)
 
 
-def run_multi_gpu_inference(
-    fasta_files, output_dir, model_config, world_size=None, timeout=None, *, echo=False
-):
+def run_multi_gpu_inference(fasta_files, output_dir, model_config, world_size=None, timeout=None, *, echo=False):
     """Embed ``fasta_files`` with the workflow in ``output_dir``; returns (path of the merged
     ``results/embeddings.h5``, sorted list of the ranks that failed).
 
@@ -205,14 +203,22 @@ def _snakemake(output_dir: Path, gpu_slots: int, targets, log, echo: bool) -> tu
     """Run snakemake for ``targets`` (none: the whole workflow); its output goes to ``log``
     (and stderr when ``echo``). Returns (exit code, output)."""
     command = [
-        sys.executable, "-m", "snakemake",
-        "--snakefile", str(SNAKEFILE),
-        "--directory", str(output_dir),
-        "--configfile", str(output_dir / CONFIG_FILE),
-        "--cores", "all",
-        "--resources", f"gpu={gpu_slots}",
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(SNAKEFILE),
+        "--directory",
+        str(output_dir),
+        "--configfile",
+        str(output_dir / CONFIG_FILE),
+        "--cores",
+        "all",
+        "--resources",
+        f"gpu={gpu_slots}",
         "--keep-going",  # the other ranks finish even when one's job dies
-        "--retries", "1",  # as profiles/local: a failed rank is tried once more before its failure is recorded
+        "--retries",
+        "1",  # as profiles/local: a failed rank is tried once more before its failure is recorded
         "--rerun-incomplete",  # after an interrupted call, redo what it left half-done
         *targets,
     ]
@@ -289,7 +295,7 @@ def _check_merged(merged: Path, output_dir: Path, manifest: dict) -> None:
                 finite = np.isfinite(dataset[start : start + _CHECK_ROWS]).all(axis=1)
                 if not finite.all():
                     row = start + int(np.argmin(finite))
-                    owner = row if pooling_of(name) != "per_residue" else int(np.searchsorted(offsets, row, "right")) - 1
-                    raise ValueError(
-                        f"{merged} fails its check: {name} of {ids[owner]!r} (row {row}) is not finite"
+                    owner = (
+                        row if pooling_of(name) != "per_residue" else int(np.searchsorted(offsets, row, "right")) - 1
                     )
+                    raise ValueError(f"{merged} fails its check: {name} of {ids[owner]!r} (row {row}) is not finite")

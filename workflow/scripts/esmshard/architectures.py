@@ -63,8 +63,9 @@ def resolve_model(model: str) -> Checkpoint:
     if model in ESM2_MODELS:
         released = released_checkpoint(model)
         if not released.is_file():
-            raise EsmShardError(f"model: {model} is not downloaded yet (to {released}): "
-                                f"'python -m esmshard download {model}' does it")
+            raise EsmShardError(
+                f"model: {model} is not downloaded yet (to {released}): 'python -m esmshard download {model}' does it"
+            )
         return Checkpoint(released, (released,))
     if names_a_file(model):
         raise EsmShardError(f"model: {path} does not exist (a checkpoint file or model directory, by its name)")
@@ -84,8 +85,9 @@ def resolve_model(model: str) -> Checkpoint:
     try:
         return Checkpoint(snapshot, model_files(snapshot))
     except EsmShardError as error:
-        raise EsmShardError(f"{error}; complete the cached copy of {model} with "
-                            f"'python -m esmshard download {model}'") from None
+        raise EsmShardError(
+            f"{error}; complete the cached copy of {model} with 'python -m esmshard download {model}'"
+        ) from None
 
 
 def names_a_file(model: str) -> bool:
@@ -139,8 +141,11 @@ def checkpoint_identity(checkpoint: Checkpoint, cache_dir: Path | None = None) -
     replaced, or touched back to its old time has another change time). A cache that cannot be
     written only costs the hashing."""
     stats = [(str(Path(path).resolve()), os.stat(path)) for path in checkpoint.files]
-    key = {"files": [[path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
-                     for path, stat in stats]}
+    key = {
+        "files": [
+            [path, stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns] for path, stat in stats
+        ]
+    }
     name = hashlib.sha256(json.dumps([path for path, _ in stats]).encode()).hexdigest()[:32]
     cache_path = (identity_cache() if cache_dir is None else Path(cache_dir)) / f"{name}.json"
     try:
@@ -153,8 +158,13 @@ def checkpoint_identity(checkpoint: Checkpoint, cache_dir: Path | None = None) -
         shape = Architecture(*read_config(checkpoint.location)[:3])
     else:
         shape = checkpoint_architecture(checkpoint.location)
-    identity = {"path": str(checkpoint.location.resolve()), "digest": model_digest(checkpoint),
-                **checkpoint_stamp(checkpoint), "num_layers": shape.layers, "embed_dim": shape.embed_dim}
+    identity = {
+        "path": str(checkpoint.location.resolve()),
+        "digest": model_digest(checkpoint),
+        **checkpoint_stamp(checkpoint),
+        "num_layers": shape.layers,
+        "embed_dim": shape.embed_dim,
+    }
     try:
         with atomic_output(cache_path) as tmp:
             Path(tmp).write_text(json.dumps({"key": key, "identity": identity}, indent=2) + "\n")

@@ -102,18 +102,25 @@ class Packer:
         residue_weight = 1.0 / coverage[residue_rows]
         pieces_per_seq = np.bincount(piece_seq, minlength=len(residues))
         arrays = {
-            "tokens": tokens, "positions": positions, "cu_seqlens": cu_seqlens.astype(np.int32),
-            "token_piece": token_piece, "residue_tokens": residue_tokens, "residue_rows": residue_rows,
-            "residue_seq": residue_seq, "residue_weight": residue_weight.astype(np.float32),
+            "tokens": tokens,
+            "positions": positions,
+            "cu_seqlens": cu_seqlens.astype(np.int32),
+            "token_piece": token_piece,
+            "residue_tokens": residue_tokens,
+            "residue_rows": residue_rows,
+            "residue_seq": residue_seq,
+            "residue_weight": residue_weight.astype(np.float32),
             "mean_weight": (residue_weight / embedded[residue_seq]).astype(np.float32),
-            "bos_tokens": cu_seqlens[:-1].astype(np.int64), "bos_seq": piece_seq,
+            "bos_tokens": cu_seqlens[:-1].astype(np.int64),
+            "bos_seq": piece_seq,
             "bos_weight": (1.0 / pieces_per_seq[piece_seq]).astype(np.float32),
         }
         tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
         if pin:
             tensors = {name: t.pin_memory() for name, t in tensors.items()}
-        return PackedBatch(**tensors, sequences=len(residues), residue_rows_out=int(embedded.sum()),
-                           max_len=int(sizes.max()))
+        return PackedBatch(
+            **tensors, sequences=len(residues), residue_rows_out=int(embedded.sum()), max_len=int(sizes.max())
+        )
 
 
 def pool(hidden: torch.Tensor, batch: PackedBatch, names: list[str]) -> dict[str, torch.Tensor]:
@@ -165,8 +172,16 @@ class ReferenceEngine:
 
 
 class PackedEngine:
-    def __init__(self, network, alphabet, device: str, precision: str, spec: OutputSpec, compile: bool | str = False,
-                 stored: str = "float32"):
+    def __init__(
+        self,
+        network,
+        alphabet,
+        device: str,
+        precision: str,
+        spec: OutputSpec,
+        compile: bool | str = False,
+        stored: str = "float32",
+    ):
         self.device = torch.device(device)
         self.stored = PRECISIONS[stored]
         self.spec = spec
@@ -192,8 +207,9 @@ class PackedEngine:
     def outputs(self, batch: PackedBatch, model: PackedESM2 | None = None) -> dict[str, torch.Tensor]:
         """{dataset name: float32 tensor} on the device."""
         out = {}
-        hidden_states = (model or self.model).hidden_states(batch.tokens, batch.positions, batch.cu_seqlens,
-                                                            batch.max_len, self.spec.layers)
+        hidden_states = (model or self.model).hidden_states(
+            batch.tokens, batch.positions, batch.cu_seqlens, batch.max_len, self.spec.layers
+        )
         for layer, hidden in hidden_states:  # [T, D]
             out.update(pool(hidden, batch, self.spec.layer_names(layer)))
         return out
@@ -214,15 +230,23 @@ class PackedEngine:
         half = int(np.clip(np.searchsorted(sizes, sizes[-1] / 2), 1, len(residues) - 1))
         log.warning("out of GPU memory on %d tokens; retrying as two batches", sizes[-1])
         self.splits += 1
-        parts = [self._outputs_splitting_on_oom(p, self.packer.pack(p, self._pin), model)
-                 for p in (residues[:half], residues[half:])]
+        parts = [
+            self._outputs_splitting_on_oom(p, self.packer.pack(p, self._pin), model)
+            for p in (residues[:half], residues[half:])
+        ]
         return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
     def embed_batches(self, batches, read):
         """Yields results in order; the host tokenises ahead, and batch i is copied back and
         handed out while the device already runs batch i+1."""
-        prepared = _prefetch(((batch, residues, self.packer.pack(residues, self._pin))
-                              for batch in batches for residues in [read(batch)]), depth=3)
+        prepared = _prefetch(
+            (
+                (batch, residues, self.packer.pack(residues, self._pin))
+                for batch in batches
+                for residues in [read(batch)]
+            ),
+            depth=3,
+        )
         in_flight = None
         for batch, residues, packed in prepared:
             outputs = self._outputs_splitting_on_oom(residues, packed)
@@ -256,8 +280,9 @@ class PackedEngine:
         host = in_flight.host
         if in_flight.finite is not None and not in_flight.finite.item():
             self.fallbacks += 1
-            log.warning("float16 overflowed on a batch of %d sequences; computing it again in bfloat16",
-                        len(in_flight.residues))
+            log.warning(
+                "float16 overflowed on a batch of %d sequences; computing it again in bfloat16", len(in_flight.residues)
+            )
             if self._fallback_model is None:
                 self._fallback_model = PackedESM2(self._network, torch.bfloat16, self.device).eval()
             outputs = self._outputs_splitting_on_oom(in_flight.residues, in_flight.packed, self._fallback_model)

@@ -13,10 +13,10 @@ import lzma
 import os
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Iterator
 
 from esmshard import EsmShardError
 
@@ -184,9 +184,7 @@ def _parse_id(path: Path, line: bytes, number: int, line_no: int) -> str:
     try:
         seq_id = words[0].decode("utf-8")
     except UnicodeDecodeError:
-        raise EsmShardError(
-            f"{path}: record {number} (line {line_no}): sequence ID is not valid UTF-8"
-        ) from None
+        raise EsmShardError(f"{path}: record {number} (line {line_no}): sequence ID is not valid UTF-8") from None
     # No control character belongs in an ID, and HDF5 cannot store a NUL (isprintable is quick).
     control = None if seq_id.isprintable() else _CONTROL.search(seq_id)
     if control:

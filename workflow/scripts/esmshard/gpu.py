@@ -49,7 +49,10 @@ def _nvidia_smi_gpus() -> tuple[str, ...]:
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout
     except (subprocess.SubprocessError, OSError):
         return ()
@@ -184,7 +187,7 @@ def _open_lock(path: Path):
         except FileNotFoundError:
             pass
         except PermissionError:
-            return open(path, "r")
+            return open(path)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:

@@ -17,8 +17,12 @@ from esmshard import EsmShardError
 
 # In order of preference: safetensors holds tensors only; .bin is a pickle (read by torch's
 # weights-only loader). A *.index.json maps every tensor to one of the shards beside it.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # What fair-esm's ESM2 module (the engine's) is: ESM-2's vocabulary, and pre-LayerNorm layers
 # with rotary positions and an FFN four times the width.
@@ -100,21 +104,29 @@ def read_config(directory: Path) -> Esm2Config:
             raise EsmShardError(
                 f"model: {directory} holds a PEFT adapter (adapter_config.json), not a whole model: merge it "
                 f"into its base model and save that, e.g. PeftModel.from_pretrained(base, DIRECTORY)"
-                f".merge_and_unload().save_pretrained(NEW_DIRECTORY)") from None
-        raise EsmShardError(f"model: {directory} is a directory without config.json: not a Hugging Face "
-                            f"model directory") from None
+                f".merge_and_unload().save_pretrained(NEW_DIRECTORY)"
+            ) from None
+        raise EsmShardError(
+            f"model: {directory} is a directory without config.json: not a Hugging Face model directory"
+        ) from None
     except (OSError, ValueError) as error:
         raise EsmShardError(f"model: {path} is not a readable JSON file ({error})") from None
     if not isinstance(config, dict) or config.get("model_type") != "esm":
         kind = config.get("model_type") if isinstance(config, dict) else None
-        raise EsmShardError(f"model: {directory} holds a {kind or 'non-ESM'} model (config.json model_type "
-                            f"{kind!r}), not ESM-2 ('esm')")
+        raise EsmShardError(
+            f"model: {directory} holds a {kind or 'non-ESM'} model (config.json model_type {kind!r}), not ESM-2 ('esm')"
+        )
     problem = _unsupported(config)
     if problem:
         raise EsmShardError(f"model: {directory} is an ESM model that esmshard cannot run: {problem}")
-    return Esm2Config(config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
-                    bool(config.get("token_dropout")), float(config.get("layer_norm_eps", 1e-12)),
-                    float(config.get("rope_theta", 10000.0)))
+    return Esm2Config(
+        config["num_hidden_layers"],
+        config["hidden_size"],
+        config["num_attention_heads"],
+        bool(config.get("token_dropout")),
+        float(config.get("layer_norm_eps", 1e-12)),
+        float(config.get("rope_theta", 10000.0)),
+    )
 
 
 def _unsupported(config: dict) -> str | None:
@@ -124,11 +136,15 @@ def _unsupported(config: dict) -> str | None:
         return "it is ESMFold (is_folding_model), not an ESM-2 language model"
     architectures = config.get("architectures") or []
     if not isinstance(architectures, list) or not set(architectures) <= set(ESM_CLASSES):
-        return (f"architectures {architectures!r}: esmshard reads the encoder of {', '.join(ESM_CLASSES)} "
-                f"(for another class, save its ESM-2 encoder alone: model.esm.save_pretrained(DIRECTORY))")
+        return (
+            f"architectures {architectures!r}: esmshard reads the encoder of {', '.join(ESM_CLASSES)} "
+            f"(for another class, save its ESM-2 encoder alone: model.esm.save_pretrained(DIRECTORY))"
+        )
     if config.get("position_embedding_type", "absolute") != "rotary":
-        return (f"position_embedding_type {config.get('position_embedding_type', 'absolute')!r}: the engine "
-                f"runs rotary positions only, ESM-2's (absolute ones are ESM-1b's)")
+        return (
+            f"position_embedding_type {config.get('position_embedding_type', 'absolute')!r}: the engine "
+            f"runs rotary positions only, ESM-2's (absolute ones are ESM-1b's)"
+        )
     if config.get("token_dropout") is not None and not isinstance(config["token_dropout"], bool):
         return f"token_dropout {config['token_dropout']!r} is neither true nor false"
     if config.get("emb_layer_norm_before"):

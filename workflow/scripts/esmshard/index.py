@@ -57,8 +57,13 @@ def _write_index(paths, index_path: Path, residues_path: Path, invalid_residues:
             "file": h5.create_dataset("file", (0,), np.uint32, maxshape=(None,), chunks=(_BLOCK,)),
             "offset": h5.create_dataset("offset", (0,), np.int64, maxshape=(None,), chunks=(_BLOCK,)),
             "length": h5.create_dataset("length", (0,), np.int64, maxshape=(None,), chunks=(_BLOCK,)),
-            "digest": h5.create_dataset("digest", (0, DIGEST.itemsize), np.uint8, maxshape=(None, DIGEST.itemsize),
-                                        chunks=(_BLOCK, DIGEST.itemsize)),
+            "digest": h5.create_dataset(
+                "digest",
+                (0, DIGEST.itemsize),
+                np.uint8,
+                maxshape=(None, DIGEST.itemsize),
+                chunks=(_BLOCK, DIGEST.itemsize),
+            ),
         }
         block = {name: [] for name in columns}
 
@@ -145,17 +150,20 @@ class SequenceIndex:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    @functools.cache
     def digests(self) -> np.ndarray:
         """[n] DIGEST keys of every sequence's residues (read once)."""
-        with h5py.File(self._index_path, "r") as h5:
-            return np.ascontiguousarray(h5["digest"][:]).view(DIGEST).ravel()
+        return self._digests
 
     def ids(self, positions=None) -> np.ndarray:
         """IDs (object array of str) of all sequences, or of the given sorted positions."""
-        return self._all_ids() if positions is None else self._all_ids()[positions]
+        return self._all_ids if positions is None else self._all_ids[positions]
 
-    @functools.cache
+    @functools.cached_property
+    def _digests(self) -> np.ndarray:
+        with h5py.File(self._index_path, "r") as h5:
+            return np.ascontiguousarray(h5["digest"][:]).view(DIGEST).ravel()
+
+    @functools.cached_property
     def _all_ids(self) -> np.ndarray:
         with h5py.File(self._index_path, "r") as h5:
             return h5["id"].asstr()[:]

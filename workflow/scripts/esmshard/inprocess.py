@@ -27,8 +27,19 @@ from esmshard.rank import RankSettings, build_engine, check_engine_precision, co
 from esmshard.shard import DTYPES
 
 # Config options that embed() takes (the schema gives their defaults and checks their values).
-OPTIONS = ("model", "layers", "pooling", "long_sequences", "window_overlap", "precision", "dtype", "engine",
-           "compile", "tokens_per_batch", "invalid_residues")
+OPTIONS = (
+    "model",
+    "layers",
+    "pooling",
+    "long_sequences",
+    "window_overlap",
+    "precision",
+    "dtype",
+    "engine",
+    "compile",
+    "tokens_per_batch",
+    "invalid_residues",
+)
 
 
 def embed(sequences, model=None, layers=None, pooling=None, device=None, **options) -> dict:
@@ -68,8 +79,9 @@ def embed(sequences, model=None, layers=None, pooling=None, device=None, **optio
 
     network, alphabet = load_model(str(config["model"]))
     try:
-        spec = OutputSpec.resolve(chosen.layers, chosen.pooling, network.num_layers, chosen.long_sequences,
-                                  chosen.window_overlap)
+        spec = OutputSpec.resolve(
+            chosen.layers, chosen.pooling, network.num_layers, chosen.long_sequences, chosen.window_overlap
+        )
     except ValueError as error:  # a layer the model does not have
         raise ValueError(f"config: {error}") from None
     lengths = np.array([len(r) for r in residues], np.int64)
@@ -116,8 +128,9 @@ def _validated(sequences, invalid_residues: str) -> tuple[list[str], list[np.nda
     for number, (seq_id, sequence) in enumerate(items, start=1):
         where = f"sequences: record {number} ({seq_id!r})"
         if not isinstance(seq_id, str) or not isinstance(sequence, str):
-            raise ValueError(f"{where}: IDs and sequences must be strings, not {type(seq_id).__name__} and "
-                             f"{type(sequence).__name__}")
+            raise ValueError(
+                f"{where}: IDs and sequences must be strings, not {type(seq_id).__name__} and {type(sequence).__name__}"
+            )
         try:
             cleaned, _ = clean_residues(sequence.encode(), where, invalid_residues)
         except EsmShardError as error:
@@ -130,8 +143,12 @@ def _collect(engine, batches, residues, spec: OutputSpec, dtype) -> dict:
     """Every output of the engine's batches, by sequence: pooled [n, dim] arrays, per-residue
     lists of [embedded length, dim] arrays."""
     embedded = spec.embedded_lengths([len(r) for r in residues])
-    outputs = {name: [None] * len(residues) if pooling_of(name) == "per_residue"
-               else np.empty((len(residues), engine.dim), dtype) for name in spec.names}
+    outputs = {
+        name: [None] * len(residues)
+        if pooling_of(name) == "per_residue"
+        else np.empty((len(residues), engine.dim), dtype)
+        for name in spec.names
+    }
     for batch, values in engine.embed_batches(batches, lambda batch: [residues[i] for i in batch]):
         for name, rows in values.items():
             if pooling_of(name) != "per_residue":

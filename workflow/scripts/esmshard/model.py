@@ -44,21 +44,24 @@ _CONFIG_FIELDS = ("encoder_layers", "encoder_embed_dim", "encoder_attention_head
 _UNUSED_HEADS = ("lm_head.", "contact_head.")
 # transformers' ESM names (without the "esm." prefix of EsmForMaskedLM) to fair-esm's ESM2 names,
 # each rule applied in turn; LayerNorm gamma/beta are the old names transformers still writes.
-_HF_NAMES = [(re.compile(pattern), name) for pattern, name in (
-    (r"^embeddings\.word_embeddings\.", "embed_tokens."),
-    (r"^encoder\.layer\.(\d+)\.attention\.self\.query\.", r"layers.\1.self_attn.q_proj."),
-    (r"^encoder\.layer\.(\d+)\.attention\.self\.key\.", r"layers.\1.self_attn.k_proj."),
-    (r"^encoder\.layer\.(\d+)\.attention\.self\.value\.", r"layers.\1.self_attn.v_proj."),
-    (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.self_attn.out_proj."),
-    (r"^encoder\.layer\.(\d+)\.attention\.LayerNorm\.", r"layers.\1.self_attn_layer_norm."),
-    (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.fc1."),
-    (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.fc2."),
-    (r"^encoder\.layer\.(\d+)\.LayerNorm\.", r"layers.\1.final_layer_norm."),
-    (r"^encoder\.emb_layer_norm_after\.", "emb_layer_norm_after."),
-    (r"^lm_head\.decoder\.weight$", "lm_head.weight"),
-    (r"\.gamma$", ".weight"),
-    (r"\.beta$", ".bias"),
-)]
+_HF_NAMES = [
+    (re.compile(pattern), name)
+    for pattern, name in (
+        (r"^embeddings\.word_embeddings\.", "embed_tokens."),
+        (r"^encoder\.layer\.(\d+)\.attention\.self\.query\.", r"layers.\1.self_attn.q_proj."),
+        (r"^encoder\.layer\.(\d+)\.attention\.self\.key\.", r"layers.\1.self_attn.k_proj."),
+        (r"^encoder\.layer\.(\d+)\.attention\.self\.value\.", r"layers.\1.self_attn.v_proj."),
+        (r"^encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"layers.\1.self_attn.out_proj."),
+        (r"^encoder\.layer\.(\d+)\.attention\.LayerNorm\.", r"layers.\1.self_attn_layer_norm."),
+        (r"^encoder\.layer\.(\d+)\.intermediate\.dense\.", r"layers.\1.fc1."),
+        (r"^encoder\.layer\.(\d+)\.output\.dense\.", r"layers.\1.fc2."),
+        (r"^encoder\.layer\.(\d+)\.LayerNorm\.", r"layers.\1.final_layer_norm."),
+        (r"^encoder\.emb_layer_norm_after\.", "emb_layer_norm_after."),
+        (r"^lm_head\.decoder\.weight$", "lm_head.weight"),
+        (r"\.gamma$", ".weight"),
+        (r"\.beta$", ".bias"),
+    )
+]
 # Not weights of the module: rotary frequencies (taken apart, below), position ids.
 _HF_NOT_WEIGHTS = re.compile(r"rotary_embeddings\.inv_freq$|position_ids$")
 # Task heads that transformers' ESM classes add and fair-esm's ESM2 has no place for (it has an
@@ -83,8 +86,10 @@ def download(model: str, target: Path | None = None) -> Path:
     if model in ESM2_MODELS:
         return _download_released(model, Path(target) if target else released_checkpoint(model))
     if not HUB_ID.fullmatch(model):
-        raise EsmShardError(f"model: {model!r} is neither a released ESM-2 model ({', '.join(ESM2_MODELS)}) "
-                            f"nor a Hugging Face hub id (org/name)")
+        raise EsmShardError(
+            f"model: {model!r} is neither a released ESM-2 model ({', '.join(ESM2_MODELS)}) "
+            f"nor a Hugging Face hub id (org/name)"
+        )
     return _download_from_hub(model, target)
 
 
@@ -155,8 +160,14 @@ def load_model(model: str):
         data = _read_checkpoint(checkpoint.location)
         saved = data["cfg"]["model"]
         # fair-esm's LayerNorm eps and rotary base, which its checkpoints do not record
-        config = Esm2Config(saved.encoder_layers, saved.encoder_embed_dim, saved.encoder_attention_heads,
-                            saved.token_dropout, 1e-5, 10000.0)
+        config = Esm2Config(
+            saved.encoder_layers,
+            saved.encoder_embed_dim,
+            saved.encoder_attention_heads,
+            saved.token_dropout,
+            1e-5,
+            10000.0,
+        )
         # fair-esm's names carry these prefixes in its checkpoints (see its _load_model_and_alphabet_core_v2)
         names_in_file = {_CHECKPOINT_PREFIX.sub("", name): name for name in data["model"]}
         state = {name: data["model"][name_in_file] for name, name_in_file in names_in_file.items()}
@@ -168,8 +179,13 @@ def _esm2_with(config: Esm2Config, state: dict, names_in_file: dict, location: P
     """fair-esm's ESM2 of this config holding these tensors (by its names; ``names_in_file`` gives
     each one's name in ``location``, which an error about an unexpected one says), on the CPU."""
     with without_initialisation():
-        network = esm.ESM2(num_layers=config.layers, embed_dim=config.embed_dim,
-                           attention_heads=config.heads, alphabet="ESM-1b", token_dropout=config.token_dropout)
+        network = esm.ESM2(
+            num_layers=config.layers,
+            embed_dim=config.embed_dim,
+            attention_heads=config.heads,
+            alphabet="ESM-1b",
+            token_dropout=config.token_dropout,
+        )
     for module in network.modules():
         if isinstance(module, torch.nn.LayerNorm):
             module.eps = config.layer_norm_eps  # the config's (fair-esm's own is torch's default, 1e-5)
@@ -177,8 +193,10 @@ def _esm2_with(config: Esm2Config, state: dict, names_in_file: dict, location: P
     missing = sorted(name for name in expected - set(state) if not name.startswith(_UNUSED_HEADS))
     unexpected = sorted(names_in_file[name] for name in set(state) - expected)
     if missing or unexpected:
-        raise EsmShardError(f"model: {location} does not hold ESM-2 weights: missing {_few(missing)}"
-                            f"{' (by fair-esm names)' if missing else ''}, unexpected {_few(unexpected)}")
+        raise EsmShardError(
+            f"model: {location} does not hold ESM-2 weights: missing {_few(missing)}"
+            f"{' (by fair-esm names)' if missing else ''}, unexpected {_few(unexpected)}"
+        )
     try:
         network.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as error:  # e.g. a tensor of the wrong shape for its config
@@ -210,8 +228,12 @@ def _hf_state(checkpoint: Checkpoint, config: Esm2Config) -> tuple[dict, dict]:
             name = pattern.sub(replacement, name)
         state[name], names_in_file[name] = tensor, name_in_file
     if heads:
-        log.info("model: %s: ignored %d weights of a task head (%s): embeddings are the encoder's outputs, "
-                 "before any head", checkpoint.location, len(heads), _few(sorted(heads), limit=8))
+        log.info(
+            "model: %s: ignored %d weights of a task head (%s): embeddings are the encoder's outputs, before any head",
+            checkpoint.location,
+            len(heads),
+            _few(sorted(heads), limit=8),
+        )
     if "lm_head.weight" not in state and "embed_tokens.weight" in state:
         state["lm_head.weight"] = state["embed_tokens.weight"]  # tied, as in fair-esm's ESM2
     if inv_freq is None:  # what transformers computes from the config when the file has none
@@ -274,8 +296,14 @@ def _torch_load(path: Path, kind: str):
                 return torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format
     except Exception as error:  # the safe unpickler raises many kinds on foreign files
         # PyTorch's own message advises loading unsafely: never pass that on; say what the file is not
-        what = "holds objects other than tensors and a config" if "weights_only" in str(error) else "is damaged or not a PyTorch file"
-        raise EsmShardError(f"model: {path} is not a {kind} that loads safely (it {what}: {type(error).__name__})") from None
+        what = (
+            "holds objects other than tensors and a config"
+            if "weights_only" in str(error)
+            else "is damaged or not a PyTorch file"
+        )
+        raise EsmShardError(
+            f"model: {path} is not a {kind} that loads safely (it {what}: {type(error).__name__})"
+        ) from None
 
 
 def _one_line(error: BaseException, limit: int = 400) -> str:
@@ -283,8 +311,15 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def write_random_checkpoint(path, layers: int, embed_dim: int, heads: int, seed: int = 0,
-                            dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
+def write_random_checkpoint(
+    path,
+    layers: int,
+    embed_dim: int,
+    heads: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
     """Write an ESM-2 checkpoint with random weights in fair-esm's released file layout (the
     released files hold float16 weights: ``dtype``).
 

@@ -25,14 +25,39 @@ def layer_norm(x, weight, bias, eps: float, dtype: torch.dtype, residual=None):
     # Without a residual, normed stands in for it (never read): the same argument types either
     # way, so Triton compiles one kernel per width and dtype, not two (each ~1 s on a fresh machine).
     added = normed if residual is None else residual
-    _layer_norm_kernel[(T,)](x, added, weight, bias, summed, normed, eps, x.stride(0), added.stride(0),
-                             int(residual is not None), D, block, num_warps=min(16, max(4, block // 512)))
+    _layer_norm_kernel[(T,)](
+        x,
+        added,
+        weight,
+        bias,
+        summed,
+        normed,
+        eps,
+        x.stride(0),
+        added.stride(0),
+        int(residual is not None),
+        D,
+        block,
+        num_warps=min(16, max(4, block // 512)),
+    )
     return summed, normed
 
 
 @triton.jit(do_not_specialize=["add"])
-def _layer_norm_kernel(x, residual, weight, bias, summed, normed, eps, x_stride, residual_stride, add,
-                       D: tl.constexpr, BLOCK_D: tl.constexpr):
+def _layer_norm_kernel(
+    x,
+    residual,
+    weight,
+    bias,
+    summed,
+    normed,
+    eps,
+    x_stride,
+    residual_stride,
+    add,
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     # one program: one token's row of D values
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)

@@ -83,8 +83,13 @@ class OutputSpec:
     @classmethod
     def from_attrs(cls, attrs) -> "OutputSpec":
         """From a file's attributes (h5py's or plain values)."""
-        return cls(tuple(int(x) for x in attrs["layers"]), tuple(str(p) for p in attrs["pooling"]),
-                   int(attrs["num_layers"]), str(attrs["long_sequences"]), int(attrs["window_overlap"]))
+        return cls(
+            tuple(int(x) for x in attrs["layers"]),
+            tuple(str(p) for p in attrs["pooling"]),
+            int(attrs["num_layers"]),
+            str(attrs["long_sequences"]),
+            int(attrs["window_overlap"]),
+        )
 
     def truncated(self, lengths) -> np.ndarray:
         """[n] bool: sequences of which only the first MAX_RESIDUES residues are embedded."""

@@ -28,8 +28,12 @@ class PackedLayer(nn.Module):
         self.heads = attn.num_heads
         self.eps = layer.self_attn_layer_norm.eps  # the model's config's (fair-esm's is 1e-5)
         self.attn_norm = _copy(layer.self_attn_layer_norm, torch.float32, device)
-        self.qkv = _linear([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
-                           [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], dtype, device)
+        self.qkv = _linear(
+            [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
+            [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias],
+            dtype,
+            device,
+        )
         self.out_proj = _copy(attn.out_proj, dtype, device)
         self.ffn_norm = _copy(layer.final_layer_norm, torch.float32, device)
         self.fc1 = _copy(layer.fc1, dtype, device)
@@ -40,12 +44,22 @@ class PackedLayer(nn.Module):
         # or torch.compile'd; they take tensors only, so one compiled graph serves every layer.
         attention_inputs, attention_output_and_ffn = steps
         norm1, norm2 = self.attn_norm, self.ffn_norm
-        q, k, v = attention_inputs(x, cos, sin, norm1.weight, norm1.bias, self.qkv.weight, self.qkv.bias, self.heads,
-                                   self.eps)
+        q, k, v = attention_inputs(
+            x, cos, sin, norm1.weight, norm1.bias, self.qkv.weight, self.qkv.bias, self.heads, self.eps
+        )
         attended = attention(q, k, v, cu_seqlens, max_len)  # [T, H, d]: softmax(q k^T / sqrt(d)) v
         return attention_output_and_ffn(
-            x, attended, self.out_proj.weight, self.out_proj.bias, norm2.weight, norm2.bias,
-            self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, self.eps,
+            x,
+            attended,
+            self.out_proj.weight,
+            self.out_proj.bias,
+            norm2.weight,
+            norm2.bias,
+            self.fc1.weight,
+            self.fc1.bias,
+            self.fc2.weight,
+            self.fc2.bias,
+            self.eps,
         )
 
 
@@ -63,8 +77,9 @@ def qkv_projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps: float):
     return F.linear(normed, qkv_weight, qkv_bias)
 
 
-def attention_output_and_ffn(x, attended, out_weight, out_bias, norm_weight, norm_bias, fc1_weight, fc1_bias,
-                             fc2_weight, fc2_bias, eps: float):
+def attention_output_and_ffn(
+    x, attended, out_weight, out_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps: float
+):
     """Output projection and residual, then LayerNorm, fc1, exact GELU, fc2 and residual."""
     T, D = x.shape
     attention_output = F.linear(attended.reshape(T, D), out_weight, out_bias)
@@ -99,7 +114,9 @@ class PackedESM2(nn.Module):
         self.dtype = dtype
         self.token_dropout = network.token_dropout
         self.mask_idx = network.mask_idx
-        self.embed_tokens = nn.Embedding.from_pretrained(network.embed_tokens.weight.to(device, torch.float32, copy=True))
+        self.embed_tokens = nn.Embedding.from_pretrained(
+            network.embed_tokens.weight.to(device, torch.float32, copy=True)
+        )
         self.layers = nn.ModuleList(PackedLayer(layer, dtype, device) for layer in network.layers)
         self.final_norm = _copy(network.emb_layer_norm_after, torch.float32, device)
         inv_freq = network.layers[0].self_attn.rot_emb.inv_freq.to(device, torch.float32, copy=True)
@@ -108,8 +125,10 @@ class PackedESM2(nn.Module):
         if compile:
             self.steps = compiled_steps(COMPILE_OPTIONS[compile], rotary_kernel)
         else:
-            self.steps = (with_rotary_kernel(qkv_projection) if rotary_kernel else attention_inputs,
-                          attention_output_and_ffn)
+            self.steps = (
+                with_rotary_kernel(qkv_projection) if rotary_kernel else attention_inputs,
+                attention_output_and_ffn,
+            )
 
     def hidden_states(self, tokens, positions, cu_seqlens, max_len: int, layers):
         """Yields (layer, hidden states [T, D] float32) for each of ``layers`` (increasing;
@@ -131,8 +150,8 @@ class PackedESM2(nn.Module):
 
 
 # torch.compile options for the two steps, by the config's `compile` value. true: inductor's
-# defaults (about 8-12 s to compile 650M). "tuned" (what compile: auto picks for a rank with enough work): the pointwise and reduction
-# kernels are autotuned too: 650M end to end 288k -> 317k residues/s on an H200, 3B 88k -> 93k,
+# defaults (about 8-12 s to compile 650M). "tuned": the pointwise and reduction kernels are
+# autotuned too: 650M end to end 288k -> 317k residues/s on an H200, 3B 88k -> 93k,
 # for 20-26 s of compiling on a fresh machine (docs/benchmarks.md).
 COMPILE_OPTIONS = {True: {}, "tuned": {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}}
 # On CUDA: rotary through rotary_kernel.py (Triton), one pass instead of eager torch's eight or
@@ -208,8 +227,9 @@ def attention(q, k, v, cu_seqlens, max_len: int):
         # FlashAttention's variable-length kernel, as torch.nn.attention.varlen.varlen_attn calls
         # it (no dropout, not causal), without that wrapper: its custom-op machinery takes 3.5-4.5 s
         # on its first call in a process (torch 2.11, H200); the op itself starts at once.
-        return torch.ops.aten._flash_attention_forward(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0,
-                                                       False, False)[0]
+        return torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, False, False
+        )[0]
     # The CPU, and float32 on a GPU (FlashAttention takes fp16/bf16 only): the same math, one
     # sequence at a time.
     out = torch.empty_like(q)

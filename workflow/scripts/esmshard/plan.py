@@ -141,8 +141,15 @@ def imbalance(rank_costs: np.ndarray) -> float:
     return float(rank_costs.max() / mean) if mean else 1.0
 
 
-def space_warning(directory, spec: OutputSpec, lengths: np.ndarray, position: np.ndarray, dim: int,
-                  dtype: str, per_residue_in_embeddings: str = "copy") -> str | None:
+def space_warning(
+    directory,
+    spec: OutputSpec,
+    lengths: np.ndarray,
+    position: np.ndarray,
+    dim: int,
+    dtype: str,
+    per_residue_in_embeddings: str = "copy",
+) -> str | None:
     """What to tell the user when the embeddings of sequences of ``lengths`` (``position``: the
     distinct ones) may not fit in the free space of ``directory``, where the results go; None
     when they fit. The store holds every distinct sequence's outputs; the shards their pooled
@@ -154,10 +161,12 @@ def space_warning(directory, spec: OutputSpec, lengths: np.ndarray, position: np
     free = shutil.disk_usage(directory).free
     if store + shards + merged <= free:
         return None
-    return (f"the embeddings of this run need up to {_size(store + shards + merged)} in {directory} (the store "
-            f"{_size(store)}, the shards {_size(shards)}, embeddings.h5 {_size(merged)}; less where the store "
-            f"already holds some), but only {_size(free)} are free there: ranks will fail when the disk fills. "
-            f"Free some space, or store less: dtype float16 halves it, per_residue output is most of it")
+    return (
+        f"the embeddings of this run need up to {_size(store + shards + merged)} in {directory} (the store "
+        f"{_size(store)}, the shards {_size(shards)}, embeddings.h5 {_size(merged)}; less where the store "
+        f"already holds some), but only {_size(free)} are free there: ranks will fail when the disk fills. "
+        f"Free some space, or store less: dtype float16 halves it, per_residue output is most of it"
+    )
 
 
 def _size(nbytes: int) -> str:
@@ -182,9 +191,15 @@ def write_plan(path, plan: Plan, rank_costs: np.ndarray) -> None:
 
 def read_plan(path) -> Plan:
     with h5py.File(path, "r") as h5:
-        model = {key[len("model_"):]: _plain(value) for key, value in h5.attrs.items() if key.startswith("model_")}
-        return Plan(h5["rank"][:], h5["position"][:], h5["source"][:], int(h5.attrs["world_size"]),
-                    str(h5.attrs["fingerprint"]), model)
+        model = {key[len("model_") :]: _plain(value) for key, value in h5.attrs.items() if key.startswith("model_")}
+        return Plan(
+            h5["rank"][:],
+            h5["position"][:],
+            h5["source"][:],
+            int(h5.attrs["world_size"]),
+            str(h5.attrs["fingerprint"]),
+            model,
+        )
 
 
 def _plain(value):

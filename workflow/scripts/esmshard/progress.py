@@ -41,9 +41,15 @@ class Progress:
         eta = (self.total_residues - self.residues) / rate if rate else float("nan")
         log.info(
             "rank %d: %d/%d sequences (%.1f%%), %d/%d residues, %.0f residues/s, elapsed %s, ETA %s",
-            self.rank, self.sequences, self.total_sequences,
-            100 * self.sequences / max(self.total_sequences, 1), self.residues, self.total_residues,
-            rate, _clock(elapsed), _clock(eta),
+            self.rank,
+            self.sequences,
+            self.total_sequences,
+            100 * self.sequences / max(self.total_sequences, 1),
+            self.residues,
+            self.total_residues,
+            rate,
+            _clock(elapsed),
+            _clock(eta),
         )
 
     def finish(self) -> dict:

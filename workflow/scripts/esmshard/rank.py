@@ -92,8 +92,11 @@ class RankWork:
 
     def run_attrs(self) -> dict:
         """What a shard of this work and the merged file share: the settings and the world size."""
-        return {"settings_key": store_key(self.identity), "compute_precision": self.compute_precision,
-                "world_size": self.world_size}
+        return {
+            "settings_key": store_key(self.identity),
+            "compute_precision": self.compute_precision,
+            "world_size": self.world_size,
+        }
 
     def shard_attrs(self) -> dict:
         """What identifies a complete shard of this work: the run's attributes, the rank and its share."""
@@ -114,12 +117,23 @@ def run_rank(index_dir, plan_path, checkpoint, rank: int, shard_path, store_root
     reused, gpu, engine = fill_store_and_assemble(work, shard_path, store_root, settings, progress)
     peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     peak_gpu_memory = gpu_peak_memory(engine)
-    log.info("rank %d: done; peak host memory %.2f GiB%s", rank, peak_memory,
-             "" if peak_gpu_memory is None else f", peak GPU memory {peak_gpu_memory:.2f} GiB")
-    return {**progress.finish(), "gpu": gpu, "compute_precision": work.compute_precision,
-            "peak_host_memory_gib": round(peak_memory, 2), "peak_gpu_memory_gib": peak_gpu_memory,
-            "store": str(store_directory(store_root, work.store_identity)), "reused": reused,
-            "embedded": len(work.ids) - reused, "bfloat16_batches": getattr(engine, "fallbacks", 0)}
+    log.info(
+        "rank %d: done; peak host memory %.2f GiB%s",
+        rank,
+        peak_memory,
+        "" if peak_gpu_memory is None else f", peak GPU memory {peak_gpu_memory:.2f} GiB",
+    )
+    return {
+        **progress.finish(),
+        "gpu": gpu,
+        "compute_precision": work.compute_precision,
+        "peak_host_memory_gib": round(peak_memory, 2),
+        "peak_gpu_memory_gib": peak_gpu_memory,
+        "store": str(store_directory(store_root, work.store_identity)),
+        "reused": reused,
+        "embedded": len(work.ids) - reused,
+        "bfloat16_batches": getattr(engine, "fallbacks", 0),
+    }
 
 
 def gpu_peak_memory(engine) -> float | None:
@@ -131,8 +145,9 @@ def gpu_peak_memory(engine) -> float | None:
     return round(torch.cuda.max_memory_reserved(engine.device) / 2**30, 2)
 
 
-def fill_store_and_assemble(work: RankWork, shard_path, store_root, settings: RankSettings, progress: Progress,
-                            engine=None):
+def fill_store_and_assemble(
+    work: RankWork, shard_path, store_root, settings: RankSettings, progress: Progress, engine=None
+):
     """Compute what the store lacks (with ``engine``, else the model loaded on a leased GPU), then
     assemble the shard from the store; a store segment found damaged while assembling is deleted
     and its sequences computed again. Returns (sequences found in the store at the start, the GPU
@@ -143,9 +158,16 @@ def fill_store_and_assemble(work: RankWork, shard_path, store_root, settings: Ra
         todo = np.flatnonzero(store.find(work.digests)[0] < 0)
         if reused is None:
             reused = len(work.ids) - len(todo)
-            log.info("rank %d/%d: %d distinct sequences, %d residues; %d already in the store %s, %d to compute",
-                     work.rank, work.world_size, len(work.ids), progress.total_residues, reused, store.directory,
-                     len(todo))
+            log.info(
+                "rank %d/%d: %d distinct sequences, %d residues; %d already in the store %s, %d to compute",
+                work.rank,
+                work.world_size,
+                len(work.ids),
+                progress.total_residues,
+                reused,
+                store.directory,
+                len(todo),
+            )
             done = np.setdiff1d(np.arange(len(work.ids)), todo)
             progress.update(len(done), int(work.spec.embedded_lengths(work.lengths[done]).sum()), computed=False)
         if len(todo):
@@ -162,8 +184,9 @@ def fill_store_and_assemble(work: RankWork, shard_path, store_root, settings: Ra
     raise EsmShardError(f"the store {store.directory} was found damaged three times; check the disk")
 
 
-def rank_work(index: SequenceIndex, plan: Plan, rank: int, settings: RankSettings,
-              precision: str | None = None) -> RankWork:
+def rank_work(
+    index: SequenceIndex, plan: Plan, rank: int, settings: RankSettings, precision: str | None = None
+) -> RankWork:
     """Rank ``rank``'s work, computed in ``precision`` (default: what the settings resolve to on
     this host's device; the merge passes the one the rank's status records)."""
     if plan.fingerprint != index.fingerprint:
@@ -171,11 +194,20 @@ def rank_work(index: SequenceIndex, plan: Plan, rank: int, settings: RankSetting
     if not 0 <= rank < plan.world_size:
         raise EsmShardError(f"rank {rank} is outside the plan's world size {plan.world_size}")
     positions = plan.positions_of(rank)
-    spec = OutputSpec.resolve(settings.layers, settings.pooling, plan.model["num_layers"],
-                              settings.long_sequences, settings.window_overlap)
+    spec = OutputSpec.resolve(
+        settings.layers, settings.pooling, plan.model["num_layers"], settings.long_sequences, settings.window_overlap
+    )
     return RankWork(
-        index, rank, plan.world_size, positions, index.ids(positions), index.lengths[positions],
-        index.digests()[positions], spec, plan.model["embed_dim"], plan.model,
+        index,
+        rank,
+        plan.world_size,
+        positions,
+        index.ids(positions),
+        index.lengths[positions],
+        index.digests()[positions],
+        spec,
+        plan.model["embed_dim"],
+        plan.model,
         settings_identity(plan.model["digest"], spec, settings.dtype, settings.precision, settings.engine),
         precision or compute_precision(settings, gpu_device()),  # (asking for the device runs nvidia-smi)
     )
@@ -202,8 +234,9 @@ def compute(work: RankWork, engine, todo: np.ndarray, store: Store, settings: Ra
         planned, budget = plan_batches(engine, work.lengths[todo[start:end]], settings)
         batches += [start + batch for batch in planned]
         window_of += [number] * len(planned)
-    log.info("rank %d: %d batches of at most %d tokens, saved in %d windows", work.rank, len(batches), budget,
-             len(windows))
+    log.info(
+        "rank %d: %d batches of at most %d tokens, saved in %d windows", work.rank, len(batches), budget, len(windows)
+    )
     unfinished = np.bincount(window_of, minlength=len(windows))  # batches of each window still to come
     read = lambda batch: [work.index.residues(p) for p in work.positions[todo[batch]]]  # noqa: E731
     writer, pending, last_save = SegmentWriter(store), [], time.monotonic()
@@ -220,8 +253,13 @@ def compute(work: RankWork, engine, todo: np.ndarray, store: Store, settings: Ra
         with signals_deferred():
             _save(writer, work, pending)
             writer.wait()
-        log.info("rank %d: stopped with %d of %d sequences in the store %s", work.rank, progress.sequences,
-                 len(work.ids), store.directory)
+        log.info(
+            "rank %d: stopped with %d of %d sequences in the store %s",
+            work.rank,
+            progress.sequences,
+            len(work.ids),
+            store.directory,
+        )
         raise
 
 
@@ -272,8 +310,10 @@ def load_engine(work: RankWork, settings: RankSettings, tokens: int):
 
     torch.set_num_threads(settings.threads)
     if device == "cuda" and not torch.cuda.is_available():
-        raise EsmShardError(f"this host has an NVIDIA driver and GPU {gpu}, but torch {torch.__version__} "
-                            f"finds no usable CUDA device (a CPU-only torch build?)")
+        raise EsmShardError(
+            f"this host has an NVIDIA driver and GPU {gpu}, but torch {torch.__version__} "
+            f"finds no usable CUDA device (a CPU-only torch build?)"
+        )
     check_engine_precision(settings.engine, device, work.compute_precision)
     checkpoint = resolve_model(work.checkpoint["path"])
     if checkpoint_stamp(checkpoint) != {key: work.checkpoint[key] for key in ("size", "mtime_ns")}:
@@ -282,18 +322,30 @@ def load_engine(work: RankWork, settings: RankSettings, tokens: int):
     network, alphabet = load_model(str(checkpoint.location))
     precision = work.compute_precision
     engine, compile = build_engine(network, alphabet, device, precision, work.spec, settings)
-    log.info("model %s (%d layers, dim %d) on %s, %s engine in %s (compile %s), %d tokens to compute, outputs %s; "
-             "loaded in %.1f s", checkpoint.location, network.num_layers, network.embed_dim,
-             torch.cuda.get_device_name() if device == "cuda" else "cpu", settings.engine, precision,
-             compile, tokens, ", ".join(work.spec.names), time.monotonic() - started)
+    log.info(
+        "model %s (%d layers, dim %d) on %s, %s engine in %s (compile %s), %d tokens to compute, outputs %s; "
+        "loaded in %.1f s",
+        checkpoint.location,
+        network.num_layers,
+        network.embed_dim,
+        torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        settings.engine,
+        precision,
+        compile,
+        tokens,
+        ", ".join(work.spec.names),
+        time.monotonic() - started,
+    )
     return engine, gpu
 
 
 def check_engine_precision(engine: str, device: str, precision: str) -> None:
     """Before the model loads: the one combination the engines cannot run."""
     if device == "cpu" and engine == "reference" and precision != "float32":
-        raise EsmShardError(f"precision: the reference engine computes in float32 only on the CPU, not "
-                            f"{precision}; set precision to float32 or auto, or engine to packed")
+        raise EsmShardError(
+            f"precision: the reference engine computes in float32 only on the CPU, not "
+            f"{precision}; set precision to float32 or auto, or engine to packed"
+        )
 
 
 def build_engine(network, alphabet, device: str, precision: str, spec: OutputSpec, settings: RankSettings):
@@ -333,13 +385,23 @@ def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str, engine=
     """The rank's shard from the store, in plan order; only a complete file lands. Its attributes
     say how many of this run's batches overflowed float16 and were computed in bfloat16."""
     runs = store.residue_runs(work.digests) if work.spec.per_residue else None
-    log.info("rank %d: assembling %s from %d store segments%s", work.rank, shard_path, len(store.segments),
-             "" if runs is None else f", its per-residue rows referred to where they are ({len(runs)} runs)")
-    ensure_space(Path(shard_path).parent, outputs_nbytes(work.spec, work.lengths, work.dim, dtype, runs is None),
-                 "the shard")
+    log.info(
+        "rank %d: assembling %s from %d store segments%s",
+        work.rank,
+        shard_path,
+        len(store.segments),
+        "" if runs is None else f", its per-residue rows referred to where they are ({len(runs)} runs)",
+    )
+    ensure_space(
+        Path(shard_path).parent, outputs_nbytes(work.spec, work.lengths, work.dim, dtype, runs is None), "the shard"
+    )
     with signals_deferred(), atomic_output(shard_path) as tmp:
-        attrs = {**work.identity, **work.shard_attrs(), "model": work.checkpoint["path"],
-                 "bfloat16_batches": getattr(engine, "fallbacks", 0)}
+        attrs = {
+            **work.identity,
+            **work.shard_attrs(),
+            "model": work.checkpoint["path"],
+            "bfloat16_batches": getattr(engine, "fallbacks", 0),
+        }
         writer = ShardWriter(tmp, work.ids, work.lengths, work.spec, work.dim, dtype, attrs, runs)
         store.copy_to(writer, work.digests)
         writer.close()

@@ -94,8 +94,13 @@ def length_histogram(lengths: np.ndarray, long_sequences: str = "truncate") -> F
     treatment = "truncated" if long_sequences == "truncate" else "embedded in windows"
     axes.axvline(MAX_RESIDUES, color=FAILED_COLOR, linestyle="--", linewidth=1)
     axes.text(
-        MAX_RESIDUES, 0.97, f" {MAX_RESIDUES}: longer ones {treatment} ({longer:,})",
-        color=FAILED_COLOR, fontsize=8, va="top", transform=axes.get_xaxis_transform(),
+        MAX_RESIDUES,
+        0.97,
+        f" {MAX_RESIDUES}: longer ones {treatment} ({longer:,})",
+        color=FAILED_COLOR,
+        fontsize=8,
+        va="top",
+        transform=axes.get_xaxis_transform(),
     )
     axes.set_title(
         f"{len(lengths):,} sequences, {int(lengths.sum()):,} residues; "
@@ -123,8 +128,17 @@ def rank_throughput(outcomes: list[RankOutcome]) -> Figure:
         for outcome in outcomes:
             if not outcome.ok:
                 axes.axvspan(outcome.rank - 0.4, outcome.rank + 0.4, color=FAILED_COLOR, alpha=0.2)
-                axes.text(outcome.rank, 0.5, "failed", rotation=90, ha="center", va="center",
-                          color=FAILED_COLOR, fontweight="bold", transform=axes.get_xaxis_transform())
+                axes.text(
+                    outcome.rank,
+                    0.5,
+                    "failed",
+                    rotation=90,
+                    ha="center",
+                    va="center",
+                    color=FAILED_COLOR,
+                    fontweight="bold",
+                    transform=axes.get_xaxis_transform(),
+                )
             elif len(outcomes) <= _LABEL_EVERY_BAR_UP_TO:
                 value = getattr(outcome, field)
                 axes.text(outcome.rank, value, _number(value), ha="center", va="bottom", fontsize=7)

@@ -22,16 +22,43 @@ def rotate_qk(qkv, cos, sin, heads: int):
     assert qkv.stride(1) == 1 and cos.stride(1) == 1 and sin.stride(1) == 1 and cos.stride(0) == sin.stride(0)
     out = torch.empty(2, T, heads, d, dtype=qkv.dtype, device=qkv.device)
     grid = (triton.cdiv(T, BLOCK_T), heads)
-    _rotary_kernel[grid](qkv, cos, sin, out, T, qkv.stride(0), cos.stride(0), out.stride(0), D, d, d // 2,
-                         triton.next_power_of_2(d // 2), BLOCK_T, num_warps=4)
+    _rotary_kernel[grid](
+        qkv,
+        cos,
+        sin,
+        out,
+        T,
+        qkv.stride(0),
+        cos.stride(0),
+        out.stride(0),
+        D,
+        d,
+        d // 2,
+        triton.next_power_of_2(d // 2),
+        BLOCK_T,
+        num_warps=4,
+    )
     return out[0], out[1]
 
 
 # T only bounds the mask: not specialising on it (divisibility by 16) keeps one compiled kernel
 # for every batch size, so no batch waits for a second JIT compile.
 @triton.jit(do_not_specialize=["T"])
-def _rotary_kernel(qkv, cos, sin, out, T, qkv_stride, cs_stride, part_stride, D: tl.constexpr, HEAD: tl.constexpr,
-                   HALF: tl.constexpr, HALF_P2: tl.constexpr, BLOCK_T: tl.constexpr):
+def _rotary_kernel(
+    qkv,
+    cos,
+    sin,
+    out,
+    T,
+    qkv_stride,
+    cs_stride,
+    part_stride,
+    D: tl.constexpr,
+    HEAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_P2: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     # out[0] = rotary(q), out[1] = rotary(k), each [T, H, HEAD]; one program: BLOCK_T tokens x one head
     h = tl.program_id(1)
     t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)[:, None]

@@ -59,8 +59,9 @@ def sequence_nbytes(spec: OutputSpec, lengths, dim: int, dtype, per_residue: boo
     return rows * dim * np.dtype(dtype).itemsize
 
 
-def create_outputs(h5: h5py.File, spec: OutputSpec, ids, lengths, dim: int, dtype, compression: str = "none",
-                   residue_runs=None) -> dict[str, h5py.Dataset]:
+def create_outputs(
+    h5: h5py.File, spec: OutputSpec, ids, lengths, dim: int, dtype, compression: str = "none", residue_runs=None
+) -> dict[str, h5py.Dataset]:
     """The row datasets, and the empty output datasets of a shard or merged file (returned, to be
     written). ``compression`` (config ``compression``: none, gzip or lzf) applies to the outputs;
     without it they are contiguous, the fastest layout to write and read. With ``residue_runs``
@@ -79,8 +80,9 @@ def create_outputs(h5: h5py.File, spec: OutputSpec, ids, lengths, dim: int, dtyp
         elif compression == "none" or not shape[0]:  # HDF5 wants chunks <= data, so an empty one is plain
             datasets[name] = h5.create_dataset(name, shape, dtype)
         else:  # byte shuffling puts the floats' exponent bytes together: smaller, faster (docs/benchmarks.md)
-            datasets[name] = h5.create_dataset(name, shape, dtype, chunks=(min(shape[0], rows_per_chunk), dim),
-                                               compression=compression, shuffle=True)
+            datasets[name] = h5.create_dataset(
+                name, shape, dtype, chunks=(min(shape[0], rows_per_chunk), dim), compression=compression, shuffle=True
+            )
     return datasets
 
 
@@ -92,8 +94,9 @@ def _create_virtual(h5: h5py.File, name: str, shape, dtype, runs) -> None:
     layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
     folder, at = Path(h5.filename).resolve().parent, 0
     for path, total, start, end in runs:
-        source = h5py.VirtualSource(os.path.relpath(Path(path).resolve(), folder), name, shape=(total, shape[1]),
-                                    dtype=dtype)
+        source = h5py.VirtualSource(
+            os.path.relpath(Path(path).resolve(), folder), name, shape=(total, shape[1]), dtype=dtype
+        )
         layout[at : at + end - start] = source[start:end]
         at += end - start
     h5.create_virtual_dataset(name, layout, fillvalue=np.nan)

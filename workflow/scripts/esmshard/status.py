@@ -74,6 +74,7 @@ def record_failure(status_path, rank: int, error, attempt: int, **where) -> str:
     """The rank failed (on its last attempt, or its shard was found damaged later): the next run
     retries it. Returns the error as recorded."""
     message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    write_status(status_path, rank=rank, ok=False, attempt=attempt, error=message, failure=secrets.token_hex(4),
-                 **where)
+    write_status(
+        status_path, rank=rank, ok=False, attempt=attempt, error=message, failure=secrets.token_hex(4), **where
+    )
     return message

@@ -52,8 +52,14 @@ class DamagedSegment(EsmShardError):
 def settings_identity(model_digest: str, spec: OutputSpec, dtype: str, precision: str, engine: str) -> dict:
     """Every setting that changes the numbers, as given (the compute precision ``auto`` resolves
     per device; the store adds the resolved one)."""
-    return {"model_digest": model_digest, **spec.attrs(), "dtype": dtype, "precision": precision,
-            "engine": engine, "max_residues": MAX_RESIDUES}
+    return {
+        "model_digest": model_digest,
+        **spec.attrs(),
+        "dtype": dtype,
+        "precision": precision,
+        "engine": engine,
+        "max_residues": MAX_RESIDUES,
+    }
 
 
 def store_key(identity: dict) -> str:
@@ -165,8 +171,10 @@ class Store:
             return None
         lasts = np.append(firsts[1:], len(digests)) - 1
         totals = self._residue_offsets[self._offsets_at[1:] - 1]  # rows of each segment
-        return [(self.segments[segment[f]], int(totals[segment[f]]), int(starts[f]), int(ends[e]))
-                for f, e in zip(firsts.tolist(), lasts.tolist())]
+        return [
+            (self.segments[segment[f]], int(totals[segment[f]]), int(starts[f]), int(ends[e]))
+            for f, e in zip(firsts.tolist(), lasts.tolist())
+        ]
 
     def copy_to(self, writer, digests: np.ndarray) -> None:
         """Write the outputs ``writer`` (a ShardWriter) takes of ``digests`` (all in the store) to its
