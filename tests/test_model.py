@@ -146,3 +146,26 @@ def test_identities_are_shared_by_every_run_of_the_user_and_an_unwritable_cache_
     blocked = tmp_path / "not a directory"
     blocked.write_text("")
     assert checkpoint_identity(resolve_model(str(path)), blocked) == identity
+
+
+@pytest.mark.parametrize("damage", ["truncated", "field missing", "field of another type"])
+def test_a_damaged_identity_cache_entry_is_hashed_again_never_fatal(tmp_path, damage):
+    import json
+
+    from esmshard.architectures import checkpoint_identity, resolve_model
+
+    cache = tmp_path / "cache"
+    path = write_random_checkpoint(tmp_path / "m.pt", 2, 32, 4, seed=1)
+    identity = checkpoint_identity(resolve_model(str(path)), cache)
+    (entry,) = cache.glob("*.json")
+    cached = json.loads(entry.read_text())
+    if damage == "truncated":
+        entry.write_text(entry.read_text()[:40])
+    else:
+        if damage == "field missing":
+            del cached["identity"]["num_layers"]
+        else:
+            cached["identity"]["embed_dim"] = "32"
+        entry.write_text(json.dumps(cached))
+    assert checkpoint_identity(resolve_model(str(path)), cache) == identity
+    assert json.loads(entry.read_text())["identity"] == identity  # rewritten whole

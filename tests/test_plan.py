@@ -104,15 +104,14 @@ def test_the_space_warning_counts_the_store_the_shards_and_the_merged_file(tmp_p
     huge = np.array([10**12, 10**12])  # 250 TiB of per-residue vectors each
     store = (10**12 + 1) * 64  # the one distinct sequence's rows, float16 at width 32: per residue and mean
     copied = (2 * 10**12 + 2) * 64  # both IDs' rows
-    for mode, merged, merged_text in (("copy", copied, f"{copied / 2**40:,.1f} TiB"), ("refer", 128, "0.1 KiB")):
-        warning = space_warning(tmp_path, spec, huge, np.array([0]), 32, "float16", mode)
-        # the shards hold the mean alone (64 bytes): their per-residue rows are the store's
-        assert warning.startswith(
-            f"the embeddings of this run need up to {(store + 64 + merged) / 2**40:,.1f} TiB "
-            f"in {tmp_path} (the store {store / 2**40:,.1f} TiB, the shards 0.1 KiB, "
-            f"embeddings.h5 {merged_text}; "
-        )
-        assert re.search(r"but only [\d,.]+ [KMGT]iB are free there: ranks will fail when the disk fills", warning)
+    warning = space_warning(tmp_path, spec, huge, np.array([0]), 32, "float16")
+    # the shards hold the mean alone (64 bytes): their per-residue rows are the store's
+    assert warning.startswith(
+        f"the embeddings of this run need up to {(store + 64 + copied) / 2**40:,.1f} TiB "
+        f"in {tmp_path} (the store {store / 2**40:,.1f} TiB, the shards 0.1 KiB, "
+        f"embeddings.h5 {copied / 2**40:,.1f} TiB; "
+    )
+    assert re.search(r"but only [\d,.]+ [KMGT]iB are free there: ranks will fail when the disk fills", warning)
 
 
 def test_the_plan_rule_warns_before_any_rank_when_the_results_may_not_fit(tmp_path, tiny_checkpoint):

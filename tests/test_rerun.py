@@ -203,19 +203,40 @@ def test_changed_layers_recompute_and_changing_back_reuses_the_store(template, t
     assert_same_embeddings(workdir, template)
 
 
-def test_a_shard_of_another_model_is_a_failed_rank_never_data(template, tmp_path, proteins):
+def test_a_shard_of_another_model_is_never_data(template, tmp_path, proteins):
+    """Copied in after its job: the next run sees the changed shard and redoes that rank before
+    merging. Read by the aggregation itself: a failed rank, named, that the next run redoes."""
     workdir, config = copy_of(template, tmp_path)
     other = tmp_path / "other"
     shutil.copytree(template, other, symlinks=True)
     write_random_checkpoint(other / "model.pt", 2, 32, 4, seed=9)
     completed_run(other, config_for("input/*.fasta", "model.pt", world_size=2))
     shutil.copy(other / "results/shards/shard_1.h5", workdir / "results/shards/shard_1.h5")
-    result = run_snakemake(workdir, config, "--forcerun", "aggregate")
+    result = run_snakemake(workdir, config)
     assert result.returncode == 0, result.stderr
-    failed = manifest(workdir)["ranks_failed"]
-    assert [f["rank"] for f in failed] == [1] and "other settings (settings_key" in failed[0]["error"]
+    assert "wildcards: rank=1" in result.stderr and "wildcards: rank=0" not in result.stderr
+    assert manifest(workdir)["complete"] and "loaded in" not in (workdir / "logs/embed/rank_1.log").read_text()
+    assert_same_embeddings(workdir, template)
+
+    from esmshard.aggregate import aggregate
+    from esmshard.rank import RankSettings
+
+    shutil.copy(other / "results/shards/shard_1.h5", workdir / "results/shards/shard_1.h5")
+    results = workdir / "results"
+    merged = aggregate(
+        results / "index",
+        results / "plan.h5",
+        [results / f"shards/shard_{r}.h5" for r in (0, 1)],
+        [results / f"status/rank_{r}.json" for r in (0, 1)],
+        RankSettings.from_config(config),
+        results / "embeddings.h5",
+        results / "manifest.json",
+        results / "missing_ids.txt",
+    )
+    (failed,) = merged["ranks_failed"]
+    assert failed["rank"] == 1 and "other settings (settings_key" in failed["error"] and failed["rejected"]
     ids, _, _ = read_embeddings(workdir / "results/embeddings.h5")
-    assert len(ids) == 2000 - len(failed[0]["missing_ids"]) and not set(ids) & set(failed[0]["missing_ids"])
+    assert len(ids) == 2000 - len(failed["missing_ids"]) and not set(ids) & set(failed["missing_ids"])
     result = run_snakemake(workdir, config)
     assert result.returncode == 0, result.stderr
     assert "wildcards: rank=1" in result.stderr and "wildcards: rank=0" not in result.stderr
@@ -251,10 +272,18 @@ def small_disk(tmp_path):
         yield store
 
 
-def test_a_full_disk_is_a_failed_rank_that_names_it_and_the_others_go_on(tmp_path, small_disk, tiny_checkpoint):
-    write_fasta(tmp_path / "p.fasta", random_sequences(400, seed=8, median=120, cap=300))
+@pytest.mark.parametrize(
+    "pooling, layers, proteins, segment",
+    [(["mean", "per_residue"], [-1], 400, 50), (["per_residue"], [0, 1, 2], 150, 30)],
+)
+def test_a_full_disk_is_a_failed_rank_that_names_it_and_the_others_go_on(
+    tmp_path, small_disk, tiny_checkpoint, pooling, layers, proteins, segment
+):
+    """Each rank's share is more than half the disk: the first fits, the second fails cleanly (HDF5
+    allocates whole chunks, which the space check counts: it once died inside HDF5 instead)."""
+    write_fasta(tmp_path / "p.fasta", random_sequences(proteins, seed=8, median=120, cap=300))
     config = config_for(
-        tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"], chunk_sequences=50
+        tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=pooling, layers=layers, chunk_sequences=segment
     )
     result = run_snakemake(tmp_path, config, cores=1)  # one rank after the other: the first fits
     assert result.returncode == 0, result.stderr
@@ -263,8 +292,8 @@ def test_a_full_disk_is_a_failed_rank_that_names_it_and_the_others_go_on(tmp_pat
         r"no space left on results/store/\w+: a store segment needs [\d.]+ MiB, [\d.]+ MiB are free", failed["error"]
     )
     assert "no space left on results/store/" in (tmp_path / f"logs/embed/rank_{failed['rank']}.log").read_text()
-    ids, _, _ = read_embeddings(tmp_path / "results/embeddings.h5", "mean/layer_2")
-    assert len(ids) == 400 - len(failed["missing_ids"]) > 0
+    ids, _, _ = read_embeddings(tmp_path / "results/embeddings.h5", f"{pooling[0]}/layer_2")
+    assert len(ids) == proteins - len(failed["missing_ids"]) > 0
 
 
 def test_a_failed_rank_then_a_replaced_model_never_mixes_the_two_models(template, tmp_path, proteins):
@@ -272,7 +301,10 @@ def test_a_failed_rank_then_a_replaced_model_never_mixes_the_two_models(template
     result = run_snakemake(workdir, config, "--forcerun", "plan", env={"ESMSHARD_FAIL_RANKS": "1"})
     assert result.returncode == 0 and not manifest(workdir)["complete"], result.stderr
     dry = run_snakemake(workdir, config, "--dry-run", "--rerun-triggers", "mtime")
-    assert "esmshard: rank 1 failed last time, and --rerun-triggers without 'input'" in dry.stdout + dry.stderr
+    assert (
+        "esmshard: rank 1 must be redone (it failed, or its shard or store rows changed), and --rerun-triggers"
+        in dry.stdout + dry.stderr
+    )
     write_random_checkpoint(workdir / "model.pt", 2, 32, 4, seed=9)
     result = run_snakemake(workdir, config)
     assert result.returncode == 0, result.stderr

@@ -13,28 +13,21 @@ import signal
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
 from conftest import (
     assert_same_embeddings,
     completed_run,
-    job_counts,
+    planned_ids,
     random_sequences,
     read_embeddings,
     run_snakemake,
     write_fasta,
 )
 from crashes import clean2, config_for, embed_processes, fasta, half_written, segment_files, start_snakemake, wait_for  # noqa: F401 (fixtures)
-from esmshard import EsmShardError
 from esmshard import aggregate as aggregate_module
-from esmshard import store as store_module
-from esmshard.aggregate import store_references
-from esmshard.index import SequenceIndex
-from esmshard.plan import read_plan
-from esmshard.rank import RankSettings, rank_work
-from esmshard.reader import load_embeddings
+from esmshard.rank import RankSettings
 
 
 @pytest.fixture(scope="module")
@@ -109,50 +102,59 @@ def test_corrupt_and_torn_segments_are_recomputed(tmp_path, fasta, tiny_checkpoi
     assert_same_embeddings(tmp_path, clean1)
 
 
-def test_a_damaged_or_missing_shard_never_shrinks_the_result(tmp_path, fasta, tiny_checkpoint, clean2):
+def test_a_damaged_or_missing_shard_is_redone_by_its_rank_before_the_merge(tmp_path, fasta, tiny_checkpoint, clean2):
+    """A shard torn, replaced or deleted after its job: the next run reruns that rank (from the
+    store, no model loaded), then merges; the aggregation never writes a rank's files."""
     config = config_for(fasta, tiny_checkpoint, world_size=2)
     completed_run(tmp_path, config)
     shard = tmp_path / "results/shards/shard_1.h5"
     tear = lambda: shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # noqa: E731
-    # torn after its job (snakemake sees a newer file): the aggregation assembles it again
-    tear()
-    result = run_snakemake(tmp_path, {**config, "require_complete": True}, "--forcerun", "aggregate")
-    assert result.returncode == 0, result.stderr
-    assert re.search(
-        r"rank 1: shard .*shard_1.h5 is unreadable \(.*\); assembling it again from the store", result.stderr
-    )
-    assert json.loads((tmp_path / "results/manifest.json").read_text())["complete"]
-    assert_same_embeddings(tmp_path, clean2)
-    # deleted: once the aggregation runs again, snakemake reruns the rank that makes the missing
-    # shard, which assembles it from the store
-    shard.unlink()
-    result = run_snakemake(tmp_path, {**config, "require_complete": True}, "--forcerun", "aggregate")
-    assert result.returncode == 0, result.stderr
-    assert "wildcards: rank=1" in result.stderr and "wildcards: rank=0" not in result.stderr
-    assert rank_status(tmp_path, 1)["embedded"] == 0 and "loaded in" not in rank_log(tmp_path, 1)
-    assert_same_embeddings(tmp_path, clean2)
-    # torn without the store too: the rank counts as failed and the next run computes it again
+    # (a deleted shard is an intermediate file: Snakemake redoes it once the merge must run again)
+    for damage, extra in ((tear, ()), (shard.unlink, ("--forcerun", "aggregate"))):
+        damage()
+        result = run_snakemake(tmp_path, {**config, "require_complete": True}, *extra)
+        assert result.returncode == 0, result.stderr
+        assert "wildcards: rank=1" in result.stderr and "wildcards: rank=0" not in result.stderr
+        assert rank_status(tmp_path, 1)["embedded"] == 0 and "loaded in" not in rank_log(tmp_path, 1)
+        assert json.loads((tmp_path / "results/manifest.json").read_text())["complete"]
+        assert_same_embeddings(tmp_path, clean2)
+    # torn without the store too: the rank computes its sequences again, in the same run
     tear()
     for segment in segment_files(tmp_path):
         segment.unlink()
-    result = run_snakemake(tmp_path, config, "--forcerun", "aggregate")
-    assert result.returncode == 0, result.stderr
-    assert re.search(
-        r"rank 1: shard .*shard_1.h5 is unreadable \(.*\), and the store does not hold all its", result.stderr
-    )
-    manifest = json.loads((tmp_path / "results/manifest.json").read_text())
-    assert [f["rank"] for f in manifest["ranks_failed"]] == [1]
-    result = run_snakemake(tmp_path, config)
+    result = run_snakemake(tmp_path, {**config, "require_complete": True})
     assert result.returncode == 0, result.stderr
     assert "wildcards: rank=1" in result.stderr and "wildcards: rank=0" not in result.stderr
+    assert rank_status(tmp_path, 1)["embedded"] == len(planned_ids(tmp_path, 1))
     assert_same_embeddings(tmp_path, clean2)
+    assert "Nothing to be done" in run_snakemake(tmp_path, {**config, "require_complete": True}).stderr
 
 
-def test_a_shard_whose_store_rows_are_gone_or_damaged_counts_failed_and_is_computed_again(
+def test_a_garbled_status_file_is_a_rank_to_redo_never_fatal(tmp_path, fasta, tiny_checkpoint, clean2):
+    config = config_for(fasta, tiny_checkpoint, world_size=2)
+    completed_run(tmp_path, config)
+    status = tmp_path / "results/status/rank_0.json"
+    status.write_text(status.read_text()[:25])
+    result = run_snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "wildcards: rank=0" in result.stderr
+    assert rank_status(tmp_path, 0)["ok"] and "loaded in" not in rank_log(tmp_path, 0)
+    assert_same_embeddings(tmp_path, clean2)
+    assert "Nothing to be done" in run_snakemake(tmp_path, config).stderr
+    # read by the aggregation itself (as if the Snakefile had not seen it): a failed rank, named
+    status.write_bytes(b"\xff\xfe garbage")
+    manifest = aggregate_in_process(tmp_path, config)
+    (failed,) = manifest["ranks_failed"]
+    assert failed["rank"] == 0 and failed["error"].startswith(f"status file {status} is unreadable")
+
+
+def test_store_rows_gone_or_damaged_under_a_finished_run_are_computed_again_never_read(
     tmp_path, tiny_checkpoint, monkeypatch
 ):
-    """Per-residue rows stay in the store, where the shard refers to them: a segment deleted or
-    damaged under a finished run is noticed by the next aggregation, never read as NaN or zeros."""
+    """Per-residue rows stay in the store, where the shards read them: a segment deleted under a
+    finished run makes the next run redo the ranks that read it, before merging (also when only
+    a merge setting changed); one damaged in place fails its checksums while merging: the rank is
+    rejected, never read as NaN or zeros, and the next run redoes it after checking its segments."""
     write_fasta(tmp_path / "p.fasta", random_sequences(300, seed=5, median=120))
     config = config_for(
         tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"], chunk_sequences=50
@@ -162,40 +164,42 @@ def test_a_shard_whose_store_rows_are_gone_or_damaged_counts_failed_and_is_compu
     reference.write_bytes((tmp_path / "results/embeddings.h5").read_bytes())
     gone = [segment for segment in segment_files(tmp_path) if segment.name.startswith("seg_r1_")][1]
     gone.unlink()
-    result = run_snakemake(tmp_path, config, "--forcerun", "aggregate")
-    assert result.returncode == 0, result.stderr
-    assert re.search(
-        rf"rank 1: shard .*shard_1.h5 refers to 1 store segment\(s\) that no longer exist "
-        rf"\(e.g. ../store/\w+/{gone.name}\), and the store does not hold all its sequences",
-        result.stderr,
-    )
-    manifest = json.loads((tmp_path / "results/manifest.json").read_text())
-    assert [failed["rank"] for failed in manifest["ranks_failed"]] == [1] and 0 < manifest["missing"] < 300
     result = run_snakemake(tmp_path, config)
     assert result.returncode == 0, result.stderr
+    assert "wildcards: rank=1" in result.stderr and "wildcards: rank=0" not in result.stderr
     assert 0 < rank_status(tmp_path, 1)["embedded"] <= 50  # only the lost segment's sequences
+    assert json.loads((tmp_path / "results/manifest.json").read_text())["complete"]
     assert_same_outputs(tmp_path, reference)
-    # Damaged in place: its checksums fail while merging; the segment is deleted, the rank counts
-    # as failed, the merge goes on without it, and the next run computes those sequences again.
+    # the whole store deleted, then a setting that only changes the merge: every rank is redone
+    # before the merge, and the complete embeddings.h5 is never lost
+    shutil.rmtree(tmp_path / "results/store")
+    merge_only = {**config, "compression": "gzip", "require_complete": True}
+    result = run_snakemake(tmp_path, merge_only)
+    assert result.returncode == 0, result.stderr
+    assert rank_status(tmp_path, 0)["embedded"] + rank_status(tmp_path, 1)["embedded"] == 300
+    assert_same_outputs(tmp_path, reference)
+    # Damaged in place: its checksums fail while merging; the rank is rejected (the aggregation
+    # deletes nothing), the merge goes on without it, and the next run redoes exactly that rank.
     damaged = [segment for segment in segment_files(tmp_path) if segment.name.startswith("seg_r1_")][0]
     data = bytearray(damaged.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 4096] = os.urandom(4096)  # per-residue values: most of the file
     damaged.write_bytes(bytes(data))
     result = run_snakemake(tmp_path, config, "--forcerun", "aggregate")
     assert result.returncode == 0, result.stderr
-    assert re.search(
-        rf"rank 1: shard .*shard_1.h5 could not be read \(.*\); damaged store segments deleted: "
-        rf"{damaged.name}; it counts as failed",
-        result.stderr,
-    )
-    assert not damaged.exists()
+    assert re.search(r"rank 1: .*shard.* \(.*filter returned failure.*\); it counts as failed", result.stderr)
     manifest = json.loads((tmp_path / "results/manifest.json").read_text())
-    assert [failed["rank"] for failed in manifest["ranks_failed"]] == [1] and 0 < manifest["missing"] < 300
+    (rejected,) = manifest["ranks_failed"]
+    assert rejected["rank"] == 1 and rejected["rejected"] and 0 < manifest["missing"] < 300
+    ids, rows, _ = read_embeddings(tmp_path / "results/embeddings.h5", "per_residue/layer_2")
+    assert len(ids) == 300 - manifest["missing"] and np.isfinite(rows).all()
+    assert damaged.exists()  # the aggregation only reads
     result = run_snakemake(tmp_path, config)
     assert result.returncode == 0, result.stderr
-    assert 0 < rank_status(tmp_path, 1)["embedded"] <= 50
+    assert "wildcards: rank=1" in result.stderr and "wildcards: rank=0" not in result.stderr
+    assert not damaged.exists() and 0 < rank_status(tmp_path, 1)["embedded"] <= 50
     assert_same_outputs(tmp_path, reference)
-    # Gone while the merge reads it (HDF5 would give its rows as NaN): the same, never NaN.
+    assert "Nothing to be done" in run_snakemake(tmp_path, config).stderr
+    # Gone while the merge reads it (HDF5 would give its rows as NaN): rejected, never NaN.
     lost = [segment for segment in segment_files(tmp_path) if segment.name.startswith("seg_r1_")][0]
     read_rows = aggregate_module._read_rows
 
@@ -223,7 +227,6 @@ def aggregate_in_process(workdir: Path, config: dict) -> dict:
         results / "plan.h5",
         [results / f"shards/shard_{r}.h5" for r in range(world_size)],
         [results / f"status/rank_{r}.json" for r in range(world_size)],
-        results / "store",
         RankSettings.from_config(config),
         results / "embeddings.h5",
         results / "manifest.json",
@@ -237,73 +240,6 @@ def assert_same_outputs(workdir: Path, reference: Path) -> None:
             read_embeddings(workdir / "results/embeddings.h5", name)[1].tobytes()
             == read_embeddings(reference, name)[1].tobytes()
         )
-
-
-def test_embeddings_h5_refers_to_the_store_and_a_lost_segment_is_computed_again(
-    tmp_path, tiny_checkpoint, monkeypatch, caplog
-):
-    """per_residue_in_embeddings: refer. Two ranks' contiguous shares put embeddings.h5's
-    per-residue rows in a few runs of the store (one per segment, one more per repeated
-    sequence), read bit for bit as the copy; switching merges again without any rank; a deleted
-    segment makes reading fail naming it, and the next run computes exactly its sequences."""
-    records = random_sequences(300, seed=5, median=120)
-    repeated = [list(records)[i] for i in (10, 120, 250)]
-    records.update({f"again{i}": records[seq_id] for i, seq_id in enumerate(repeated)})  # at the end of the input
-    write_fasta(tmp_path / "p.fasta", records)
-    copy = config_for(
-        tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"], chunk_sequences=50
-    )
-    completed_run(tmp_path, copy)
-    merged, names = tmp_path / "results/embeddings.h5", ("mean/layer_2", "per_residue/layer_2")
-    copied = {name: read_embeddings(merged, name)[1].tobytes() for name in names}
-    copied_size = merged.stat().st_size
-    refer = {**copy, "per_residue_in_embeddings": "refer"}
-    result = run_snakemake(tmp_path, refer)
-    assert result.returncode == 0, result.stderr
-    assert job_counts(result.stderr) == {"aggregate": 1, "report_plots": 1, "all": 1}  # no rank
-    segments = segment_files(tmp_path)
-    with h5py.File(merged) as h5:
-        assert h5["per_residue/layer_2"].is_virtual and not h5["mean/layer_2"].is_virtual
-        mappings = h5["per_residue/layer_2"].virtual_sources()
-    assert {mapping.file_name for mapping in mappings} == {f"store/{s.parent.name}/{s.name}" for s in segments}
-    assert len(mappings) == len(segments) + 3 and len(segments) <= 8  # 2 ranks of ~150 sequences, 50 a segment
-    assert merged.stat().st_size < copied_size / 10
-    assert all(read_embeddings(merged, name)[1].tobytes() == copied[name] for name in names)
-    manifest = json.loads((tmp_path / "results/manifest.json").read_text())
-    assert sorted(manifest["store_segments_by_rank"]) == ["0", "1"]
-    moved = tmp_path / "moved"  # results/ moved as a whole
-    shutil.copytree(tmp_path / "results", moved / "results")
-    assert read_embeddings(moved / "results/embeddings.h5", names[1])[1].tobytes() == copied[names[1]]
-
-    # Where the rows are copied all the same, and the log says why
-    plan, index = read_plan(tmp_path / "results/plan.h5"), SequenceIndex(tmp_path / "results/index")
-    work = rank_work(index, plan, 0, RankSettings.from_config(refer))
-    digests, ranks = index.digests(), plan.rank[plan.source]
-    with caplog.at_level("WARNING", "esmshard.aggregate"):
-        assert store_references(tmp_path / "results/store", work, "float32", digests, ranks, "gzip") is None
-        monkeypatch.setattr(store_module, "MAX_VIRTUAL_RUNS", len(segments) + 2)
-        assert store_references(tmp_path / "results/store", work, "float32", digests, ranks, "none") is None
-    assert "copied into the merged file (compression gzip: a compressed file holds its own copy)" in caplog.text
-    assert "copied into the merged file (they lie in too many runs of the store" in caplog.text
-
-    lost = [segment for segment in segments if segment.name.startswith("seg_r1_")][1]
-    with h5py.File(lost) as h5:
-        lost_sequences = len(h5["lengths"])
-    lost.unlink()
-    with pytest.raises(
-        EsmShardError,
-        match=rf"^{merged} refers to 1 store segment\(s\) that no longer exist "
-        rf"\(store/\w+/{lost.name}\): run snakemake again",
-    ):
-        load_embeddings(merged, pooling="per_residue")
-    result = run_snakemake(tmp_path, refer)
-    assert result.returncode == 0, result.stderr
-    assert job_counts(result.stderr) == {"retry_rank": 1, "embed": 1, "aggregate": 1, "report_plots": 1, "all": 1}
-    assert "wildcards: rank=1" in result.stderr and rank_status(tmp_path, 1)["embedded"] == lost_sequences
-    assert all(read_embeddings(merged, name)[1].tobytes() == copied[name] for name in names)
-    _, per_residue = load_embeddings(merged, pooling="per_residue")
-    assert sum(map(len, per_residue)) == len(read_embeddings(merged, names[1])[1])
-    assert "Nothing to be done" in run_snakemake(tmp_path, refer).stderr
 
 
 def test_a_failed_attempt_loses_no_computed_work(tmp_path, tiny_checkpoint):

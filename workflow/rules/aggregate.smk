@@ -18,8 +18,6 @@ rule aggregate:
         require_complete=config["require_complete"],
         # a change of either rewrites embeddings.h5 from the shards (no GPU work)
         compression=config["compression"],
-        per_residue_in_embeddings=config["per_residue_in_embeddings"],
-        store=lambda wildcards, output: sibling(output.manifest, "store"),
         settings=numeric_settings(),
     script:
         "../scripts/aggregate.py"

@@ -8,7 +8,7 @@ from esmshard import paths
 from esmshard.architectures import model_inputs
 from esmshard.fasta import expand_fasta_paths
 from esmshard.gpu import count_visible_gpus
-from esmshard.status import failed, lost_segments, retry_failure
+from esmshard.status import retried, retry_failure
 from snakemake.logging import logger
 from esmshard.stopping import parse_duration
 
@@ -93,16 +93,18 @@ def sibling(path, *parts):
 
 
 def retry_if_failed(wildcards):
-    """A rank whose status records a failure, or whose rows embeddings.h5 refers to in a store
-    segment that is gone (per_residue_in_embeddings: refer), is retried by the next run: it then
-    needs a new file, named after the failure, made by retry_rank."""
-    status = rules.embed.output.status.format(
-        rank=wildcards.rank
-    )  # as on disk (a module's prefix included)
-    lost = lost_segments(rules.aggregate.output.manifest, wildcards.rank)
-    if failed(status) or lost:
+    """A rank whose status records a failure or cannot be read, whose shard changed after its job,
+    whose shard reads a store segment that is gone, or whose shard the last aggregation rejected
+    (status.retry_failure) is retried by the next run: it then needs a new file, named after the
+    failure, made by retry_rank."""
+    # as on disk (a module's prefix included)
+    status = rules.embed.output.status.format(rank=wildcards.rank)
+    shard = rules.embed.output.shard.format(rank=wildcards.rank)
+    failure = retry_failure(
+        status, shard, rules.aggregate.output.manifest, int(wildcards.rank)
+    )
+    if failure and failure != retried(status):
         warn_without_input_trigger(wildcards.rank)
-    failure = retry_failure(status, lost)
     # as written in the rule: Snakemake adds a module's prefix to what an input function returns
     return RETRY_MARKER.format(rank=wildcards.rank, failure=failure) if failure else []
 
@@ -116,8 +118,8 @@ def warn_without_input_trigger(rank):
     if "INPUT" not in {t.name for t in workflow.rerun_triggers} and rank not in WARNED:
         WARNED.add(rank)
         logger.warning(
-            f"esmshard: rank {rank} failed last time, and --rerun-triggers without 'input' "
-            f"keeps snakemake from retrying it: add 'input' to --rerun-triggers"
+            f"esmshard: rank {rank} must be redone (it failed, or its shard or store rows changed), and "
+            f"--rerun-triggers without 'input' keeps snakemake from retrying it: add 'input' to --rerun-triggers"
         )
 
 

@@ -11,7 +11,7 @@ rule retry_rank:
     conda:
         "../envs/esmshard.yaml"
     shell:
-        "echo 'rank {wildcards.rank} failed, or lost store rows ({wildcards.failure}): retrying it' > {log}; touch {output.marker}"
+        "echo 'rank {wildcards.rank} must be redone ({wildcards.failure}): retrying it' > {log}; touch {output.marker}"
 
 
 rule embed:

@@ -46,7 +46,6 @@ rule report_plots:
             **numeric_settings(),
             "require_complete": config["require_complete"],
             "compression": config["compression"],  # of embeddings.h5
-            "per_residue_in_embeddings": config["per_residue_in_embeddings"],
         },
     script:
         "../scripts/report_plots.py"

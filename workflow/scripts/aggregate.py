@@ -18,14 +18,12 @@ try:
         snakemake.input.plan,
         snakemake.input.shards,
         snakemake.input.statuses,
-        snakemake.params.store,
         RankSettings.from_config(snakemake.params.settings),
         snakemake.output.embeddings,
         snakemake.output.manifest,
         snakemake.output.missing,
         require_complete=snakemake.params.require_complete,
         compression=snakemake.params.compression,
-        per_residue_in_embeddings=snakemake.params.per_residue_in_embeddings,
     )
 except EsmShardError as error:
     log.error("%s", error)

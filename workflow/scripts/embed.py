@@ -1,8 +1,11 @@
 """Rule embed: one rank. Its planned sequences into its shard, through the store (a GPU is
 leased, before CUDA starts, only when there is something to compute); the outcome goes to its
-status file. A failure on the last attempt, a stop signal (also while waiting for a GPU) and the
-rank's timeout end the job successfully with a failure shard and a failed status: the others'
-results are merged, and the next run retries this rank, resuming from the store."""
+status file, with the shard's stamp and the store segments it reads (status.retry_failure).
+
+A failure, a stop signal (also while waiting for a GPU) or the rank's timeout fails the job on an
+attempt before the last, so that Snakemake retries it (resuming from the store); on the last
+attempt the job ends successfully with a failure shard and a failed status: the others' results
+are merged, and the next run retries this rank, resuming from the store."""
 
 import gc
 import logging
@@ -16,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # this workflow's esmshard, befo
 from esmshard import logs
 from esmshard.rank import RankSettings, run_rank
 from esmshard.shard import write_failure_shard
-from esmshard.status import record_failure, write_status
+from esmshard.status import failure_status, new_token, shard_stamp, write_status
 from esmshard.stopping import Stopped, TimedOut, disarm_timeout, handle_stop_signals, parse_duration
 
 logs.setup(snakemake.log[0])
@@ -43,9 +46,9 @@ log.info(
 
 def record_failure_for_good(error):
     """The job ends successfully, with a failure shard and a failed status (which the next run retries)."""
-    write_failure_shard(
-        snakemake.output.shard, rank, record_failure(snakemake.output.status, rank, error, attempt, **where)
-    )
+    status = failure_status(rank, error, attempt, **where)
+    write_failure_shard(snakemake.output.shard, rank, status["error"])
+    write_status(snakemake.output.status, **status)
     sys.exit(0)
 
 
@@ -60,12 +63,17 @@ try:
         snakemake.output.shard,
         snakemake.params.store,
         settings,
+        # the last aggregation could not read this rank's rows: check the store's checksums first
+        verify_store=bool(retried and retried.startswith("rejected")),
     )
     disarm_timeout()
 except (Stopped, TimedOut) as stop:
     disarm_timeout()
     reason = f"ran past its timeout ({config['timeout']})" if isinstance(stop, TimedOut) else str(stop)
     log.error("rank %d %s; finished work is kept in the store and a rerun resumes from it", rank, reason)
+    if attempt < attempts:
+        log.error("snakemake will retry rank %d (attempt %d of %d)", rank, attempt + 1, attempts)
+        sys.exit(1)
     record_failure_for_good(stop)
 except Exception as error:
     disarm_timeout()
@@ -74,7 +82,22 @@ except Exception as error:
         raise
     log.exception("rank %d failed on its last attempt (%d); recording the failure", rank, attempt)
     record_failure_for_good(error)
-write_status(snakemake.output.status, rank=rank, ok=True, attempt=attempt, retried=retried, **where, **stats)
+# what the next run checks before it trusts the shard: its stamp, and the store segments it reads
+# (named from the status file's folder)
+stats["store_segments"] = [
+    os.path.relpath(path, Path(snakemake.output.status).parent) for path in stats["store_segments"]
+]
+write_status(
+    snakemake.output.status,
+    rank=rank,
+    ok=True,
+    attempt=attempt,
+    retried=retried,
+    job=new_token(),
+    **where,
+    **stats,
+    shard=shard_stamp(snakemake.output.shard),
+)
 # The job ends here: keep the interpreter's last garbage collection from walking every object
 # torch and the engine made (the outputs are written and closed); the operating system frees them.
 gc.freeze()

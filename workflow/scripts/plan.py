@@ -46,15 +46,8 @@ log.info(
 for rank, cost in enumerate(rank_costs):
     log.info("rank %d: %d sequences, predicted cost %.4g", rank, int((ranks == rank).sum()), cost)
 log.info("rank cost max/mean: %.4f over %d ranks", imbalance(rank_costs), len(rank_costs))
-# (per_residue_in_embeddings is read here, not a param: changing it must not make a new plan)
 warning = space_warning(
-    Path(snakemake.output.plan).parent,
-    spec,
-    index.lengths,
-    position,
-    model["embed_dim"],
-    settings["dtype"],
-    snakemake.config["per_residue_in_embeddings"],
+    Path(snakemake.output.plan).parent, spec, index.lengths, position, model["embed_dim"], settings["dtype"]
 )
 if warning:  # before any GPU work: the ranks check each write again and fail cleanly
     log.warning("%s", warning)

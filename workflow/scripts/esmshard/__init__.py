@@ -25,43 +25,9 @@ One module per concern; none of them but ``api`` knows about Snakemake:
 - ``paths``: where the rules put what the API reads (standard library only)
 """
 
-import contextlib
-import os
-import shutil
-from pathlib import Path
-
 
 class EsmShardError(Exception):
     """An error the user can fix; the message says what and where, in one line."""
-
-
-@contextlib.contextmanager
-def atomic_output(path):
-    """Yield a temporary path next to ``path``; rename it into place only on success.
-
-    A reader never sees a half-written file, and a failure leaves whatever was at ``path``
-    before untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def ensure_space(directory, nbytes: int, what: str) -> None:
-    """Raise, naming the directory, unless ``nbytes`` (and some room for HDF5's own structures)
-    fit there: HDF5 handles a full disk badly, and a clear failure beats a torn write."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(directory).free
-    if free < nbytes * 1.05 + (4 << 20):
-        raise EsmShardError(
-            f"no space left on {directory}: {what} needs {nbytes / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB are free"
-        )
 
 
 def __getattr__(name):

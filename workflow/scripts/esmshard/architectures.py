@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
-from esmshard import EsmShardError, atomic_output
+from esmshard import EsmShardError
+from esmshard.files import atomic_output
 from esmshard.huggingface import HUB_ID, hub_cache, hub_offline, hub_ref, hub_snapshot, model_files, read_config
 
 
@@ -150,10 +151,10 @@ def checkpoint_identity(checkpoint: Checkpoint, cache_dir: Path | None = None) -
     cache_path = (identity_cache() if cache_dir is None else Path(cache_dir)) / f"{name}.json"
     try:
         cached = json.loads(cache_path.read_text())
-        if cached["key"] == key:
+        if cached["key"] == key and _is_identity(cached["identity"]):
             return cached["identity"]
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        pass  # no entry, or a damaged one: hashed again, and the entry rewritten
     if checkpoint.location.is_dir():
         shape = Architecture(*read_config(checkpoint.location)[:3])
     else:
@@ -171,6 +172,17 @@ def checkpoint_identity(checkpoint: Checkpoint, cache_dir: Path | None = None) -
     except OSError:
         pass
     return identity
+
+
+# What checkpoint_identity records, and of which types.
+_IDENTITY_FIELDS = {"path": str, "digest": str, "size": int, "mtime_ns": int, "num_layers": int, "embed_dim": int}
+
+
+def _is_identity(identity) -> bool:
+    return isinstance(identity, dict) and all(
+        isinstance(identity.get(field), kind) and not isinstance(identity.get(field), bool)
+        for field, kind in _IDENTITY_FIELDS.items()
+    )
 
 
 def checkpoint_digest(path, block_bytes: int = 64 << 20) -> str:

@@ -17,8 +17,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from esmshard import EsmShardError, atomic_output
+from esmshard import EsmShardError
 from esmshard.fasta import read_fasta
+from esmshard.files import atomic_output
 
 INDEX_FILE = "sequences.h5"
 RESIDUES_FILE = "residues.bin"

@@ -20,7 +20,7 @@ from pathlib import Path
 import esm
 import torch
 
-from esmshard import EsmShardError, atomic_output
+from esmshard import EsmShardError
 from esmshard.architectures import (
     ESM2_MODELS,
     Architecture,
@@ -29,6 +29,7 @@ from esmshard.architectures import (
     released_checkpoint,
     resolve_model,
 )
+from esmshard.files import atomic_output
 from esmshard.huggingface import HUB_ID, WEIGHT_FILES, Esm2Config, model_files, read_config
 from esmshard.packed import without_initialisation
 

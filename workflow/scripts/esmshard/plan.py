@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
-from esmshard import atomic_output
+from esmshard.files import atomic_output
 from esmshard.outputs import OutputSpec, piece_tokens
 from esmshard.shard import outputs_nbytes
 
@@ -148,16 +148,15 @@ def space_warning(
     position: np.ndarray,
     dim: int,
     dtype: str,
-    per_residue_in_embeddings: str = "copy",
 ) -> str | None:
     """What to tell the user when the embeddings of sequences of ``lengths`` (``position``: the
     distinct ones) may not fit in the free space of ``directory``, where the results go; None
     when they fit. The store holds every distinct sequence's outputs; the shards their pooled
-    ones (their per-residue rows are the store's); embeddings.h5 every ID's pooled ones, and its
-    per-residue rows unless it refers to the store's. All uncompressed (the most that is written)."""
+    ones (their per-residue rows are the store's); embeddings.h5 every ID's outputs. All
+    uncompressed (the most that is written)."""
     store = outputs_nbytes(spec, lengths[position], dim, dtype)
     shards = outputs_nbytes(spec, lengths[position], dim, dtype, per_residue=False)
-    merged = outputs_nbytes(spec, lengths, dim, dtype, per_residue=per_residue_in_embeddings == "copy")
+    merged = outputs_nbytes(spec, lengths, dim, dtype)
     free = shutil.disk_usage(directory).free
     if store + shards + merged <= free:
         return None

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from esmshard import EsmShardError, atomic_output, ensure_space
+from esmshard import EsmShardError
 from esmshard.architectures import checkpoint_stamp, resolve_model
 from esmshard.faults import crash_point, fail_if_asked
+from esmshard.files import atomic_output, ensure_space
 from esmshard.gpu import gpu_device, pin_gpu
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec, blocks, piece_tokens, pooling_of, sorted_rows
@@ -29,7 +30,15 @@ from esmshard.progress import Progress
 from esmshard.settings import defaults
 from esmshard.shard import ShardWriter, dataset_shapes, outputs_nbytes, sequence_nbytes, shard_problem
 from esmshard.stopping import signals_deferred
-from esmshard.store import DamagedSegment, SegmentWriter, Store, settings_identity, store_directory, store_key
+from esmshard.store import (
+    DamagedSegment,
+    SegmentWriter,
+    Store,
+    discard_damaged,
+    settings_identity,
+    store_directory,
+    store_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +115,21 @@ class RankWork:
         return {**self.run_attrs(), "share": share.hexdigest()[:32], "rank": self.rank}
 
 
-def run_rank(index_dir, plan_path, checkpoint, rank: int, shard_path, store_root, settings: RankSettings) -> dict:
+def run_rank(
+    index_dir, plan_path, checkpoint, rank: int, shard_path, store_root, settings: RankSettings, verify_store=False
+) -> dict:
     """Make ``shard_path`` hold rank ``rank``'s embeddings, with the model ``checkpoint`` names (the
-    one the plan was made with); returns throughput figures and where the rank ran."""
+    one the plan was made with); returns throughput figures, where the rank ran and the store
+    segments the shard reads. ``verify_store``: read every checksum of the store segments that hold
+    the rank's sequences first (the aggregation could not read the shard's rows)."""
     fail_if_asked(rank)
     work = rank_work(SequenceIndex(index_dir), read_plan(plan_path), rank, settings)
     work.checkpoint = {**work.checkpoint, "path": str(checkpoint)}
     embedded = work.spec.embedded_lengths(work.lengths)
     progress = Progress(len(work.ids), int(embedded.sum()), settings.progress_seconds, rank)
-    reused, gpu, engine = fill_store_and_assemble(work, shard_path, store_root, settings, progress)
+    reused, gpu, engine, segments = fill_store_and_assemble(
+        work, shard_path, store_root, settings, progress, verify=verify_store
+    )
     peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     peak_gpu_memory = gpu_peak_memory(engine)
     log.info(
@@ -133,6 +148,7 @@ def run_rank(index_dir, plan_path, checkpoint, rank: int, shard_path, store_root
         "reused": reused,
         "embedded": len(work.ids) - reused,
         "bfloat16_batches": getattr(engine, "fallbacks", 0),
+        "store_segments": [str(path) for path in segments],
     }
 
 
@@ -146,25 +162,28 @@ def gpu_peak_memory(engine) -> float | None:
 
 
 def fill_store_and_assemble(
-    work: RankWork, shard_path, store_root, settings: RankSettings, progress: Progress, engine=None
+    work: RankWork, shard_path, store_root, settings: RankSettings, progress: Progress, engine=None, verify=False
 ):
     """Compute what the store lacks (with ``engine``, else the model loaded on a leased GPU), then
-    assemble the shard from the store; a store segment found damaged while assembling is deleted
-    and its sequences computed again. Returns (sequences found in the store at the start, the GPU
-    leased or None, the engine or None)."""
-    gpu = reused = None
-    for _ in range(3):
+    assemble the shard from the store; a store segment found damaged while assembling (or, with
+    ``verify``, by reading all its checksums first) is deleted and its sequences computed again.
+    Returns (sequences taken from the store, the GPU leased or None, the engine or None, the store
+    segments the shard reads)."""
+    gpu, computed = None, 0
+    if verify:  # a damaged segment is deleted: its sequences are then computed as missing ones
+        store = Store(store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}")
+        discard_damaged(store.segments_holding(work.digests), work.spec.names)
+    for attempt in range(3):
         store = Store(store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}")
         todo = np.flatnonzero(store.find(work.digests)[0] < 0)
-        if reused is None:
-            reused = len(work.ids) - len(todo)
+        if not attempt:
             log.info(
                 "rank %d/%d: %d distinct sequences, %d residues; %d already in the store %s, %d to compute",
                 work.rank,
                 work.world_size,
                 len(work.ids),
                 progress.total_residues,
-                reused,
+                len(work.ids) - len(todo),
                 store.directory,
                 len(todo),
             )
@@ -175,10 +194,11 @@ def fill_store_and_assemble(
                 engine, gpu = load_engine(work, settings, int(work.spec.tokens(work.lengths[todo]).sum()))
                 progress.start_clock()
             compute(work, engine, todo, store, settings, progress)
+            computed += len(todo)
             store = Store(store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}")
         try:
-            assemble_shard(shard_path, work, store, settings.dtype, engine)
-            return reused, gpu, engine
+            segments = assemble_shard(shard_path, work, store, settings.dtype, engine)
+            return len(work.ids) - computed, gpu, engine, segments
         except DamagedSegment as error:
             log.warning("rank %d: %s; computing its sequences again", work.rank, error)
     raise EsmShardError(f"the store {store.directory} was found damaged three times; check the disk")
@@ -381,9 +401,10 @@ def plan_batches(engine, lengths, settings: RankSettings):
     return padded_batches(piece_tokens(lengths), budget, spec.window_counts(lengths)), budget
 
 
-def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str, engine=None) -> None:
+def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str, engine=None) -> list[Path]:
     """The rank's shard from the store, in plan order; only a complete file lands. Its attributes
-    say how many of this run's batches overflowed float16 and were computed in bfloat16."""
+    say how many of this run's batches overflowed float16 and were computed in bfloat16. Returns
+    the store segments its per-residue rows are read from."""
     runs = store.residue_runs(work.digests) if work.spec.per_residue else None
     log.info(
         "rank %d: assembling %s from %d store segments%s",
@@ -407,3 +428,4 @@ def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str, engine=
         writer.close()
         crash_point("shard-written")
     crash_point("shard-renamed")
+    return sorted({path for path, *_ in runs or []})

@@ -9,7 +9,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from esmshard import EsmShardError, atomic_output
+from esmshard import EsmShardError
+from esmshard.files import atomic_output
 from esmshard.outputs import OutputSpec, dataset_name, pooling_of, resolve_layer
 from esmshard.shard import missing_sources
 

@@ -16,8 +16,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from esmshard import atomic_output
 from esmshard.architectures import MAX_RESIDUES
+from esmshard.files import atomic_output
 from esmshard.status import read_status
 
 OK_COLOR, FAILED_COLOR, MISSING_COLOR = "#2b6cb0", "#c53030", "#e53e3e"

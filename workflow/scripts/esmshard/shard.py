@@ -23,7 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from esmshard import atomic_output
+from esmshard.files import atomic_output
 from esmshard.outputs import OutputSpec, pooling_of, residue_offsets, runs, sorted_rows
 
 DTYPES = {"float32": np.float32, "float16": np.float16}

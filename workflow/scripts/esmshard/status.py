@@ -1,12 +1,14 @@
 """A rank's outcome, as the workflow, the aggregation and the report read it.
 
-Every rank ends with a status file (``{"ok": true, ...}`` or ``{"ok": false, "error": ...}``),
-an output of the embed rule next to its shard. A failed status (the rank's last attempt failed, or
-its shard was found damaged later) makes the next run of the workflow retry exactly that rank,
-whatever rerun triggers it uses: the embed rule then asks for an input named after that failure,
-which rule retry_rank makes. So does a store segment lost under a merged file that refers to it
-(``per_residue_in_embeddings: refer``; the manifest lists the segments of each rank's rows).
-Standard library only: the Snakefile reads statuses and the manifest while it builds its jobs.
+Every rank ends with a status file, an output of the embed rule next to its shard: ``{"ok": true,
+...}`` with the shard's size and time and the store segments its per-residue rows are read from,
+or ``{"ok": false, "error": ..., "failure": <token>}``. The Snakefile reads each status while it
+builds its jobs and retries a rank (``retry_failure``) whose status records a failure or cannot be
+read, whose shard changed after its job, whose store segments are gone, or whose shard the last
+aggregation rejected (the manifest says so): the embed rule then asks for an input named after
+that failure, which rule retry_rank makes, so Snakemake reruns exactly that rank and, after it,
+the aggregation, whatever rerun triggers it uses. The aggregation only reads. Standard library
+only: the Snakefile imports this while it is parsed.
 """
 
 import functools
@@ -16,7 +18,9 @@ import os
 import secrets
 from pathlib import Path
 
-from esmshard import atomic_output
+from esmshard.files import atomic_output
+
+_STAMP_BYTES = 64 << 10
 
 
 def write_status(path, **status) -> None:
@@ -25,56 +29,104 @@ def write_status(path, **status) -> None:
 
 
 def read_status(path) -> dict:
-    return json.loads(Path(path).read_text())
-
-
-def failed(path) -> bool:
-    """Whether the status at ``path`` records a failure (False when there is no status yet)."""
+    """The status at ``path``; ValueError naming the file when it is not a status (damaged)."""
     try:
-        return read_status(path).get("ok") is not True
-    except (OSError, ValueError):
-        return False
+        status = json.loads(Path(path).read_text())
+    except UnicodeDecodeError as error:
+        raise ValueError(f"status file {path} is unreadable ({error})") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"status file {path} is unreadable ({error})") from None
+    if not isinstance(status, dict) or not isinstance(status.get("ok"), bool):
+        raise ValueError(f"status file {path} is unreadable (not an esmshard status)")
+    return status
 
 
-def retry_failure(path, lost=()) -> str | None:
-    """The failure whose retry marker the rank needs as an input: the one its status records, or
-    else the loss of the store segments ``lost`` (``lost_segments``), which makes the next run retry it;
-    after the retry, the same one (so that the retried rank is up to date); None for a rank that
-    never failed."""
+def failure_status(rank: int, error, attempt: int, **where) -> dict:
+    """What a rank that failed for good records: the next run retries it."""
+    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return {"rank": rank, "ok": False, "attempt": attempt, "error": message, "failure": new_token(), **where}
+
+
+def new_token() -> str:
+    """A name for one job of a rank, or one failure: never the same twice."""
+    return secrets.token_hex(4)
+
+
+def shard_stamp(path) -> dict:
+    """The shard's size and a digest of its first and last 64 KiB (where HDF5 keeps the file's
+    structure and its attributes: the settings and the rank's share): a torn, replaced or foreign
+    shard has another stamp. Not its time: Snakemake touches every output after its job."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        ends = os.pread(handle.fileno(), _STAMP_BYTES, 0) + os.pread(
+            handle.fileno(), _STAMP_BYTES, max(0, size - _STAMP_BYTES)
+        )
+    return {"size": size, "ends": hashlib.sha256(ends).hexdigest()[:16]}
+
+
+def retry_failure(status_path, shard_path, manifest_path, rank: int) -> str | None:
+    """The failure whose retry marker rank ``rank`` needs as an input, or None for a rank that
+    never failed (or has no status yet: then its job runs anyway). After the retry, the rank's
+    status records the failure it was retried for (``retried``), which stays the answer until
+    something new goes wrong; each answer names the job whose files went wrong (its status's
+    ``job``, or for a status damaged, when that happened), so that the same damage twice is two
+    failures."""
     try:
-        status = read_status(path)
-    except (OSError, ValueError):
+        raw, changed = Path(status_path).read_bytes(), os.stat(status_path).st_mtime_ns
+    except FileNotFoundError:
         return None
-    if status.get("ok") is not True:
-        return status.get("failure", "unknown")
+    try:
+        status = read_status(status_path)
+    except (OSError, ValueError):
+        return "unreadable" + _digest(raw + str(changed).encode())
+    if not status["ok"]:
+        return str(status.get("failure") or "failed" + _digest(raw))
+    try:
+        stamp = shard_stamp(shard_path)
+    except FileNotFoundError:
+        stamp = None  # a missing output: Snakemake reruns the job for it
+    job = str(status.get("job"))
+    if stamp is not None and stamp != status.get("shard"):
+        return "changed" + _digest((json.dumps(stamp) + job).encode())
+    folder = Path(status_path).parent
+    lost = sorted(name for name in status.get("store_segments", []) if not (folder / name).is_file())
     if lost:
-        return "lost" + hashlib.sha256("\n".join(sorted(lost)).encode()).hexdigest()[:8]
+        return "lost" + _digest("\n".join([*lost, job]).encode())
+    rejected = _rejections(str(manifest_path), _mtime(manifest_path)).get(rank)
+    if rejected:
+        return "rejected" + rejected
     return status.get("retried")
 
 
-def lost_segments(manifest_path, rank) -> list[str]:
-    """The store segments holding rank ``rank``'s rows that the merged file of ``manifest_path``
-    refers to and that no longer exist (none where the merged file holds its own copy)."""
+def retried(status_path) -> str | None:
+    """The failure the rank's last job was retried for (None: none, or no readable status)."""
     try:
-        referred = _referred_segments(str(manifest_path), os.stat(manifest_path).st_mtime_ns)
+        return read_status(status_path).get("retried")
     except (OSError, ValueError):
-        return []
-    folder = Path(manifest_path).parent
-    return [name for name in referred.get(str(rank), []) if not (folder / name).is_file()]
+        return None
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:8]
+
+
+def _mtime(path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 @functools.lru_cache(maxsize=4)
-def _referred_segments(manifest_path: str, mtime_ns: int) -> dict:
-    """The manifest's store segments by rank, read once per version of the file: the Snakefile asks
-    for every rank, and the manifest also lists every missing ID of a failed rank."""
-    return json.loads(Path(manifest_path).read_text()).get("store_segments_by_rank", {})
-
-
-def record_failure(status_path, rank: int, error, attempt: int, **where) -> str:
-    """The rank failed (on its last attempt, or its shard was found damaged later): the next run
-    retries it. Returns the error as recorded."""
-    message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    write_status(
-        status_path, rank=rank, ok=False, attempt=attempt, error=message, failure=secrets.token_hex(4), **where
-    )
-    return message
+def _rejections(manifest_path: str, mtime_ns: int | None) -> dict[int, str]:
+    """{rank: token} of the ranks whose shards the aggregation of ``manifest_path`` rejected, read
+    once per version of the file: the Snakefile asks for every rank, and the manifest also lists
+    every missing ID of a failed rank. An unreadable manifest rejects nothing (the aggregation,
+    which rewrites it, runs after any rank that reruns)."""
+    if mtime_ns is None:
+        return {}
+    try:
+        manifest = json.loads(Path(manifest_path).read_text())
+        return {int(entry["rank"]): str(entry["rejected"]) for entry in manifest["ranks_failed"] if "rejected" in entry}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}

@@ -29,9 +29,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from esmshard import EsmShardError, atomic_output, ensure_space
+from esmshard import EsmShardError
 from esmshard.architectures import MAX_RESIDUES
 from esmshard.faults import crash_point
+from esmshard.files import atomic_output, ensure_space
 from esmshard.index import DIGEST
 from esmshard.outputs import OutputSpec, pooling_of, ranges_index, residue_offsets
 from esmshard.shard import DTYPES, dataset_shapes, plain_attr, write_attrs
@@ -39,9 +40,8 @@ from esmshard.shard import DTYPES, dataset_shapes, plain_attr, write_attrs
 log = logging.getLogger(__name__)
 
 _CHUNK_BYTES = 4 << 20  # HDF5 storage chunks of about 4 MiB, each with its own checksum
-# A shard (or embeddings.h5, per_residue_in_embeddings: refer) refers to its per-residue rows in
-# the store through at most this many mappings (each HDF5 reads on opening the dataset); beyond,
-# the rows are copied.
+# A shard refers to its per-residue rows in the store through at most this many mappings (each
+# HDF5 reads on opening the dataset); beyond, the rows are copied.
 MAX_VIRTUAL_RUNS = 4096
 
 
@@ -137,18 +137,21 @@ class Store:
         found = self._keys[at] == digests
         return np.where(found, self._segment[at], -1), np.where(found, self._row[at], -1)
 
+    def segments_holding(self, digests: np.ndarray) -> list[Path]:
+        """The segments that hold any of ``digests``."""
+        return [self.segments[number] for number in np.unique(self.find(digests)[0]).tolist() if number >= 0]
+
     def write(self, digests: np.ndarray, lengths: np.ndarray, outputs: dict[str, np.ndarray]) -> Path:
         """A new segment of these sequences' outputs (rows in the order of ``digests``)."""
         path = self.directory / f"seg_{self.writer}_{secrets.token_hex(6)}.h5"
-        ensure_space(self.directory, sum(values.nbytes for values in outputs.values()), "a store segment")
+        ensure_space(self.directory, sum(map(_allocated_bytes, outputs.values())), "a store segment")
         with atomic_output(path) as tmp:
             with h5py.File(tmp, "w") as h5:
                 h5.create_dataset("digests", data=digests.view(np.uint8).reshape(-1, DIGEST.itemsize))
                 h5.create_dataset("lengths", data=np.asarray(lengths, np.int64))
                 for name, values in outputs.items():
                     values = np.asarray(values, DTYPES[self.dtype])  # a copy only where the type differs
-                    rows = max(1, min(len(values), _CHUNK_BYTES // max(1, values[:1].nbytes)))
-                    h5.create_dataset(name, data=values, chunks=(rows, self.dim), fletcher32=True)
+                    h5.create_dataset(name, data=values, chunks=(_chunk_rows(values), self.dim), fletcher32=True)
                 write_attrs(h5, self.identity)
             with open(tmp, "rb") as handle:  # on disk before the rename makes it count
                 os.fsync(handle.fileno())
@@ -203,6 +206,19 @@ class Store:
             name: values[residue_rows if pooling_of(name) == "per_residue" else rows]
             for name, values in outputs.items()
         }
+
+
+def _chunk_rows(values: np.ndarray) -> int:
+    """Rows per HDF5 chunk of a segment's dataset: about _CHUNK_BYTES, at most the dataset."""
+    return max(1, min(len(values), _CHUNK_BYTES // max(1, values[:1].nbytes)))
+
+
+def _allocated_bytes(values: np.ndarray) -> int:
+    """What HDF5 allocates for ``values`` as a segment's dataset: whole chunks (the last one of a
+    dataset in full), each with its checksum. A full disk must be seen before HDF5 meets it."""
+    rows = _chunk_rows(values)
+    chunks = -(-len(values) // rows)
+    return chunks * (rows * values[:1].nbytes + 4)
 
 
 def discard_damaged(paths, names: list[str]) -> list[Path]:
