@@ -91,12 +91,12 @@ class Packer:
         """``windows``: [B, 2] first and end window of each sequence to embed; None: all."""
         lengths = np.array([len(r) for r in residues], np.int64)  # [B]
         embedded = self.spec.embedded_lengths(lengths)  # [B]
-        every = [np.array(self.spec.windows(int(n)), np.int64) for n in lengths]  # [B] of [windows, 2]
+        every = [self.spec.windows(int(n)) for n in lengths]  # [B] lists of (start, end)
         counts = np.array([len(w) for w in every], np.int64)  # [B]
         if windows is None:
             windows = np.stack([np.zeros_like(counts), counts], 1)
         windows = np.asarray(windows, np.int64).reshape(-1, 2)
-        spans = np.array([[w[a, 0], w[b - 1, 1]] for w, (a, b) in zip(every, windows.tolist())], np.int64)
+        spans = np.array([(w[a][0], w[b - 1][1]) for w, (a, b) in zip(every, windows.tolist())], np.int64)
         pieces = [(seq, start, end) for seq, (a, b) in enumerate(windows.tolist()) for start, end in every[seq][a:b]]
         piece_seq, piece_start, piece_end = (np.array(column, np.int64) for column in zip(*pieces))  # [P]
         piece_len = piece_end - piece_start
@@ -114,12 +114,13 @@ class Packer:
         residue_seq = piece_seq[residue_piece]
         residue = piece_start[residue_piece] + positions[residue_tokens] - 1  # [R'] in its sequence
         # Windows over each residue, those in other batches too: with the sequences laid end to end,
-        # the windows starting at or before it less those ending at or before it.
-        base = residue_offsets(embedded)[:-1]  # [B]
-        bounds = np.concatenate([w + b for w, b in zip(every, base.tolist())])  # [all windows, 2], sorted
-        at = base[residue_seq] + residue
-        coverage = np.searchsorted(bounds[:, 0], at, "right") - np.searchsorted(bounds[:, 1], at, "right")
-        residue_weight = 1.0 / coverage
+        # a running count of the windows started less those ended.
+        base = residue_offsets(embedded)  # [B+1]
+        bounds = np.array([(s + b, e + b) for w, b in zip(every, base.tolist()) for s, e in w])  # [all windows, 2]
+        coverage = np.cumsum(
+            np.bincount(bounds[:, 0], minlength=base[-1]) - np.bincount(bounds[:, 1], minlength=base[-1] + 1)[:-1]
+        )
+        residue_weight = 1.0 / coverage[base[residue_seq] + residue]
         span_lengths = spans[:, 1] - spans[:, 0]
         residue_rows = residue_offsets(span_lengths)[:-1][residue_seq] + residue - spans[residue_seq, 0]
         arrays = {
