@@ -112,3 +112,17 @@ def test_invalid_residues_replace_and_a_layer_the_model_lacks(tiny_checkpoint):
     assert np.array_equal(replaced["mean/layer_2"], embed({"a": "MKVXL"}, model=tiny_checkpoint)["mean/layer_2"])
     with pytest.raises(ValueError, match=r"^config: layer 7 is outside this model's layers 0..2"):
         embed(["MKV"], model=tiny_checkpoint, layers=[7])
+
+
+@pytest.mark.parametrize("engine", ["packed", "reference"])
+def test_a_budget_under_a_proteins_windows_gives_the_same_vectors(tiny_checkpoint, engine):
+    """tokens_per_batch 2048 spreads a 4,000-residue protein's windows over batches (2 per batch)."""
+    sequences = list(random_sequences(6, seed=23, median=200, cap=600).values())
+    sequences.insert(2, "".join(random_sequences(1, seed=24, median=4000, cap=4000).values()))
+    options = dict(model=tiny_checkpoint, long_sequences="window", window_overlap=700, engine=engine, **OUTPUTS)
+    small = embed(sequences, tokens_per_batch=2048, **options)
+    large = embed(sequences, tokens_per_batch=10**6, **options)
+    for name in ("mean/layer_0", "mean/layer_2", "bos/layer_0", "bos/layer_2"):
+        assert np.abs(small[name] - large[name]).max() <= 1e-5, name
+    for name in ("per_residue/layer_0", "per_residue/layer_2"):
+        assert all(np.abs(a - b).max() <= 1e-5 for a, b in zip(small[name], large[name])), name

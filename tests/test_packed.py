@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from conftest import AMINO, fair_esm_mean, fair_esm_outputs, spec_for, split_rows
+from esmshard.batching import planned_batches
 from esmshard.engine import PackedEngine, Packer, ReferenceEngine
 from esmshard.model import load_model, write_random_checkpoint
+from esmshard.outputs import POOLINGS, OutputSpec
 
 LENGTHS = (300, 1, 2, 50, 1022, 3000, 77, 2)
 
@@ -245,3 +247,106 @@ def test_outputs_come_in_the_stored_dtype_rounded_as_numpy_rounds(wider):
             assert np.abs(got[name].astype(np.float32) - values).max() <= 1e-3 * np.abs(values).max(), name
         if isinstance(engine, PackedEngine):
             assert all(np.array_equal(got[name], values.astype(np.float16)) for name, values in want.items())
+
+
+def _by_sequence(results, spec, lengths):
+    """{name: per sequence rows} from embed_batches' (batch, outputs), whatever the batches."""
+    embedded = spec.embedded_lengths(lengths)
+    got = {name: [None] * len(lengths) for name in spec.names}
+    for batch, outputs in results:
+        for name, rows in outputs.items():
+            pieces = split_rows(rows, embedded[batch]) if name.startswith("per_residue") else rows[:, None]
+            for i, piece in zip(np.asarray(batch).tolist(), pieces):
+                got[name][i] = piece
+    return got
+
+
+@pytest.mark.parametrize("overlap", [512, 900])
+@pytest.mark.parametrize("kind", [PackedEngine, ReferenceEngine])
+def test_a_protein_split_over_batches_equals_it_unsplit(tiny_checkpoint, kind, overlap):
+    """A 5,000-residue protein's windows (9 or 34 of them) spread over batches of at most 4096
+    tokens, among short and other windowed proteins: every output as with one batch for all.
+    The mean of one batch for all sums 9k-35k rows in float32, 2e-5 off the float64 mean of its
+    rows; summed over batches it is closer: each is held to that float64 mean."""
+    network, alphabet = load_model(str(tiny_checkpoint))
+    spec = OutputSpec.resolve((-1, 0), POOLINGS, network.num_layers, "window", overlap)
+    lengths = np.array([40, 5000, 3, 1100, 700, 2500])
+    residues = random_residues(lengths, seed=9)
+    padded = kind is ReferenceEngine
+    engine = kind(network, alphabet, "cpu", "float32", spec)
+    whole = planned_batches(lengths, spec, 10**6, padded)
+    split = planned_batches(lengths, spec, 4096, padded)
+    assert len(whole) == 1 and len(split) > spec.window_counts([5000])[0] // 4
+    read = lambda batch: [residues[i] for i in batch]  # noqa: E731
+    want = _by_sequence(engine.embed_batches(whole, read), spec, lengths)
+    results = list(engine.embed_batches(split, read))
+    assert sorted(np.concatenate([b for b, _ in results]).tolist()) == list(range(len(lengths)))
+    got = _by_sequence(results, spec, lengths)
+    for name in spec.names:
+        for i in range(len(lengths)):
+            assert got[name][i].shape == want[name][i].shape
+            if name.startswith("mean"):
+                exact = want[name.replace("mean", "per_residue")][i].astype(np.float64).mean(0)
+                assert np.abs(got[name][i][0] - exact).max() <= 1e-5, (name, lengths[i])
+                assert np.abs(want[name][i][0] - exact).max() <= 1e-4, (name, lengths[i])
+            else:
+                assert np.abs(got[name][i] - want[name][i]).max() <= 1e-5, (name, lengths[i])
+    # float16 storage: the float32 sums, cast once at the end
+    stored = kind(network, alphabet, "cpu", "float32", spec, stored="float16")
+    half = _by_sequence(stored.embed_batches(split, read), spec, lengths)
+    for name in spec.names:
+        for i in range(len(lengths)):
+            assert half[name][i].dtype == np.float16 and np.array_equal(half[name][i], got[name][i].astype(np.float16))
+
+
+def test_out_of_memory_halves_a_lone_protein_by_its_windows(tiny_checkpoint, monkeypatch):
+    network, alphabet = load_model(str(tiny_checkpoint))
+    spec = spec_for(network, poolings=POOLINGS, long_sequences="window")
+    engine = PackedEngine(network, alphabet, "cpu", "float32", spec)
+    residues = random_residues((3000, 20), seed=10)
+    expected = engine.embed(residues)
+    real_outputs = engine.outputs
+    tried = []
+
+    def outputs_with_small_memory(batch, model=None):
+        tried.append(len(batch.tokens))
+        if len(batch.tokens) > 2100:
+            raise torch.OutOfMemoryError("simulated")
+        return real_outputs(batch, model)
+
+    monkeypatch.setattr(engine, "outputs", outputs_with_small_memory)
+    for batches in ([np.arange(2)], planned_batches([3000, 20], spec, 4096)):
+        got = _by_sequence(engine.embed_batches(batches, lambda b: [residues[i] for i in b]), spec, [3000, 20])
+        for name in spec.names:
+            assert np.abs(np.concatenate(got[name]) - expected[name]).max() <= 1e-5, name
+    # 5 windows and 20 residues: 5142 -> 5120 + 22, 5120 -> 2048 + 3072, 3072 -> 1024 + 2048;
+    # planned as 4 windows, then 1 with the 20 residues: 4096 -> 2048 + 2048
+    assert tried == [5142, 5120, 2048, 3072, 1024, 2048, 22, 4096, 2048, 2048, 1046] and engine.splits == 3 + 1
+
+    with pytest.raises(torch.OutOfMemoryError):  # one window that never fits is an error
+        monkeypatch.setattr(
+            engine, "outputs", lambda batch, model=None: (_ for _ in ()).throw(torch.OutOfMemoryError())
+        )
+        engine.embed(random_residues((3000,)))
+
+
+def test_a_split_protein_that_overflows_float16_is_computed_again_in_bfloat16(tmp_path):
+    network, alphabet = load_model(str(write_random_checkpoint(tmp_path / "esm2_w64.pt", 4, 64, 4, seed=3)))
+    with torch.no_grad():
+        network.layers[1].fc1.weight.mul_(300.0)
+        network.layers[1].fc2.weight.mul_(300.0)
+    spec = spec_for(network, (-1, 1), ("mean", "bos", "per_residue"), long_sequences="window")
+    lengths = [2500]
+    residues = random_residues(lengths, seed=11)
+    batches = planned_batches(lengths, spec, 2048)
+    assert len(batches) == 2
+    read = lambda b: [residues[i] for i in b]  # noqa: E731
+    bfloat16 = _by_sequence(
+        PackedEngine(network, alphabet, "cpu", "bfloat16", spec).embed_batches(batches, read), spec, lengths
+    )
+    engine = PackedEngine(network, alphabet, "cpu", "float16", spec)
+    got = _by_sequence(engine.embed_batches(batches, read), spec, lengths)
+    assert engine.fallbacks == 2
+    for name in spec.names:
+        for i in range(len(lengths)):
+            assert np.isfinite(got[name][i]).all() and np.array_equal(got[name][i], bfloat16[name][i]), name

@@ -1,10 +1,50 @@
 """Token-budget batches over length-sorted sequences.
 
-Sizes are in tokens and already include each piece's BOS and EOS; a long protein cut into
-windows (``outputs.py``) counts all its windows, which always share a batch.
+Sizes are in tokens and already include each piece's BOS and EOS. A long protein cut into
+windows (``outputs.py``) counts all its windows; where they exceed the budget, its windows are
+spread over several batches (``planned_batches``).
 """
 
+from dataclasses import dataclass
+
 import numpy as np
+
+from esmshard.outputs import OutputSpec, piece_tokens
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A planned batch: sequences ``positions``, each with the range of its windows embedded here."""
+
+    positions: np.ndarray  # [k]
+    windows: np.ndarray | None  # [k, 2] first and end window of each; None: all windows of every one
+    tokens: int  # its size as the budget counts it
+
+
+def planned_batches(lengths, spec: OutputSpec, tokens_per_batch: int, padded: bool = False) -> list[Batch]:
+    """Batches of the sequences of ``lengths`` within ``tokens_per_batch`` (``padded``: rows × widest,
+    else real tokens). A windowed protein over the budget goes in runs of as many windows as the
+    budget holds (one where a window is over it), each an item for the batchers below; a full run
+    leaves room for less than a window, so a protein's runs never share a batch."""
+    width = piece_tokens(lengths)  # [n]
+    counts = spec.window_counts(lengths)  # [n]
+    per_run = np.maximum(tokens_per_batch // width, 1)
+    runs = -(-counts // per_run)  # [n]
+    seq = np.repeat(np.arange(len(counts)), runs)  # [items]
+    first = (np.arange(len(seq)) - np.repeat(np.cumsum(runs) - runs, runs)) * per_run[seq]
+    end = np.minimum(first + per_run[seq], counts[seq])
+    rows, width = end - first, width[seq]
+    if padded:
+        groups = padded_batches(width, tokens_per_batch, rows)
+        sizes = [int(rows[g].sum() * width[g].max()) for g in groups]
+    else:
+        groups = packed_batches(rows * width, tokens_per_batch)
+        sizes = [int((rows[g] * width[g]).sum()) for g in groups]
+    split = runs[seq] > 1
+    return [
+        Batch(seq[g], np.stack([first[g], end[g]], 1) if split[g].any() else None, size)
+        for g, size in zip(groups, sizes)
+    ]
 
 
 def padded_batches(widths, tokens_per_batch: int, rows=None) -> list[np.ndarray]:

@@ -10,11 +10,14 @@
 Both build their batches with ``Packer.pack`` and pool with ``pool``: means over residue positions
 without BOS and EOS (the vector ``scripts/extract.py --include mean`` writes), BOS vectors, and
 per-residue vectors, windows of long proteins averaged where they overlap.
-``embed_batches(batches, read)`` takes batches of positions and a function that returns their
-residues (uint8 arrays), and yields ``(batch, {dataset name: array})`` in order: pooled outputs
-[len(batch), dim], per-residue outputs [sum of the batch's embedded lengths, dim], in the stored
-dtype (``stored``: float32 or float16), cast on the device so that half as many bytes cross to
-the host and no CPU time goes into converting them.
+``embed_batches(batches, read)`` takes batches of positions (or ``batching.Batch``es) and a function
+that returns their residues (uint8 arrays), and yields ``(batch, {dataset name: array})`` in order:
+pooled outputs [len(batch), dim], per-residue outputs [sum of the batch's embedded lengths, dim], in
+the stored dtype (``stored``: float32 or float16), cast on the device so that half as many bytes
+cross to the host and no CPU time goes into converting them. A protein whose windows are spread
+over several batches is summed in float32 on the host (``Assembler``; every output is a weighted
+sum over pieces) and yielded, cast, with the batch of its last windows: a batch holding only some
+of a protein's windows yields the positions of the sequences it finished, maybe none.
 """
 
 import logging
@@ -26,8 +29,9 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
+from esmshard.batching import Batch
 from esmshard.fasta import ESM_RESIDUES
-from esmshard.outputs import OutputSpec, pooling_of, residue_offsets
+from esmshard.outputs import OutputSpec, piece_tokens, pooling_of, residue_offsets
 from esmshard.packed import PackedESM2, kernel_warmups
 
 log = logging.getLogger(__name__)
@@ -41,7 +45,9 @@ class PackedBatch:
     with R residue rows out; on the host (pinned when bound for a GPU) or on the device.
 
     R' residue tokens go in (overlapping windows repeat residues); each is added, weighted, to
-    its row of the per-residue output and to its sequence's mean."""
+    its row of the per-residue output and to its sequence's mean. A sequence may have only some
+    of its windows here (``windows``); its outputs are then the part of its whole ones' sums
+    that these windows make: its R rows are the residues ``spans`` its windows cover."""
 
     tokens: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64, 0 at every <cls>
@@ -58,6 +64,9 @@ class PackedBatch:
     sequences: int  # B
     residue_rows_out: int  # R
     max_len: int  # longest piece, in tokens
+    windows: np.ndarray  # [B, 2] int64, first and end window of each sequence here
+    spans: np.ndarray  # [B, 2] int64, the residues (start, end) its rows here cover
+    whole: bool  # every sequence has all its windows here
 
     def to(self, device) -> "PackedBatch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -78,10 +87,17 @@ class Packer:
         self.cls_idx, self.eos_idx, self.padding_idx = alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx
         self.spec = spec
 
-    def pack(self, residues: list[np.ndarray], pin: bool = False) -> PackedBatch:
+    def pack(self, residues: list[np.ndarray], pin: bool = False, windows=None) -> PackedBatch:
+        """``windows``: [B, 2] first and end window of each sequence to embed; None: all."""
         lengths = np.array([len(r) for r in residues], np.int64)  # [B]
         embedded = self.spec.embedded_lengths(lengths)  # [B]
-        pieces = [(seq, start, end) for seq, n in enumerate(lengths) for start, end in self.spec.windows(int(n))]
+        every = [self.spec.windows(int(n)) for n in lengths]  # [B] lists of (start, end)
+        counts = np.array([len(w) for w in every], np.int64)  # [B]
+        if windows is None:
+            windows = np.stack([np.zeros_like(counts), counts], 1)
+        windows = np.asarray(windows, np.int64).reshape(-1, 2)
+        spans = np.array([(w[a][0], w[b - 1][1]) for w, (a, b) in zip(every, windows.tolist())], np.int64)
+        pieces = [(seq, start, end) for seq, (a, b) in enumerate(windows.tolist()) for start, end in every[seq][a:b]]
         piece_seq, piece_start, piece_end = (np.array(column, np.int64) for column in zip(*pieces))  # [P]
         piece_len = piece_end - piece_start
         sizes = piece_len + 2
@@ -96,11 +112,17 @@ class Packer:
 
         residue_piece = token_piece[residue_tokens]
         residue_seq = piece_seq[residue_piece]
-        row_start = residue_offsets(embedded)[:-1]  # [B]
-        residue_rows = row_start[residue_seq] + piece_start[residue_piece] + positions[residue_tokens] - 1
-        coverage = np.bincount(residue_rows, minlength=int(embedded.sum()))  # windows over each row
-        residue_weight = 1.0 / coverage[residue_rows]
-        pieces_per_seq = np.bincount(piece_seq, minlength=len(residues))
+        residue = piece_start[residue_piece] + positions[residue_tokens] - 1  # [R'] in its sequence
+        # Windows over each residue, those in other batches too: with the sequences laid end to end,
+        # a running count of the windows started less those ended.
+        base = residue_offsets(embedded)  # [B+1]
+        bounds = np.array([(s + b, e + b) for w, b in zip(every, base.tolist()) for s, e in w])  # [all windows, 2]
+        coverage = np.cumsum(
+            np.bincount(bounds[:, 0], minlength=base[-1]) - np.bincount(bounds[:, 1], minlength=base[-1] + 1)[:-1]
+        )
+        residue_weight = 1.0 / coverage[base[residue_seq] + residue]
+        span_lengths = spans[:, 1] - spans[:, 0]
+        residue_rows = residue_offsets(span_lengths)[:-1][residue_seq] + residue - spans[residue_seq, 0]
         arrays = {
             "tokens": tokens,
             "positions": positions,
@@ -113,13 +135,19 @@ class Packer:
             "mean_weight": (residue_weight / embedded[residue_seq]).astype(np.float32),
             "bos_tokens": cu_seqlens[:-1].astype(np.int64),
             "bos_seq": piece_seq,
-            "bos_weight": (1.0 / pieces_per_seq[piece_seq]).astype(np.float32),
+            "bos_weight": (1.0 / counts[piece_seq]).astype(np.float32),
         }
         tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
         if pin:
             tensors = {name: t.pin_memory() for name, t in tensors.items()}
         return PackedBatch(
-            **tensors, sequences=len(residues), residue_rows_out=int(embedded.sum()), max_len=int(sizes.max())
+            **tensors,
+            sequences=len(residues),
+            residue_rows_out=int(span_lengths.sum()),
+            max_len=int(sizes.max()),
+            windows=windows,
+            spans=spans,
+            whole=bool((windows[:, 1] - windows[:, 0] == counts).all()),
         )
 
 
@@ -139,6 +167,60 @@ def pool(hidden: torch.Tensor, batch: PackedBatch, names: list[str]) -> dict[str
     return out
 
 
+class Assembler:
+    """Whole sequences from batches' outputs: a protein whose windows are spread over batches is
+    summed here in float32, before the cast to the stored dtype, until its last window is in."""
+
+    def __init__(self, spec: OutputSpec, stored: torch.dtype):
+        self.spec, self.stored = spec, stored
+        self.open = {}  # position -> (windows still to come, {name: float32 sums [1 or embedded length, D]})
+
+    def host_dtype(self, packed: PackedBatch) -> torch.dtype:
+        return self.stored if packed.whole else torch.float32
+
+    def __call__(self, positions, residues, packed: PackedBatch, host: dict[str, torch.Tensor]):
+        """(positions of the sequences finished, {name: their outputs as arrays in the stored dtype}),
+        from one batch's outputs ``host`` (in ``host_dtype``)."""
+        if packed.whole:
+            return positions, {name: t.numpy() for name, t in host.items()}
+        lengths = [len(r) for r in residues]
+        counts, embedded = self.spec.window_counts(lengths), self.spec.embedded_lengths(lengths)
+        rows = residue_offsets(packed.spans[:, 1] - packed.spans[:, 0])
+        done, out = [], {name: [t[:0]] for name, t in host.items()}
+        for i, (position, (first, end)) in enumerate(zip(np.asarray(positions).tolist(), packed.windows.tolist())):
+            values = {
+                name: t[rows[i] : rows[i + 1]] if _per_residue(name) else t[i : i + 1] for name, t in host.items()
+            }
+            if end - first < counts[i]:
+                left, sums = self.open.pop(position, (counts[i], None))
+                if sums is None:
+                    sums = {
+                        name: t.new_zeros(embedded[i] if _per_residue(name) else 1, t.shape[1])
+                        for name, t in host.items()
+                    }
+                start, stop = packed.spans[i]
+                for name, value in values.items():
+                    (sums[name][start:stop] if _per_residue(name) else sums[name]).add_(value)
+                if left > end - first:
+                    self.open[position] = (left - (end - first), sums)
+                    continue
+                values = sums
+            done.append(i)
+            for name, value in values.items():
+                out[name].append(value)
+        finished = np.asarray(positions)[np.array(done, np.int64)]
+        return finished, {name: torch.cat(parts).to(self.stored).numpy() for name, parts in out.items()}
+
+
+def _per_residue(name: str) -> bool:
+    return pooling_of(name) == "per_residue"
+
+
+def _planned(batch):
+    """(positions, windows) of a batch: a ``batching.Batch``, or positions of whole sequences."""
+    return (batch.positions, batch.windows) if isinstance(batch, Batch) else (batch, None)
+
+
 class ReferenceEngine:
     def __init__(self, network, alphabet, device: str, precision: str, spec: OutputSpec, stored: str = "float32"):
         self.device = torch.device(device)
@@ -152,8 +234,13 @@ class ReferenceEngine:
         self.dim = network.embed_dim
 
     def embed_batches(self, batches, read):
+        assemble = Assembler(self.spec, self.stored)
         for batch in batches:
-            yield batch, self.embed(read(batch))
+            positions, windows = _planned(batch)
+            residues = read(positions)
+            packed = self.packer.pack(residues, windows=windows)
+            dtype = assemble.host_dtype(packed)
+            yield assemble(positions, residues, packed, {n: t.to(dtype).cpu() for n, t in self.outputs(packed).items()})
 
     def embed(self, residues: list[np.ndarray]) -> dict[str, np.ndarray]:
         return {name: t.to(self.stored).cpu().numpy() for name, t in self.outputs(self.packer.pack(residues)).items()}
@@ -218,63 +305,83 @@ class PackedEngine:
         return next(self.embed_batches([residues], lambda batch: batch))[1]
 
     def _outputs_splitting_on_oom(self, residues, packed: PackedBatch, model=None) -> dict[str, torch.Tensor]:
+        """The batch's outputs, computed in halves (by sequences, or a lone protein's windows) while
+        it does not fit."""
+        first, end = packed.windows[0]
         try:
             return self.outputs(packed.to(self.device), model)
         except torch.OutOfMemoryError:
-            if len(residues) == 1:
+            if len(residues) == 1 and end - first == 1:
                 raise
         # Split outside the except block: the exception's traceback holds the failed attempt's
         # activations, and no half would fit while it lives.
         torch.cuda.empty_cache()
-        sizes = np.cumsum(self.spec.tokens([len(r) for r in residues]))
-        half = int(np.clip(np.searchsorted(sizes, sizes[-1] / 2), 1, len(residues) - 1))
+        sizes = np.cumsum((packed.windows[:, 1] - packed.windows[:, 0]) * piece_tokens([len(r) for r in residues]))
         log.warning("out of GPU memory on %d tokens; retrying as two batches", sizes[-1])
         self.splits += 1
-        parts = [
-            self._outputs_splitting_on_oom(p, self.packer.pack(p, self._pin), model)
-            for p in (residues[:half], residues[half:])
-        ]
-        return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        if len(residues) > 1:
+            half = int(np.clip(np.searchsorted(sizes, sizes[-1] / 2), 1, len(residues) - 1))
+            halves = [(residues[:half], packed.windows[:half]), (residues[half:], packed.windows[half:])]
+        else:
+            middle = (first + end) // 2
+            halves = [(residues, [[first, middle]]), (residues, [[middle, end]])]
+        packs = [self.packer.pack(r, self._pin, w) for r, w in halves]
+        parts = [self._outputs_splitting_on_oom(r, p, model) for (r, _), p in zip(halves, packs)]
+        if len(residues) > 1:
+            return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+        # one protein's two sets of windows: sums over pieces, its rows offset by where each starts
+        out = {}
+        for name in parts[0]:
+            if not _per_residue(name):
+                out[name] = parts[0][name] + parts[1][name]
+                continue
+            out[name] = parts[0][name].new_zeros(packed.residue_rows_out, parts[0][name].shape[1])
+            for part, p in zip(parts, packs):
+                start, stop = p.spans[0] - packed.spans[0, 0]
+                out[name][start:stop] += part[name]
+        return out
 
     def embed_batches(self, batches, read):
         """Yields results in order; the host tokenises ahead, and batch i is copied back and
         handed out while the device already runs batch i+1."""
         prepared = _prefetch(
             (
-                (batch, residues, self.packer.pack(residues, self._pin))
-                for batch in batches
-                for residues in [read(batch)]
+                (positions, residues, self.packer.pack(residues, self._pin, windows))
+                for positions, windows in map(_planned, batches)
+                for residues in [read(positions)]
             ),
             depth=3,
         )
+        assemble = Assembler(self.spec, self.stored)
         in_flight = None
-        for batch, residues, packed in prepared:
+        for positions, residues, packed in prepared:
             outputs = self._outputs_splitting_on_oom(residues, packed)
-            launched = InFlight(batch, residues, packed, *self._to_host(outputs))
+            launched = InFlight(positions, residues, packed, *self._to_host(outputs, assemble.host_dtype(packed)))
             if in_flight is not None:
-                yield self._finish(in_flight)
+                yield assemble(in_flight.positions, in_flight.residues, in_flight.packed, self._finish(in_flight))
             in_flight = launched
         if in_flight is not None:
-            yield self._finish(in_flight)
+            yield assemble(in_flight.positions, in_flight.residues, in_flight.packed, self._finish(in_flight))
 
-    def _to_host(self, outputs: dict[str, torch.Tensor]):
-        """Asynchronous copies of ``outputs``, in the stored dtype, to (pinned) host memory, with
-        whether all were finite before that cast (checked only where a fallback exists), and an
-        event that marks them done."""
+    def _to_host(self, outputs: dict[str, torch.Tensor], dtype: torch.dtype):
+        """Asynchronous copies of ``outputs``, in ``dtype`` (stored, or float32 for partial sums),
+        to (pinned) host memory, with whether all were finite before that cast (checked only where
+        a fallback exists), and an event that marks them done."""
         finite = None
         if self._network is not None:
             finite = torch.empty((), dtype=torch.bool, pin_memory=self._pin)
             finite.copy_(torch.stack([torch.isfinite(t).all() for t in outputs.values()]).all(), non_blocking=True)
         host = {}
         for name, result in outputs.items():
-            host[name] = torch.empty(result.shape, dtype=self.stored, pin_memory=self._pin)
-            host[name].copy_(result.to(self.stored), non_blocking=True)
+            host[name] = torch.empty(result.shape, dtype=dtype, pin_memory=self._pin)
+            host[name].copy_(result.to(dtype), non_blocking=True)
         event = torch.cuda.Event() if self.device.type == "cuda" else None
         if event is not None:
             event.record()
         return host, finite, event
 
-    def _finish(self, in_flight: "InFlight"):
+    def _finish(self, in_flight: "InFlight") -> dict[str, torch.Tensor]:
+        """The batch's outputs on the host, computed again in bfloat16 where float16 overflowed."""
         if in_flight.event is not None:
             in_flight.event.synchronize()
         host = in_flight.host
@@ -286,8 +393,8 @@ class PackedEngine:
             if self._fallback_model is None:
                 self._fallback_model = PackedESM2(self._network, torch.bfloat16, self.device).eval()
             outputs = self._outputs_splitting_on_oom(in_flight.residues, in_flight.packed, self._fallback_model)
-            host = {name: t.to(self.stored).cpu() for name, t in outputs.items()}
-        return in_flight.batch, {name: tensor.numpy() for name, tensor in host.items()}
+            host = {name: t.to(host[name].dtype).cpu() for name, t in outputs.items()}
+        return host
 
 
 def _built_while_kernels_load(network, dtype: torch.dtype, device: torch.device, compile) -> PackedESM2:
@@ -309,7 +416,7 @@ def _built_while_kernels_load(network, dtype: torch.dtype, device: torch.device,
 class InFlight:
     """A batch whose results are on their way to the host."""
 
-    batch: object
+    positions: object
     residues: list
     packed: PackedBatch
     host: dict

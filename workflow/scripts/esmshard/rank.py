@@ -13,7 +13,7 @@ import logging
 import os
 import resource
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from esmshard.faults import crash_point, fail_if_asked
 from esmshard.files import atomic_output, ensure_space
 from esmshard.gpu import gpu_device, pin_gpu
 from esmshard.index import SequenceIndex
-from esmshard.outputs import OutputSpec, blocks, piece_tokens, pooling_of, sorted_rows
+from esmshard.outputs import OutputSpec, blocks, pooling_of, sorted_rows
 from esmshard.plan import Plan, read_plan
 from esmshard.progress import Progress
 from esmshard.settings import defaults
@@ -252,17 +252,20 @@ def compute(work: RankWork, engine, todo: np.ndarray, store: Store, settings: Ra
     batches, window_of = [], []
     for number, (start, end) in enumerate(windows):
         planned, budget = plan_batches(engine, work.lengths[todo[start:end]], settings)
-        batches += [start + batch for batch in planned]
+        batches += [replace(batch, positions=start + batch.positions) for batch in planned]
         window_of += [number] * len(planned)
+    largest = max(budget, *(batch.tokens for batch in batches))  # a lone window or sequence may be over
     log.info(
-        "rank %d: %d batches of at most %d tokens, saved in %d windows", work.rank, len(batches), budget, len(windows)
+        "rank %d: %d batches of at most %d tokens, saved in %d windows", work.rank, len(batches), largest, len(windows)
     )
     unfinished = np.bincount(window_of, minlength=len(windows))  # batches of each window still to come
     read = lambda batch: [work.index.residues(p) for p in work.positions[todo[batch]]]  # noqa: E731
     writer, pending, last_save = SegmentWriter(store), [], time.monotonic()
     try:
+        # a batch with only some of a protein's windows finishes no sequence: nothing to save
         for number, (batch, outputs) in zip(window_of, engine.embed_batches(batches, read)):
-            pending.append((todo[batch], outputs))
+            if len(batch):
+                pending.append((todo[batch], outputs))
             progress.update(len(batch), int(work.spec.embedded_lengths(work.lengths[todo[batch]]).sum()))
             unfinished[number] -= 1
             if not unfinished[number] or time.monotonic() - last_save >= settings.chunk_seconds:
@@ -389,16 +392,13 @@ def compile_mode(settings: RankSettings, device: str) -> bool | str:
 
 
 def plan_batches(engine, lengths, settings: RankSettings):
-    """Batches of positions in ``lengths`` for the engine, and the token budget."""
-    from esmshard.batching import packed_batches, padded_batches
+    """``batching.Batch``es of positions in ``lengths`` for the engine, and the token budget."""
+    from esmshard.batching import planned_batches
     from esmshard.engine import PackedEngine
 
-    spec = engine.spec
-    if isinstance(engine, PackedEngine):
-        budget = settings.tokens_per_batch or engine.default_tokens_per_batch()
-        return packed_batches(spec.tokens(lengths), budget), budget
-    budget = settings.tokens_per_batch or 4096
-    return padded_batches(piece_tokens(lengths), budget, spec.window_counts(lengths)), budget
+    packed = isinstance(engine, PackedEngine)
+    budget = settings.tokens_per_batch or (engine.default_tokens_per_batch() if packed else 4096)
+    return planned_batches(lengths, engine.spec, budget, padded=not packed), budget
 
 
 def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str, engine=None) -> list[Path]:
