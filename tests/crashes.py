@@ -28,10 +28,18 @@ def clean2(tmp_path_factory, fasta, tiny_checkpoint):
     return completed_run(tmp_path_factory.mktemp("clean2"), config_for(fasta, tiny_checkpoint, world_size=2))
 
 
-def start_snakemake(workdir: Path, config: dict) -> subprocess.Popen:
-    """Snakemake running in the background, to be killed at will."""
+def start_snakemake(workdir: Path, config: dict, start_new_session: bool = False) -> subprocess.Popen:
+    """Snakemake running in the background, to be killed at will (``start_new_session``: in a
+    process group of its own, with its jobs, as a terminal's foreground command is)."""
     command, env = conftest.snakemake_command(workdir, config)
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=start_new_session,
+    )
 
 
 def rank_of(pid: int, workdir: Path) -> str:

@@ -94,24 +94,25 @@ def test_the_original_contracts_model_config_works(tmp_path, fasta, monkeypatch)
         run_multi_gpu_inference(fasta, tmp_path, {**original, "model": "esm2_t6_8M_UR50D"})
 
 
-HOLD_THE_DIRECTORY = """
-import sys
-from pathlib import Path
-from esmshard import api
-with api._sole_call(Path(sys.argv[1])):
-    print("holding", flush=True)
-    sys.stdin.read()
-"""
+# What holds an output directory: another call, or a snakemake command run there (its Snakefile
+# takes the results folder's lock when it starts its jobs).
+HOLDERS = {
+    "a call": "from esmshard import api\nwith api._sole_call(Path(sys.argv[1])):\n    print('holding', flush=True)\n"
+    "    sys.stdin.read()",
+    "a snakemake command": "from esmshard.lock import hold_results\nhold_results(Path(sys.argv[1]) / 'results')\n"
+    "print('holding', flush=True)\nsys.stdin.read()",
+}
 
 
-def test_a_second_call_on_a_directory_in_use_changes_nothing_there(tmp_path, fasta):
+@pytest.mark.parametrize("holder", sorted(HOLDERS))
+def test_a_call_on_a_directory_in_use_changes_nothing_there(tmp_path, fasta, holder):
     out = tmp_path.resolve()
-    (out / "config.yaml").write_text("the first call's config\n")
+    (out / "config.yaml").write_text("the first run's config\n")
     (out / "logs").mkdir()
-    (out / "logs/snakemake.log").write_text("the first call's log\n")
+    (out / "logs/snakemake.log").write_text("the first run's log\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     first = subprocess.Popen(
-        [sys.executable, "-c", HOLD_THE_DIRECTORY, str(out)],
+        [sys.executable, "-c", f"import sys\nfrom pathlib import Path\n{HOLDERS[holder]}", str(out)],
         env=env,
         text=True,
         stdin=subprocess.PIPE,
@@ -119,13 +120,14 @@ def test_a_second_call_on_a_directory_in_use_changes_nothing_there(tmp_path, fas
     )
     try:
         assert first.stdout.readline() == "holding\n"
-        with pytest.raises(RuntimeError, match=f"^another run is using {re.escape(str(out))}$"):
+        in_use = rf"^{re.escape(str(out / 'results'))} is in use by another esmshard run \(pid {first.pid} on "
+        with pytest.raises(RuntimeError, match=in_use):
             run_multi_gpu_inference(fasta, out, {"model": "esm2_t6_8M_UR50D"})
     finally:
-        first.kill()  # as the first call dying would: the lock goes with its process
+        first.kill()  # as the first run dying would: the lock goes with its process
         first.wait()
-    assert (out / "config.yaml").read_text() == "the first call's config\n"
-    assert (out / "logs/snakemake.log").read_text() == "the first call's log\n"
+    assert (out / "config.yaml").read_text() == "the first run's config\n"
+    assert (out / "logs/snakemake.log").read_text() == "the first run's log\n"
     with api._sole_call(out):  # free again
         pass
 

@@ -5,6 +5,7 @@ file times) and changes what a user would change.
 """
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -114,6 +115,32 @@ def test_files_added_to_and_removed_from_the_glob_are_noticed(template, tmp_path
     assert manifest(workdir)["sequences"] == 2000 and manifest(workdir)["computed"] == 0
     assert "loaded in" not in rank_logs(workdir)
     assert_same_embeddings(workdir, template)  # bit for bit: the very vectors of the first run
+
+
+def test_the_order_of_the_fasta_files_is_the_order_of_the_output(template, tmp_path):
+    workdir, config = copy_of(template, tmp_path)
+    write_fasta(workdir / "input/b.fasta", random_sequences(5, seed=98, median=50))
+    b_ids = [f"seq{i:05d}" for i in range(5)]
+    (workdir / "input/b.fasta").write_text((workdir / "input/b.fasta").read_text().replace("seq", "b_seq"))
+    for order in (["input/a.fasta", "input/b.fasta"], ["input/b.fasta", "input/a.fasta"]):
+        result = run_snakemake(workdir, {**config, "fasta": order})
+        assert result.returncode == 0, result.stderr
+        ids, _, _ = read_embeddings(workdir / "results/embeddings.h5")
+        b_first = order[0] == "input/b.fasta"
+        assert (ids[:5] if b_first else ids[-5:]) == [f"b_{i}" for i in b_ids]
+    assert "loaded in" not in rank_logs(workdir)  # the order changes no number
+
+
+def test_another_input_is_noticed_without_snakemakes_metadata(template, tmp_path, proteins):
+    """fasta pointed at an older file, with .snakemake deleted (its modification times alone say
+    nothing is newer than the index): the index is built again."""
+    workdir, config = copy_of(template, tmp_path)
+    shutil.rmtree(workdir / ".snakemake")
+    older = write_fasta(workdir / "input/older.fasta", dict(list(proteins.items())[:30]))
+    os.utime(older, (1_600_000_000, 1_600_000_000))
+    result = run_snakemake(workdir, {**config, "fasta": ["input/older.fasta"]})
+    assert result.returncode == 0, result.stderr
+    assert read_embeddings(workdir / "results/embeddings.h5")[0] == list(proteins)[:30]
 
 
 def test_another_model_at_the_same_path_is_noticed(template, tmp_path, proteins):

@@ -76,11 +76,42 @@ def test_sigterm_keeps_finished_work_and_the_rerun_computes_only_the_rest(tmp_pa
     assert_same_embeddings(tmp_path, clean1)
 
 
-def test_sigint_behaves_like_sigterm(tmp_path, fasta, tiny_checkpoint):
-    seconds = stop_after_first_segment(tmp_path, config_for(fasta, tiny_checkpoint, world_size=1), signal.SIGINT)
-    assert seconds < 5
-    assert "stopped by SIGINT" in (tmp_path / "logs/embed/rank_0.log").read_text()
-    assert segment_files(tmp_path)
+def test_ctrl_c_then_the_same_command_again_resumes(tmp_path, fasta, tiny_checkpoint, clean1):
+    """Ctrl-C reaches snakemake and its jobs at once (SIGINT to the process group); the same
+    command again, with no extra flag, resumes from the store and equals an uninterrupted run."""
+    config = config_for(fasta, tiny_checkpoint, world_size=1)
+    process = start_snakemake(tmp_path, config, start_new_session=True)
+    assert wait_for(lambda: segment_files(tmp_path), timeout=120), "no segment was written"
+    os.killpg(process.pid, signal.SIGINT)
+    assert process.wait(timeout=120) != 0
+    assert "stopped by SIGINT" in rank_log(tmp_path, 0)
+    kept = len(segment_files(tmp_path))
+    result = run_snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"; [1-9]\d* already in the store", rank_log(tmp_path, 0)) and kept
+    assert_same_embeddings(tmp_path, clean1)
+
+
+def test_a_second_run_on_results_in_use_stops_before_any_job(tmp_path, fasta, tiny_checkpoint, clean1):
+    """Two workflows reaching one results folder (here through a symbolic link): the second stops
+    with one line naming the first, which finishes with its own proteins alone."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    config = config_for(fasta, tiny_checkpoint, world_size=1)
+    process = start_snakemake(first, config)
+    assert wait_for(lambda: embed_processes(first), timeout=120)
+    (second / "results").symlink_to(first / "results")
+    other = write_fasta(tmp_path / "other.fasta", random_sequences(20, seed=77))
+    result = run_snakemake(second, config_for(other, tiny_checkpoint, world_size=1))
+    assert result.returncode != 0
+    assert re.search(
+        rf"esmshard: {re.escape(str(first / 'results'))} is in use by another esmshard run \(pid "
+        rf"{process.pid} on ",
+        result.stderr,
+    ), result.stderr
+    assert "Traceback" not in result.stderr and not embed_processes(second)
+    assert process.wait(timeout=300) == 0, process.stderr.read()
+    assert_same_embeddings(first, clean1)
 
 
 def test_corrupt_and_torn_segments_are_recomputed(tmp_path, fasta, tiny_checkpoint, clean1):

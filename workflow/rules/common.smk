@@ -4,13 +4,15 @@ from pathlib import Path
 
 # The package (on sys.path since the Snakefile) is imported here only through modules that need
 # the standard library alone: Snakemake parses and lints this workflow without numpy, h5py or torch.
-from esmshard import paths
+from esmshard import EsmShardError, paths
 from esmshard.architectures import model_inputs
-from esmshard.fasta import expand_fasta_paths
+from esmshard.fasta import expand_fasta_paths, fasta_list_key
 from esmshard.gpu import count_visible_gpus
+from esmshard.lock import hold_results
 from esmshard.status import retried, retry_failure
-from snakemake.logging import logger
 from esmshard.stopping import parse_duration
+from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
 
 def resolve_world_size():
@@ -55,6 +57,9 @@ def rank_attempts(wildcards):
 RANKS = list(range(WORLD_SIZE))
 # User files are taken as given (local): a module's prefix applies to this workflow's own files only.
 FASTA_FILES = [local(str(path)) for path in expand_fasta_paths(config["fasta"])]
+# Names the FASTA files in order, each by where it is, its size and time: an input of the index,
+# so that another list, order or file rebuilds it even where Snakemake's metadata is gone.
+FASTA_LIST = f"results/index/fasta_list_{fasta_list_key(FASTA_FILES)}.txt"
 # The model's files, an input of every job that reads it: a checkpoint or a Hugging Face
 # directory's config.json and weights as given; a released model's file in torch.hub's cache, a
 # hub id's refs/main in the Hugging Face cache, made by rule download_model when missing.
@@ -133,6 +138,19 @@ def cancel_rescheduling_timers():
     for thread in threading.enumerate():
         if isinstance(thread, threading.Timer):
             thread.cancel()
+
+
+def hold_results_lock():
+    """The results folder is this run's until it ends: another run that reaches it (through a
+    symbolic link, say) stops here, before any job, naming this one."""
+    try:
+        hold_results(sibling(rules.aggregate.output.manifest))
+    except EsmShardError as error:
+        raise WorkflowError(f"esmshard: {error}") from None
+
+
+onstart:
+    hold_results_lock()
 
 
 onsuccess:

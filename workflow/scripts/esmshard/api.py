@@ -8,11 +8,11 @@ Each call runs the real ``snakemake`` command on this repository's workflow/Snak
 bad input stops the call before any model is loaded, then for everything else. Calling again
 with the same arguments resumes, as rerunning snakemake does: only what failed or is missing
 is redone. Everything snakemake prints is appended to ``output_dir/logs/snakemake.log``. One
-call at a time may use an output directory (a flock on ``output_dir/.esmshard.lock``).
+run at a time may use an output directory: a call holds the lock that every run of the workflow
+takes (``results/.lock``, ``esmshard.lock``) before it writes anything there.
 """
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -27,9 +27,10 @@ import h5py
 import numpy as np
 import yaml
 
-from esmshard import paths, settings
+from esmshard import EsmShardError, paths, settings
 from esmshard.gpu import count_visible_gpus
 from esmshard.index import SequenceIndex
+from esmshard.lock import results_lock
 from esmshard.outputs import OutputSpec, pooling_of
 from esmshard.plan import read_plan
 
@@ -47,7 +48,6 @@ ORIGINAL_CONTRACT_NAMES = {"model_name": "model", "token_budget": "tokens_per_ba
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "logs/snakemake.log"
 CALL_LINE = "===== run_multi_gpu_inference at {:%Y-%m-%d %H:%M:%S} =====\n"  # starts each call's log
-LOCK_FILE = ".esmshard.lock"
 INDEX_TARGETS = (paths.INDEX, paths.RESIDUES)  # before any model is fetched
 _CHECK_ROWS = 16384  # rows of the merged file checked at a time
 _ESMSHARD_ERROR = re.compile(r"^esmshard: ERROR: (.+)$", re.MULTILINE)
@@ -85,11 +85,11 @@ def run_multi_gpu_inference(fasta_files, output_dir, model_config, world_size=No
     gpus = count_visible_gpus()
     world_size = max(1, gpus) if world_size is None else world_size
     config = _workflow_config(fasta_files, model_config, world_size, timeout)
-    with _sole_call(output_dir):
+    with _sole_call(output_dir) as env:
         (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         # Locally --resources gpu caps how many ranks run at once; without GPUs the ranks run on
         # the CPU, and only --cores limits them.
-        _run_workflow(output_dir, gpus or world_size, world_size, echo)
+        _run_workflow(output_dir, gpus or world_size, world_size, echo, env)
         manifest = json.loads((output_dir / paths.MANIFEST).read_text())
         merged = output_dir / paths.EMBEDDINGS
         _check_merged(merged, output_dir, manifest)
@@ -117,31 +117,30 @@ def run_esm2_multi_gpu(fasta_files, output_dir, world_size=None):
 
 @contextlib.contextmanager
 def _sole_call(output_dir: Path):
-    """Hold output_dir (made if need be) for this call, or raise RuntimeError: a second call at
-    once would rewrite the first's config before snakemake's own lock stopped it."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / LOCK_FILE, "a") as handle:  # closing it, however the call ends, unlocks
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(f"another run is using {output_dir}") from None
-        yield
+    """Hold output_dir's results folder for this call (the lock every run of the workflow takes),
+    or raise RuntimeError before anything is written: another call, or a snakemake command, is
+    using it. Yields the environment for this call's snakemake commands."""
+    try:
+        with results_lock(output_dir / Path(paths.MANIFEST).parent) as env:
+            yield env
+    except EsmShardError as error:
+        raise RuntimeError(str(error)) from None
 
 
-def _run_workflow(output_dir: Path, gpu_slots: int, world_size: int, echo: bool) -> None:
+def _run_workflow(output_dir: Path, gpu_slots: int, world_size: int, echo: bool, env: dict) -> None:
     """snakemake for the index, then for everything else, raising as run_multi_gpu_inference
     says. Their output is appended to the log after a line naming this call's time."""
     log_path = output_dir / LOG_FILE
     log_path.parent.mkdir(exist_ok=True)
     with open(log_path, "a") as log:  # an earlier call's log is kept
         log.write(CALL_LINE.format(datetime.now()))
-        returncode, output = _snakemake(output_dir, gpu_slots, INDEX_TARGETS, log, echo)
+        returncode, output = _snakemake(output_dir, gpu_slots, INDEX_TARGETS, log, echo, env)
         if returncode:
             reasons = _error_messages(output)
             if reasons:
                 raise ValueError(f"{'; '.join(reasons)} (snakemake output: {log_path})")
             raise RuntimeError(f"building the index failed: {_tail(output)} (snakemake output: {log_path})")
-        returncode, output = _snakemake(output_dir, gpu_slots, (), log, echo)
+        returncode, output = _snakemake(output_dir, gpu_slots, (), log, echo, env)
     if returncode:
         raise RuntimeError(_failure(output_dir, world_size, output, log_path))
 
@@ -199,7 +198,7 @@ def _from_original_contract(model_config: Mapping) -> dict:
     return config
 
 
-def _snakemake(output_dir: Path, gpu_slots: int, targets, log, echo: bool) -> tuple[int, str]:
+def _snakemake(output_dir: Path, gpu_slots: int, targets, log, echo: bool, env: dict) -> tuple[int, str]:
     """Run snakemake for ``targets`` (none: the whole workflow); its output goes to ``log``
     (and stderr when ``echo``). Returns (exit code, output)."""
     command = [
@@ -225,7 +224,7 @@ def _snakemake(output_dir: Path, gpu_slots: int, targets, log, echo: bool) -> tu
     log.write(f"$ {shlex.join(command)}\n")
     log.flush()
     lines = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process:
         for line in process.stdout:
             log.write(line)
             if echo:

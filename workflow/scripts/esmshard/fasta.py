@@ -8,6 +8,7 @@ Snakefile imports it when it is parsed, before numpy, h5py or torch need to be i
 import bz2
 import glob
 import gzip
+import hashlib
 import io
 import lzma
 import os
@@ -79,6 +80,14 @@ def expand_fasta_paths(patterns) -> list[Path]:
                 raise EsmShardError(f"fasta: {match} does not exist or is not a file")
             paths.setdefault(os.path.realpath(match), Path(match))
     return list(paths.values())
+
+
+def fasta_list_key(paths) -> str:
+    """A name for these files in this order, each by its path as given (a results folder moved
+    with its inputs keeps its name), size and modification time: another list, another order, or
+    a file replaced (even by an older one) has another name."""
+    stats = [(str(path), os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in paths]
+    return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
 
 
 def open_fasta(path: Path):

@@ -8,8 +8,8 @@ attention, so cost ∝ T + T²/(6·d) for a model of width d. Each rank gets a c
 distinct sequences in input order (rank r's all precede rank r+1's), cut where the most loaded
 rank's cost is the least any contiguous split allows: on realistic inputs within a fraction of
 a percent of the mean. Contiguous shares keep the merge simple: the merged file's blocks come
-from one shard each, and its rows lie in the store segments (written by each rank in input
-order) in few runs, so that it can refer to them in place.
+from one shard each, and a shard's rows lie in the store segments (written by each rank in
+input order) in few runs, so that it can refer to them in place.
 """
 
 import shutil

@@ -49,8 +49,8 @@ def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = N
 @contextlib.contextmanager
 def _open_embeddings(path):
     """(open file, its OutputSpec); a one-line error naming the file unless it is an esmshard
-    ``embeddings.h5`` or shard whose rows are all there (a per-residue dataset may refer to store
-    segments: per_residue_in_embeddings refer, and shards)."""
+    ``embeddings.h5`` or shard whose rows are all there (a shard's per-residue datasets refer to
+    store segments)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
