@@ -135,7 +135,7 @@ def main():
         attrs = dict(h5.attrs)
         print(
             f"\nGPU: {torch.cuda.get_device_name()}  model: {args.like} shape, RANDOM weights  "
-            f"precision: {attrs['precision']}  engine: {attrs['engine']}"
+            f"precision: {attrs['compute_precision']}  engine: {attrs['engine']}"
         )
         print(
             f"sequences: {len(sequences)} ({len(sequences) - len(whole)} over {MAX_RESIDUES} residues left out "

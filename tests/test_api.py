@@ -99,8 +99,8 @@ def test_the_original_contracts_model_config_works(tmp_path, fasta, monkeypatch)
 HOLDERS = {
     "a call": "from esmshard import api\nwith api._sole_call(Path(sys.argv[1])):\n    print('holding', flush=True)\n"
     "    sys.stdin.read()",
-    "a snakemake command": "from esmshard.lock import hold_results\nhold_results(Path(sys.argv[1]) / 'results')\n"
-    "print('holding', flush=True)\nsys.stdin.read()",
+    "a snakemake command": "from esmshard.mainprocess import hold_results\n"
+    "hold_results(Path(sys.argv[1]) / 'results')\nprint('holding', flush=True)\nsys.stdin.read()",
 }
 
 

@@ -188,6 +188,14 @@ def test_settings_that_change_no_number_rerun_nothing(template, tmp_path, option
     assert result.returncode == 0 and "Nothing to be done" in result.stderr, result.stderr
 
 
+def test_a_precision_that_auto_already_means_computes_nothing(template, tmp_path):
+    workdir, config = copy_of(template, tmp_path)
+    result = run_snakemake(workdir, {**config, "precision": "float32"})  # auto is float32 on the CPU
+    assert result.returncode == 0, result.stderr
+    assert manifest(workdir)["computed"] == 0 and "loaded in" not in rank_logs(workdir)
+    assert_same_embeddings(workdir, template)
+
+
 def test_compression_rewrites_only_embeddings_h5_from_the_shards(template, tmp_path):
     workdir, config = copy_of(template, tmp_path)
     for compression, filters in (("gzip", ("gzip", True)), ("none", (None, False))):

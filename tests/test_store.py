@@ -10,7 +10,7 @@ from esmshard.shard import ShardWriter, shard_problem
 from esmshard.store import SegmentWriter, Store, settings_identity
 
 SPEC = OutputSpec.resolve([-1], ["mean", "per_residue"], 2)
-IDENTITY = settings_identity("model-digest", SPEC, "float16", "float32", "packed")
+IDENTITY = settings_identity("model-digest", SPEC, "float16", "packed")
 LENGTHS = np.array([5, 1, 30, 7, 12, 1030, 3, 9])
 DIGESTS = np.array([bytes([i]) * 16 for i in range(len(LENGTHS))], dtype="V16")
 IDS = np.array([f"p{i}" for i in range(len(LENGTHS))], dtype=object)

@@ -1,5 +1,4 @@
 import os
-import threading
 from pathlib import Path
 
 # The package (on sys.path since the Snakefile) is imported here only through modules that need
@@ -8,8 +7,9 @@ from esmshard import EsmShardError, paths
 from esmshard.architectures import model_inputs
 from esmshard.fasta import expand_fasta_paths, fasta_list_key
 from esmshard.gpu import count_visible_gpus
-from esmshard.lock import hold_results
+from esmshard.mainprocess import cancel_snakemake_timers, hold_results
 from esmshard.status import retried, retry_failure
+from esmshard.settings import stop
 from esmshard.stopping import parse_duration
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
@@ -55,17 +55,30 @@ def rank_attempts(wildcards):
 
 
 RANKS = list(range(WORLD_SIZE))
+
+
+def checked(find, *args):
+    """find(*args), where a user's error (a FASTA pattern, a model, a duration) stops the run
+    before any job, in one line."""
+    try:
+        return find(*args)
+    except (EsmShardError, ValueError) as error:
+        stop(error)
+
+
 # User files are taken as given (local): a module's prefix applies to this workflow's own files only.
-FASTA_FILES = [local(str(path)) for path in expand_fasta_paths(config["fasta"])]
+FASTA_FILES = [
+    local(str(path)) for path in checked(expand_fasta_paths, config["fasta"])
+]
 # Names the FASTA files in order, each by where it is, its size and time: an input of the index,
 # so that another list, order or file rebuilds it even where Snakemake's metadata is gone.
 FASTA_LIST = f"results/index/fasta_list_{fasta_list_key(FASTA_FILES)}.txt"
 # The model's files, an input of every job that reads it: a checkpoint or a Hugging Face
 # directory's config.json and weights as given; a released model's file in torch.hub's cache, a
 # hub id's refs/main in the Hugging Face cache, made by rule download_model when missing.
-MODEL_INPUTS, DOWNLOAD_MODEL = model_inputs(config["model"])
+MODEL_INPUTS, DOWNLOAD_MODEL = checked(model_inputs, config["model"])
 MODEL_FILES = [local(str(path)) for path in MODEL_INPUTS]
-parse_duration(config["timeout"])  # a bad value stops here, before any job
+checked(parse_duration, config["timeout"])  # a bad value stops here, before any job
 # Settings that change the numbers: parameters of the rules whose outputs they change. The
 # others (batch size, compile, progress, segment sizes, timeout, locks) are read from the config
 # by the jobs and rerun nothing.
@@ -128,34 +141,9 @@ def warn_without_input_trigger(rank):
         )
 
 
-def cancel_rescheduling_timers():
-    """Cancel the timers Snakemake's job rate limiter leaves behind once the run is over.
-
-    After every scheduling pass it starts a non-daemon threading.Timer of --max-jobs-per-timespan's
-    timespan (1 s, the least the option can say) to schedule again; the interpreter waits for the
-    last one before exiting, so every run ended ~1 s after its last job.
-    """
-    for thread in threading.enumerate():
-        if isinstance(thread, threading.Timer):
-            thread.cancel()
-
-
-def hold_results_lock():
-    """The results folder is this run's until it ends: another run that reaches it (through a
-    symbolic link, say) stops here, before any job, naming this one."""
-    try:
-        hold_results(sibling(rules.aggregate.output.manifest))
-    except EsmShardError as error:
-        raise WorkflowError(f"esmshard: {error}") from None
-
-
-onstart:
-    hold_results_lock()
-
-
 onsuccess:
-    cancel_rescheduling_timers()
+    cancel_snakemake_timers()
 
 
 onerror:
-    cancel_rescheduling_timers()
+    cancel_snakemake_timers()

@@ -9,7 +9,7 @@ bad input stops the call before any model is loaded, then for everything else. C
 with the same arguments resumes, as rerunning snakemake does: only what failed or is missing
 is redone. Everything snakemake prints is appended to ``output_dir/logs/snakemake.log``. One
 run at a time may use an output directory: a call holds the lock that every run of the workflow
-takes (``results/.lock``, ``esmshard.lock``) before it writes anything there.
+takes (``results/.lock``, ``esmshard.mainprocess``) before it writes anything there.
 """
 
 import contextlib
@@ -30,7 +30,7 @@ import yaml
 from esmshard import EsmShardError, paths, settings
 from esmshard.gpu import count_visible_gpus
 from esmshard.index import SequenceIndex
-from esmshard.lock import results_lock
+from esmshard.mainprocess import results_lock
 from esmshard.outputs import OutputSpec, pooling_of
 from esmshard.plan import read_plan
 

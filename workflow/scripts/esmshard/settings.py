@@ -3,6 +3,7 @@ with Snakemake): the Snakefile uses this while it is parsed."""
 
 import functools
 import json
+import sys
 from pathlib import Path
 
 import yaml
@@ -63,6 +64,22 @@ def options_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def workflow_config(config: dict) -> dict:
+    """The config the workflow runs with: values from ``--config`` in their YAML types, the
+    schema's defaults for options not given, checked. Raises ValueError naming each bad option,
+    its value and what is allowed, in one line."""
+    config = dict(config)
+    read_command_line_values(config)
+    return checked({**defaults(), **config})
+
+
+def stop(error) -> None:
+    """End the workflow while it is parsed, for a user's error: its one line, no traceback
+    (Snakemake prints one, with the rule files' frames, for any exception raised there)."""
+    print(f"esmshard: ERROR: {error}", file=sys.stderr)
+    raise SystemExit(1)
+
+
 def defaults() -> dict:
     """Every option's default, from the schema."""
     return {key: spec["default"] for key, spec in schema()["properties"].items() if "default" in spec}
@@ -79,7 +96,9 @@ def checked(config: dict, partial: bool = False) -> dict:
     config = {name: _plain_list(value) if name in lists else value for name, value in config.items()}
     rules = {key: value for key, value in schema().items() if not (partial and key == "required")}
     validator = jsonschema.validators.validator_for(rules)(rules)
-    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(config)]
+    errors = [
+        ": ".join(filter(None, ["/".join(map(str, e.absolute_path)), e.message])) for e in validator.iter_errors(config)
+    ]
     if errors:
         raise ValueError(f"config: {'; '.join(errors)}")
     return config

@@ -49,14 +49,14 @@ class DamagedSegment(EsmShardError):
     """A store segment failed its checksum or could not be read; it has been deleted."""
 
 
-def settings_identity(model_digest: str, spec: OutputSpec, dtype: str, precision: str, engine: str) -> dict:
-    """Every setting that changes the numbers, as given (the compute precision ``auto`` resolves
-    per device; the store adds the resolved one)."""
+def settings_identity(model_digest: str, spec: OutputSpec, dtype: str, engine: str) -> dict:
+    """Every setting that changes the numbers, but the compute precision: the store adds the one
+    a rank computes in (``precision`` resolved on its device), so that ``auto`` and the precision
+    it means on that device are one."""
     return {
         "model_digest": model_digest,
         **spec.attrs(),
         "dtype": dtype,
-        "precision": precision,
         "engine": engine,
         "max_residues": MAX_RESIDUES,
     }

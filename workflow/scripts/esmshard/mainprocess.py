@@ -1,13 +1,17 @@
-"""One run at a time per results directory: a results folder reached by two workflows (through a
-symbolic link, the same module prefix, or the Python API and a command line at once) would merge
-one run's ranks into the other's results. The run that uses it holds an exclusive lock on its
-``.lock`` file; another stops with one line naming the holder. Standard library only: the
-Snakefile takes it."""
+"""What the workflow does in Snakemake's main process (standard library only: the Snakefile calls it).
+
+- One run at a time per results directory: a results folder reached by two workflows (through a
+  symbolic link, the same module prefix, or the Python API and a command line at once) would
+  merge one run's ranks into the other's results. The run that uses it holds an exclusive lock
+  on its ``.lock`` file; another stops with one line naming the holder.
+- At its end, Snakemake's idle rescheduling timers are cancelled, so that the process exits.
+"""
 
 import contextlib
 import fcntl
 import os
 import socket
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -60,3 +64,20 @@ def _take(path: Path):
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {started}, working directory {os.getcwd()}\n")
     handle.flush()
     return handle
+
+
+def cancel_snakemake_timers() -> None:
+    """Cancel the timers Snakemake's job scheduler leaves behind once the run is over, and no other.
+
+    After every scheduling pass it starts a non-daemon threading.Timer of --max-jobs-per-timespan's
+    timespan (1 s, the least the option can say) to schedule again; the interpreter waits for the
+    last one before exiting, so every run ended ~1 s after its last job. Timers of other code (a
+    module's, a user's in their own workflow) are not this workflow's to cancel.
+    """
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer) and _is_snakemakes(thread.function):
+            thread.cancel()
+
+
+def _is_snakemakes(function) -> bool:
+    return (getattr(function, "__module__", None) or "").startswith("snakemake.")
