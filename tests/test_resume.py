@@ -5,11 +5,14 @@ Everything runs the real snakemake command on the tiny model, on the CPU, where 
 deterministic: a resumed run must give bit-identical embeddings to an uninterrupted one.
 """
 
+import fcntl
 import json
 import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -82,6 +85,8 @@ def test_ctrl_c_then_the_same_command_again_resumes(tmp_path, fasta, tiny_checkp
     config = config_for(fasta, tiny_checkpoint, world_size=1)
     process = start_snakemake(tmp_path, config, start_new_session=True)
     assert wait_for(lambda: segment_files(tmp_path), timeout=120), "no segment was written"
+    with open(tmp_path / "results/.lock") as lock, pytest.raises(BlockingIOError):  # held by the run
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     os.killpg(process.pid, signal.SIGINT)
     assert process.wait(timeout=120) != 0
     assert "stopped by SIGINT" in rank_log(tmp_path, 0)
@@ -92,26 +97,35 @@ def test_ctrl_c_then_the_same_command_again_resumes(tmp_path, fasta, tiny_checkp
     assert_same_embeddings(tmp_path, clean1)
 
 
-def test_a_second_run_on_results_in_use_stops_before_any_job(tmp_path, fasta, tiny_checkpoint, clean1):
+def test_a_second_run_on_results_in_use_stops_before_any_job(tmp_path, tiny_checkpoint):
     """Two workflows reaching one results folder (here through a symbolic link): the second stops
-    with one line naming the first, which finishes with its own proteins alone."""
+    with one line naming the first, which holds the folder's lock (as a running snakemake does:
+    test_ctrl_c_then_the_same_command_again_resumes)."""
     first, second = tmp_path / "first", tmp_path / "second"
-    first.mkdir(), second.mkdir()
-    config = config_for(fasta, tiny_checkpoint, world_size=1)
-    process = start_snakemake(first, config)
-    assert wait_for(lambda: embed_processes(first), timeout=120)
+    (first / "results").mkdir(parents=True), second.mkdir()
     (second / "results").symlink_to(first / "results")
-    other = write_fasta(tmp_path / "other.fasta", random_sequences(20, seed=77))
-    result = run_snakemake(second, config_for(other, tiny_checkpoint, world_size=1))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_RESULTS, str(first / "results")], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout.readline() == b"holding\n"
+        other = write_fasta(tmp_path / "other.fasta", random_sequences(20, seed=77))
+        result = run_snakemake(second, config_for(other, tiny_checkpoint, world_size=1))
+    finally:
+        holder.kill(), holder.wait()
     assert result.returncode != 0
-    assert re.search(
-        rf"esmshard: {re.escape(str(first / 'results'))} is in use by another esmshard run \(pid "
-        rf"{process.pid} on ",
-        result.stderr,
-    ), result.stderr
-    assert "Traceback" not in result.stderr and not embed_processes(second)
-    assert process.wait(timeout=300) == 0, process.stderr.read()
-    assert_same_embeddings(first, clean1)
+    in_use = f"esmshard: {first / 'results'} is in use by another esmshard run (pid {holder.pid} on "
+    assert in_use in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (first / "results/index").exists() and not list(second.glob("logs/*.log"))  # no job ran
+
+
+HOLD_RESULTS = """
+import sys
+from esmshard.mainprocess import hold_results
+hold_results(sys.argv[1])
+print("holding", flush=True)
+sys.stdin.read()
+"""
 
 
 def test_corrupt_and_torn_segments_are_recomputed(tmp_path, fasta, tiny_checkpoint, clean1):

@@ -141,6 +141,19 @@ def warn_without_input_trigger(rank):
         )
 
 
+def hold_results_lock():
+    """The results folder is this run's until it ends: another run that reaches it (through a
+    symbolic link, say) stops here, before any job, naming this one."""
+    try:
+        hold_results(sibling(rules.aggregate.output.manifest))
+    except EsmShardError as error:
+        raise WorkflowError(f"esmshard: {error}") from None
+
+
+onstart:
+    hold_results_lock()
+
+
 onsuccess:
     cancel_snakemake_timers()
 
