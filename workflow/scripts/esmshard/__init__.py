@@ -1,28 +1,44 @@
 """esmshard: ESM-2 embeddings for large FASTA inputs, one shard per GPU rank.
 
-One module per concern; none of them but ``api`` knows about Snakemake:
+One module per concern; none of them but ``api`` and ``mainprocess`` knows about Snakemake.
 
+Input and plan:
 - ``fasta``: streaming FASTA reading and validation
 - ``index``: the sequence index (IDs, sources, offsets, lengths, cleaned residues)
-- ``plan``: balancing sequences over ranks
-- ``gpu``: counting GPUs and leasing one exclusively
+- ``plan``: balancing distinct sequences over ranks
+- ``outputs``: which layers and poolings are stored, and windows for long proteins
+
+The model:
 - ``architectures``: which model the ``model`` option names, its files and their identity
 - ``huggingface``: Hugging Face ESM-2 directories and the hub cache (standard library only)
 - ``model``: loading ESM-2 (fair-esm checkpoints, Hugging Face weights) into fair-esm's module
-- ``batching``: token-budget batches
-- ``packed``: ESM-2 over packed (unpadded) token streams
+- ``packed``, ``rotary_kernel``, ``norm_kernel``: ESM-2 over packed (unpadded) token streams
+- ``batching``: token-budget batches (a long protein's windows spread over several)
 - ``engine``: forward passes (fair-esm reference and packed) and pooling
+
+A rank:
+- ``gpu``: counting GPUs and leasing one exclusively
+- ``rank``: one rank's run, from its share of the plan to its shard, through the store
+- ``store``: finished work kept by content, across crashes and runs
 - ``shard``: shard files
-- ``rank``: one rank's run, from index to shard
-- ``chunks``: finished work inside a rank, kept across crashes
-- ``aggregate``: merging shards into one file and reporting what is missing
-- ``outputs``: which layers and poolings are stored, and windows for long proteins
+- ``status``: a rank's outcome, and which ranks the next run redoes (standard library only)
+- ``stopping``, ``progress``, ``logs``, ``faults``: stop signals and time limits, progress lines,
+  job logs, faults on purpose for the crash tests
+
+After the ranks:
+- ``aggregate``: merging shards into one file and reporting what is missing (it only reads)
 - ``reader``: reading embeddings back by ID, and exporting them
 - ``report``: the figures and configuration table of ``snakemake --report``
+
+Around them:
+- ``settings``: the workflow's options, from its schema (standard library and PyYAML)
+- ``paths``: where the rules put what the API reads (standard library only)
+- ``files``: atomic writes and space checks (standard library only)
+- ``mainprocess``: Snakemake's main process: the results folder's lock, its timers at exit
 - ``api``: running the whole workflow from Python (``run_multi_gpu_inference``,
   ``run_esm2_multi_gpu``, importable from ``esmshard`` itself)
 - ``inprocess``: embedding in the calling process, without Snakemake (``esmshard.embed``)
-- ``paths``: where the rules put what the API reads (standard library only)
+- ``__main__``: the command-line tools (``python -m esmshard``)
 """
 
 
