@@ -86,7 +86,7 @@ def fasta_list_key(paths) -> str:
     """A name for these files in this order, each by its path as given (a results folder moved
     with its inputs keeps its name), size and modification time: another list, another order, or
     a file replaced (even by an older one) has another name."""
-    stats = [(str(path), os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in paths]
+    stats = [(str(path), stat.st_size, stat.st_mtime_ns) for path in paths for stat in [os.stat(path)]]
     return hashlib.sha256(repr(stats).encode()).hexdigest()[:16]
 
 

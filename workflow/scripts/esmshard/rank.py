@@ -127,7 +127,7 @@ def run_rank(
     work.checkpoint = {**work.checkpoint, "path": str(checkpoint)}
     embedded = work.spec.embedded_lengths(work.lengths)
     progress = Progress(len(work.ids), int(embedded.sum()), settings.progress_seconds, rank)
-    reused, gpu, engine, segments = fill_store_and_assemble(
+    computed, gpu, engine, segments = fill_store_and_assemble(
         work, shard_path, store_root, settings, progress, verify=verify_store
     )
     peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
@@ -145,8 +145,8 @@ def run_rank(
         "peak_host_memory_gib": round(peak_memory, 2),
         "peak_gpu_memory_gib": peak_gpu_memory,
         "store": str(store_directory(store_root, work.store_identity)),
-        "reused": reused,
-        "embedded": len(work.ids) - reused,
+        "reused": len(work.ids) - computed,
+        "embedded": computed,
         "bfloat16_batches": getattr(engine, "fallbacks", 0),
         "store_segments": [str(path) for path in segments],
     }
@@ -167,8 +167,8 @@ def fill_store_and_assemble(
     """Compute what the store lacks (with ``engine``, else the model loaded on a leased GPU), then
     assemble the shard from the store; a store segment found damaged while assembling (or, with
     ``verify``, by reading all its checksums first) is deleted and its sequences computed again.
-    Returns (sequences taken from the store, the GPU leased or None, the engine or None, the store
-    segments the shard reads)."""
+    Returns (sequences computed, the GPU leased or None, the engine or None, the store segments
+    the shard reads)."""
     gpu, computed = None, 0
     if verify:  # a damaged segment is deleted: its sequences are then computed as missing ones
         store = Store(store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}")
@@ -198,7 +198,7 @@ def fill_store_and_assemble(
             store = Store(store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}")
         try:
             segments = assemble_shard(shard_path, work, store, settings.dtype, engine)
-            return len(work.ids) - computed, gpu, engine, segments
+            return computed, gpu, engine, segments
         except DamagedSegment as error:
             log.warning("rank %d: %s; computing its sequences again", work.rank, error)
     raise EsmShardError(f"the store {store.directory} was found damaged three times; check the disk")

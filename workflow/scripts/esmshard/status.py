@@ -30,11 +30,13 @@ def write_status(path, **status) -> None:
 
 def read_status(path) -> dict:
     """The status at ``path``; ValueError naming the file when it is not a status (damaged)."""
+    return _parsed(Path(path).read_bytes(), path)
+
+
+def _parsed(raw: bytes, path) -> dict:
     try:
-        status = json.loads(Path(path).read_text())
-    except UnicodeDecodeError as error:
-        raise ValueError(f"status file {path} is unreadable ({error})") from None
-    except json.JSONDecodeError as error:
+        status = json.loads(raw)
+    except ValueError as error:  # not UTF-8, or not JSON
         raise ValueError(f"status file {path} is unreadable ({error})") from None
     if not isinstance(status, dict) or not isinstance(status.get("ok"), bool):
         raise ValueError(f"status file {path} is unreadable (not an esmshard status)")
@@ -76,8 +78,8 @@ def retry_failure(status_path, shard_path, manifest_path, rank: int) -> str | No
     except FileNotFoundError:
         return None
     try:
-        status = read_status(status_path)
-    except (OSError, ValueError):
+        status = _parsed(raw, status_path)
+    except ValueError:
         return "unreadable" + _digest(raw + str(changed).encode())
     if not status["ok"]:
         return str(status.get("failure") or "failed" + _digest(raw))
