@@ -170,6 +170,20 @@ def test_run_esm2_multi_gpu_runs_the_default_model_with_defaults(tmp_path, fasta
     assert (tmp_path / "torch/hub/checkpoints/esm2_t6_8M_UR50D.pt").is_file()
 
 
+def test_a_failed_download_is_named_with_its_log_and_cause(tmp_path, fasta, monkeypatch):
+    """Offline, the default model cannot be fetched: the error is the download's, not a rank's;
+    the workflow's own last words (in the call's snakemake output) say the same."""
+    monkeypatch.setenv("ESMSHARD_MODEL_URL", f"file://{tmp_path}/no-mirror/{{name}}.pt")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(api, "DEFAULT_MODEL", "esm2_t6_8M_UR50D")
+    with pytest.raises(RuntimeError) as error:
+        run_esm2_multi_gpu(fasta, tmp_path / "out", world_size=2)
+    cause = "download_model failed: model: cannot download esm2_t6_8M_UR50D from file://"
+    assert str(error.value).startswith(f"the esmshard workflow failed: {cause}"), error.value
+    assert "(logs/download_model.log)" in str(error.value) and "rank 0" not in str(error.value)
+    assert f"esmshard: {cause}" in (tmp_path / "out/logs/snakemake.log").read_text()
+
+
 @pytest.fixture(scope="module")
 def partial_run(tmp_path_factory, fasta, tiny_checkpoint):
     """Rank 1 fails; world_size from two 'visible GPUs' (there are none: the ranks run on the CPU);
@@ -185,7 +199,8 @@ def partial_run(tmp_path_factory, fasta, tiny_checkpoint):
     }
     del config["model"]
     env = {"CUDA_VISIBLE_DEVICES": "0,1", "ESMSHARD_FAIL_RANKS": "1"}
-    merged, failed = call(run_multi_gpu_inference, fasta, out, config, env=env)
+    progress = []
+    merged, failed = call(run_multi_gpu_inference, fasta, out, config, env=env, progress=progress.append)
     return {
         "out": out,
         "config": config,
@@ -196,6 +211,7 @@ def partial_run(tmp_path_factory, fasta, tiny_checkpoint):
         "rank_1": planned_ids(out, 1),
         "log": (out / "logs/snakemake.log").read_text(),
         "rank_1_log": (out / "logs/embed/rank_1.log").read_text(),
+        "progress": progress,
     }
 
 
@@ -216,6 +232,14 @@ def test_a_failed_rank_gives_the_others_and_its_number(partial_run, records):
     rank_0_log = (partial_run["out"] / "logs/embed/rank_0.log").read_text()
     assert "batches of at most 2048 tokens" in rank_0_log  # token_budget reached the rank
     assert "failed on its last attempt (2)" in partial_run["rank_1_log"]  # tried once more, as profiles/local
+
+
+def test_progress_reaches_the_callback_until_the_last_rank_ends(partial_run):
+    """Rank 1 fails before it starts computing: only rank 0 reports."""
+    final = partial_run["progress"][-1]
+    rank_0 = planned_ids(partial_run["out"], 0)
+    assert (final.running, final.done, final.sequences, final.total_sequences) == (0, 1, len(rank_0), len(rank_0))
+    assert final.residues == final.total_residues > 0 and final.eta_seconds == 0
 
 
 def test_calling_again_reruns_only_the_failed_rank(complete_run, partial_run):

@@ -3,7 +3,7 @@ test_resume.py)."""
 
 import threading
 
-from esmshard.mainprocess import cancel_snakemake_timers
+from esmshard.mainprocess import cancel_snakemake_timers, failed_jobs
 
 
 def test_only_snakemakes_own_timers_are_cancelled():
@@ -21,3 +21,50 @@ def test_only_snakemakes_own_timers_are_cancelled():
         assert fired.wait(timeout=5)  # another module's timer went off as planned
     finally:
         snakemakes.cancel(), ours.cancel()
+
+
+# Snakemake 9's own words for two jobs of one rule: job 1 failed, was restarted and finished; job 2
+# failed on both attempts. Then a job whose process died with a traceback that no logger wrote.
+SNAKEMAKE_OUTPUT = """\
+CalledProcessError in file "/w/Snakefile", line 7:
+Error in rule embed:
+    jobid: 1
+    log: logs/embed/rank_0.log (check log file(s) for error details)
+Trying to restart job 1.
+Finished jobid: 1 (Rule: embed)
+Error in rule embed:
+    jobid: 2
+    log: logs/embed/rank_1.log (check log file(s) for error details)
+Trying to restart job 2.
+Error in rule embed:
+    jobid: 2
+    log: logs/embed/rank_1.log (check log file(s) for error details)
+Error in rule aggregate:
+    message: None
+    jobid: 3
+    output: results/embeddings.h5
+    log: logs/aggregate.log, logs/other.log (check log file(s) for error details)
+Error in rule plan:
+    jobid: 4
+    log: logs/plan.log (check log file(s) for error details)
+Exiting because a job execution failed. Look above for error messages
+"""
+
+
+def test_each_job_that_failed_for_good_is_named_with_its_logs_first_error(tmp_path):
+    (tmp_path / "logs/embed").mkdir(parents=True)
+    (tmp_path / "logs/embed/rank_1.log").write_text(
+        "2026-12-07 02:00:00.000 INFO rank 1, attempt 2 of 2\n"
+        "2026-12-07 02:00:01.000 ERROR rank 1: CUDA error: an illegal memory access\n"
+        "2026-12-07 02:00:01.000 ERROR second error\n"
+    )
+    (tmp_path / "logs/other.log").write_text(
+        "Traceback (most recent call last):\n  File \"x.py\", line 1\nOSError: [Errno 28] No space left\n"
+    )
+    (tmp_path / "logs/plan.log").write_text("2026-12-07 02:00:00.000 INFO planning\n")
+    assert failed_jobs(SNAKEMAKE_OUTPUT, tmp_path) == [
+        "embed failed: rank 1: CUDA error: an illegal memory access (logs/embed/rank_1.log)",
+        "aggregate failed: OSError: [Errno 28] No space left (logs/other.log)",
+        "plan failed; its log records no error (logs/plan.log)",
+    ]
+    assert failed_jobs("Nothing to be done.\n") == []

@@ -42,8 +42,12 @@ def fasta(tmp_path_factory, records):
 
 @pytest.fixture(scope="module")
 def clean_run(tmp_path_factory, fasta, tiny_checkpoint):
-    """Three ranks, nothing failing."""
-    return completed_run(tmp_path_factory.mktemp("clean3"), config_for(fasta, tiny_checkpoint, world_size=3))
+    """Three ranks, nothing failing; what snakemake printed is in snakemake.txt."""
+    workdir = tmp_path_factory.mktemp("clean3")
+    result = run_snakemake(workdir, config_for(fasta, tiny_checkpoint, world_size=3))
+    assert result.returncode == 0, result.stderr
+    (workdir / "snakemake.txt").write_text(result.stderr)
+    return workdir
 
 
 def test_three_ranks_give_fair_esm_embeddings_in_input_order(clean_run, records, tiny_checkpoint):
@@ -72,6 +76,16 @@ def test_each_rank_writes_its_planned_share_with_progress(clean_run):
         log = (clean_run / f"logs/embed/rank_{rank}.log").read_text()
         assert re.search(r"sequences \(100.0%\), .* residues/s, elapsed .*, ETA 0:00:00", log)
     assert "rank cost max/mean" in (clean_run / "logs/plan.log").read_text()
+
+
+def test_the_terminal_shows_all_ranks_progress_until_the_last_is_done(clean_run, records):
+    lines = re.findall(r"^esmshard: progress: (.*)$", (clean_run / "snakemake.txt").read_text(), re.M)
+    assert lines, "no progress line"
+    residues = sum(min(len(sequence), 1022) for sequence in records.values())
+    assert lines[-1] == (
+        f"{len(records)}/{len(records)} sequences (100.0%), {residues:,}/{residues:,} residues, 0 residues/s, "
+        "ETA 0:00:00 (ranks: 0 running, 3 done)"
+    )
 
 
 def test_every_job_log_says_when_its_process_started(clean_run):

@@ -7,7 +7,8 @@ from esmshard import EsmShardError, paths
 from esmshard.architectures import model_inputs
 from esmshard.fasta import expand_fasta_paths, fasta_list_key
 from esmshard.gpu import count_visible_gpus
-from esmshard.mainprocess import cancel_snakemake_timers, hold_results
+from esmshard.mainprocess import cancel_snakemake_timers, failed_jobs, hold_results
+from esmshard.progress import Watcher
 from esmshard.status import retried, retry_failure
 from esmshard.settings import stop
 from esmshard.stopping import parse_duration
@@ -141,6 +142,14 @@ def warn_without_input_trigger(rank):
         )
 
 
+PROGRESS = []  # the watcher, once the run starts
+
+
+def stop_progress():
+    for watcher in PROGRESS:
+        watcher.stop()
+
+
 def hold_results_lock():
     """The results folder is this run's until it ends: another run that reaches it (through a
     symbolic link, say) stops here, before any job, naming this one."""
@@ -150,13 +159,37 @@ def hold_results_lock():
         raise WorkflowError(f"esmshard: {error}") from None
 
 
+def watch_progress():
+    """Overall progress of the ranks on the terminal, as they report it (progress.Watcher)."""
+    return Watcher(
+        sibling(rules.aggregate.output.manifest, "progress"),
+        config["progress_seconds"],
+        lambda overall: logger.info(f"esmshard: {overall.line()}"),
+    ).start()
+
+
 onstart:
     hold_results_lock()
+    PROGRESS.append(watch_progress())
 
 
 onsuccess:
+    stop_progress()
     cancel_snakemake_timers()
 
 
+def report_failures(snakemake_log):
+    """Each job that failed for good, with its log's first error line: the run's last words."""
+    path = snakemake_log[0] if isinstance(snakemake_log, list) else snakemake_log
+    try:
+        output = Path(path).read_text(errors="replace")
+    except OSError:
+        return
+    for line in failed_jobs(output):
+        logger.error(f"esmshard: {line}")
+
+
 onerror:
+    stop_progress()
+    report_failures(log)
     cancel_snakemake_timers()

@@ -30,9 +30,11 @@ import yaml
 from esmshard import EsmShardError, paths, settings
 from esmshard.gpu import count_visible_gpus
 from esmshard.index import SequenceIndex
-from esmshard.mainprocess import results_lock
+from esmshard.mainprocess import failed_jobs, results_lock
 from esmshard.outputs import OutputSpec, pooling_of
 from esmshard.plan import read_plan
+from esmshard.progress import Watcher
+from esmshard.status import read_status
 
 # The package lives in workflow/scripts/ and finds the workflow from there, which is why it is
 # installed editable (pip install -e .): a copy elsewhere would have no workflow next to it.
@@ -46,6 +48,7 @@ ARGUMENT_OPTIONS = {"fasta": "fasta_files", "world_size": "world_size", "timeout
 ORIGINAL_CONTRACT_NAMES = {"model_name": "model", "token_budget": "tokens_per_batch"}
 
 CONFIG_FILE = "config.yaml"
+PROGRESS_DIR = "results/progress"
 LOG_FILE = "logs/snakemake.log"
 CALL_LINE = "===== run_multi_gpu_inference at {:%Y-%m-%d %H:%M:%S} =====\n"  # starts each call's log
 INDEX_TARGETS = (paths.INDEX, paths.RESIDUES)  # before any model is fetched
@@ -56,7 +59,9 @@ _ESMSHARD_ERROR = re.compile(r"^esmshard: ERROR: (.+)$", re.MULTILINE)
 _WORKFLOW_ERROR = re.compile(r'^(?!CalledProcessError)\w+Error in file "[^"]+", line \d+:\n(.+)$', re.MULTILINE)
 
 
-def run_multi_gpu_inference(fasta_files, output_dir, model_config, world_size=None, timeout=None, *, echo=False):
+def run_multi_gpu_inference(
+    fasta_files, output_dir, model_config, world_size=None, timeout=None, *, echo=False, progress=None
+):
     """Embed ``fasta_files`` with the workflow in ``output_dir``; returns (path of the merged
     ``results/embeddings.h5``, sorted list of the ranks that failed).
 
@@ -69,6 +74,9 @@ def run_multi_gpu_inference(fasta_files, output_dir, model_config, world_size=No
     - ``timeout``: time limit of each rank (seconds, or a string such as "90m"); a rank over it
       stops, keeps its finished work for the next call and counts as failed.
     - ``echo``: also print snakemake's output (to stderr) as it runs.
+    - ``progress``: a function called, from another thread, with an ``esmshard.progress.Overall``
+      (sequences and residues done of the total, residues/s, ETA; ``.line()`` says it in words)
+      when a rank starts or ends and at most every ``progress_seconds`` meanwhile.
 
     The embeddings of failed ranks are missing from the merged file; their IDs are in
     ``results/missing_ids.txt`` and ``results/manifest.json``, and calling again retries those
@@ -89,7 +97,8 @@ def run_multi_gpu_inference(fasta_files, output_dir, model_config, world_size=No
         (output_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         # Locally --resources gpu caps how many ranks run at once; without GPUs the ranks run on
         # the CPU, and only --cores limits them.
-        _run_workflow(output_dir, gpus or world_size, world_size, echo, env)
+        interval = config.get("progress_seconds", settings.defaults()["progress_seconds"])
+        _run_workflow(output_dir, gpus or world_size, world_size, echo, env, progress, interval)
         manifest = json.loads((output_dir / paths.MANIFEST).read_text())
         merged = output_dir / paths.EMBEDDINGS
         _check_merged(merged, output_dir, manifest)
@@ -127,9 +136,10 @@ def _sole_call(output_dir: Path):
         raise RuntimeError(str(error)) from None
 
 
-def _run_workflow(output_dir: Path, gpu_slots: int, world_size: int, echo: bool, env: dict) -> None:
-    """snakemake for the index, then for everything else, raising as run_multi_gpu_inference
-    says. Their output is appended to the log after a line naming this call's time."""
+def _run_workflow(output_dir: Path, gpu_slots: int, world_size: int, echo: bool, env: dict, progress, interval):
+    """snakemake for the index, then for everything else (``progress`` called meanwhile), raising
+    as run_multi_gpu_inference says. Their output is appended to the log after a line naming
+    this call's time."""
     log_path = output_dir / LOG_FILE
     log_path.parent.mkdir(exist_ok=True)
     with open(log_path, "a") as log:  # an earlier call's log is kept
@@ -140,7 +150,12 @@ def _run_workflow(output_dir: Path, gpu_slots: int, world_size: int, echo: bool,
             if reasons:
                 raise ValueError(f"{'; '.join(reasons)} (snakemake output: {log_path})")
             raise RuntimeError(f"building the index failed: {_tail(output)} (snakemake output: {log_path})")
-        returncode, output = _snakemake(output_dir, gpu_slots, (), log, echo, env)
+        watcher = progress and Watcher(output_dir / PROGRESS_DIR, interval, progress).start()
+        try:
+            returncode, output = _snakemake(output_dir, gpu_slots, (), log, echo, env)
+        finally:
+            if watcher:
+                watcher.stop()
     if returncode:
         raise RuntimeError(_failure(output_dir, world_size, output, log_path))
 
@@ -245,20 +260,22 @@ def _tail(output: str, lines: int = 15) -> str:
 
 
 def _failure(output_dir: Path, world_size: int, output: str, log_path: Path) -> str:
-    """Why the workflow failed after the index: each rank's recorded error, and what was logged."""
-    problems = []
+    """Why the workflow failed after the index: each rank's recorded error, each job that failed
+    for good with its log's first error line, and where to read more."""
+    ranks = []
     for rank in range(world_size):
-        status_path = output_dir / paths.STATUS.format(rank=rank)
-        if not status_path.exists():  # snakemake removes the status of a job that died
-            log_file = paths.RANK_LOG.format(rank=rank)
-            problems.append(f"rank {rank}: its job failed without recording a status ({log_file})")
-        elif not (status := json.loads(status_path.read_text()))["ok"]:
-            problems.append(f"rank {rank}: {status['error']}")
+        try:
+            status = read_status(output_dir / paths.STATUS.format(rank=rank))
+        except (OSError, ValueError):  # snakemake removes the status of a job that died
+            continue
+        if not status["ok"]:
+            ranks.append(f"rank {rank}: {status['error']}")
     where = f"rank logs in {(output_dir / paths.RANK_LOG).parent}, snakemake output in {log_path}"
-    if len(problems) == world_size:
-        return f"no rank succeeded, so there are no embeddings: {'; '.join(problems)} ({where})"
-    details = problems + [m for m in _error_messages(output) if m not in problems] or [_tail(output)]
-    return f"the esmshard workflow failed: {'; '.join(details)} ({where})"
+    if len(ranks) == world_size:
+        return f"no rank succeeded, so there are no embeddings: {'; '.join(ranks)} ({where})"
+    details = ranks + failed_jobs(output, output_dir)
+    details += [m for m in _error_messages(output) if not any(m in detail for detail in details)]
+    return f"the esmshard workflow failed: {'; '.join(details or [_tail(output)])} ({where})"
 
 
 def _check_merged(merged: Path, output_dir: Path, manifest: dict) -> None:

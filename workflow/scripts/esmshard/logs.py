@@ -34,7 +34,16 @@ def setup(log_path) -> None:
     to_terminal.setLevel(logging.WARNING)
     to_terminal.setFormatter(logging.Formatter("esmshard: %(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[to_file, to_terminal], force=True)
+    sys.excepthook = _log_uncaught
     # which code runs: a deployed workflow's own package, never one installed from elsewhere
     logging.getLogger("esmshard").info("esmshard from %s", Path(__file__).resolve().parent)
     # what the job spent before its first line (interpreter, Snakemake's preamble, imports)
     logging.getLogger("esmshard").info("job process started %.3f s ago", process_age())
+
+
+def _log_uncaught(kind, error, trace) -> None:
+    """An error no code handled goes to the job's log too (its first line is what a failed run
+    names), with its traceback; the terminal gets the traceback once, as without this hook."""
+    logging.getLogger("esmshard").error("%s: %s", kind.__name__, error)
+    logging.getLogger("esmshard").info("traceback", exc_info=(kind, error, trace))
+    sys.__excepthook__(kind, error, trace)

@@ -4,12 +4,16 @@
   symbolic link, the same module prefix, or the Python API and a command line at once) would
   merge one run's ranks into the other's results. The run that uses it holds an exclusive lock
   on its ``.lock`` file; another stops with one line naming the holder.
+- When a run fails, each job that failed for good is named with its log and the first error line
+  there (``failed_jobs``), as the run's last words and in the Python API's errors: Snakemake's
+  own last words say only that some job failed.
 - At its end, Snakemake's idle rescheduling timers are cancelled, so that the process exits.
 """
 
 import contextlib
 import fcntl
 import os
+import re
 import socket
 import threading
 from datetime import datetime
@@ -81,3 +85,53 @@ def cancel_snakemake_timers() -> None:
 
 def _is_snakemakes(function) -> bool:
     return (getattr(function, "__module__", None) or "").startswith("snakemake.")
+
+
+_ERROR_BLOCK = re.compile(r"^Error in rule (\w+):\n((?:[ \t]+.*(?:\n|$))*)", re.M)
+_CLEARED = re.compile(r"^(?:Trying to restart job |Finished jobid: )(\d+)", re.M)
+_LOGS = re.compile(r"^\s+log: (.+?)(?: \(check log file\(s\) for error details\))?$", re.M)
+_ERROR_LINE = re.compile(r"^(?:\S+ \S+ ERROR |esmshard: ERROR: )(.+)$", re.M)  # logs.setup's formats
+_EXCEPTION_LINE = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception|Interrupt|Exit)\b.*)$", re.M)
+
+
+def failed_jobs(snakemake_output: str, directory=".") -> list[str]:
+    """One line per job that failed for good in ``snakemake_output`` (what a run printed, or its
+    log file): its rule, the first error line of its log (paths relative to ``directory``,
+    where snakemake ran) and the log. A job restarted or finished afterwards is left out."""
+    failed = {}  # jobid -> (rule, logs), in the order of their last failure
+    events = [(m.start(), m) for m in _ERROR_BLOCK.finditer(snakemake_output)]
+    events += [(m.start(), m) for m in _CLEARED.finditer(snakemake_output)]
+    for _, match in sorted(events, key=lambda event: event[0]):
+        if match.re is _CLEARED:
+            failed.pop(int(match[1]), None)
+            continue
+        jobid = re.search(r"^\s+jobid: (\d+)$", match[2], re.M)
+        logs = _LOGS.search(match[2])
+        key = int(jobid[1]) if jobid else -match.start()
+        failed.pop(key, None)
+        failed[key] = (match[1], logs[1].split(", ") if logs else [])
+    return [_described(rule, logs, Path(directory)) for rule, logs in failed.values()]
+
+
+def _described(rule: str, logs: list[str], directory: Path) -> str:
+    for log in logs:
+        error = first_error(directory / log)
+        if error:
+            return f"{rule} failed: {error} ({log})"
+    if logs:
+        return f"{rule} failed; its log records no error ({', '.join(logs)})"
+    return f"{rule} failed (it has no log)"
+
+
+def first_error(log_path) -> str | None:
+    """The first error line an esmshard job logged in ``log_path``, else the last exception of a
+    traceback there; None when there is neither (or no such file)."""
+    try:
+        text = Path(log_path).read_text(errors="replace")
+    except OSError:
+        return None
+    logged = _ERROR_LINE.search(text)
+    if logged:
+        return logged[1].strip()
+    exceptions = _EXCEPTION_LINE.findall(text)
+    return exceptions[-1].strip() if exceptions else None

@@ -26,7 +26,7 @@ from esmshard.gpu import gpu_device, pin_gpu
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec, blocks, pooling_of, sorted_rows
 from esmshard.plan import Plan, read_plan
-from esmshard.progress import Progress
+from esmshard.progress import SNAPSHOT, Progress
 from esmshard.settings import defaults
 from esmshard.shard import ShardWriter, dataset_shapes, outputs_nbytes, sequence_nbytes, shard_problem
 from esmshard.stopping import signals_deferred
@@ -126,10 +126,15 @@ def run_rank(
     work = rank_work(SequenceIndex(index_dir), read_plan(plan_path), rank, settings)
     work.checkpoint = {**work.checkpoint, "path": str(checkpoint)}
     embedded = work.spec.embedded_lengths(work.lengths)
-    progress = Progress(len(work.ids), int(embedded.sum()), settings.progress_seconds, rank)
-    computed, gpu, engine, segments = fill_store_and_assemble(
-        work, shard_path, store_root, settings, progress, verify=verify_store
-    )
+    snapshot = Path(store_root).parent / "progress" / SNAPSHOT.format(rank=rank)
+    progress = Progress(len(work.ids), int(embedded.sum()), settings.progress_seconds, rank, snapshot)
+    try:
+        computed, gpu, engine, segments = fill_store_and_assemble(
+            work, shard_path, store_root, settings, progress, verify=verify_store
+        )
+    except BaseException:
+        progress.stopped()
+        raise
     peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     peak_gpu_memory = gpu_peak_memory(engine)
     log.info(
