@@ -59,7 +59,7 @@ def test_each_job_that_failed_for_good_is_named_with_its_logs_first_error(tmp_pa
         "2026-12-07 02:00:01.000 ERROR second error\n"
     )
     (tmp_path / "logs/other.log").write_text(
-        "Traceback (most recent call last):\n  File \"x.py\", line 1\nOSError: [Errno 28] No space left\n"
+        'Traceback (most recent call last):\n  File "x.py", line 1\nOSError: [Errno 28] No space left\n'
     )
     (tmp_path / "logs/plan.log").write_text("2026-12-07 02:00:00.000 INFO planning\n")
     assert failed_jobs(SNAKEMAKE_OUTPUT, tmp_path) == [
