@@ -31,7 +31,8 @@ from esmshard.index import SequenceIndex, build_index  # noqa: E402
 from esmshard.outputs import OutputSpec  # noqa: E402
 from esmshard.plan import Plan, balance, distinct, read_plan, sequence_costs, write_plan  # noqa: E402
 from esmshard.progress import Progress  # noqa: E402
-from esmshard.rank import RankSettings, fill_store_and_assemble, rank_work  # noqa: E402
+from esmshard.rank import fill_store_and_assemble  # noqa: E402
+from esmshard.work import RankSettings, rank_work  # noqa: E402
 
 PEAK_FLOPS = 790e12
 AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
@@ -100,12 +101,12 @@ def run_model(name: str, args, workdir: Path) -> dict:
     plan_path = write_bench_plan(workdir, name)
     work = rank_work(SequenceIndex(workdir / "index"), read_plan(plan_path), 0, settings)
     spec = OutputSpec.resolve([-1], ["mean"], layers)
-    engine = PackedEngine(network, alphabet, "cuda", args.precision, spec, compile=args.compile)
+    engine = PackedEngine(network, alphabet, "cuda", args.precision, spec)
     started = time.perf_counter()
     engine.embed([index.residues(i) for i in range(min(64, len(index)))])  # warm-up
     torch.cuda.synchronize()
     print(
-        f"{name}: the packed engine's first batch (torch.compile) took {time.perf_counter() - started:.1f} s",
+        f"{name}: the packed engine's first batch took {time.perf_counter() - started:.1f} s",
         flush=True,
     )
     torch.cuda.reset_peak_memory_stats()
@@ -202,25 +203,18 @@ def main():
     )
     parser.add_argument("--check", type=int, default=200, help="sequences compared with fair-esm fp32")
     parser.add_argument(
-        "--compile",
-        default="tuned",
-        type=lambda v: {"true": True, "false": False}.get(v, v),
-        choices=["tuned", True, False],
-        help="the config's compile: tuned (default), true, false",
-    )
-    parser.add_argument(
         "--rotary-kernel",
         type=int,
         choices=[0, 1],
         default=None,
-        help="compiled CUDA path: rotary through the Triton kernel (default: packed.ROTARY_KERNEL)",
+        help="CUDA: rotary through the Triton kernel (default: packed.ROTARY_KERNEL)",
     )
     parser.add_argument(
         "--norm-kernel",
         type=int,
         choices=[0, 1],
         default=None,
-        help="eager CUDA path: residual adds and LayerNorms through the Triton kernel (default: packed.NORM_KERNEL)",
+        help="CUDA: residual adds and LayerNorms through the Triton kernel (default: packed.NORM_KERNEL)",
     )
     parser.add_argument(
         "--precision",
@@ -243,10 +237,7 @@ def main():
         f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.n} synthetic proteins, median length "
         f"{int(np.median(lengths))}, {summary.n_residues} residues; RANDOM weights of the real shapes"
     )
-    print(
-        f"packed engine: {args.precision}, compile {args.compile} ({packed.COMPILE_OPTIONS.get(args.compile)}), "
-        f"rotary kernel {packed.ROTARY_KERNEL}, norm kernel {packed.NORM_KERNEL}"
-    )
+    print(f"packed engine: {args.precision}, rotary kernel {packed.ROTARY_KERNEL}, norm kernel {packed.NORM_KERNEL}")
 
     rows = []
     for name in args.models:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "workflow" / "scripts"))
 from esmshard.aggregate import merge  # noqa: E402
 from esmshard.outputs import OutputSpec  # noqa: E402
 from esmshard.plan import Plan, balance, sequence_costs  # noqa: E402
-from esmshard.rank import RankWork  # noqa: E402
+from esmshard.work import RankWork  # noqa: E402
 
 LAYERS = 2
 

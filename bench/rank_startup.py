@@ -1,6 +1,6 @@
 """Where a rank's start-up goes, step by step, in a fresh process (run it twice: cold, then warm).
 
-    python bench/rank_startup.py CHECKPOINT [--compile true|tuned|false] [--kernels triton|torch]
+    python bench/rank_startup.py CHECKPOINT [--kernels triton|torch]
 
 Prints seconds since the process started after each step a rank takes before its first batch is
 done: importing the package, torch and fair-esm, starting CUDA, reading the checkpoint, building
@@ -36,7 +36,6 @@ mark("import numpy, h5py, esmshard.rank")
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("checkpoint")
-    parser.add_argument("--compile", default="false")
     parser.add_argument("--kernels", choices=["triton", "torch"], default="triton")
     parser.add_argument("--batches", type=int, default=5)
     args = parser.parse_args()
@@ -61,8 +60,7 @@ def main() -> None:
     network, alphabet = load_model(args.checkpoint)
     mark("checkpoint read (load_model)")
     spec = OutputSpec.resolve([-1], ["mean"], network.num_layers)
-    compile_mode = {"false": False, "true": True}.get(args.compile, args.compile)
-    engine = PackedEngine(network, alphabet, "cuda", "float16", spec, compile_mode)
+    engine = PackedEngine(network, alphabet, "cuda", "float16", spec)
     torch.cuda.synchronize()
     mark("packed model on the GPU")
     rng = np.random.default_rng(0)

@@ -83,17 +83,14 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--fasta", nargs="*", type=Path, default=[])
     parser.add_argument("--world-size", type=int, default=1)
-    parser.add_argument("--compile", default="auto", help="the config's compile option (default: auto)")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="esmshard-rerun-"))
     write_random_checkpoint(workdir / "model.pt", *ESM2_MODELS[args.like])
     write_proteins(workdir / "proteins.fasta", args.n, args.fasta)
-    compile_option = {"true": True, "false": False}.get(args.compile, args.compile)
     config = {
         "fasta": ["proteins.fasta"],
         "model": "model.pt",
         "world_size": args.world_size,
-        "compile": compile_option,
     }
     gpus = args.world_size + 1
     rows = [("first run", run(workdir, config, gpus), None)]
@@ -119,7 +116,7 @@ def main() -> int:
 
     print(
         f"\n{args.n} proteins + {len(args.fasta)} file(s), {args.like} shape (RANDOM weights), "
-        f"world_size {args.world_size}, compile {args.compile}; whole snakemake runs in {workdir}"
+        f"world_size {args.world_size}; whole snakemake runs in {workdir}"
     )
     print("| change | wall time | sequences computed | model loaded | rules run |")
     print("|---|---:|---:|---|---|")

@@ -15,7 +15,7 @@ from conftest import completed_run, random_sequences, write_fasta
 
 def config_for(fasta, model, **extra):
     """Small chunks (many kill points); no --retries (Snakemake's default 0): a kill is recovered by the rerun."""
-    return conftest.config_for(fasta, model, **{"chunk_sequences": 150, **extra})
+    return conftest.config_for(fasta, model, **{"segment_sequences": 150, **extra})
 
 
 @pytest.fixture(scope="module")

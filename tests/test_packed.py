@@ -48,18 +48,6 @@ def test_packed_with_the_tiny_model(tiny_checkpoint):
         assert np.abs(vector - fair_esm_mean(network, alphabet, r.tobytes().decode(), 2)).max() <= 1e-4
 
 
-def test_compiled_layers_match_and_compile_once(wider):
-    torch._dynamo.reset()
-    network, alphabet = wider
-    eager = PackedEngine(network, alphabet, "cpu", "float32", spec_for(network))
-    compiled = PackedEngine(network, alphabet, "cpu", "float32", spec_for(network), compile=True)
-    for seed, lengths in enumerate([(300, 1, 2, 50), (1022, 3000), (7, 8, 9, 10, 11)]):
-        residues = random_residues(lengths, seed=seed)
-        assert np.abs(compiled.embed(residues)["mean/layer_4"] - eager.embed(residues)["mean/layer_4"]).max() <= 1e-5
-    # one graph per half-layer serves all 4 layers and every batch size
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
-
-
 def test_pack_makes_one_stream_with_restarting_positions(tiny_checkpoint):
     network, alphabet = load_model(str(tiny_checkpoint))
     batch = Packer(alphabet, spec_for(network)).pack(

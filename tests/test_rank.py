@@ -1,4 +1,4 @@
-"""A rank's choices that need no model: compiling only where it pays; saving while it stops."""
+"""A rank saving its work while it stops."""
 
 import signal
 import time
@@ -9,24 +9,9 @@ import pytest
 
 from esmshard import rank
 from esmshard.outputs import OutputSpec
-from esmshard.rank import RankSettings, RankWork, compile_mode
 from esmshard.stopping import TimedOut, handle_stop_signals, signals_deferred
 from esmshard.store import SegmentWriter, Store, settings_identity
-
-
-@pytest.mark.parametrize(
-    "setting, device, mode",
-    [
-        ("auto", "cuda", False),
-        ("auto", "cpu", False),
-        ("tuned", "cuda", "tuned"),
-        (True, "cuda", True),
-        (False, "cuda", False),
-        ("tuned", "cpu", False),
-    ],
-)
-def test_compile_only_on_a_gpu_and_when_asked(setting, device, mode):
-    assert compile_mode(RankSettings.from_config({"compile": setting}), device) == mode
+from esmshard.work import RankWork
 
 
 def test_a_stop_while_a_segment_is_written_keeps_the_next_batches_for_the_rank_to_save(tmp_path):

@@ -173,10 +173,9 @@ def test_an_unchanged_input_rerun_loads_no_model_and_changes_no_number(template,
     "option, value",
     [
         ("progress_seconds", 7),
-        ("chunk_seconds", 11),
-        ("chunk_sequences", 13),
+        ("segment_seconds", 11),
+        ("segment_sequences", 13),
         ("tokens_per_batch", 999),
-        ("compile", False),
         ("timeout", "11h30m"),
         ("threads_per_rank", 1),
         ("gpu_lock_dir", "/tmp/esmshard-other-locks"),
@@ -254,7 +253,7 @@ def test_a_shard_of_another_model_is_never_data(template, tmp_path, proteins):
     assert_same_embeddings(workdir, template)
 
     from esmshard.aggregate import aggregate
-    from esmshard.rank import RankSettings
+    from esmshard.work import RankSettings
 
     shutil.copy(other / "results/shards/shard_1.h5", workdir / "results/shards/shard_1.h5")
     results = workdir / "results"
@@ -318,7 +317,7 @@ def test_a_full_disk_is_a_failed_rank_that_names_it_and_the_others_go_on(
     allocates whole chunks, which the space check counts: it once died inside HDF5 instead)."""
     write_fasta(tmp_path / "p.fasta", random_sequences(proteins, seed=8, median=120, cap=300))
     config = config_for(
-        tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=pooling, layers=layers, chunk_sequences=segment
+        tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=pooling, layers=layers, segment_sequences=segment
     )
     result = run_snakemake(tmp_path, config, cores=1)  # one rank after the other: the first fits
     assert result.returncode == 0, result.stderr

@@ -30,7 +30,7 @@ from conftest import (
 )
 from crashes import clean2, config_for, embed_processes, fasta, half_written, segment_files, start_snakemake, wait_for  # noqa: F401 (fixtures)
 from esmshard import aggregate as aggregate_module
-from esmshard.rank import RankSettings
+from esmshard.work import RankSettings
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ sys.stdin.read()
 
 
 def test_corrupt_and_torn_segments_are_recomputed(tmp_path, fasta, tiny_checkpoint, clean1):
-    config = config_for(fasta, tiny_checkpoint, world_size=1, chunk_sequences=100)
+    config = config_for(fasta, tiny_checkpoint, world_size=1, segment_sequences=100)
     stop_after_first_segment(tmp_path, config)
     while len(segment_files(tmp_path)) < 2:
         stop_after_first_segment(tmp_path, config)
@@ -202,7 +202,7 @@ def test_store_rows_gone_or_damaged_under_a_finished_run_are_computed_again_neve
     rejected, never read as NaN or zeros, and the next run redoes it after checking its segments."""
     write_fasta(tmp_path / "p.fasta", random_sequences(300, seed=5, median=120))
     config = config_for(
-        tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"], chunk_sequences=50
+        tmp_path / "p.fasta", tiny_checkpoint, world_size=2, pooling=["mean", "per_residue"], segment_sequences=50
     )
     completed_run(tmp_path, config)
     reference = tmp_path / "reference.h5"
@@ -327,7 +327,7 @@ def test_timeout_stops_the_rank_keeps_its_work_and_counts_it_failed(tmp_path, fa
     # first batch for 7.5 s, and no batch finished in time (measured with two busy processes)
     slower = write_random_checkpoint(tmp_path / "esm2_slower.pt", 6, 96, 4, seed=5)
     config = config_for(
-        fasta, slower, world_size=1, chunk_sequences=20, tokens_per_batch=2048, timeout="9s", threads_per_rank=1
+        fasta, slower, world_size=1, segment_sequences=20, tokens_per_batch=2048, timeout="9s", threads_per_rank=1
     )
     (tmp_path / "timed").mkdir()
     result = run_snakemake(tmp_path / "timed", config)

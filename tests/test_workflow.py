@@ -231,6 +231,8 @@ def test_replace_policy_maps_unknown_letters_to_x(tmp_path, tiny_checkpoint):
     [
         ({"dtype": "float64"}, "'float64' is not one of \\['float32', 'float16'\\]"),
         ({"modle": "x"}, "Additional properties are not allowed \\('modle' was unexpected\\)"),
+        ({"compile": "auto"}, "compile is no longer an option: delete it"),
+        ({"chunk_sequences": 5}, "chunk_sequences is no longer an option: it is now segment_sequences"),
         ({"world_size": 0}, "0 is less than the minimum of 1"),
         ({"model": "esm2_t99_1T_UR50D"}, "model: 'esm2_t99_1T_UR50D' is neither an existing checkpoint"),
         ({"timeout": "banana"}, "timeout: 'banana' is not a duration; give seconds"),
@@ -277,7 +279,7 @@ def test_every_output_at_once_lands_in_input_order(tmp_path, fasta, records, tin
         dtype="float16",
         pooling=["per_residue", "mean", "bos"],
         long_sequences="window",
-        chunk_sequences=7,
+        segment_sequences=7,
     )
     completed_run(tmp_path, config)
     merged = tmp_path / "results/embeddings.h5"

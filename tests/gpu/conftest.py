@@ -13,10 +13,6 @@ import torch
 from esmshard.model import load_model, write_random_checkpoint
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "compile: torch.compile on the GPU, slow (deselect: -m 'not compile')")
-
-
 @pytest.fixture(scope="session")
 def device() -> str:
     wanted = os.environ.get("ESMSHARD_TEST_DEVICE", "")
@@ -31,7 +27,7 @@ def device() -> str:
 
 @pytest.fixture
 def cuda(device) -> str:
-    """For what runs on CUDA only (the Triton kernel, torch.compile on the GPU, real out-of-memory)."""
+    """For what runs on CUDA only (the Triton kernels, real out-of-memory)."""
     if device != "cuda":
         pytest.skip("CUDA only")
     return device

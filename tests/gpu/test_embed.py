@@ -8,7 +8,7 @@ import numpy as np
 from esmshard import embed
 from esmshard.model import load_model, write_random_checkpoint
 from esmshard.outputs import POOLINGS, OutputSpec
-from esmshard.rank import RankSettings, compute_precision
+from esmshard.work import RankSettings, compute_precision
 
 from .helpers import assert_rows_close, fair_esm_outputs, lognormal_lengths, random_residues, rows_of
 

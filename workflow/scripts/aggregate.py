@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # this workflow's esmshard, befo
 
 from esmshard import EsmShardError, logs
 from esmshard.aggregate import aggregate
-from esmshard.rank import RankSettings
+from esmshard.work import RankSettings
 
 logs.setup(snakemake.log[0])
 log = logging.getLogger("esmshard.aggregate")

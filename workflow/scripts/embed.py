@@ -17,10 +17,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))  # this workflow's esmshard, before any installed elsewhere
 
 from esmshard import logs
-from esmshard.rank import RankSettings, run_rank
+from esmshard.rank import run_rank
 from esmshard.shard import write_failure_shard
 from esmshard.status import failure_status, new_token, shard_stamp, write_status
 from esmshard.stopping import Stopped, TimedOut, disarm_timeout, handle_stop_signals, parse_duration
+from esmshard.work import RankSettings
 
 logs.setup(snakemake.log[0])
 log = logging.getLogger("esmshard.embed")

@@ -14,16 +14,17 @@ The model:
 - ``model``: loading ESM-2 (fair-esm checkpoints, Hugging Face weights) into fair-esm's module
 - ``packed``, ``rotary_kernel``, ``norm_kernel``: ESM-2 over packed (unpadded) token streams
 - ``batching``: token-budget batches (a long protein's windows spread over several)
-- ``engine``: forward passes (fair-esm reference and packed) and pooling
+- ``engine``: the engine interface a rank uses, and the engines: fair-esm reference and packed
 
 A rank:
 - ``gpu``: counting GPUs and leasing one exclusively
+- ``work``: a rank's settings, its share of the plan and what identifies its shard
 - ``rank``: one rank's run, from its share of the plan to its shard, through the store
 - ``store``: finished work kept by content, across crashes and runs
 - ``shard``: shard files
 - ``status``: a rank's outcome, and which ranks the next run redoes (standard library only)
-- ``stopping``, ``progress``, ``logs``, ``faults``: stop signals and time limits, progress lines,
-  job logs, faults on purpose for the crash tests
+- ``stopping``, ``progress``, ``logs``, ``faults``: stop signals and time limits, progress (each
+  rank's, and all ranks' together), job logs, faults on purpose for the crash tests
 
 After the ranks:
 - ``aggregate``: merging shards into one file and reporting what is missing (it only reads)
@@ -34,7 +35,8 @@ Around them:
 - ``settings``: the workflow's options, from its schema (standard library and PyYAML)
 - ``paths``: where the rules put what the API reads (standard library only)
 - ``files``: atomic writes and space checks (standard library only)
-- ``mainprocess``: Snakemake's main process: the results folder's lock, its timers at exit
+- ``mainprocess``: Snakemake's main process: the results folder's lock, naming failed jobs, its
+  timers at exit
 - ``api``: running the whole workflow from Python (``run_multi_gpu_inference``,
   ``run_esm2_multi_gpu``, importable from ``esmshard`` itself)
 - ``inprocess``: embedding in the calling process, without Snakemake (``esmshard.embed``)

@@ -27,9 +27,9 @@ from esmshard.files import atomic_output, ensure_space
 from esmshard.index import SequenceIndex
 from esmshard.outputs import blocks, pooling_of, ranges_index, residue_offsets
 from esmshard.plan import Plan, read_plan
-from esmshard.rank import RankSettings, RankWork, rank_work
 from esmshard.shard import create_outputs, missing_sources, outputs_nbytes, sequence_nbytes, shard_failure, write_attrs
 from esmshard.status import new_token, read_status
+from esmshard.work import RankSettings, RankWork, rank_work
 
 log = logging.getLogger(__name__)
 

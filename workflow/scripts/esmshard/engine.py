@@ -1,5 +1,9 @@
 """Engines turn batches of residue strings into the outputs of ``outputs.OutputSpec``.
 
+A rank sees an engine through ``Engine`` only: ``check_precision`` before the model loads,
+``open_engine`` (or ``build_engine`` for a loaded model) for the engine the settings name, then
+the engine's ``batches``, ``embed_batches`` and ``stats``. Another model family plugs in as an engine with these.
+
 - ``ReferenceEngine``: fair-esm's own ESM2.forward, on esmshard's batches re-padded to fair-esm's
   [pieces, longest] layout (the numbers of fair-esm's forward; not its extract.py batching).
 - ``PackedEngine``: the packed forward of ``packed.py`` on unpadded token streams, with
@@ -23,13 +27,17 @@ of a protein's windows yields the positions of the sequences it finished, maybe 
 import logging
 import queue
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from esmshard.batching import Batch
+from esmshard import EsmShardError
+from esmshard.batching import Batch, planned_batches
 from esmshard.fasta import ESM_RESIDUES
 from esmshard.outputs import OutputSpec, piece_tokens, pooling_of, residue_offsets
 from esmshard.packed import PackedESM2, kernel_warmups
@@ -37,6 +45,80 @@ from esmshard.packed import PackedESM2, kernel_warmups
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Padded tokens per batch of the reference engine: what fair-esm's extract.py uses.
+REFERENCE_TOKENS_PER_BATCH = 4096
+
+
+class Engine(Protocol):
+    """What a rank asks of an engine."""
+
+    device: torch.device
+    spec: OutputSpec
+    dim: int  # width of every output
+
+    def batches(self, lengths: np.ndarray, tokens_per_batch: int | None) -> tuple[list[Batch], int]:
+        """Batches of positions in ``lengths`` [n], and the token budget they were made for
+        (``tokens_per_batch``, or the engine's own default for None)."""
+
+    def embed_batches(self, batches, read) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """See the module docstring."""
+
+    def stats(self) -> dict:
+        """What the rank records of the engine's work: batches computed again in bfloat16, batches
+        split on running out of GPU memory, peak GPU memory (GiB; None on the CPU)."""
+
+
+def check_precision(kind: str, device_type: str, precision: str) -> None:
+    """Before the model loads: the one combination of engine, device and precision that no engine runs."""
+    if device_type == "cpu" and kind == "reference" and precision != "float32":
+        raise EsmShardError(
+            f"precision: the reference engine computes in float32 only on the CPU, not "
+            f"{precision}; set precision to float32 or auto, or engine to packed"
+        )
+
+
+def open_engine(checkpoint: dict, kind: str, device: str, precision: str, spec: OutputSpec, stored: str) -> Engine:
+    """The model the plan recorded (``checkpoint``: its path as the option names it, its files'
+    size and time) as the ``kind`` engine (see build_engine); raises EsmShardError when its
+    files changed after the plan was made."""
+    from esmshard.architectures import checkpoint_stamp, resolve_model
+    from esmshard.model import load_model
+
+    check_precision(kind, torch.device(device).type, precision)
+    resolved = resolve_model(checkpoint["path"])
+    location = resolved.location
+    if checkpoint_stamp(resolved) != {key: checkpoint[key] for key in ("size", "mtime_ns")}:
+        raise EsmShardError(f"model: {location} changed after the plan was made; run snakemake again")
+    started = time.monotonic()
+    network, alphabet = load_model(str(location))
+    engine = build_engine(kind, network, alphabet, device, precision, spec, stored)
+    log.info(
+        "model %s (%d layers, dim %d) on %s, %s engine in %s, outputs %s; loaded in %.1f s",
+        location,
+        network.num_layers,
+        network.embed_dim,
+        torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
+        kind,
+        precision,
+        ", ".join(spec.names),
+        time.monotonic() - started,
+    )
+    return engine
+
+
+def build_engine(kind: str, network, alphabet, device: str, precision: str, spec: OutputSpec, stored: str) -> Engine:
+    """The ``kind`` engine (``packed`` or ``reference``) of the loaded fair-esm ``network`` on
+    ``device``, computing in ``precision`` and handing out ``stored`` outputs."""
+    check_precision(kind, torch.device(device).type, precision)
+    engine = PackedEngine if kind == "packed" else ReferenceEngine
+    return engine(network, alphabet, device, precision, spec, stored)
+
+
+def _peak_gpu_memory(device: torch.device) -> float | None:
+    """GiB of GPU memory torch held at most in this process on ``device`` (None: the CPU)."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
 
 
 @dataclass
@@ -233,6 +315,13 @@ class ReferenceEngine:
         self.packer = Packer(alphabet, spec)
         self.dim = network.embed_dim
 
+    def batches(self, lengths, tokens_per_batch):
+        budget = tokens_per_batch or REFERENCE_TOKENS_PER_BATCH
+        return planned_batches(lengths, self.spec, budget, padded=True), budget
+
+    def stats(self) -> dict:
+        return {"bfloat16_batches": 0, "out_of_memory_splits": 0, "peak_gpu_memory_gib": _peak_gpu_memory(self.device)}
+
     def embed_batches(self, batches, read):
         assemble = Assembler(self.spec, self.stored)
         for batch in batches:
@@ -266,13 +355,12 @@ class PackedEngine:
         device: str,
         precision: str,
         spec: OutputSpec,
-        compile: bool | str = False,
         stored: str = "float32",
     ):
         self.device = torch.device(device)
         self.stored = PRECISIONS[stored]
         self.spec = spec
-        self.model = _built_while_kernels_load(network, PRECISIONS[precision], self.device, compile)
+        self.model = _built_while_kernels_load(network, PRECISIONS[precision], self.device)
         self.packer = Packer(alphabet, spec)
         self.dim = network.embed_dim
         self._pin = self.device.type == "cuda"
@@ -282,6 +370,17 @@ class PackedEngine:
         self._network = network if precision == "float16" else None
         self._fallback_model = None
         self.fallbacks = 0  # batches computed again in bfloat16
+
+    def batches(self, lengths, tokens_per_batch):
+        budget = tokens_per_batch or self.default_tokens_per_batch()
+        return planned_batches(lengths, self.spec, budget, padded=False), budget
+
+    def stats(self) -> dict:
+        return {
+            "bfloat16_batches": self.fallbacks,
+            "out_of_memory_splits": self.splits,
+            "peak_gpu_memory_gib": _peak_gpu_memory(self.device),
+        }
 
     def default_tokens_per_batch(self) -> int:
         """Tokens per batch from free device memory: activations take ~64 bytes per token per width."""
@@ -397,16 +496,16 @@ class PackedEngine:
         return host
 
 
-def _built_while_kernels_load(network, dtype: torch.dtype, device: torch.device, compile) -> PackedESM2:
+def _built_while_kernels_load(network, dtype: torch.dtype, device: torch.device) -> PackedESM2:
     """The packed model on ``device``; on a GPU, the attention, rotary and LayerNorm kernels are
     readied on threads meanwhile (packed.kernel_warmups)."""
     if device.type != "cuda":
-        return PackedESM2(network, dtype, device, compile).eval()
+        return PackedESM2(network, dtype, device).eval()
     heads = network.layers[0].self_attn.num_heads
     warmups = kernel_warmups(heads, network.embed_dim // heads, dtype, device)
     with ThreadPoolExecutor(len(warmups)) as pool:
         loading = [pool.submit(warmup) for warmup in warmups]
-        model = PackedESM2(network, dtype, device, compile).eval()
+        model = PackedESM2(network, dtype, device).eval()
         for warmup in loading:
             warmup.result()  # its errors here: the first batch would meet them too
     return model

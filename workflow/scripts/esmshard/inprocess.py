@@ -10,8 +10,8 @@ submitting 10 million.
 
 A rank's steps, on one device: each sequence validated as the index validates a FASTA record
 (``fasta.clean_residues``), the checkpoint loaded by ``model.load_model``, batches by
-``rank.plan_batches``, and the engine, compute precision and compile mode a rank would choose
-for these settings (``rank.build_engine``); so the vectors are the ones the workflow writes to
+the engine's own ``batches``, and the engine and compute precision a rank would choose for these
+settings (``engine.build_engine``); so the vectors are the ones the workflow writes to
 ``embeddings.h5`` for the same sequences and settings. Everything is held in memory.
 """
 
@@ -23,8 +23,8 @@ import numpy as np
 from esmshard import EsmShardError, settings
 from esmshard.fasta import clean_residues
 from esmshard.outputs import OutputSpec, pooling_of
-from esmshard.rank import RankSettings, build_engine, check_engine_precision, compute_precision, plan_batches
 from esmshard.shard import DTYPES
+from esmshard.work import RankSettings, compute_precision
 
 # Config options that embed() takes (the schema gives their defaults and checks their values).
 OPTIONS = (
@@ -36,7 +36,6 @@ OPTIONS = (
     "precision",
     "dtype",
     "engine",
-    "compile",
     "tokens_per_batch",
     "invalid_residues",
 )
@@ -54,7 +53,7 @@ def embed(sequences, model=None, layers=None, pooling=None, device=None, **optio
 
     ``model``, ``layers``, ``pooling`` and ``options`` are the workflow's config options of the
     same names (``long_sequences``, ``window_overlap``, ``precision``, ``dtype`` (of the returned
-    arrays), ``engine``, ``compile``, ``tokens_per_batch``, ``invalid_residues``); None or left
+    arrays), ``engine``, ``tokens_per_batch``, ``invalid_residues``); None or left
     out means the schema's default (config/README.md). ``device``: "cpu", "cuda", "cuda:1", a
     torch.device, or None for the current GPU if torch sees one, else the CPU.
 
@@ -71,11 +70,13 @@ def embed(sequences, model=None, layers=None, pooling=None, device=None, **optio
     chosen = RankSettings.from_config(config)
     kind = torch.device(device).type
     precision = compute_precision(chosen, kind)
+    from esmshard.engine import build_engine, check_precision
+    from esmshard.model import load_model
+
     try:
-        check_engine_precision(chosen.engine, kind, precision)
+        check_precision(chosen.engine, kind, precision)
     except EsmShardError as error:
         raise ValueError(str(error)) from None
-    from esmshard.model import load_model
 
     network, alphabet = load_model(str(config["model"]))
     try:
@@ -85,8 +86,8 @@ def embed(sequences, model=None, layers=None, pooling=None, device=None, **optio
     except ValueError as error:  # a layer the model does not have
         raise ValueError(f"config: {error}") from None
     lengths = np.array([len(r) for r in residues], np.int64)
-    engine, _ = build_engine(network, alphabet, device, precision, spec, chosen)
-    batches, _ = plan_batches(engine, lengths, chosen)
+    engine = build_engine(chosen.engine, network, alphabet, device, precision, spec, chosen.dtype)
+    batches, _ = engine.batches(lengths, chosen.tokens_per_batch)
     outputs = _collect(engine, batches, residues, spec, DTYPES[chosen.dtype])
     return {"ids": ids, "lengths": lengths, "truncated": spec.truncated(lengths), **outputs}
 

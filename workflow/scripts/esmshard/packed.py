@@ -40,8 +40,8 @@ class PackedLayer(nn.Module):
         self.fc2 = _copy(layer.fc2, dtype, device)
 
     def forward(self, x, cos, sin, cu_seqlens, max_len: int, steps):
-        # x: [T, D] float32; cos, sin: [T, d] float32. steps: the two pointwise-heavy halves, plain
-        # or torch.compile'd; they take tensors only, so one compiled graph serves every layer.
+        # x: [T, D] float32; cos, sin: [T, d] float32. steps: the two halves around attention
+        # (on CUDA the first rotates q and k with the Triton kernel).
         attention_inputs, attention_output_and_ffn = steps
         norm1, norm2 = self.attn_norm, self.ffn_norm
         q, k, v = attention_inputs(
@@ -89,9 +89,8 @@ def attention_output_and_ffn(
 
 def added_and_normed(x, residual, norm_weight, norm_bias, eps: float, dtype: torch.dtype):
     """(x + residual (None: nothing) in float32, its LayerNorm in ``dtype``); x: [T, D] float32.
-    Eager on CUDA through norm_kernel.py's Triton kernel (one pass instead of three kernels);
-    torch.compile fuses the same torch code by itself."""
-    if x.is_cuda and NORM_KERNEL and not torch.compiler.is_compiling():
+    On CUDA through norm_kernel.py's Triton kernel (one pass instead of three kernels)."""
+    if x.is_cuda and NORM_KERNEL:
         from esmshard.norm_kernel import layer_norm
 
         return layer_norm(x, norm_weight, norm_bias, eps, dtype, residual)
@@ -101,13 +100,8 @@ def added_and_normed(x, residual, norm_weight, norm_bias, eps: float, dtype: tor
 
 
 class PackedESM2(nn.Module):
-    def __init__(self, network, dtype: torch.dtype = torch.bfloat16, device="cpu", compile: bool | str = False):
-        """Built on ``device`` from a loaded fair-esm ESM2 (float32 weights), sharing nothing with it.
-
-        ``compile`` fuses the pointwise work around the matrix products with torch.compile;
-        one graph serves every layer, and the token count is a dynamic dimension, so batches
-        of any size reuse it without recompiling.
-        """
+    def __init__(self, network, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+        """Built on ``device`` from a loaded fair-esm ESM2 (float32 weights), sharing nothing with it."""
         super().__init__()
         self.num_layers = network.num_layers
         self.embed_dim = network.embed_dim
@@ -122,13 +116,10 @@ class PackedESM2(nn.Module):
         inv_freq = network.layers[0].self_attn.rot_emb.inv_freq.to(device, torch.float32, copy=True)
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [d / 2]
         rotary_kernel = torch.device(device).type == "cuda" and ROTARY_KERNEL
-        if compile:
-            self.steps = compiled_steps(COMPILE_OPTIONS[compile], rotary_kernel)
-        else:
-            self.steps = (
-                with_rotary_kernel(qkv_projection) if rotary_kernel else attention_inputs,
-                attention_output_and_ffn,
-            )
+        self.steps = (
+            with_rotary_kernel(qkv_projection) if rotary_kernel else attention_inputs,
+            attention_output_and_ffn,
+        )
 
     def hidden_states(self, tokens, positions, cu_seqlens, max_len: int, layers):
         """Yields (layer, hidden states [T, D] float32) for each of ``layers`` (increasing;
@@ -149,30 +140,15 @@ class PackedESM2(nn.Module):
                 yield layer, (self.final_norm(x) if layer == self.num_layers else x)
 
 
-# torch.compile options for the two steps, by the config's `compile` value. true: inductor's
-# defaults (about 8-12 s to compile 650M). "tuned": the pointwise and reduction kernels are
-# autotuned too: 650M end to end 288k -> 317k residues/s on an H200, 3B 88k -> 93k,
-# for 20-26 s of compiling on a fresh machine (docs/benchmarks.md).
-COMPILE_OPTIONS = {True: {}, "tuned": {"max_autotune_pointwise": True, "coordinate_descent_tuning": True}}
-# On CUDA: rotary through rotary_kernel.py (Triton), one pass instead of eager torch's eight or
-# inductor's slower fused code.
+# On CUDA: rotary through rotary_kernel.py (Triton), one pass instead of eager torch's eight.
 ROTARY_KERNEL = True
-# On CUDA without torch.compile: the residual adds and LayerNorms through norm_kernel.py (Triton).
+# On CUDA: the residual adds and LayerNorms through norm_kernel.py (Triton). Eager with these two
+# kernels runs as fast as torch.compile's autotuned code (docs/benchmarks.md), with no compiling.
 NORM_KERNEL = True
 
 
-def compiled_steps(options: dict, rotary_kernel: bool = False):
-    """The two steps through torch.compile with inductor ``options``, with a dynamic token count.
-    ``rotary_kernel`` (CUDA only): the first step compiles LayerNorm and projection only, and
-    q and k are rotated by the Triton kernel."""
-    ffn = torch.compile(attention_output_and_ffn, dynamic=True, options=options)
-    if not rotary_kernel:
-        return torch.compile(attention_inputs, dynamic=True, options=options), ffn
-    return with_rotary_kernel(torch.compile(qkv_projection, dynamic=True, options=options)), ffn
-
-
 def with_rotary_kernel(projection):
-    """attention_inputs with ``projection`` (qkv_projection, plain or compiled) and q and k rotated
+    """attention_inputs with ``projection`` (qkv_projection) and q and k rotated
     by rotary_kernel.py's Triton kernel (CUDA only; the same float32 arithmetic as _rotate)."""
     from esmshard.rotary_kernel import rotate_qk
 

@@ -64,10 +64,22 @@ def options_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+# Options that are no longer, and what a config that sets one should do instead.
+RETIRED = {
+    "compile": "delete it: esmshard's own GPU kernels run as fast as torch.compile's, with no compiling",
+    "per_residue_in_embeddings": "delete it: embeddings.h5 always holds its own copy of the per-residue rows",
+    "chunk_sequences": "it is now segment_sequences",
+    "chunk_seconds": "it is now segment_seconds",
+}
+
+
 def workflow_config(config: dict) -> dict:
     """The config the workflow runs with: values from ``--config`` in their YAML types, the
     schema's defaults for options not given, checked. Raises ValueError naming each bad option,
     its value and what is allowed, in one line."""
+    retired = [f"{name} is no longer an option: {RETIRED[name]}" for name in config if name in RETIRED]
+    if retired:
+        raise ValueError(f"config: {'; '.join(retired)}")
     config = dict(config)
     read_command_line_values(config)
     return checked({**defaults(), **config})
