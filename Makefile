@@ -6,6 +6,7 @@ PYTHON := $(VENV)/bin/python
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
+	@python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else f"esmshard needs Python 3.11 or newer; python3 here is {sys.version.split()[0]}")'
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -r requirements.txt

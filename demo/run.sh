@@ -16,7 +16,16 @@ if ! python -c "from esmshard.model import resolve_checkpoint; resolve_checkpoin
     echo "================================================================================"
 fi
 
-snakemake --cores 2 --config model="$model"
+# The demo's settings, for the user to continue from (a plain `snakemake` reads config/config.yaml).
+cat > demo/config.yaml <<YAML
+# Written by demo/run.sh: the demo's input and the model it used. Run it again, or make its
+# report, with: snakemake --cores 2 --configfile demo/config.yaml [--report report.html]
+fasta:
+  - demo/proteins.fasta
+model: $model
+YAML
+
+snakemake --cores 2 --configfile demo/config.yaml
 
 python - <<'PY'
 import json
@@ -29,3 +38,6 @@ with h5py.File(manifest["output"]) as h5:
 print(f"\nEmbeddings: {manifest['output']} ({shape[0]} sequences x {shape[1]} dims, model {model});"
       f" {manifest['missing']} missing; manifest: results/manifest.json")
 PY
+echo
+echo "Again, or its report: snakemake --cores 2 --configfile demo/config.yaml [--report report.html]"
+echo "Your own data: edit config/config.yaml, then run snakemake (README: Running it on your data)."

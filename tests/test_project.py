@@ -79,6 +79,17 @@ def test_the_demo_command_runs_and_says_where_the_embeddings_are(tmp_path):
     assert re.search(r"Embeddings: results/embeddings.h5 \(10 sequences x \d+ dims", result.stdout)
     if "RANDOM" in result.stdout:  # no network: the stand-in model must say what it is
         assert "The embeddings are NOT meaningful" in result.stdout
+    # the printed way to continue uses the demo's own settings: nothing left to do
+    assert "Again, or its report: snakemake --cores 2 --configfile demo/config.yaml" in result.stdout
+    again = subprocess.run(
+        ["snakemake", "--cores", "2", "--configfile", "demo/config.yaml", "-n"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stderr[-3000:]
 
 
 def test_config_readme_lists_every_option_as_the_schema_says():
