@@ -99,3 +99,11 @@ def test_config_readme_lists_every_option_as_the_schema_says():
     assert options_table() in readme, "config/README.md is stale: python -m esmshard options prints its table"
     for option in schema()["properties"]:
         assert f"| `{option}` |" in readme, option
+
+
+def test_package_txt_lists_every_file_a_module_from_git_copies():
+    """workflow/package.txt: what rules/package.smk copies for a module deployed from git."""
+    listed = [line for line in (REPO / "workflow/package.txt").read_text().splitlines() if not line.startswith("#")]
+    workflow = REPO / "workflow"
+    present = [*workflow.glob("scripts/esmshard/*.py"), *workflow.glob("schemas/*")]
+    assert sorted(listed) == sorted(str(path.relative_to(workflow)) for path in present)

@@ -1,10 +1,11 @@
 """Rule aggregate: merge the shards of the ranks that succeeded and report what is missing."""
 
 import logging
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # this workflow's esmshard, before any installed elsewhere
+sys.path.insert(0, os.environ["ESMSHARD_PACKAGE"])  # this workflow's esmshard (rules/package.smk)
 
 from esmshard import EsmShardError, logs
 from esmshard.aggregate import aggregate

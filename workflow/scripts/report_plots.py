@@ -2,10 +2,10 @@
 
 import gc
 import logging
+import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))  # this workflow's esmshard, before any installed elsewhere
+sys.path.insert(0, os.environ["ESMSHARD_PACKAGE"])  # this workflow's esmshard (rules/package.smk)
 
 from esmshard import logs
 from esmshard.report import write_report_files
