@@ -2,7 +2,7 @@
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 
-.PHONY: setup demo test test-gpu lint
+.PHONY: setup demo test test-fast test-gpu lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt pyproject.toml
@@ -21,6 +21,10 @@ demo: setup
 # listed at the end, to keep an eye on the suite's time.
 test: setup
 	$(PYTHON) -m pytest -n auto --dist loadfile --durations=20
+
+# For iterating: everything but the tests that run the real snakemake (marker "workflow").
+test-fast: setup
+	$(PYTHON) -m pytest -n auto --dist loadfile --durations=10 -m "not workflow"
 
 # The GPU tests (tests/gpu), in one process: a missing GPU is an error. Not set up here, so that a
 # GPU machine without network can run them: PYTHON=python3 for its environment (README).

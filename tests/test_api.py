@@ -16,6 +16,8 @@ from conftest import planned_ids, random_sequences, write_fasta
 from esmshard import api, run_esm2_multi_gpu, run_multi_gpu_inference
 from esmshard.reader import load_embeddings
 
+pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
+
 
 @pytest.fixture(autouse=True)
 def on_the_cpu(monkeypatch):

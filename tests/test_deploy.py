@@ -17,6 +17,8 @@ from packaging.requirements import Requirement
 
 from conftest import REPO, SNAKEFILE, random_sequences, write_fasta
 
+pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
+
 BIN = Path(sys.executable).parent
 SLIM = ("snakemake", "snakemake-executor-plugin-slurm", "snakefmt")  # what a slim environment holds
 COMPUTE = ("torch", "h5py", "esm", "matplotlib")  # what only the rules' environment has

@@ -19,6 +19,8 @@ from conftest import completed_run, config_for, random_sequences, read_embedding
 from esmshard import EsmShardError, embed
 from esmshard.architectures import model_inputs, resolve_model
 
+pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
+
 transformers = pytest.importorskip("transformers")  # a test dependency only (requirements.txt)
 
 HUB_ID = "esmshard-test/esm2_tiny"

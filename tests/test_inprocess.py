@@ -57,6 +57,7 @@ def test_embed_equals_fair_esms_own_forward(windowed, records, tiny_checkpoint):
             assert np.abs(windowed[f"per_residue/layer_{layer}"][i] - expected["per_residue"]).max() <= 1e-5, seq_id
 
 
+@pytest.mark.workflow
 def test_embed_equals_what_the_workflow_writes(windowed, workflow_run):
     with h5py.File(workflow_run) as h5:
         assert h5["ids"].asstr()[:].tolist() == windowed["ids"]

@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from conftest import REPO, SNAKEFILE, config_for, fair_esm_mean, random_sequences, read_embeddings, write_fasta
 from esmshard.model import load_model, write_random_checkpoint
+
+pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
 
 HOST = """
 configfile: "host.yaml"

@@ -114,6 +114,7 @@ def test_the_space_warning_counts_the_store_the_shards_and_the_merged_file(tmp_p
     assert re.search(r"but only [\d,.]+ [KMGT]iB are free there: ranks will fail when the disk fills", warning)
 
 
+@pytest.mark.workflow
 def test_the_plan_rule_warns_before_any_rank_when_the_results_may_not_fit(tmp_path, tiny_checkpoint):
     write_fasta(tmp_path / "p.fasta", random_sequences(200, seed=3, median=300, cap=600))
     config = config_for(tmp_path / "p.fasta", tiny_checkpoint, pooling=["per_residue"])

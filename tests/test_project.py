@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import REPO, SNAKEFILE
@@ -70,6 +71,7 @@ def test_pip_conda_and_the_rules_environment_pin_the_same_versions():
     assert rule_envs == {'"../envs/esmshard.yaml"'}
 
 
+@pytest.mark.workflow
 def test_the_demo_command_runs_and_says_where_the_embeddings_are(tmp_path):
     for part in ("workflow", "config", "demo"):
         shutil.copytree(REPO / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))

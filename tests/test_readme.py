@@ -11,6 +11,8 @@ import pytest
 
 from conftest import REPO, SNAKEFILE, random_sequences, write_fasta
 
+pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
+
 BIN = Path(sys.executable).parent
 
 

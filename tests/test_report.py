@@ -13,6 +13,8 @@ import pytest
 from conftest import random_sequences, run_snakemake, write_fasta
 from esmshard.report import config_table, rank_outcomes, rank_throughput, sequences_embedded
 
+pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
+
 PLOTS = {  # report category -> the PNG shown there
     "Input": "results/report/sequence_lengths.png",
     "Ranks": "results/report/rank_throughput.png",

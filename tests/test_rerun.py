@@ -27,6 +27,8 @@ from conftest import (
 )
 from esmshard.model import load_model, write_random_checkpoint
 
+pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
+
 
 @pytest.fixture(scope="module")
 def proteins():

@@ -32,6 +32,8 @@ from crashes import clean2, config_for, embed_processes, fasta, half_written, se
 from esmshard import aggregate as aggregate_module
 from esmshard.work import RankSettings
 
+pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
+
 
 @pytest.fixture(scope="module")
 def clean1(tmp_path_factory, fasta, tiny_checkpoint):

@@ -11,6 +11,8 @@ import pytest
 
 from conftest import REPO, assert_same_embeddings, completed_run, random_sequences, snakemake_command, write_fasta
 
+pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
+
 SLURM_SCRIPTS = REPO / "tests" / "slurm"
 
 

@@ -25,6 +25,8 @@ from esmshard.model import load_model
 from esmshard.outputs import OutputSpec
 from esmshard.reader import load_embeddings
 
+pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
+
 
 @pytest.fixture(scope="module")
 def records():
