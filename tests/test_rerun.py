@@ -6,6 +6,7 @@ file times) and changes what a user would change.
 
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
@@ -195,6 +196,22 @@ def test_a_precision_that_auto_already_means_computes_nothing(template, tmp_path
     assert result.returncode == 0, result.stderr
     assert manifest(workdir)["computed"] == 0 and "loaded in" not in rank_logs(workdir)
     assert_same_embeddings(workdir, template)
+
+
+def test_windowing_long_proteins_computes_only_the_long_ones(template, tmp_path):
+    """long_sequences changes the outputs of proteins longer than 1,022 residues only: switching it
+    computes those, and every other vector is reused as it is; switching back computes nothing."""
+    workdir, config = copy_of(template, tmp_path)
+    with open(workdir / "input/a.fasta", "a") as fasta:
+        fasta.write(">long\n" + "".join(random.Random(5).choices("ACDEFGHIKLMNPQRSTVWY", k=1500)) + "\n")
+    ids, before, _ = read_embeddings(template / "results/embeddings.h5")
+    for long_sequences, computed in (("truncate", 1), ("window", 1), ("truncate", 0)):
+        result = run_snakemake(workdir, {**config, "long_sequences": long_sequences})
+        assert result.returncode == 0, result.stderr
+        assert manifest(workdir)["computed"] == computed, long_sequences
+        after_ids, after, attrs = read_embeddings(workdir / "results/embeddings.h5")
+        assert after_ids == [*ids, "long"] and attrs["long_sequences"] == long_sequences
+        assert after[:-1].tobytes() == before.tobytes()
 
 
 def test_compression_rewrites_only_embeddings_h5_from_the_shards(template, tmp_path):

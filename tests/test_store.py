@@ -7,7 +7,7 @@ import pytest
 from esmshard import store as store_module
 from esmshard.outputs import OutputSpec
 from esmshard.shard import ShardWriter, shard_problem
-from esmshard.store import SegmentWriter, Store, settings_identity
+from esmshard.store import SegmentWriter, Store, sequence_keys, settings_identity
 
 SPEC = OutputSpec.resolve([-1], ["mean", "per_residue"], 2)
 IDENTITY = settings_identity("model-digest", SPEC, "float16", "packed")
@@ -88,3 +88,29 @@ def test_a_failed_background_write_is_raised_to_the_rank(tmp_path):
     with pytest.raises(OSError, match="disk on fire"):
         writer.wait()
     writer.wait()  # raised once
+
+
+def test_other_long_protein_handling_reuses_the_other_sequences_as_they_are(tmp_path):
+    """A segment written truncating long proteins, read by a run that windows them: the same store
+    directory, the short sequences found with their own rows (after a truncated protein's 1,022),
+    the long protein not (its key carries how it is embedded), and nothing deleted."""
+    truncating = Store(tmp_path / "store", IDENTITY, SPEC, 4, "float16")
+    rows = np.array([5, 6, 7])  # the 1,030-residue protein first
+    keys = sequence_keys(DIGESTS, LENGTHS, SPEC)
+    truncating.write(keys[rows], LENGTHS[rows], outputs_of(rows))
+    window = OutputSpec.resolve([-1], ["mean", "per_residue"], 2, "window", 256)
+    windowing = Store(
+        tmp_path / "store", settings_identity("model-digest", window, "float16", "packed"), window, 4, "float16"
+    )
+    assert windowing.directory == truncating.directory and len(windowing.segments) == 1
+    window_keys = sequence_keys(DIGESTS, LENGTHS, window)
+    assert (window_keys[LENGTHS <= 1022] == keys[LENGTHS <= 1022]).all() and window_keys[5] != keys[5]
+    assert windowing.find(window_keys[rows])[0].tolist() == [-1, 0, 0]
+    short = np.array([6, 7])
+    path = tmp_path / "shard.h5"
+    writer = ShardWriter(path, IDS[short], LENGTHS[short], window, 4, "float16", {"rank": 0}, None)
+    windowing.copy_to(writer, window_keys[short])
+    writer.close()
+    with h5py.File(path) as h5:
+        for name, want in outputs_of(short).items():
+            assert np.array_equal(h5[name][:], want), name

@@ -1,15 +1,18 @@
 """Finished embeddings, kept by content: the store every rank reads before computing and writes as it goes.
 
 A store directory holds the results of one set of numeric settings (the model's content, layers,
-poolings, long-protein handling, stored and compute precision, engine), named by a key of them,
-so results of other settings can never be mixed in. Inside, segment files each hold some
-sequences' outputs, keyed by the digest of their residues:
+poolings, stored and compute precision, engine), named by a key of them, so results of other
+settings can never be mixed in. How proteins longer than the model takes are embedded
+(``long_sequences``, ``window_overlap``) is not part of that key: the others' outputs are the same
+either way, and are reused when it changes; a long protein's own key carries it
+(``sequence_keys``). Inside, segment files each hold some sequences' outputs, keyed by content:
 
-- ``digests``: [m, 16] uint8, blake2b-128 of each sequence's residues (``SequenceIndex.digests``)
+- ``digests``: [m, 16] uint8, the sequences' keys (``sequence_keys``)
 - ``lengths``: [m] int64 input lengths (which fix the per-residue row counts)
 - one dataset per output (``outputs.py``): pooled [m, dim]; per-residue [rows, dim], each
   sequence's rows one after another in segment order
-- attributes: the settings identity
+- attributes: the settings identity, long-protein handling included (which fixes a long
+  protein's per-residue rows)
 
 A segment is written to a temporary name, flushed to disk and renamed, so it exists whole or not
 at all; its datasets carry HDF5's Fletcher-32 checksums, so corruption is caught on any read.
@@ -18,6 +21,7 @@ sequences (same residues under other IDs, or in another input) are computed once
 computes only what no segment holds. Snakemake never sees the store, so it never deletes it.
 """
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -62,13 +66,27 @@ def settings_identity(model_digest: str, spec: OutputSpec, dtype: str, engine: s
     }
 
 
+# Not in a store directory's key (see the module docstring).
+LONG_PROTEIN_SETTINGS = ("long_sequences", "window_overlap")
+
+
+def sequence_keys(digests: np.ndarray, lengths: np.ndarray, spec: OutputSpec) -> np.ndarray:
+    """The store's key of each sequence: the digest of its residues, hashed with how it is
+    embedded (truncated, or windows and their overlap) where it is longer than the model takes."""
+    keys = np.array(digests, copy=True)
+    how = json.dumps({key: spec.attrs()[key] for key in LONG_PROTEIN_SETTINGS}, sort_keys=True).encode()
+    for i in np.flatnonzero(np.asarray(lengths) > MAX_RESIDUES).tolist():
+        keys[i] = np.frombuffer(hashlib.blake2b(keys[i].tobytes() + how, digest_size=16).digest(), DIGEST)[0]
+    return keys
+
+
 def store_key(identity: dict) -> str:
     """A directory name that changes with anything in ``identity``."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def store_directory(root, identity: dict) -> Path:
-    return Path(root) / store_key(identity)
+    return Path(root) / store_key({key: value for key, value in identity.items() if key not in LONG_PROTEIN_SETTINGS})
 
 
 class Store:
@@ -81,14 +99,16 @@ class Store:
         for stray in self.directory.glob(f".seg_{writer}_*"):  # this writer's temporaries of a killed write
             stray.unlink(missing_ok=True)
         self.segments: list[Path] = []
+        self._specs: list[OutputSpec] = []  # each segment's, long-protein handling included
         residue_offsets_of = []  # [rows + 1] of each segment
         keys, segment_of, row_of = [], [], []
         for path in sorted(self.directory.glob("seg_*.h5")):
-            digests, lengths = self._read_keys(path)
+            digests, lengths, segment_spec = self._read_keys(path)
             if digests is None:
                 continue
             keys.append(digests)
-            residue_offsets_of.append(residue_offsets(spec.embedded_lengths(lengths)))
+            self._specs.append(segment_spec)
+            residue_offsets_of.append(residue_offsets(segment_spec.embedded_lengths(lengths)))
             segment_of.append(np.full(len(digests), len(self.segments), np.int64))
             row_of.append(np.arange(len(digests), dtype=np.int64))
             self.segments.append(path)
@@ -102,29 +122,40 @@ class Store:
         self._row = np.concatenate(row_of)[order] if row_of else np.empty(0, np.int64)
 
     def _read_keys(self, path: Path):
-        """The segment's (digests, lengths), or (None, None) (and the segment deleted) if it is not
+        """The segment's (digests, lengths, spec), or Nones (and the segment deleted) if it is not
         whole or not ours."""
         try:
             with h5py.File(path, "r") as h5:
                 identity = {key: plain_attr(h5.attrs.get(key)) for key in self.identity}
-                if identity != self.identity:
+                if any(
+                    identity[key] != value for key, value in self.identity.items() if key not in LONG_PROTEIN_SETTINGS
+                ):
                     problem = "made with other settings"
                 else:
+                    spec = self._segment_spec(identity)
                     digests = np.ascontiguousarray(h5["digests"][:]).view(DIGEST).ravel()
                     lengths = h5["lengths"][:]
                     shapes = {name: h5[name].shape for name in self.spec.names}
-                    problem = self._shape_problem(len(digests), lengths, shapes)
+                    problem = self._shape_problem(len(digests), lengths, shapes, spec)
         except Exception as error:  # a torn or corrupt file raises many kinds
             problem = f"unreadable: {' '.join(str(error).split())[:200]}"
         if problem:
             _discard(path, problem)
-            return None, None
-        return digests, lengths
+            return None, None, None
+        return digests, lengths, spec
 
-    def _shape_problem(self, n: int, lengths, shapes: dict):
+    def _segment_spec(self, identity: dict) -> OutputSpec:
+        """This store's outputs, embedded as the segment says long proteins were."""
+        return dataclasses.replace(
+            self.spec,
+            long_sequences=str(identity.get("long_sequences", self.spec.long_sequences)),
+            window_overlap=int(identity.get("window_overlap", self.spec.window_overlap)),
+        )
+
+    def _shape_problem(self, n: int, lengths, shapes: dict, spec: OutputSpec):
         if len(lengths) != n:
             return f"{len(lengths)} lengths for {n} sequences"
-        for name, shape in dataset_shapes(self.spec, lengths, self.dim).items():
+        for name, shape in dataset_shapes(spec, lengths, self.dim).items():
             if shapes[name] != shape:
                 return f"{name} has shape {shapes[name]}, not {shape}"
         return None
@@ -188,9 +219,10 @@ class Store:
             raise EsmShardError(f"the store {self.directory} lacks {int((segment < 0).sum())} of the sequences")
         for number in np.unique(segment).tolist():
             positions = np.flatnonzero(segment == number)
-            writer.write(positions, self._read_rows(self.segments[number], row[positions], writer.names))
+            writer.write(positions, self._read_rows(number, row[positions], writer.names))
 
-    def _read_rows(self, path: Path, rows: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    def _read_rows(self, number: int, rows: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+        path = self.segments[number]
         try:
             with h5py.File(path, "r") as h5:
                 lengths = h5["lengths"][:]
@@ -200,7 +232,7 @@ class Store:
             raise DamagedSegment(
                 f"store segment {path} is damaged ({' '.join(str(error).split())[:200]}); it was deleted"
             ) from None
-        embedded = self.spec.embedded_lengths(lengths)
+        embedded = self._specs[number].embedded_lengths(lengths)
         residue_rows = ranges_index(residue_offsets(embedded)[rows], embedded[rows])
         return {
             name: values[residue_rows if pooling_of(name) == "per_residue" else rows]

@@ -16,7 +16,7 @@ from esmshard.outputs import OutputSpec, pooling_of, sorted_rows
 from esmshard.plan import Plan
 from esmshard.settings import defaults
 from esmshard.shard import dataset_shapes, shard_problem
-from esmshard.store import settings_identity, store_key
+from esmshard.store import sequence_keys, settings_identity, store_key
 
 
 @dataclass
@@ -126,7 +126,7 @@ def rank_work(
         positions,
         index.ids(positions),
         index.lengths[positions],
-        index.digests()[positions],
+        sequence_keys(index.digests()[positions], index.lengths[positions], spec),
         spec,
         plan.model["embed_dim"],
         plan.model,
