@@ -147,6 +147,7 @@ def assert_equal_to_transformers(workdir, directory, sequences, **config):
 
 def test_a_saved_esm_for_masked_lm_directory_embeds_as_transformers_does(directory_run, hf_directory, sequences):
     assert_equal_to_transformers(directory_run, hf_directory, sequences)
+    assert json.loads((directory_run / "results/manifest.json").read_text())["random_weights"] is False
     with pytest.raises(AssertionError):  # the config's eps (1e-3) matters: fair-esm's 1e-5 is not it
         assert_equal_to_transformers(directory_run, hf_directory, sequences, layer_norm_eps=1e-5)
 

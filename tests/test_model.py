@@ -91,13 +91,13 @@ def test_unknown_model_name(tmp_path):
 
 
 def test_download_lands_only_a_whole_checkpoint_of_the_named_shape(tmp_path, monkeypatch):
-    from esmshard.architectures import ESM2_MODELS
-    from esmshard.model import URL_ENV, architecture, download
+    from esmshard.architectures import ESM2_MODELS, checkpoint_architecture
+    from esmshard.model import URL_ENV, download
 
     source = write_random_checkpoint(tmp_path / "mirror/esm2_t6_8M_UR50D.pt", *ESM2_MODELS["esm2_t6_8M_UR50D"])
     monkeypatch.setenv(URL_ENV, f"file://{tmp_path}/mirror/{{name}}.pt")
     path = download("esm2_t6_8M_UR50D", tmp_path / "hub/esm2_t6_8M_UR50D.pt")
-    assert architecture(path) == ESM2_MODELS["esm2_t6_8M_UR50D"]
+    assert checkpoint_architecture(path) == ESM2_MODELS["esm2_t6_8M_UR50D"]
     with pytest.raises(EsmShardError, match=r"cannot download esm2_t12_35M_UR50D from file://.*; download it where"):
         download("esm2_t12_35M_UR50D", tmp_path / "hub/esm2_t12_35M_UR50D.pt")
     source.rename(tmp_path / "mirror/esm2_t12_35M_UR50D.pt")  # the wrong model under that name

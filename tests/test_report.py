@@ -88,6 +88,7 @@ def test_config_table_shows_every_value_escaped_and_the_resolved_world_size():
     assert "<th>model</th><td>&lt;m&gt;.pt</td>" in page
     assert "<th>world_size</th><td>null (one rank per visible GPU: 4)</td>" in page
     assert "<th>fasta</th><td>[&quot;a.fa&quot;]</td>" in page and "<th>timeout</th><td>null</td>" in page
+    assert "random-weights" not in page
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +118,10 @@ def test_a_normal_run_makes_the_report_files(report_run):
         assert (report_run / path).stat().st_size > 0, path
     assert (report_run / "results/report/rank_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "report figures for 2 ranks (failed: 1)" in (report_run / "logs/report_plots.log").read_text()
+    # the tests' model has random weights: the report's configuration says so before anything else
+    config = (report_run / "results/report/config.html").read_text()
+    assert "<p id='random-weights'" in config and "has RANDOM weights" in config
+    assert config.index("random-weights") < config.index("Configuration used")
 
 
 def test_rank_log_shows_progress_with_eta_at_a_steady_interval(report_run):

@@ -67,6 +67,10 @@ def test_three_ranks_give_fair_esm_embeddings_in_input_order(clean_run, records,
     assert attrs["dtype"] == "float32" and attrs["world_size"] == 3 and "fair-esm" in json.loads(attrs["versions"])
     manifest = json.loads((clean_run / "results/manifest.json").read_text())
     assert manifest["complete"] and manifest["ranks_succeeded"] == [0, 1, 2] and manifest["missing"] == 0
+    # the tests' model was written by write_random_checkpoint: every run says so
+    assert manifest["model"] == str(tiny_checkpoint) and manifest["random_weights"] is True
+    warning = f"esmshard: WARNING: model {tiny_checkpoint} has RANDOM weights"
+    assert warning in (clean_run / "snakemake.txt").read_text()
     assert (clean_run / "results/missing_ids.txt").read_text() == ""
 
 

@@ -11,7 +11,16 @@ from esmshard import EsmShardError, logs
 from esmshard.architectures import checkpoint_identity, resolve_model
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec
-from esmshard.plan import Plan, balance, distinct, imbalance, sequence_costs, space_warning, write_plan
+from esmshard.plan import (
+    RANDOM_WEIGHTS_WARNING,
+    Plan,
+    balance,
+    distinct,
+    imbalance,
+    sequence_costs,
+    space_warning,
+    write_plan,
+)
 
 logs.setup(snakemake.log[0])
 log = logging.getLogger("esmshard.plan")
@@ -44,6 +53,8 @@ log.info(
     model["embed_dim"],
     model["digest"],
 )
+if model["random_weights"]:
+    log.warning(RANDOM_WEIGHTS_WARNING, checkpoint.location)
 for rank, cost in enumerate(rank_costs):
     log.info("rank %d: %d sequences, predicted cost %.4g", rank, int((ranks == rank).sum()), cost)
 log.info("rank cost max/mean: %.4f over %d ranks", imbalance(rank_costs), len(rank_costs))

@@ -153,6 +153,8 @@ def _manifest(out_path, missing_path, plan: Plan, statuses, works, failed, rejec
         "output": str(out_path),
         "fingerprint": plan.fingerprint,
         "world_size": plan.world_size,
+        "model": plan.model["path"],
+        "random_weights": bool(plan.model.get("random_weights", False)),
         "sequences": n_sequences,
         "distinct_sequences": len(plan.position),
         "embedded": n_sequences - n_missing,

@@ -155,16 +155,20 @@ def checkpoint_identity(checkpoint: Checkpoint, cache_dir: Path | None = None) -
             return cached["identity"]
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no entry, or a damaged one: hashed again, and the entry rewritten
+    random_weights = False
     if checkpoint.location.is_dir():
         shape = Architecture(*read_config(checkpoint.location)[:3])
     else:
-        shape = checkpoint_architecture(checkpoint.location)
+        config = _checkpoint_config(checkpoint.location)
+        shape = _architecture_of(config)
+        random_weights = bool(getattr(config, RANDOM_WEIGHTS, False))
     identity = {
         "path": str(checkpoint.location.resolve()),
         "digest": model_digest(checkpoint),
         **checkpoint_stamp(checkpoint),
         "num_layers": shape.layers,
         "embed_dim": shape.embed_dim,
+        "random_weights": random_weights,
     }
     try:
         with atomic_output(cache_path) as tmp:
@@ -175,12 +179,22 @@ def checkpoint_identity(checkpoint: Checkpoint, cache_dir: Path | None = None) -
 
 
 # What checkpoint_identity records, and of which types.
-_IDENTITY_FIELDS = {"path": str, "digest": str, "size": int, "mtime_ns": int, "num_layers": int, "embed_dim": int}
+_IDENTITY_FIELDS = {
+    "path": str,
+    "digest": str,
+    "size": int,
+    "mtime_ns": int,
+    "num_layers": int,
+    "embed_dim": int,
+    "random_weights": bool,
+}
+# The config entry that marks a checkpoint written by model.write_random_checkpoint.
+RANDOM_WEIGHTS = "esmshard_random_weights"
 
 
 def _is_identity(identity) -> bool:
     return isinstance(identity, dict) and all(
-        isinstance(identity.get(field), kind) and not isinstance(identity.get(field), bool)
+        isinstance(identity.get(field), kind) and (kind is bool or not isinstance(identity.get(field), bool))
         for field, kind in _IDENTITY_FIELDS.items()
     )
 
@@ -218,15 +232,26 @@ class _ConfigOnly(pickle.Unpickler):
 
 
 def checkpoint_architecture(path) -> Architecture:
-    """A fair-esm checkpoint's shape from its config. Files in torch's zip format are read here
-    without importing torch (~3 s), others by the safe loader of ``model.py``."""
+    """A fair-esm checkpoint's shape from its config."""
+    return _architecture_of(_checkpoint_config(path))
+
+
+def _architecture_of(config) -> Architecture:
+    return Architecture(config.encoder_layers, config.encoder_embed_dim, config.encoder_attention_heads)
+
+
+def _checkpoint_config(path):
+    """A fair-esm checkpoint's config (``cfg.model``). Files in torch's zip format are read here
+    without importing torch (~3 s), others by the safe loader of ``model.py``, which checks the
+    file and says what is wrong with it."""
     try:
         with zipfile.ZipFile(path) as archive:
             [pickled] = [name for name in archive.namelist() if name.endswith("/data.pkl")]
             with archive.open(pickled) as handle:
                 config = _ConfigOnly(handle).load()["cfg"]["model"]
-        return Architecture(config.encoder_layers, config.encoder_embed_dim, config.encoder_attention_heads)
+        _architecture_of(config)  # a config without these is not fair-esm's: the loader says why
+        return config
     except (zipfile.BadZipFile, ValueError, pickle.UnpicklingError, KeyError, TypeError, AttributeError, EOFError):
-        from esmshard.model import architecture  # checks the file and says what is wrong with it
+        from esmshard.model import checkpoint_config
 
-        return architecture(path)
+        return checkpoint_config(path)

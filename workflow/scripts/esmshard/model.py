@@ -23,8 +23,9 @@ import torch
 from esmshard import EsmShardError
 from esmshard.architectures import (
     ESM2_MODELS,
-    Architecture,
+    RANDOM_WEIGHTS,
     Checkpoint,
+    checkpoint_architecture,
     model_inputs,
     released_checkpoint,
     resolve_model,
@@ -106,7 +107,7 @@ def _download_released(model: str, path: Path) -> Path:
                 f"model: cannot download {model} from {url} ({_one_line(error)}); download it where there is "
                 f"network with 'python -m esmshard download {model} DIR' and set 'model' to the file's path"
             ) from None
-        checked = architecture(tmp)
+        checked = checkpoint_architecture(tmp)
         if checked != ESM2_MODELS[model]:
             raise EsmShardError(f"model: {url} holds a model of shape {tuple(checked)}, not {model}")
     return path
@@ -138,10 +139,9 @@ def _download_from_hub(repo_id: str, directory: Path | None) -> Path:
     return snapshot
 
 
-def architecture(path) -> Architecture:
-    """A fair-esm checkpoint's shape, from its config (memory-mapped: no weights are read)."""
-    config = _read_checkpoint(Path(path))["cfg"]["model"]
-    return Architecture(config.encoder_layers, config.encoder_embed_dim, config.encoder_attention_heads)
+def checkpoint_config(path):
+    """A fair-esm checkpoint's config, ``cfg.model`` (memory-mapped: no weights are read)."""
+    return _read_checkpoint(Path(path))["cfg"]["model"]
 
 
 def load_model(model: str):
@@ -342,7 +342,11 @@ def write_random_checkpoint(
         prefix = "encoder." if name.startswith("lm_head.") else "encoder.sentence_encoder."
         weights[prefix + name] = tensor.to("cpu", dtype, copy=True)
     config = argparse.Namespace(
-        encoder_layers=layers, encoder_embed_dim=embed_dim, encoder_attention_heads=heads, token_dropout=True
+        encoder_layers=layers,
+        encoder_embed_dim=embed_dim,
+        encoder_attention_heads=heads,
+        token_dropout=True,
+        **{RANDOM_WEIGHTS: True},  # said in the plan's log, the manifest and the report
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,12 @@ from esmshard.files import atomic_output
 from esmshard.outputs import OutputSpec, piece_tokens
 from esmshard.shard import outputs_nbytes
 
+# Said wherever a run's results are described (the plan's log and terminal, the manifest, the report).
+RANDOM_WEIGHTS_WARNING = (
+    "model %s has RANDOM weights (written by esmshard random-checkpoint, for tests and demos): "
+    "its embeddings mean nothing"
+)
+
 
 @dataclass
 class Plan:

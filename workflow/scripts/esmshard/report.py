@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 
 from esmshard.architectures import MAX_RESIDUES
 from esmshard.files import atomic_output
+from esmshard.plan import RANDOM_WEIGHTS_WARNING
 from esmshard.status import read_status
 
 OK_COLOR, FAILED_COLOR, MISSING_COLOR = "#2b6cb0", "#c53030", "#e53e3e"
@@ -181,8 +182,9 @@ def sequences_embedded(outcomes: list[RankOutcome], manifest: dict) -> Figure:
     return figure
 
 
-def config_table(config: dict, world_size: int) -> str:
-    """A small HTML page with every configuration value the run used (defaults included)."""
+def config_table(config: dict, world_size: int, random_weights: bool = False) -> str:
+    """A small HTML page with every configuration value the run used (defaults included), under a
+    warning when the model's weights are random."""
     rows = []
     for key in sorted(config):
         value = config[key]
@@ -196,7 +198,13 @@ def config_table(config: dict, world_size: int) -> str:
         "table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:4px 10px;text-align:left;"
         "vertical-align:top}th{background:#f2f2f2;font-family:monospace}td{font-family:monospace;"
         "white-space:pre-wrap}</style></head><body>\n"
-        f"<h2>Configuration used</h2>\n<table id='config'>\n{chr(10).join(rows)}\n</table>\n</body></html>\n"
+        + (
+            f"<p id='random-weights' style='background:#c00;color:#fff;padding:8px;font-weight:bold'>"
+            f"{html.escape(RANDOM_WEIGHTS_WARNING % config['model'])}</p>\n"
+            if random_weights
+            else ""
+        )
+        + f"<h2>Configuration used</h2>\n<table id='config'>\n{chr(10).join(rows)}\n</table>\n</body></html>\n"
     )
 
 
@@ -209,7 +217,9 @@ def write_report_files(index_path, status_paths, manifest_path, config: dict, ou
     save_png(rank_throughput(outcomes), out["ranks"])
     save_png(sequences_embedded(outcomes, manifest), out["embedded"])
     with atomic_output(out["config"]) as tmp:
-        Path(tmp).write_text(config_table(config, manifest.get("world_size", len(outcomes))))
+        Path(tmp).write_text(
+            config_table(config, manifest.get("world_size", len(outcomes)), manifest.get("random_weights", False))
+        )
     return outcomes
 
 
