@@ -149,7 +149,10 @@ def _run_workflow(output_dir: Path, gpu_slots: int, world_size: int, echo: bool,
             reasons = _error_messages(output)
             if reasons:
                 raise ValueError(f"{'; '.join(reasons)} (snakemake output: {log_path})")
-            raise RuntimeError(f"building the index failed: {_tail(output)} (snakemake output: {log_path})")
+            jobs = failed_jobs(output, output_dir)
+            raise RuntimeError(
+                f"building the index failed: {'; '.join(jobs) or _tail(output)} (snakemake output: {log_path})"
+            )
         watcher = progress and Watcher(output_dir / PROGRESS_DIR, interval, progress).start()
         try:
             returncode, output = _snakemake(output_dir, gpu_slots, (), log, echo, env)
