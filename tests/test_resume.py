@@ -153,7 +153,7 @@ def test_a_damaged_or_missing_shard_is_redone_by_its_rank_before_the_merge(tmp_p
     """A shard torn, replaced or deleted after its job: the next run reruns that rank (from the
     store, no model loaded), then merges; the aggregation never writes a rank's files."""
     config = config_for(fasta, tiny_checkpoint, world_size=2)
-    completed_run(tmp_path, config)
+    shutil.copytree(clean2, tmp_path, symlinks=True, dirs_exist_ok=True)  # a finished run (times kept)
     shard = tmp_path / "results/shards/shard_1.h5"
     tear = lambda: shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # noqa: E731
     # (a deleted shard is an intermediate file: Snakemake redoes it once the merge must run again)
@@ -179,7 +179,7 @@ def test_a_damaged_or_missing_shard_is_redone_by_its_rank_before_the_merge(tmp_p
 
 def test_a_garbled_status_file_is_a_rank_to_redo_never_fatal(tmp_path, fasta, tiny_checkpoint, clean2):
     config = config_for(fasta, tiny_checkpoint, world_size=2)
-    completed_run(tmp_path, config)
+    shutil.copytree(clean2, tmp_path, symlinks=True, dirs_exist_ok=True)  # a finished run (times kept)
     status = tmp_path / "results/status/rank_0.json"
     status.write_text(status.read_text()[:25])
     result = run_snakemake(tmp_path, config)
