@@ -109,3 +109,15 @@ def test_package_txt_lists_every_file_a_module_from_git_copies():
     workflow = REPO / "workflow"
     present = [*workflow.glob("scripts/esmshard/*.py"), *workflow.glob("schemas/*")]
     assert sorted(listed) == sorted(str(path.relative_to(workflow)) for path in present)
+
+
+def test_the_version_has_one_source_and_the_command_says_it():
+    """esmshard.__version__ is what pip installed (pyproject.toml reads it) and what `esmshard
+    --version` prints (the console command `make setup` installs)."""
+    from importlib import metadata
+
+    import esmshard
+
+    assert metadata.version("esmshard") == esmshard.__version__
+    result = subprocess.run([BIN / "esmshard", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == f"esmshard {esmshard.__version__}\n", result.stderr

@@ -201,7 +201,7 @@ def test_a_bad_path_is_a_one_line_error_naming_it(bad_paths, case, format, tmp_p
     path, out, error, message = bad_paths[case]
     result = export(path, out, "--format", format)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.startswith(f"python -m esmshard export: error: {tmp_path}/{message}")
+    assert result.stderr.startswith(f"esmshard export: error: {tmp_path}/{message}")
     assert result.stderr.count("\n") == 1  # one line, no traceback
     assert not (tmp_path / "out").exists()  # nothing was written, not even the directory
     with pytest.raises(error, match=re.escape(message)):

@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+import esmshard
 from conftest import (
     assert_same_embeddings,
     completed_run,
@@ -64,7 +65,9 @@ def test_three_ranks_give_fair_esm_embeddings_in_input_order(clean_run, records,
     assert (
         attrs["model"] == str(tiny_checkpoint) and list(attrs["layers"]) == [2] and list(attrs["pooling"]) == ["mean"]
     )
-    assert attrs["dtype"] == "float32" and attrs["world_size"] == 3 and "fair-esm" in json.loads(attrs["versions"])
+    versions = json.loads(attrs["versions"])
+    assert attrs["dtype"] == "float32" and attrs["world_size"] == 3 and "fair-esm" in versions
+    assert versions["esmshard"] == esmshard.__version__  # the running checkout's, installed or not
     manifest = json.loads((clean_run / "results/manifest.json").read_text())
     assert manifest["complete"] and manifest["ranks_succeeded"] == [0, 1, 2] and manifest["missing"] == 0
     # the tests' model was written by write_random_checkpoint: every run says so

@@ -43,6 +43,8 @@ Around them:
 - ``__main__``: the command-line tools (``python -m esmshard``)
 """
 
+__version__ = "0.1.0"  # also the package's (pyproject.toml reads it) and in every output's attributes
+
 
 class EsmShardError(Exception):
     """An error the user can fix; the message says what and where, in one line."""

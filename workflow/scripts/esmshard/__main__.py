@@ -1,5 +1,6 @@
-"""Command-line tools.
+"""Command-line tools: ``esmshard`` once installed, or ``python -m esmshard``.
 
+esmshard --version
 python -m esmshard random-checkpoint PATH [--like esm2_t33_650M_UR50D]
 python -m esmshard export results/embeddings.h5 OUT_DIR [--format npy|pt]
 python -m esmshard download esm2_t33_650M_UR50D|facebook/esm2_t33_650M_UR50D [DIR]
@@ -9,12 +10,13 @@ python -m esmshard options   (the table of config options in config/README.md, f
 import argparse
 from pathlib import Path
 
-from esmshard import EsmShardError
+from esmshard import EsmShardError, __version__
 from esmshard.architectures import ESM2_MODELS
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m esmshard")
+    parser = argparse.ArgumentParser(prog="esmshard")
+    parser.add_argument("--version", action="version", version=f"esmshard {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     random = commands.add_parser(
         "random-checkpoint",

@@ -23,6 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from esmshard import __version__
 from esmshard.files import atomic_output
 from esmshard.outputs import OutputSpec, pooling_of, residue_offsets, runs, sorted_rows
 
@@ -31,8 +32,10 @@ _CHUNK_BYTES = 4 << 20  # HDF5 chunks of about 4 MiB
 
 
 def package_versions() -> str:
-    versions = {"python": platform.python_version()}
-    for package in ("esmshard", "torch", "fair-esm", "h5py", "numpy", "snakemake"):
+    """The versions of what made a file: esmshard's own (the code running, installed or a
+    checkout's), Python's and its packages'."""
+    versions = {"python": platform.python_version(), "esmshard": __version__}
+    for package in ("torch", "fair-esm", "h5py", "numpy", "snakemake"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
