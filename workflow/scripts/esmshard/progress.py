@@ -3,9 +3,11 @@
 A rank's ``Progress`` logs sequences and residues done of its total, residues/s and an ETA every
 ``interval`` seconds (at the end of the batch that crosses it), right after its first computed
 batch, and at the end; each time it also replaces its snapshot, ``results/progress/rank_<r>.json``.
-The rate counts from the end of the first computed batch once a later one is done: the first
+The ETA divides the predicted cost still to do (``plan.sequence_costs``: attention's work grows
+with the square of a sequence's length, and batches go longest first) by the cost done per
+second, counted from the end of the first computed batch once a later one is done: the first
 batch carries the start-up (GPU kernels loading, memory growing) that the rest does not, and an
-ETA from it overstates the remainder several times.
+ETA from it overstated the remainder three times.
 
 ``Watcher`` reads the snapshots that ranks wrote since a run started and hands an ``Overall``
 (sums over ranks; the ETA of the slowest running rank, since ranks run side by side) to a
@@ -41,12 +43,16 @@ class Progress:
         rank: int,
         snapshot_path=None,
         clock=time.monotonic,
+        total_cost: float | None = None,
     ):
+        """``total_cost``: the predicted cost of all the rank's work (default: its residues)."""
         self.total_sequences, self.total_residues = total_sequences, total_residues
+        self.total_cost = total_residues if total_cost is None else total_cost
         self.interval, self.rank, self.snapshot_path, self.clock = interval, rank, snapshot_path, clock
         self.sequences = self.residues = self.reused_residues = self.reused_sequences = 0
+        self.cost = self.reused_cost = 0.0
         self.started = self.last = clock()
-        self.first_batch = None  # (time, residues computed) at the end of the first computed batch
+        self.first_batch = None  # (time, residues, cost computed) at the end of the first computed batch
 
     def start_clock(self) -> None:
         """The rate counts from now: loading the model is not embedding."""
@@ -56,35 +62,42 @@ class Progress:
     def computed_residues(self) -> int:
         return self.residues - self.reused_residues
 
-    def update(self, sequences: int, residues: int, computed: bool = True) -> None:
-        """Count finished work; ``computed=False`` for work found done (not in the rate)."""
+    def update(self, sequences: int, residues: int, computed: bool = True, cost: float | None = None) -> None:
+        """Count finished work (``cost``: its predicted cost, default its residues);
+        ``computed=False`` for work found done (not in the rate)."""
+        cost = residues if cost is None else cost
         self.sequences += sequences
         self.residues += residues
+        self.cost += cost
         if not computed:
             self.reused_sequences += sequences
             self.reused_residues += residues
+            self.reused_cost += cost
         now = self.clock()
         if computed and self.first_batch is None:  # start-up cost, as a user waits for it
-            self.first_batch = (now, self.computed_residues)
+            self.first_batch = (now, self.computed_residues, self.cost - self.reused_cost)
             log.info("rank %d: first batch done, %.1f s after the rank's process started", self.rank, process_age())
             self._report(now)
         elif now - self.last >= self.interval:
             self._report(now)
 
     def rate(self, now: float) -> float:
-        """Residues computed per second: since the first batch's end once a later batch is done."""
-        if self.first_batch is not None and self.computed_residues > self.first_batch[1]:
-            since, before = self.first_batch
-            return (self.computed_residues - before) / max(now - since, 1e-9)
-        return self.computed_residues / max(now - self.started, 1e-9)
+        """Residues computed per second (see _per_second)."""
+        return self._per_second(now, self.computed_residues, 1)
 
     def eta(self, now: float) -> float:
-        """Seconds until the rank's residues are all done, at the measured rate (NaN: none yet)."""
-        remaining = self.total_residues - self.residues
-        if not remaining:
+        """Seconds until the rank's work is all done, at the measured cost per second (NaN: none yet)."""
+        if self.residues >= self.total_residues:
             return 0.0
-        rate = self.rate(now)
-        return remaining / rate if rate else float("nan")
+        rate = self._per_second(now, self.cost - self.reused_cost, 2)
+        return max(self.total_cost - self.cost, 0.0) / rate if rate else float("nan")
+
+    def _per_second(self, now: float, computed: float, field: int) -> float:
+        """``computed`` (residues or cost) per second: since the first batch's end once a later batch
+        is done, else since the clock started."""
+        if self.first_batch is not None and computed > self.first_batch[field]:
+            return (computed - self.first_batch[field]) / max(now - self.first_batch[0], 1e-9)
+        return computed / max(now - self.started, 1e-9)
 
     def _report(self, now: float, state: str = "running") -> None:
         self.last = now
@@ -170,9 +183,10 @@ class Overall:
         )
 
 
-def overall(progress_dir, since: float) -> Overall | None:
-    """The snapshots in ``progress_dir`` written at or after ``since`` (wall-clock seconds), summed;
-    None when there are none. A snapshot that cannot be read (being replaced elsewhere) is left out."""
+def overall(progress_dir, since: float, now: float | None = None) -> Overall | None:
+    """The snapshots in ``progress_dir`` written at or after ``since`` (wall-clock seconds), summed
+    as of ``now`` (default: the time); None when there are none. A snapshot that cannot be read
+    (being replaced elsewhere) is left out."""
     snapshots = []
     for path in sorted(Path(progress_dir).glob(SNAPSHOT.format(rank="*"))):
         try:
@@ -184,7 +198,8 @@ def overall(progress_dir, since: float) -> Overall | None:
     if not snapshots:
         return None
     running = [s for s in snapshots if s.state == "running"]
-    etas = [s.eta_seconds for s in running]
+    now = time.time() if now is None else now  # a snapshot's ETA counts from when it was written
+    etas = [None if s.eta_seconds is None else max(s.eta_seconds - (now - s.updated), 0.0) for s in running]
     return Overall(
         len(running),
         sum(s.state == "done" for s in snapshots),

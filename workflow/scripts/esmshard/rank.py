@@ -49,7 +49,14 @@ def run_rank(
     work.checkpoint = {**work.checkpoint, "path": str(checkpoint)}
     embedded = work.spec.embedded_lengths(work.lengths)
     snapshot = Path(store_root).parent / "progress" / SNAPSHOT.format(rank=rank)
-    progress = Progress(len(work.ids), int(embedded.sum()), settings.progress_seconds, rank, snapshot)
+    progress = Progress(
+        len(work.ids),
+        int(embedded.sum()),
+        settings.progress_seconds,
+        rank,
+        snapshot,
+        total_cost=work.costs(slice(None)),
+    )
     try:
         computed, gpu, engine, segments = fill_store_and_assemble(
             work, shard_path, store_root, settings, progress, verify=verify_store
@@ -113,7 +120,8 @@ def fill_store_and_assemble(
                 len(todo),
             )
             done = np.setdiff1d(np.arange(len(work.ids)), todo)
-            progress.update(len(done), int(work.spec.embedded_lengths(work.lengths[done]).sum()), computed=False)
+            residues = int(work.spec.embedded_lengths(work.lengths[done]).sum())
+            progress.update(len(done), residues, computed=False, cost=work.costs(done))
         if len(todo):
             if engine is None:
                 engine, gpu = load_engine(work, settings, int(work.spec.tokens(work.lengths[todo]).sum()))
@@ -160,7 +168,10 @@ def compute(work: RankWork, engine, todo: np.ndarray, store: Store, settings: Ra
         for number, (batch, outputs) in zip(segment_of, engine.embed_batches(batches, read)):
             if len(batch):
                 pending.append((todo[batch], outputs))
-            progress.update(len(batch), int(work.spec.embedded_lengths(work.lengths[todo[batch]]).sum()))
+            rows = todo[batch]
+            progress.update(
+                len(batch), int(work.spec.embedded_lengths(work.lengths[rows]).sum()), cost=work.costs(rows)
+            )
             unfinished[number] -= 1
             if not unfinished[number] or time.monotonic() - last_save >= settings.segment_seconds:
                 _save(writer, work, pending)

@@ -13,7 +13,7 @@ from esmshard import EsmShardError
 from esmshard.gpu import gpu_device
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec, pooling_of, sorted_rows
-from esmshard.plan import Plan
+from esmshard.plan import Plan, sequence_costs
 from esmshard.settings import defaults
 from esmshard.shard import dataset_shapes, shard_problem
 from esmshard.store import sequence_keys, settings_identity, store_key
@@ -84,6 +84,11 @@ class RankWork:
         for value in (self.ids.astype(str), self.digests):
             share.update(np.ascontiguousarray(value).tobytes())
         return {**self.run_attrs(), "share": share.hexdigest()[:32], "rank": self.rank}
+
+    def costs(self, rows) -> float:
+        """The predicted cost of computing these rows (``plan.sequence_costs``), as progress counts it."""
+        lengths = self.lengths[rows]
+        return float(sequence_costs(lengths, self.dim, self.spec.window_counts(lengths)).sum())
 
     def segment(self, batches: list) -> tuple:
         """(digests, lengths, outputs) of finished batches [(rows, outputs)], in row order: each batch's
