@@ -170,7 +170,7 @@ class Overall:
     total_sequences: int
     residues: int
     total_residues: int
-    residues_per_second: float  # of the running ranks, together
+    residues_per_second: float  # of the running ranks together (once none runs: of those done)
     eta_seconds: float | None  # of the slowest running rank (0 once none runs; None: not known yet)
 
     def line(self) -> str:
@@ -198,16 +198,17 @@ def overall(progress_dir, since: float, now: float | None = None) -> Overall | N
     if not snapshots:
         return None
     running = [s for s in snapshots if s.state == "running"]
+    done = [s for s in snapshots if s.state == "done"]
     now = time.time() if now is None else now  # a snapshot's ETA counts from when it was written
     etas = [None if s.eta_seconds is None else max(s.eta_seconds - (now - s.updated), 0.0) for s in running]
     return Overall(
         len(running),
-        sum(s.state == "done" for s in snapshots),
+        len(done),
         sum(s.sequences for s in snapshots),
         sum(s.total_sequences for s in snapshots),
         sum(s.residues for s in snapshots),
         sum(s.total_residues for s in snapshots),
-        sum(s.residues_per_second for s in running),
+        sum(s.residues_per_second for s in running or done),
         None if None in etas else max(etas, default=0.0),
     )
 
