@@ -257,6 +257,17 @@ def test_bad_config_values_are_named(tmp_path, fasta, tiny_checkpoint, change, m
     assert len(lines) == 1 and re.search(f"^esmshard: ERROR: .*{message}", lines[0]), result.stderr[-3000:]
 
 
+def test_jobs_without_a_shared_filesystem_stop_before_any_job(tmp_path, fasta, tiny_checkpoint):
+    result = run_snakemake(tmp_path, config_for(fasta, tiny_checkpoint), "-n", "--shared-fs-usage", "none")
+    assert result.returncode != 0
+    lines = [line for line in (result.stderr + result.stdout).splitlines() if not line.startswith("Using workflow")]
+    assert lines == [
+        "esmshard: ERROR: esmshard needs a filesystem shared by its jobs (for its store of finished work, the "
+        "ranks' shards and status files): keep input-output in --shared-fs-usage (the default) and set no default "
+        "storage provider"
+    ], result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("visible, ranks", [("", 1), ("0", 1), ("0,1,2,3", 4), ("2,3", 2)])
 def test_world_size_defaults_to_visible_gpus(tmp_path, fasta, tiny_checkpoint, visible, ranks):
     result = run_snakemake(tmp_path, config_for(fasta, tiny_checkpoint), "-n", env={"CUDA_VISIBLE_DEVICES": visible})

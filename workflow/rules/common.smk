@@ -13,6 +13,7 @@ from esmshard.status import retried, retry_failure
 from esmshard.settings import stop
 from esmshard.stopping import parse_duration
 from snakemake.exceptions import WorkflowError
+from snakemake.settings.types import SharedFSUsage
 from snakemake.logging import logger
 
 
@@ -65,6 +66,28 @@ def checked(find, *args):
         return find(*args)
     except (EsmShardError, ValueError) as error:
         stop(error)
+
+
+def require_shared_filesystem():
+    """The ranks' finished work lives in a store no rule declares, and each rank's shard and
+    status are read where the rank wrote them: the jobs must share the working directory's
+    filesystem. Without it (--shared-fs-usage leaving out input-output, or a default storage
+    provider) the run stops here, in one line."""
+    settings = workflow.storage_settings
+    if not workflow.is_main_process or settings is None:
+        return
+    if (
+        SharedFSUsage.INPUT_OUTPUT not in settings.shared_fs_usage
+        or settings.default_storage_provider
+    ):
+        stop(
+            "esmshard needs a filesystem shared by its jobs (for its store of finished work, the "
+            "ranks' shards and status files): keep input-output in --shared-fs-usage (the default) "
+            "and set no default storage provider"
+        )
+
+
+require_shared_filesystem()
 
 
 # User files are taken as given (local): a module's prefix applies to this workflow's own files only.
