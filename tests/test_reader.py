@@ -210,3 +210,29 @@ def test_a_bad_path_is_a_one_line_error_naming_it(bad_paths, case, format, tmp_p
         with pytest.raises(error, match=re.escape(message)):
             load_embeddings(path)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_per_id_is_read_as_protspace_and_eat_read_it(embeddings_file, tmp_path):
+    """One dataset per ID, read the way those tools do: {k: f[k][()] for k in f}."""
+    path, lengths = embeddings_file
+    assert export(path, tmp_path / "means.h5", "--format", "per-id").returncode == 0
+    with h5py.File(tmp_path / "means.h5") as f:
+        read = {k: f[k][()] for k in f}
+        original = {k: f[k].attrs["original_id"] for k in f}
+        assert (f.attrs["layer"], f.attrs["pooling"]) == (6, "mean")  # the last layer the file holds
+    _, means = load_embeddings(path, layer=6)
+    assert sorted(read) == sorted(i.replace("/", "_") for i in IDS) and original["a_b"] == "a/b"
+    for row, seq_id in enumerate(IDS):
+        assert np.array_equal(read[seq_id.replace("/", "_")], means[row])
+    result = export(path, tmp_path / "residues.h5", "--format", "per-id", "--pooling", "per_residue", "--layer", "3")
+    assert result.returncode == 0, result.stderr
+    _, per_residue = load_embeddings(path, pooling="per_residue", layer=3)
+    with h5py.File(tmp_path / "residues.h5") as f:
+        for row, seq_id in enumerate(IDS):
+            assert np.array_equal(f[seq_id.replace("/", "_")][()], per_residue[row])  # [length, dim]
+    result = export(path, tmp_path / "x.h5", "--format", "per-id", "--layer", "4")
+    assert (
+        result.returncode == 1
+        and result.stderr == f"esmshard export: error: {path} holds no layer 4 (it holds [3, 6])\n"
+    )
+    assert not (tmp_path / "x.h5").exists()

@@ -3,6 +3,7 @@
 esmshard --version
 python -m esmshard random-checkpoint PATH [--like esm2_t33_650M_UR50D]
 python -m esmshard export results/embeddings.h5 OUT_DIR [--format npy|pt]
+python -m esmshard export results/embeddings.h5 OUT.h5 --format per-id [--pooling mean] [--layer L]
 python -m esmshard download esm2_t33_650M_UR50D|facebook/esm2_t33_650M_UR50D [DIR]
 python -m esmshard options   (the table of config options in config/README.md, from the schema)
 """
@@ -28,10 +29,15 @@ def main(argv=None) -> None:
     random.add_argument("--embed-dim", type=int, default=32)
     random.add_argument("--heads", type=int, default=4)
     random.add_argument("--seed", type=int, default=0)
-    export = commands.add_parser("export", help="embeddings.h5 to .npy files + ids.txt, or to extract.py's .pt files")
+    export = commands.add_parser(
+        "export",
+        help="embeddings.h5 to .npy files + ids.txt, to extract.py's .pt files, or to one HDF5 dataset per ID",
+    )
     export.add_argument("embeddings")
-    export.add_argument("out_dir")
-    export.add_argument("--format", choices=["npy", "pt"], default="npy")
+    export.add_argument("out_dir", metavar="out", help="a directory (npy, pt) or an .h5 file (per-id)")
+    export.add_argument("--format", choices=["npy", "pt", "per-id"], default="npy")
+    export.add_argument("--pooling", default="mean", help="per-id: the output to export (default: mean)")
+    export.add_argument("--layer", type=int, help="per-id: the layer (default: the last the file holds)")
     download = commands.add_parser(
         "download",
         help="download a released ESM-2 model or a Hugging Face hub id (for clusters whose nodes are "
@@ -56,8 +62,9 @@ def main(argv=None) -> None:
     if args.command == "export":
         try:
             print(_export(args))
-        except (EsmShardError, OSError) as error:  # a bad path or file: its one-line message, no traceback
-            parser.exit(1, f"{parser.prog} export: error: {error}\n")
+        except (EsmShardError, OSError, KeyError, ValueError) as error:  # its one-line message, no traceback
+            message = error.args[0] if isinstance(error, KeyError) else error  # str() of a KeyError quotes it
+            parser.exit(1, f"{parser.prog} export: error: {message}\n")
         return
 
     if args.command == "download":
@@ -81,10 +88,13 @@ def main(argv=None) -> None:
 
 
 def _export(args) -> str:
-    from esmshard.reader import export_npy, export_pt
+    from esmshard.reader import export_npy, export_per_id, export_pt
 
     if args.format == "npy":
         return "wrote " + ", ".join(str(path) for path in export_npy(args.embeddings, args.out_dir))
+    if args.format == "per-id":
+        count = export_per_id(args.embeddings, args.out_dir, args.pooling, args.layer)
+        return f"wrote {args.out_dir}: one dataset per ID, {count} proteins"
     return f"wrote {export_pt(args.embeddings, args.out_dir)} .pt files to {args.out_dir}"
 
 

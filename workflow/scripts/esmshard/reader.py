@@ -17,6 +17,7 @@ from esmshard.shard import missing_sources
 _SAFE = "A-Za-z0-9_.|:+=@,-"  # characters that go into a .pt file's name as they are (no '~')
 # What OutputSpec.from_attrs reads.
 _SPEC_ATTRS = ("layers", "pooling", "num_layers", "long_sequences", "window_overlap")
+_EXPORT_ROWS = 4096  # proteins read at a time by export_per_id
 
 
 def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = None):
@@ -126,6 +127,41 @@ def export_npy(path, out_dir) -> list[Path]:
     with atomic_output(out_dir / "ids.txt") as tmp:
         tmp.write_text("".join(f"{i}\n" for i in ids))
     return [*written, out_dir / "ids.txt"]
+
+
+def export_per_id(path, out_path, pooling: str = "mean", layer: int | None = None) -> int:
+    """One dataset per protein in the HDF5 file ``out_path``, named by its ID: the layout
+    ProtSpace, EAT, prott5_embedder and bio_embeddings read (``{k: f[k][()] for k in f}``). Pooled
+    outputs are [dim], per-residue ones [length, dim]; ``layer`` defaults to the last the file
+    holds. A '/' in an ID (HDF5's path separator) becomes '_'; each dataset's ``original_id``
+    attribute holds the ID as it is, and the file's attributes the model, layer and pooling.
+    Returns the number of proteins; the file appears whole or not at all. Errors as
+    load_embeddings, and ValueError for two IDs that would share a name."""
+    with _open_embeddings(path) as (h5, spec):
+        name = _output_name(spec, pooling, max(spec.layers) if layer is None else layer, path)
+        ids = h5["ids"].asstr()[:].tolist()
+        keys = [seq_id.replace("/", "_") for seq_id in ids]
+        shared = [key for key, count in Counter(keys).items() if count > 1 or key in (".", "")]
+        if shared:
+            clash = [seq_id for seq_id, key in zip(ids, keys) if key == shared[0]]
+            raise ValueError(f"{path}: the IDs {clash} would share the dataset name {shared[0]!r} in {out_path}")
+        offsets = h5["residue_offsets"][:] if pooling == "per_residue" else None
+        source, out_path = h5[name], Path(out_path)
+        with atomic_output(out_path) as tmp, h5py.File(tmp, "w") as out:
+            out.attrs.update(
+                {"model": h5.attrs.get("model", ""), "layer": int(name.rsplit("_", 1)[1]), "pooling": pooling}
+            )
+            for start in range(0, len(ids), _EXPORT_ROWS):
+                end = min(start + _EXPORT_ROWS, len(ids))
+                if offsets is None:
+                    block, cuts = source[start:end], np.arange(end - start + 1)
+                else:
+                    block, cuts = source[offsets[start] : offsets[end]], offsets[start : end + 1] - offsets[start]
+                for row in range(end - start):
+                    values = block[cuts[row] : cuts[row + 1]]
+                    dataset = out.create_dataset(keys[start + row], data=values if offsets is not None else values[0])
+                    dataset.attrs["original_id"] = ids[start + row]
+    return len(ids)
 
 
 def export_pt(path, out_dir) -> int:
