@@ -111,7 +111,11 @@ def hf_home(tmp_path_factory):
         file.symlink_to(blob)
     (repo / "refs").mkdir()
     (repo / "refs/main").write_text(revision)
+    (repo / "refs/v1").write_text(revision)  # a tag, as a download of HUB_ID@v1 records it
     return home
+
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"  # hf_home's one snapshot
 
 
 def offline(hf_home) -> dict:
@@ -237,6 +241,60 @@ def test_a_hub_id_names_its_cache_file_as_the_input_before_and_after_the_downloa
         r"'python -m esmshard download esmshard-test/not_downloaded'",
     ):
         model_inputs("esmshard-test/not_downloaded")
+
+
+def test_a_hub_id_at_a_revision_is_that_revisions_snapshot(hf_home, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = hf_home / "hub" / f"models--{HUB_ID.replace('/', '--')}"
+    snapshot = repo / "snapshots" / REVISION
+    assert model_inputs(f"{HUB_ID}@v1") == ([repo / "refs/v1"], False)
+    assert model_inputs(f"{HUB_ID}@{REVISION}") == ([snapshot / "config.json"], False)  # a commit never moves
+    for model in (f"{HUB_ID}@v1", f"{HUB_ID}@{REVISION}", HUB_ID):
+        assert resolve_model(model).location == snapshot
+    with pytest.raises(EsmShardError, match=r"esm2_tiny@v2 is neither a directory nor in the Hugging Face cache"):
+        model_inputs(f"{HUB_ID}@v2")
+
+
+# Where each cache setting puts the hub cache, as huggingface_hub reads it when it is imported.
+CACHE_SETTINGS = {
+    "HF_HOME": lambda home: {"HF_HOME": str(home)},
+    "HF_HUB_CACHE": lambda home: {"HF_HOME": str(home / "elsewhere"), "HF_HUB_CACHE": str(home / "hub")},
+    "HUGGINGFACE_HUB_CACHE": lambda home: {"HUGGINGFACE_HUB_CACHE": str(home / "hub")},
+    "XDG_CACHE_HOME": lambda home: {"XDG_CACHE_HOME": str(home.parent)},  # its huggingface/ is the default HF_HOME
+}
+
+
+@pytest.mark.parametrize("setting", sorted(CACHE_SETTINGS))
+@pytest.mark.parametrize("offline", ["", "1"])
+def test_the_cache_is_found_where_huggingface_hub_finds_it(hf_home, tmp_path, setting, offline):
+    """esmshard reads the hub cache without huggingface_hub (parse time needs the standard library
+    alone): each setting and revision must resolve to the file huggingface_hub's own
+    try_to_load_from_cache returns, in a fresh process that reads the environment as it starts."""
+    home = tmp_path / "huggingface"
+    shutil.copytree(hf_home, home, symlinks=True)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "HUGGINGFACE", "XDG_"))}
+    env.update(CACHE_SETTINGS[setting](home), HF_HUB_OFFLINE=offline, PYTHONPATH=os.pathsep.join(sys.path))
+    models = [HUB_ID, f"{HUB_ID}@v1", f"{HUB_ID}@{REVISION}", f"{HUB_ID}@v2", "esmshard-test/absent"]
+    script = (
+        "import json, sys\n"
+        "from huggingface_hub import try_to_load_from_cache\n"
+        "from esmshard.huggingface import hub_snapshot, split_hub_id\n"
+        "rows = []\n"
+        "for model in sys.argv[1:]:\n"
+        "    repo, revision = split_hub_id(model)\n"
+        "    theirs = try_to_load_from_cache(repo, 'config.json', revision=revision)\n"
+        "    ours = hub_snapshot(model)\n"
+        "    theirs = theirs if isinstance(theirs, str) else None\n"
+        "    rows.append([theirs, None if ours is None else str(ours / 'config.json')])\n"
+        "print(json.dumps(rows))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, *models], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    for model, (theirs, ours) in zip(models, rows):
+        assert ours == theirs, (model, setting)
+    assert [ours is not None for _, ours in rows] == [True, True, True, False, False]
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,9 @@
 A model directory, as transformers' ``save_pretrained`` writes it, holds ``config.json`` and the
 weights: ``model.safetensors`` or ``pytorch_model.bin``, or for large models a
 ``*.index.json`` naming its shards. The hub cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``) keeps
-hub id ``org/name`` as ``models--org--name/snapshots/<revision>/`` (such a directory), with
-``refs/main`` naming the revision downloaded last.
+hub id ``org/name`` as ``models--org--name/snapshots/<commit>/`` (such a directory), with
+``refs/main`` (``refs/<branch or tag>`` for ``org/name@<branch or tag>``) naming the commit it
+downloaded last; ``org/name@<commit hash>`` is that snapshot itself.
 """
 
 import json
@@ -23,7 +24,9 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# org/name, optionally @revision (a branch, a tag or a commit hash; default main)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 # What fair-esm's ESM2 module (the engine's) is: ESM-2's vocabulary, and pre-LayerNorm layers
 # with rotary positions and an FFN four times the width.
 ESM2_VOCABULARY = {"vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32}
@@ -51,17 +54,31 @@ def hub_cache() -> Path:
     return Path(os.path.expandvars(cache)).expanduser()
 
 
-def hub_ref(repo_id: str) -> Path:
-    """The cache's record of which revision of ``repo_id`` it holds (written by every download)."""
-    return hub_cache() / f"models--{repo_id.replace('/', '--')}" / "refs" / "main"
+def split_hub_id(model: str) -> tuple[str, str]:
+    """(repository id, revision) of a hub id ``org/name[@revision]``; the revision defaults to main."""
+    repo_id, _, revision = model.partition("@")
+    return repo_id, revision or "main"
 
 
-def hub_snapshot(repo_id: str) -> Path | None:
-    """The cached directory of ``repo_id``'s main revision, or None when the cache has none."""
-    ref = hub_ref(repo_id)
+def hub_ref(model: str) -> Path:
+    """The file in the cache that says which snapshot a hub id ``org/name[@revision]`` is: for a
+    branch or tag its ``refs/<revision>`` (rewritten by a download that finds it moved), for a
+    commit hash the snapshot's own config.json (a commit never changes)."""
+    repo_id, revision = split_hub_id(model)
+    repo = hub_cache() / f"models--{repo_id.replace('/', '--')}"
+    if _COMMIT.fullmatch(revision):
+        return repo / "snapshots" / revision / "config.json"
+    return repo / "refs" / revision
+
+
+def hub_snapshot(model: str) -> Path | None:
+    """The cached directory of a hub id ``org/name[@revision]``, or None when the cache has none."""
+    ref = hub_ref(model)
     if not ref.is_file():
         return None
-    return ref.parent.parent / "snapshots" / ref.read_text().strip()
+    if ref.name == "config.json":
+        return ref.parent
+    return ref.parents[len(Path(split_hub_id(model)[1]).parts)] / "snapshots" / ref.read_text().strip()
 
 
 def hub_offline() -> bool:

@@ -31,7 +31,7 @@ from esmshard.architectures import (
     resolve_model,
 )
 from esmshard.files import atomic_output
-from esmshard.huggingface import HUB_ID, WEIGHT_FILES, Esm2Config, model_files, read_config
+from esmshard.huggingface import HUB_ID, WEIGHT_FILES, Esm2Config, model_files, read_config, split_hub_id
 from esmshard.packed import without_initialisation
 
 log = logging.getLogger(__name__)
@@ -113,13 +113,16 @@ def _download_released(model: str, path: Path) -> Path:
     return path
 
 
-def _download_from_hub(repo_id: str, directory: Path | None) -> Path:
+def _download_from_hub(model: str, directory: Path | None) -> Path:
     """The hub model's config first (an ESM-2 that the engine runs?), then its weights: safetensors
-    where the repository has them, else pytorch_model.bin (never both: a 3B model is 11 GB)."""
+    where the repository has them, else pytorch_model.bin (never both: a 3B model is 11 GB).
+    ``model``: org/name[@revision]."""
     import huggingface_hub  # only here: nothing else needs it
 
+    repo_id, revision = split_hub_id(model)
     where = {"local_dir": str(directory)} if directory else {}
-    log.info("downloading %s from the Hugging Face hub into %s", repo_id, directory or "the Hugging Face cache")
+    where["revision"] = revision
+    log.info("downloading %s from the Hugging Face hub into %s", model, directory or "the Hugging Face cache")
     try:
         config = Path(huggingface_hub.hf_hub_download(repo_id, "config.json", **where))
         read_config(config.parent)
@@ -131,8 +134,8 @@ def _download_from_hub(repo_id: str, directory: Path | None) -> Path:
         raise
     except Exception as error:  # network, offline mode, unknown or private repository
         raise EsmShardError(
-            f"model: cannot download {repo_id} from the Hugging Face hub ({_one_line(error)}); download it where "
-            f"there is network with 'python -m esmshard download {repo_id}' (into the Hugging Face cache, or "
+            f"model: cannot download {model} from the Hugging Face hub ({_one_line(error)}); download it where "
+            f"there is network with 'python -m esmshard download {model}' (into the Hugging Face cache, or "
             f"a directory given after it, to set 'model' to)"
         ) from None
     model_files(snapshot)  # whole: config.json and the weights
