@@ -121,3 +121,14 @@ def test_the_version_has_one_source_and_the_command_says_it():
     assert metadata.version("esmshard") == esmshard.__version__
     result = subprocess.run([BIN / "esmshard", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == f"esmshard {esmshard.__version__}\n", result.stderr
+
+
+def test_citation_and_catalog_files_say_what_is_true():
+    """CITATION.cff carries the one version and cites ESM-2; the catalog's usage caps no GPU."""
+    import esmshard
+
+    citation = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    assert citation["version"] == esmshard.__version__
+    assert any(ref.get("doi") == "10.1126/science.ade2574" for ref in citation["references"])  # ESM-2
+    catalog = yaml.safe_load((REPO / ".snakemake-workflow-catalog.yml").read_text())
+    assert "gpu=" not in catalog["usage"]["mandatory-flags"]["flags"]

@@ -43,7 +43,7 @@ Around them:
 - ``__main__``: the command-line tools (``python -m esmshard``)
 """
 
-__version__ = "0.1.0"  # also the package's (pyproject.toml reads it) and in every output's attributes
+__version__ = "0.1.0"  # the package's (pyproject.toml reads it), in every output; CITATION.cff repeats it
 
 
 class EsmShardError(Exception):
