@@ -136,25 +136,25 @@ def read_fasta(path, invalid_residues: str = "error") -> Iterator[Record]:
 
 def _records(path: Path, handle, invalid_residues: str) -> Iterator[Record]:
     header = None  # (id, offset, number, line) of the record being read
-    chunks: list[bytes] = []
+    sequence_lines: list[bytes] = []
     number = 0
     offset = _skip_bom(handle)
     for line_no, raw in enumerate(chain.from_iterable(_line_blocks(handle)), start=1):
         line = raw.strip()
         if line.startswith(b">"):
             if header is not None:
-                yield _finish(path, header, chunks, invalid_residues)
+                yield _finish(path, header, sequence_lines, invalid_residues)
             number += 1
             header = (_parse_id(path, line, number, line_no), offset, number, line_no)
-            chunks = []
+            sequence_lines = []
         elif line:
             if header is None:
                 raise EsmShardError(_not_fasta(path, line, line_no))
-            chunks.append(b"".join(line.split()))
+            sequence_lines.append(b"".join(line.split()))
         offset += len(raw)
     if header is None:
         raise EsmShardError(f"{path}: no FASTA records (empty file or no '>' header lines)")
-    yield _finish(path, header, chunks, invalid_residues)
+    yield _finish(path, header, sequence_lines, invalid_residues)
 
 
 def _skip_bom(handle) -> int:
@@ -212,10 +212,10 @@ def _not_fasta(path: Path, line: bytes, line_no: int) -> str:
     return f"{path}: line {line_no}: {kind} (starts with {line[:20]!r})"
 
 
-def _finish(path: Path, header, chunks: list[bytes], invalid_residues: str) -> Record:
+def _finish(path: Path, header, sequence_lines: list[bytes], invalid_residues: str) -> Record:
     seq_id, offset, number, line_no = header
     residues, replaced = clean_residues(
-        b"".join(chunks), f"{path}: record {number} ('{seq_id}', line {line_no})", invalid_residues
+        b"".join(sequence_lines), f"{path}: record {number} ('{seq_id}', line {line_no})", invalid_residues
     )
     return Record(seq_id, residues, offset, number, line_no, replaced)
 

@@ -1,6 +1,6 @@
 """What a run stores for each sequence: which layers, which poolings, and how long proteins are cut.
 
-Datasets, the same in chunks, shards and ``embeddings.h5`` (docs/output-format.md):
+Datasets, the same in store segments, shards and ``embeddings.h5`` (docs/output-format.md):
 - ``mean/layer_<L>``, ``bos/layer_<L>``: [n, dim], one vector per sequence;
 - ``per_residue/layer_<L>``: [total residues, dim], ragged: sequence i owns rows
   ``residue_offsets[i]:residue_offsets[i + 1]`` (``residue_offsets``: [n + 1] int64).
@@ -71,7 +71,7 @@ class OutputSpec:
         return "per_residue" in self.poolings
 
     def attrs(self) -> dict:
-        """As stored in files (and part of a chunk's identity)."""
+        """As stored in files (and part of a segment's identity)."""
         return {
             "num_layers": self.num_layers,
             "layers": list(self.layers),

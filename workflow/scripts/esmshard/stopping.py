@@ -2,7 +2,7 @@
 
 SIGTERM and SIGINT raise ``Stopped`` and SIGALRM (the rank's ``timeout``) raises ``TimedOut``
 in the main thread, wherever the rank is: waiting for a GPU, loading, or embedding. Inside
-``signals_deferred()`` (a chunk or shard being written) the exception waits until the write is
+``signals_deferred()`` (a segment or shard being written) the exception waits until the write is
 done, so no file is left half-written. Standard library only: the Snakefile checks durations
 while it is parsed.
 """
@@ -37,7 +37,7 @@ def _on_signal(signum, frame):
 
 @contextlib.contextmanager
 def signals_deferred():
-    """A chunk or shard write finishes before a stop signal is acted on."""
+    """A segment or shard write finishes before a stop signal is acted on."""
     _deferred["depth"] += 1
     try:
         yield
