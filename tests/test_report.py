@@ -8,10 +8,11 @@ import shutil
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import random_sequences, run_snakemake, write_fasta
-from esmshard.report import config_table, rank_outcomes, rank_throughput, sequences_embedded
+from esmshard.report import check_vectors, config_table, rank_outcomes, rank_throughput, sequences_embedded
 
 pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
 
@@ -19,6 +20,7 @@ PLOTS = {  # report category -> the PNG shown there
     "Input": "results/report/sequence_lengths.png",
     "Ranks": "results/report/rank_throughput.png",
     "Output": "results/report/sequences_embedded.png",
+    "Vectors": "results/report/vectors.png",
 }
 PROGRESS_SECONDS = 1  # the rank logs' interval in the workflow run below
 
@@ -113,11 +115,26 @@ def report_run(tmp_path_factory, tiny_checkpoint):
     return workdir
 
 
+def test_vectors_of_a_broken_checkpoint_are_named_and_sound_ones_pass():
+    rng = np.random.default_rng(0)
+    sound = rng.normal(size=(300, 32))
+    assert check_vectors(sound, "mean/layer_2").problems() == []
+    same = np.tile(rng.normal(size=32), (300, 1)) + 1e-7 * rng.normal(size=(300, 32))  # ignores its input
+    problems = check_vectors(same, "mean/layer_2").problems()
+    assert problems == [
+        "100% of 300 sampled distinct sequences have a near-identical vector (cosine > 0.9999)",
+        f"the vectors' norms have collapsed to one value (spread {check_vectors(same, 'x').norm_spread:.1e})",
+    ]
+    sound[[3, 7]] = np.nan
+    assert check_vectors(sound, "mean/layer_2").problems() == ["2 of 300 sampled sequences have non-finite values"]
+
+
 def test_a_normal_run_makes_the_report_files(report_run):
     for path in [*PLOTS.values(), "results/report/config.html"]:
         assert (report_run / path).stat().st_size > 0, path
     assert (report_run / "results/report/rank_throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "report figures for 2 ranks (failed: 1)" in (report_run / "logs/report_plots.log").read_text()
+    log = (report_run / "logs/report_plots.log").read_text()
+    assert "report figures for 2 ranks (failed: 1)" in log and "look broken" not in log
     # the tests' model has random weights: the report's configuration says so before anything else
     config = (report_run / "results/report/config.html").read_text()
     assert "<p id='random-weights'" in config and "has RANDOM weights" in config
@@ -211,6 +228,7 @@ def test_report_page_shows_the_plots_and_the_config_in_a_real_browser(browser, r
         "Input",
         "Output",
         "Ranks",
+        "Vectors",
     ]
 
     for category, path in PLOTS.items():

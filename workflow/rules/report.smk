@@ -5,6 +5,7 @@ rule report_plots:
         index=rules.index.output.index,
         statuses=expand(rules.embed.output.status, rank=RANKS),
         manifest=rules.aggregate.output.manifest,
+        embeddings=rules.aggregate.output.embeddings,
     output:
         lengths=report(
             "results/report/sequence_lengths.png",
@@ -23,6 +24,12 @@ rule report_plots:
             caption="../report/sequences_embedded.rst",
             category="Output",
             labels={"figure": "sequences embedded and missing"},
+        ),
+        vectors=report(
+            "results/report/vectors.png",
+            caption="../report/vectors.rst",
+            category="Vectors",
+            labels={"figure": "PCA and norms of the vectors"},
         ),
         config=report(
             "results/report/config.html",

@@ -12,13 +12,17 @@ from esmshard.report import write_report_files
 
 logs.setup(snakemake.log[0])
 log = logging.getLogger("esmshard.report")
-outcomes = write_report_files(
+outcomes, checks = write_report_files(
     snakemake.input.index,
     snakemake.input.statuses,
     snakemake.input.manifest,
+    snakemake.input.embeddings,
     snakemake.params.config,
-    {name: snakemake.output[name] for name in ("lengths", "ranks", "embedded", "config")},
+    {name: snakemake.output[name] for name in ("lengths", "ranks", "embedded", "vectors", "config")},
 )
+for check in checks:  # on the terminal too: a broken checkpoint must not pass unnoticed
+    for problem in check.problems():
+        log.warning("the vectors look broken: %s: %s (a wrong or damaged checkpoint?)", check.name, problem)
 failed = [outcome.rank for outcome in outcomes if not outcome.ok]
 log.info(
     "report figures for %d ranks (%s) written to %s",

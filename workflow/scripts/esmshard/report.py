@@ -1,7 +1,7 @@
 """The figures and the configuration table that ``snakemake --report`` shows for a run.
 
 Everything here reads files the workflow already wrote (the sequence index, the rank status
-files, the manifest) and draws with matplotlib's Agg canvas on ``Figure`` objects, never
+files, the manifest, a sample of the merged vectors) and draws with matplotlib's Agg canvas on ``Figure`` objects, never
 through pyplot, so nothing needs a display and no global plotting state is involved. A rank
 that failed has no timings; it is drawn as failed, never skipped and never an error.
 """
@@ -182,6 +182,106 @@ def sequences_embedded(outcomes: list[RankOutcome], manifest: dict) -> Figure:
     return figure
 
 
+@dataclass
+class VectorCheck:
+    """What the report sees in one pooled output, over a sample of distinct sequences."""
+
+    name: str  # dataset, e.g. mean/layer_33
+    sampled: int
+    non_finite: int  # sampled sequences with a NaN or infinite value
+    near_identical: float  # share of sampled sequences whose vector has a twin (cosine > NEAR_IDENTICAL)
+    norm_spread: float  # standard deviation over mean of the vectors' norms
+
+    def problems(self) -> list[str]:
+        """Why the vectors look broken (a wrong or damaged checkpoint), in words; none when they do not."""
+        found = []
+        if self.non_finite:
+            found.append(f"{self.non_finite} of {self.sampled} sampled sequences have non-finite values")
+        if self.sampled > 1 and self.near_identical > NEAR_IDENTICAL_SHARE:
+            found.append(
+                f"{100 * self.near_identical:.0f}% of {self.sampled} sampled distinct sequences have a "
+                f"near-identical vector (cosine > {NEAR_IDENTICAL})"
+            )
+        if self.sampled > 1 and self.norm_spread < COLLAPSED_NORM_SPREAD:
+            found.append(f"the vectors' norms have collapsed to one value (spread {self.norm_spread:.1e})")
+        return found
+
+
+# A distinct sequence whose vector has a twin this close, in more than this share of the sample,
+# means the model barely looks at its input; so does a spread of norms this small.
+NEAR_IDENTICAL, NEAR_IDENTICAL_SHARE, COLLAPSED_NORM_SPREAD = 0.9999, 0.5, 1e-3
+_VECTOR_SAMPLE = 2000  # distinct sequences the checks and the figure read
+
+
+def sampled_vectors(embeddings_path, index_path, seed: int = 0):
+    """(rows of ``embeddings.h5`` of up to _VECTOR_SAMPLE distinct sequences, increasing; their
+    lengths; the pooled dataset names). Identical sequences count once: their vectors are one
+    computation, so twins among them say nothing."""
+    with h5py.File(index_path, "r") as index:
+        index_ids, lengths = index["id"].asstr()[:], index["length"][:]
+        digests = np.ascontiguousarray(index["digest"][:]).view(f"V{index['digest'].shape[1]}").ravel()
+    with h5py.File(embeddings_path, "r") as h5:
+        present = np.isin(index_ids, h5["ids"].asstr()[:])  # its rows are the index's less the missing
+        names = [f"{group}/{name}" for group in ("mean", "bos") if group in h5 for name in h5[group]]
+    _, first = np.unique(digests, return_index=True)
+    chosen = np.sort(first[present[first]])
+    if len(chosen) > _VECTOR_SAMPLE:
+        chosen = np.sort(np.random.default_rng(seed).choice(chosen, _VECTOR_SAMPLE, replace=False))
+    return (np.cumsum(present) - 1)[chosen], lengths[chosen], names
+
+
+def check_vectors(vectors: np.ndarray, name: str) -> VectorCheck:
+    """VectorCheck of ``vectors`` [n, dim], one per distinct sequence."""
+    vectors = np.asarray(vectors, np.float64)
+    finite = np.isfinite(vectors).all(axis=1)
+    good = vectors[finite]
+    norms = np.linalg.norm(good, axis=1)
+    unit = good / np.maximum(norms, 1e-30)[:, None]
+    cosine = unit @ unit.T
+    np.fill_diagonal(cosine, -1.0)
+    twins = (cosine > NEAR_IDENTICAL).any(axis=1) if len(good) > 1 else np.zeros(len(good), bool)
+    return VectorCheck(
+        name,
+        len(vectors),
+        int((~finite).sum()),
+        float(twins.mean()) if len(good) else 0.0,
+        float(norms.std() / norms.mean()) if len(good) and norms.mean() > 0 else 0.0,
+    )
+
+
+def vector_figure(embeddings_path, index_path) -> tuple[Figure, list[VectorCheck]]:
+    """For the last pooled output: a PCA of the sampled vectors coloured by sequence length, and a
+    histogram of their norms; every pooled output checked (VectorCheck), problems in red."""
+    rows, lengths, names = sampled_vectors(embeddings_path, index_path)
+    with h5py.File(embeddings_path, "r") as h5:
+        vectors = {name: h5[name][rows].astype(np.float64) if len(rows) else np.empty((0, 1)) for name in names}
+    checks = [check_vectors(values, name) for name, values in vectors.items()]
+    figure = Figure(figsize=(9, 4.2), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    pca, norms = figure.subplots(1, 2, width_ratios=[1.2, 1])
+    shown = names[-1] if names else None
+    values = vectors[shown][np.isfinite(vectors[shown]).all(axis=1)] if shown else np.empty((0, 1))
+    if len(values) > 2:
+        centred = values - values.mean(axis=0)
+        _, singular, axes_ = np.linalg.svd(centred, full_matrices=False)
+        points = centred @ axes_[:2].T
+        kept = np.isfinite(vectors[shown]).all(axis=1)
+        scatter = pca.scatter(points[:, 0], points[:, 1], c=np.log10(lengths[kept]), s=6, cmap="viridis")
+        figure.colorbar(scatter, ax=pca, label="log10 sequence length")
+        share = singular[:2] ** 2 / max((singular**2).sum(), 1e-30)
+        pca.set_xlabel(f"PC 1 ({100 * share[0]:.0f}%)")
+        pca.set_ylabel(f"PC 2 ({100 * share[1]:.0f}%)")
+        norms.hist(np.linalg.norm(values, axis=1), bins=40, color=OK_COLOR)
+    pca.set_title(f"{shown}: {len(rows):,} distinct sequences (sample)", fontsize=9)
+    norms.set_xlabel("vector norm")
+    norms.set_ylabel("sequences")
+    problems = [f"{check.name}: {problem}" for check in checks for problem in check.problems()]
+    norms.set_title("looks broken" if problems else "no sign of a broken checkpoint", fontsize=9)
+    if problems:
+        figure.text(0.01, 0.0, "\n".join(problems[:4]), fontsize=7, color=FAILED_COLOR, va="top", ha="left")
+    return figure, checks
+
+
 def config_table(config: dict, world_size: int, random_weights: bool = False) -> str:
     """A small HTML page with every configuration value the run used (defaults included), under a
     warning when the model's weights are random."""
@@ -208,19 +308,23 @@ def config_table(config: dict, world_size: int, random_weights: bool = False) ->
     )
 
 
-def write_report_files(index_path, status_paths, manifest_path, config: dict, out: dict) -> list[RankOutcome]:
-    """Write every file of the report: ``out`` maps 'lengths', 'ranks', 'embedded' and
-    'config' to their paths. Returns the rank outcomes (for the log)."""
+def write_report_files(
+    index_path, status_paths, manifest_path, embeddings_path, config: dict, out: dict
+) -> tuple[list[RankOutcome], list[VectorCheck]]:
+    """Write every file of the report: ``out`` maps 'lengths', 'ranks', 'embedded', 'vectors' and
+    'config' to their paths. Returns the rank outcomes and the vector checks (for the log)."""
     manifest = json.loads(Path(manifest_path).read_text())
     outcomes = rank_outcomes([read_status(path) for path in status_paths], manifest)
     save_png(length_histogram(read_lengths(index_path), config["long_sequences"]), out["lengths"])
     save_png(rank_throughput(outcomes), out["ranks"])
     save_png(sequences_embedded(outcomes, manifest), out["embedded"])
+    figure, checks = vector_figure(embeddings_path, index_path)
+    save_png(figure, out["vectors"])
     with atomic_output(out["config"]) as tmp:
         Path(tmp).write_text(
             config_table(config, manifest.get("world_size", len(outcomes)), manifest.get("random_weights", False))
         )
-    return outcomes
+    return outcomes, checks
 
 
 def save_png(figure: Figure, path) -> None:
