@@ -108,8 +108,8 @@ def open_engine(checkpoint: dict, kind: str, device: str, precision: str, spec: 
 
 def build_engine(kind: str, network, alphabet, device: str, precision: str, spec: OutputSpec, stored: str) -> Engine:
     """The ``kind`` engine (``packed`` or ``reference``) of the loaded fair-esm ``network`` on
-    ``device``, computing in ``precision`` and handing out ``stored`` outputs."""
-    check_precision(kind, torch.device(device).type, precision)
+    ``device``, computing in ``precision`` and handing out ``stored`` outputs. Callers run
+    check_precision before they load the model."""
     engine = PackedEngine if kind == "packed" else ReferenceEngine
     return engine(network, alphabet, device, precision, spec, stored)
 

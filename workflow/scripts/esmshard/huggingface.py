@@ -60,25 +60,28 @@ def split_hub_id(model: str) -> tuple[str, str]:
     return repo_id, revision or "main"
 
 
+def _cached_repository(repo_id: str) -> Path:
+    return hub_cache() / f"models--{repo_id.replace('/', '--')}"
+
+
 def hub_ref(model: str) -> Path:
     """The file in the cache that says which snapshot a hub id ``org/name[@revision]`` is: for a
     branch or tag its ``refs/<revision>`` (rewritten by a download that finds it moved), for a
     commit hash the snapshot's own config.json (a commit never changes)."""
     repo_id, revision = split_hub_id(model)
-    repo = hub_cache() / f"models--{repo_id.replace('/', '--')}"
     if _COMMIT.fullmatch(revision):
-        return repo / "snapshots" / revision / "config.json"
-    return repo / "refs" / revision
+        return _cached_repository(repo_id) / "snapshots" / revision / "config.json"
+    return _cached_repository(repo_id) / "refs" / revision
 
 
 def hub_snapshot(model: str) -> Path | None:
     """The cached directory of a hub id ``org/name[@revision]``, or None when the cache has none."""
+    repo_id, revision = split_hub_id(model)
     ref = hub_ref(model)
     if not ref.is_file():
         return None
-    if ref.name == "config.json":
-        return ref.parent
-    return ref.parents[len(Path(split_hub_id(model)[1]).parts)] / "snapshots" / ref.read_text().strip()
+    commit = revision if _COMMIT.fullmatch(revision) else ref.read_text().strip()
+    return _cached_repository(repo_id) / "snapshots" / commit
 
 
 def hub_offline() -> bool:

@@ -260,12 +260,12 @@ def vector_figure(embeddings_path, index_path) -> tuple[Figure, list[VectorCheck
     FigureCanvasAgg(figure)
     pca, norms = figure.subplots(1, 2, width_ratios=[1.2, 1])
     shown = names[-1] if names else None
-    values = vectors[shown][np.isfinite(vectors[shown]).all(axis=1)] if shown else np.empty((0, 1))
+    kept = np.isfinite(vectors[shown]).all(axis=1) if shown else np.zeros(0, bool)
+    values = vectors[shown][kept] if shown else np.empty((0, 1))
     if len(values) > 2:
         centred = values - values.mean(axis=0)
         _, singular, axes_ = np.linalg.svd(centred, full_matrices=False)
         points = centred @ axes_[:2].T
-        kept = np.isfinite(vectors[shown]).all(axis=1)
         scatter = pca.scatter(points[:, 0], points[:, 1], c=np.log10(lengths[kept]), s=6, cmap="viridis")
         figure.colorbar(scatter, ax=pca, label="log10 sequence length")
         share = singular[:2] ** 2 / max((singular**2).sum(), 1e-30)
