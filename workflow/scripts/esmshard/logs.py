@@ -1,6 +1,7 @@
 """Logging for the workflow's jobs: everything to the job's log file, warnings and errors also
 to stderr so that they reach the terminal running snakemake."""
 
+import faulthandler
 import logging
 import sys
 from pathlib import Path
@@ -35,6 +36,8 @@ def setup(log_path) -> None:
     to_terminal.setFormatter(logging.Formatter("esmshard: %(levelname)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[to_file, to_terminal], force=True)
     sys.excepthook = _log_uncaught
+    # a crash in native code (a segfault, an abort) leaves its Python stacks in the log
+    faulthandler.enable(file=to_file.stream, all_threads=True)
     # which code runs: a deployed workflow's own package, never one installed from elsewhere
     logging.getLogger("esmshard").info("esmshard from %s", Path(__file__).resolve().parent)
     # what the job spent before its first line (interpreter, Snakemake's preamble, imports)

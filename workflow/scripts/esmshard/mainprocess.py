@@ -90,7 +90,9 @@ def _is_snakemakes(function) -> bool:
 _ERROR_BLOCK = re.compile(r"^Error in rule (\w+):\n((?:[ \t]+.*(?:\n|$))*)", re.M)
 _CLEARED = re.compile(r"^(?:Trying to restart job |Finished jobid: )(\d+)", re.M)
 _LOGS = re.compile(r"^\s+log: (.+?)(?: \(check log file\(s\) for error details\))?$", re.M)
-_ERROR_LINE = re.compile(r"^(?:\S+ \S+ ERROR |esmshard: ERROR: )(.+)$", re.M)  # logs.setup's formats
+_ERROR_LINE = re.compile(r"^(?:\S+ \S+ ERROR |esmshard: ERROR: |(?=Fatal Python error: ))(.+)$", re.M)  # logs.setup's
+# The line before a script or shell job's error block: how its process ended.
+_ENDED = re.compile(r"^Command '.*' (?:returned non-zero exit status (-?\d+)|died with <Signals\.(\w+): \d+>)\.$", re.M)
 _EXCEPTION_LINE = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception|Interrupt|Exit)\b.*)$", re.M)
 
 
@@ -101,7 +103,12 @@ def failed_jobs(snakemake_output: str, directory=".") -> list[str]:
     failed = {}  # jobid -> (rule, logs), in the order of their last failure
     events = [(m.start(), m) for m in _ERROR_BLOCK.finditer(snakemake_output)]
     events += [(m.start(), m) for m in _CLEARED.finditer(snakemake_output)]
+    events += [(m.start(), m) for m in _ENDED.finditer(snakemake_output)]
+    ended = None  # how the last job process that failed ended
     for _, match in sorted(events, key=lambda event: event[0]):
+        if match.re is _ENDED:
+            ended = f"exit status {match[1]}" if match[1] is not None else f"killed by {match[2]}"
+            continue
         if match.re is _CLEARED:
             failed.pop(int(match[1]), None)
             continue
@@ -109,18 +116,20 @@ def failed_jobs(snakemake_output: str, directory=".") -> list[str]:
         logs = _LOGS.search(match[2])
         key = int(jobid[1]) if jobid else -match.start()
         failed.pop(key, None)
-        failed[key] = (match[1], logs[1].split(", ") if logs else [])
-    return [_described(rule, logs, Path(directory)) for rule, logs in failed.values()]
+        failed[key] = (match[1], logs[1].split(", ") if logs else [], ended)
+        ended = None
+    return [_described(*job, Path(directory)) for job in failed.values()]
 
 
-def _described(rule: str, logs: list[str], directory: Path) -> str:
+def _described(rule: str, logs: list[str], ended: str | None, directory: Path) -> str:
     for log in logs:
         error = first_error(directory / log)
         if error:
             return f"{rule} failed: {error} ({log})"
+    how = f" ({ended})" if ended else ""
     if logs:
-        return f"{rule} failed; its log records no error ({', '.join(logs)})"
-    return f"{rule} failed (it has no log)"
+        return f"{rule} failed{how}; its log records no error ({', '.join(logs)})"
+    return f"{rule} failed{how}; it has no log"
 
 
 def first_error(log_path) -> str | None:
