@@ -21,6 +21,16 @@ SNAKEFILE = REPO / "workflow" / "Snakefile"
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 
 
+# make test's pytest-xdist (--dist loadfile) hands whole files to its workers in collection order:
+# the longest go first, so that the suite never ends waiting on one of them alone.
+LONGEST_FILES = ("test_resume.py", "test_rerun.py", "test_slurm.py", "test_sigkill.py", "test_workflow.py")
+
+
+def pytest_collection_modifyitems(items):
+    position = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: position.get(item.path.name, len(position)))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def identity_cache(tmp_path_factory):
     """Checkpoint identities (esmshard.architectures.identity_cache) go to the test session's own

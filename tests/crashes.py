@@ -15,12 +15,16 @@ from conftest import completed_run, random_sequences, write_fasta
 
 def config_for(fasta, model, **extra):
     """Small chunks (many kill points); no --retries (Snakemake's default 0): a kill is recovered by the rerun."""
-    return conftest.config_for(fasta, model, **{"segment_sequences": 150, **extra})
+    return conftest.config_for(fasta, model, **{"segment_sequences": 60, **extra})
+
+
+CRASH_PROTEINS = 1200  # ~10 segments per rank of 2: many points to stop at, ~1.5 s of compute each
 
 
 @pytest.fixture(scope="module")
 def fasta(tmp_path_factory):
-    return write_fasta(tmp_path_factory.mktemp("input") / "proteins.fasta", random_sequences(3000, seed=3, median=120))
+    records = random_sequences(CRASH_PROTEINS, seed=3, median=120)
+    return write_fasta(tmp_path_factory.mktemp("input") / "proteins.fasta", records)
 
 
 @pytest.fixture(scope="module")

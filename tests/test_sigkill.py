@@ -1,6 +1,6 @@
 """SIGKILL at random moments of a run, then reruns: the embeddings must be bit-identical to an
-uninterrupted run's. In a file of its own (the suite's longest test): pytest-xdist gives whole
-files to its workers, so this one runs beside test_resume.py instead of after it."""
+uninterrupted run's. In a file of its own (one of the suite's longest tests): pytest-xdist gives
+whole files to its workers, so this one runs beside test_resume.py instead of after it."""
 
 import json
 import os
@@ -21,6 +21,7 @@ from crashes import (  # noqa: F401 (fixtures)
     half_written,
     phase_of,
     rank_of,
+    segment_files,
     start_snakemake,
     wait_for,
 )
@@ -40,39 +41,47 @@ def test_sigkill_at_random_moments_then_rerun_gives_identical_embeddings(tmp_pat
         rounds += 1
         workdir = tmp_path / f"round{rounds}"
         workdir.mkdir()
-        while True:
+        while kills < RANDOM_KILLS:
             process = start_snakemake(workdir, config)
             reruns += 1
-            pids = wait_for(lambda w=workdir, p=process: embed_processes(w) or p.poll() is not None)
-            if pids is True or pids is None or process.poll() is not None:
-                break  # nothing left to embed this round
-            time.sleep(rng.uniform(1.0, 4.0))  # startup takes ~2 s of it
+            wait_for(lambda w=workdir, p=process: embed_processes(w) or p.poll() is not None)
+            if rng.random() < 0.25:
+                time.sleep(rng.uniform(0.0, 2.5))  # while the rank starts up and loads the model
+            else:  # while it embeds: after a segment of this run, before or during the next
+                written = set(segment_files(workdir))
+                wait_for(lambda w=workdir, p=process, s=written: set(segment_files(w)) - s or p.poll() is not None)
+                time.sleep(rng.uniform(0.0, 0.3))
             victims = embed_processes(workdir)
-            if victims:
-                victim = rng.choice(victims)
+            if process.poll() is not None or not victims:
+                break  # the run reached its end between kills
+            for victim in rng.sample(victims, rng.randint(1, len(victims))):  # one rank, or both at once
                 log = workdir / f"logs/embed/rank_{rank_of(victim, workdir)}.log"
                 os.kill(victim, signal.SIGKILL)
                 kills += 1
                 phases[phase_of(log.read_text()) if log.exists() else "starting up / loading the model"] += 1
             process.wait(timeout=300)
-        assert process.wait(timeout=300) == 0, process.stderr.read()
+        finished = run_snakemake(workdir, config)
+        reruns += 1
+        assert finished.returncode == 0, finished.stderr
         rows += assert_same_embeddings(workdir, clean2)
         assert not half_written(workdir)  # a killed write's temporary is gone once its rank reran
-    # and at the exact moments a random kill rarely hits: a segment written but not yet renamed,
-    # the shard written but not renamed, the shard renamed but its status not yet written
+    # and at the exact moments a random kill rarely hits, one after the other on one run (each
+    # rerun resumes from what the one before left): a segment written but not yet renamed, the
+    # shard written but not renamed, the shard renamed but its status not yet written
+    rounds += 1
+    workdir = tmp_path / "crash-points"
+    workdir.mkdir()
     for point in ("segment-written", "shard-written", "shard-renamed"):
-        rounds += 1
-        workdir = tmp_path / point
-        workdir.mkdir()
         crashed = run_snakemake(workdir, config, env={"ESMSHARD_CRASH_AT": point})
+        reruns += 1
         assert crashed.returncode != 0 and "SIGKILL" in crashed.stderr
         kills += 1
         phases[point] += 1
-        rerun = run_snakemake(workdir, config)
-        reruns += 2
-        assert rerun.returncode == 0, rerun.stderr
-        rows += assert_same_embeddings(workdir, clean2)
-        assert not half_written(workdir)
+    rerun = run_snakemake(workdir, config)
+    reruns += 1
+    assert rerun.returncode == 0, rerun.stderr
+    rows += assert_same_embeddings(workdir, clean2)
+    assert not half_written(workdir)
     summary = {
         "kills": kills,
         "snakemake runs": reruns,
