@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, SNAKEFILE
+from conftest import REPO, SNAKEFILE, random_sequences, read_embeddings, write_fasta
 
 BIN = Path(sys.executable).parent
 
@@ -92,6 +92,32 @@ def test_the_demo_command_runs_and_says_where_the_embeddings_are(tmp_path):
         timeout=600,
     )
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stderr[-3000:]
+
+
+@pytest.mark.workflow
+def test_the_embed_command_runs_the_workflow_and_its_exit_status_says_what_came_of_it(tmp_path, tiny_checkpoint):
+    records = random_sequences(20, seed=6, median=60, cap=300)
+    fasta, out = write_fasta(tmp_path / "p.fasta", records), tmp_path / "out"
+    command = [BIN / "esmshard", "embed", fasta, "-o", out, "-m", tiny_checkpoint, "--world-size", "2"]
+    command += ["--set", "layers=[1, 2]"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    partial = subprocess.run(command, capture_output=True, text=True, env={**env, "ESMSHARD_FAIL_RANKS": "1"})
+    assert partial.returncode == 2, partial.stderr
+    assert f"without the proteins of rank(s) 1 (listed in {out / 'results/missing_ids.txt'}); the same command" in (
+        partial.stderr
+    )
+    assert "progress: " in partial.stderr
+    complete = subprocess.run(command, capture_output=True, text=True, env={**env, "ESMSHARD_FAIL_RANKS": ""})
+    assert complete.returncode == 0 and complete.stdout == f"wrote {out / 'results/embeddings.h5'}\n", complete.stderr
+    ids, _, attrs = read_embeddings(out / "results/embeddings.h5", "mean/layer_1")
+    assert ids == list(records) and list(attrs["layers"]) == [1, 2]
+    unknown = subprocess.run([*command, "--set", "no_such_option=1"], capture_output=True, text=True, env=env)
+    assert (
+        unknown.returncode == 1
+        and unknown.stderr.startswith("esmshard embed: error: ")
+        and "no_such_option" in (unknown.stderr)
+    )
+    assert len(unknown.stderr.splitlines()) == 1
 
 
 def test_config_readme_lists_every_option_as_the_schema_says():

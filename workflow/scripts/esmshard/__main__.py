@@ -1,6 +1,7 @@
 """Command-line tools: ``esmshard`` once installed, or ``python -m esmshard``.
 
 esmshard --version
+esmshard embed FASTA... -o OUT_DIR [--model M] [--world-size N] [--timeout T] [--set OPTION=VALUE ...]
 python -m esmshard random-checkpoint PATH [--like esm2_t33_650M_UR50D]
 python -m esmshard export results/embeddings.h5 OUT_DIR [--format npy|pt]
 python -m esmshard export results/embeddings.h5 OUT.h5 --format per-id [--pooling mean] [--layer L]
@@ -19,6 +20,23 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="esmshard")
     parser.add_argument("--version", action="version", version=f"esmshard {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    embed = commands.add_parser(
+        "embed",
+        help="embed FASTA files with the whole workflow, one rank per visible GPU (the same command "
+        "again resumes, and redoes only what is missing or changed)",
+    )
+    embed.add_argument("fasta", nargs="+", help="FASTA files or globs (plain, gzip, bzip2 or xz)")
+    embed.add_argument("-o", "--output-dir", required=True, help="the run's folder: results/embeddings.h5 and logs")
+    embed.add_argument("-m", "--model", default="esm2_t33_650M_UR50D", help="as the config's 'model' option")
+    embed.add_argument("--world-size", type=int, help="ranks (default: one per visible GPU, 1 without)")
+    embed.add_argument("--timeout", help="time limit of each rank, e.g. 90m or 11h30m")
+    embed.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="OPTION=VALUE",
+        help="any other config option, the value in YAML (e.g. --set layers=[-1,20]); esmshard options lists them",
+    )
     random = commands.add_parser(
         "random-checkpoint",
         help="write an ESM-2 checkpoint with RANDOM weights (real architecture) in fair-esm's format",
@@ -53,6 +71,13 @@ def main(argv=None) -> None:
     commands.add_parser("options", help="print every config option, its default and meaning (from the schema)")
     args = parser.parse_args(argv)
 
+    if args.command == "embed":
+        status, words = _embed(args)
+        if status:
+            parser.exit(status, words)
+        print(words)
+        return
+
     if args.command == "options":
         from esmshard.settings import options_table
 
@@ -85,6 +110,41 @@ def main(argv=None) -> None:
     layers, dim, heads = ESM2_MODELS[args.like] if args.like else (args.layers, args.embed_dim, args.heads)
     path = write_random_checkpoint(args.path, layers, dim, heads, args.seed)
     print(f"wrote {path}: ESM-2 architecture ({layers} layers, dim {dim}, {heads} heads) with RANDOM weights")
+
+
+def _embed(args) -> tuple[int, str]:
+    """(exit status, last words): 0 with every protein embedded, 2 with a partial result (the
+    failed ranks named; the same command again retries them), 1 with an error and no result."""
+    import sys
+
+    import yaml
+
+    from esmshard import paths
+    from esmshard.api import run_multi_gpu_inference
+
+    config = {"model": args.model}
+    for setting in args.set:
+        option, equals, value = setting.partition("=")
+        if not equals or not option:
+            return 1, f"esmshard embed: error: --set {setting!r}: give OPTION=VALUE\n"
+        config[option.strip()] = yaml.safe_load(value)
+
+    def show(overall) -> None:
+        print(overall.line(), file=sys.stderr, flush=True)
+
+    try:
+        merged, failed = run_multi_gpu_inference(
+            args.fasta, args.output_dir, config, args.world_size, args.timeout, progress=show
+        )
+    except (RuntimeError, ValueError, OSError) as error:
+        return 1, f"esmshard embed: error: {error}\n"
+    if failed:
+        missing = Path(args.output_dir, paths.MISSING_IDS)
+        return 2, (
+            f"wrote {merged} without the proteins of rank(s) {', '.join(map(str, failed))} (listed in {missing}); "
+            f"the same command again retries them\n"
+        )
+    return 0, f"wrote {merged}"
 
 
 def _export(args) -> str:
