@@ -159,3 +159,27 @@ def test_lint_format_check_and_dry_runs_need_snakemake_alone(slim_python, tmp_pa
         [slim_python, "-m", "snakefmt", "--check", REPO / "workflow"], capture_output=True, text=True, env=env
     )
     assert formatted.returncode == 0, formatted.stderr
+
+
+def test_a_wheel_carries_the_workflow_and_its_command_runs_it(repository, tmp_path, tiny_checkpoint):
+    """`pip install` of a built wheel (no checkout, not editable): `python -m esmshard embed` runs
+    the workflow the wheel carries, and every job imports the installed package."""
+    wheels = tmp_path / "wheels"
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, repository], capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
+    site = Path(sysconfig.get_path("purelib", vars={"base": venv, "platbase": venv}))
+    installed = subprocess.run([*pip, "install", "--no-deps", "--target", site, *wheels.glob("*.whl")])
+    assert installed.returncode == 0
+    # the dependencies from this environment (a path entry: its editable esmshard is not loaded)
+    (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    fasta = write_fasta(tmp_path / "p.fasta", random_sequences(8, seed=3, median=60, cap=200))
+    command = [venv / "bin/python", "-m", "esmshard", "embed", fasta, "-o", tmp_path / "out", "-m", tiny_checkpoint]
+    run = subprocess.run([*command, "--world-size", "1"], capture_output=True, text=True, env=SLIM_ENV, cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout == f"wrote {tmp_path / 'out/results/embeddings.h5'}\n", run.stderr[-3000:]
+    for log in ("index", "embed/rank_0", "aggregate"):
+        assert f"esmshard from {site / 'esmshard'}\n" in (tmp_path / f"out/logs/{log}.log").read_text()

@@ -36,10 +36,7 @@ from esmshard.plan import read_plan
 from esmshard.progress import Watcher
 from esmshard.status import read_status
 
-# The package lives in workflow/scripts/ and finds the workflow from there, which is why it is
-# installed editable (pip install -e .): a copy elsewhere would have no workflow next to it.
-WORKFLOW_DIR = Path(__file__).resolve().parents[2]
-SNAKEFILE = WORKFLOW_DIR / "Snakefile"
+SNAKEFILE = paths.WORKFLOW_DIR / "Snakefile"
 
 DEFAULT_MODEL = settings.defaults()["model"]
 # Config options that run_multi_gpu_inference takes as arguments, not in model_config.
@@ -86,8 +83,8 @@ def run_multi_gpu_inference(
     """
     if not SNAKEFILE.is_file():
         raise RuntimeError(
-            f"esmshard's workflow is not at {SNAKEFILE}: install esmshard from its repository with "
-            f"'pip install -e .', so that the package stays next to the workflow"
+            f"esmshard's workflow is not at {SNAKEFILE}: install esmshard from its repository "
+            f"('pip install .', or 'pip install -e .' for a checkout), which carries the workflow"
         )
     output_dir = Path(output_dir).resolve()
     gpus = count_visible_gpus()

@@ -3,6 +3,15 @@ outputs and logs, and ``api`` finds them in the output directory (relative to th
 directory; a Snakemake module's prefix goes in front). Standard library only: the rule files
 read this while the workflow is parsed."""
 
+from pathlib import Path
+
+# The workflow this package belongs to: the folder holding scripts/esmshard (a checkout, or the
+# copy a module from git makes), else the copy an installed wheel carries as esmshard/workflow.
+_HERE = Path(__file__).resolve().parent
+_IN_WORKFLOW = _HERE.parent.name == "scripts" and (_HERE.parents[1] / "schemas").is_dir()
+WORKFLOW_DIR = _HERE.parents[1] if _IN_WORKFLOW else _HERE / "workflow"
+
+
 INDEX = "results/index/sequences.h5"
 RESIDUES = "results/index/residues.bin"
 PLAN = "results/plan.h5"

@@ -4,12 +4,13 @@ with Snakemake): the Snakefile uses this while it is parsed."""
 import functools
 import json
 import sys
-from pathlib import Path
 
 import yaml
 
+from esmshard.paths import WORKFLOW_DIR
+
 # The one source of the options, their meanings and defaults (config/config.yaml comments them).
-SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
+SCHEMA = WORKFLOW_DIR / "schemas" / "config.schema.yaml"
 
 _YAML_TYPES = {"integer": int, "number": (int, float), "boolean": bool, "null": type(None), "array": list}
 
