@@ -212,6 +212,20 @@ def test_a_bad_path_is_a_one_line_error_naming_it(bad_paths, case, format, tmp_p
     assert not (tmp_path / "out").exists()
 
 
+def test_export_tsv_is_read_by_pandas_as_the_file_holds_it(embeddings_file, tmp_path):
+    import pandas
+
+    path, _ = embeddings_file
+    assert export(path, tmp_path / "means.tsv", "--format", "tsv", "--layer", "3").returncode == 0
+    table = pandas.read_csv(tmp_path / "means.tsv", sep="\t", index_col="id", keep_default_na=False)
+    ids, means = load_embeddings(path, layer=3)
+    assert table.index.tolist() == ids and table.shape == (len(IDS), 8)
+    assert np.array_equal(table.to_numpy(np.float32), means.astype(np.float32))  # every float32 back exactly
+    result = export(path, tmp_path / "x.tsv", "--format", "tsv", "--pooling", "per_residue")
+    assert result.returncode == 1 and "--format per-id" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "x.tsv").exists()
+
+
 def test_export_per_id_is_read_as_protspace_and_eat_read_it(embeddings_file, tmp_path):
     """One dataset per ID, read the way those tools do: {k: f[k][()] for k in f}."""
     path, lengths = embeddings_file

@@ -5,6 +5,7 @@ esmshard embed FASTA... -o OUT_DIR [--model M] [--world-size N] [--timeout T] [-
 python -m esmshard random-checkpoint PATH [--like esm2_t33_650M_UR50D]
 python -m esmshard export results/embeddings.h5 OUT_DIR [--format npy|pt]
 python -m esmshard export results/embeddings.h5 OUT.h5 --format per-id [--pooling mean] [--layer L]
+python -m esmshard export results/embeddings.h5 OUT.tsv --format tsv [--pooling mean] [--layer L]
 python -m esmshard download esm2_t33_650M_UR50D|facebook/esm2_t33_650M_UR50D [DIR]
 python -m esmshard options   (the table of config options in config/README.md, from the schema)
 """
@@ -49,13 +50,14 @@ def main(argv=None) -> None:
     random.add_argument("--seed", type=int, default=0)
     export = commands.add_parser(
         "export",
-        help="embeddings.h5 to .npy files + ids.txt, to extract.py's .pt files, or to one HDF5 dataset per ID",
+        help="embeddings.h5 to .npy files + ids.txt, to extract.py's .pt files, to one HDF5 dataset per ID, "
+        "or to a table (TSV) of one pooled output",
     )
     export.add_argument("embeddings")
-    export.add_argument("out_dir", metavar="out", help="a directory (npy, pt) or an .h5 file (per-id)")
-    export.add_argument("--format", choices=["npy", "pt", "per-id"], default="npy")
-    export.add_argument("--pooling", default="mean", help="per-id: the output to export (default: mean)")
-    export.add_argument("--layer", type=int, help="per-id: the layer (default: the last the file holds)")
+    export.add_argument("out_dir", metavar="out", help="a directory (npy, pt), an .h5 file (per-id) or a file (tsv)")
+    export.add_argument("--format", choices=["npy", "pt", "per-id", "tsv"], default="npy")
+    export.add_argument("--pooling", default="mean", help="per-id, tsv: the output to export (default: mean)")
+    export.add_argument("--layer", type=int, help="per-id, tsv: the layer (default: the last the file holds)")
     download = commands.add_parser(
         "download",
         help="download a released ESM-2 model or a Hugging Face hub id (for clusters whose nodes are "
@@ -148,10 +150,13 @@ def _embed(args) -> tuple[int, str]:
 
 
 def _export(args) -> str:
-    from esmshard.reader import export_npy, export_per_id, export_pt
+    from esmshard.reader import export_npy, export_per_id, export_pt, export_tsv
 
     if args.format == "npy":
         return "wrote " + ", ".join(str(path) for path in export_npy(args.embeddings, args.out_dir))
+    if args.format == "tsv":
+        count = export_tsv(args.embeddings, args.out_dir, args.pooling, args.layer)
+        return f"wrote {args.out_dir}: one row per protein, {count} proteins"
     if args.format == "per-id":
         count = export_per_id(args.embeddings, args.out_dir, args.pooling, args.layer)
         return f"wrote {args.out_dir}: one dataset per ID, {count} proteins"

@@ -17,7 +17,7 @@ from esmshard.shard import missing_sources
 _SAFE = "A-Za-z0-9_.|:+=@,-"  # characters that go into a .pt file's name as they are (no '~')
 # What OutputSpec.from_attrs reads.
 _SPEC_ATTRS = ("layers", "pooling", "num_layers", "long_sequences", "window_overlap")
-_EXPORT_ROWS = 4096  # proteins read at a time by export_per_id
+_EXPORT_ROWS = 4096  # proteins read at a time by export_per_id and export_tsv
 
 
 def load_embeddings(path, ids=None, pooling: str = "mean", layer: int | None = None):
@@ -161,6 +161,29 @@ def export_per_id(path, out_path, pooling: str = "mean", layer: int | None = Non
                     values = block[cuts[row] : cuts[row + 1]]
                     dataset = out.create_dataset(keys[start + row], data=values if offsets is not None else values[0])
                     dataset.attrs["original_id"] = ids[start + row]
+    return len(ids)
+
+
+def export_tsv(path, out_path, pooling: str = "mean", layer: int | None = None) -> int:
+    """A table for dataframe users in ``out_path``: a header ``id  0  1 ... dim-1``, then one row
+    per protein in the file's order, its ID and its pooled vector (``layer`` defaults to the last
+    the file holds), each value with the 9 significant digits that give a float32 back exactly.
+    ``pandas.read_csv(out_path, sep="\t", index_col="id", keep_default_na=False)`` reads it (an
+    ID such as "NA" stays a string). Per-residue output has no one row per protein: ValueError,
+    as for a file without the output. Returns the number of proteins; the file appears whole or
+    not at all."""
+    if pooling == "per_residue":
+        raise ValueError("per-residue output has no one row per protein: export it with --format per-id")
+    with _open_embeddings(path) as (h5, spec):
+        name = _output_name(spec, pooling, max(spec.layers) if layer is None else layer, path)
+        ids = h5["ids"].asstr()[:].tolist()
+        source = h5[name]
+        with atomic_output(Path(out_path)) as tmp, open(tmp, "w") as out:
+            out.write("\t".join(["id", *map(str, range(source.shape[1]))]) + "\n")
+            for start in range(0, len(ids), _EXPORT_ROWS):
+                block = source[start : start + _EXPORT_ROWS].astype(np.float32)
+                for seq_id, row in zip(ids[start : start + _EXPORT_ROWS], block):
+                    out.write(seq_id + "\t" + "\t".join(f"{value:.9g}" for value in row.tolist()) + "\n")
     return len(ids)
 
 
