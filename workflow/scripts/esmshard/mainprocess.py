@@ -90,7 +90,8 @@ def _is_snakemakes(function) -> bool:
 _ERROR_BLOCK = re.compile(r"^Error in rule (\w+):\n((?:[ \t]+.*(?:\n|$))*)", re.M)
 _CLEARED = re.compile(r"^(?:Trying to restart job |Finished jobid: )(\d+)", re.M)
 _LOGS = re.compile(r"^\s+log: (.+?)(?: \(check log file\(s\) for error details\))?$", re.M)
-_ERROR_LINE = re.compile(r"^(?:\S+ \S+ ERROR |esmshard: ERROR: |(?=Fatal Python error: ))(.+)$", re.M)  # logs.setup's
+# An error line in a job's log: logs.setup's two formats, and faulthandler's report of a crash.
+_ERROR_LINE = re.compile(r"^(?:\S+ \S+ ERROR |esmshard: ERROR: |(?=Fatal Python error: ))(.+)$", re.M)
 # The line before a script or shell job's error block: how its process ended.
 _ENDED = re.compile(r"^Command '.*' (?:returned non-zero exit status (-?\d+)|died with <Signals\.(\w+): \d+>)\.$", re.M)
 _EXCEPTION_LINE = re.compile(r"^(\w+(?:\.\w+)*(?:Error|Exception|Interrupt|Exit)\b.*)$", re.M)
