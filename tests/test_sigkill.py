@@ -52,8 +52,9 @@ def test_sigkill_at_random_moments_then_rerun_gives_identical_embeddings(tmp_pat
                 wait_for(lambda w=workdir, p=process, s=written: set(segment_files(w)) - s or p.poll() is not None)
                 time.sleep(rng.uniform(0.0, 0.3))
             victims = embed_processes(workdir)
-            if process.poll() is not None or not victims:
-                break  # the run reached its end between kills
+            if not victims:  # no rank running: the run is at its end (its last rule, or done)
+                assert process.wait(timeout=300) == 0, process.stderr.read()
+                break
             for victim in rng.sample(victims, rng.randint(1, len(victims))):  # one rank, or both at once
                 log = workdir / f"logs/embed/rank_{rank_of(victim, workdir)}.log"
                 os.kill(victim, signal.SIGKILL)
