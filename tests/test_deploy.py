@@ -8,10 +8,11 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import time
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import pytest
 from packaging.requirements import Requirement
 
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-f
 BIN = Path(sys.executable).parent
 SLIM = ("snakemake", "snakemake-executor-plugin-slurm", "snakefmt")  # what a slim environment holds
 COMPUTE = ("torch", "h5py", "esm", "matplotlib")  # what only the rules' environment has
+PIP = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
 SLIM_ENV = {"PATH": "/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": ""}  # nothing of this environment on the paths
 
 
@@ -109,21 +111,45 @@ def distributions_for(names) -> list[metadata.Distribution]:
     return list(found.values())
 
 
-@pytest.fixture(scope="module")
-def slim_python(tmp_path_factory) -> Path:
-    """A virtual environment holding only Snakemake, its SLURM plugin and snakefmt (with what they
-    require), made offline in about a second: the tested installations linked in, not downloaded."""
-    started = time.monotonic()
-    venv = tmp_path_factory.mktemp("slim") / "venv"
+def linked_venv(venv: Path, names) -> Path:
+    """A virtual environment holding only the distributions ``names`` and what they require, made
+    offline in about a second: the tested installations linked in, not downloaded. Returns its
+    python."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     site = Path(sysconfig.get_path("purelib", vars={"base": venv, "platbase": venv}))
     here = Path(sysconfig.get_path("purelib"))
-    for dist in distributions_for(SLIM):
+    for dist in distributions_for(names):
         for top in {Path(str(file)).parts[0] for file in dist.files or [] if not str(file).startswith("..")}:
             if (here / top).exists() and not (site / top).exists():
                 (site / top).symlink_to(here / top)
-    print(f"slim environment made in {time.monotonic() - started:.1f} s")
     return venv / "bin/python"
+
+
+@pytest.fixture(scope="module")
+def slim_python(tmp_path_factory) -> Path:
+    """An environment holding only Snakemake, its SLURM plugin and snakefmt."""
+    return linked_venv(tmp_path_factory.mktemp("slim") / "venv", SLIM)
+
+
+@pytest.fixture(scope="module")
+def wheel(repository, tmp_path_factory) -> Path:
+    """esmshard's wheel, built from the repository."""
+    wheels = tmp_path_factory.mktemp("wheels")
+    built = subprocess.run(
+        [*PIP, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, repository], capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    [path] = wheels.glob("*.whl")
+    return path
+
+
+def install(wheel: Path, python: Path) -> Path:
+    """``wheel`` installed (not editable) into ``python``'s environment; returns its site-packages."""
+    venv = python.parents[1]
+    site = Path(sysconfig.get_path("purelib", vars={"base": venv, "platbase": venv}))
+    installed = subprocess.run([*PIP, "install", "--no-deps", "--target", site, wheel])
+    assert installed.returncode == 0
+    return site
 
 
 def test_the_slim_environment_lacks_the_compute_packages(slim_python):
@@ -161,25 +187,57 @@ def test_lint_format_check_and_dry_runs_need_snakemake_alone(slim_python, tmp_pa
     assert formatted.returncode == 0, formatted.stderr
 
 
-def test_a_wheel_carries_the_workflow_and_its_command_runs_it(repository, tmp_path, tiny_checkpoint):
+def test_a_wheel_carries_the_workflow_and_its_command_runs_it(wheel, tmp_path, tiny_checkpoint):
     """`pip install` of a built wheel (no checkout, not editable): `python -m esmshard embed` runs
     the workflow the wheel carries, and every job imports the installed package."""
-    wheels = tmp_path / "wheels"
-    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    built = subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, repository], capture_output=True, text=True
-    )
-    assert built.returncode == 0, built.stderr[-3000:]
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
-    site = Path(sysconfig.get_path("purelib", vars={"base": venv, "platbase": venv}))
-    installed = subprocess.run([*pip, "install", "--no-deps", "--target", site, *wheels.glob("*.whl")])
-    assert installed.returncode == 0
+    python = tmp_path / "venv/bin/python"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", python.parents[1]], check=True)
+    site = install(wheel, python)
     # the dependencies from this environment (a path entry: its editable esmshard is not loaded)
     (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     fasta = write_fasta(tmp_path / "p.fasta", random_sequences(8, seed=3, median=60, cap=200))
-    command = [venv / "bin/python", "-m", "esmshard", "embed", fasta, "-o", tmp_path / "out", "-m", tiny_checkpoint]
+    command = [python, "-m", "esmshard", "embed", fasta, "-o", tmp_path / "out", "-m", tiny_checkpoint]
     run = subprocess.run([*command, "--world-size", "1"], capture_output=True, text=True, env=SLIM_ENV, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout == f"wrote {tmp_path / 'out/results/embeddings.h5'}\n", run.stderr[-3000:]
     for log in ("index", "embed/rank_0", "aggregate"):
         assert f"esmshard from {site / 'esmshard'}\n" in (tmp_path / f"out/logs/{log}.log").read_text()
+
+
+def test_the_base_install_embeds_without_snakemake_and_the_workflow_needs_the_extra(wheel, tmp_path, tiny_checkpoint):
+    """`pip install esmshard` (the wheel's requirements without extras): esmshard.embed() computes
+    the vectors this environment does; `esmshard embed` says which extra it needs, in one line."""
+    requires = [Requirement(line) for line in metadata.Distribution.at(wheel_metadata(wheel, tmp_path)).requires]
+    base = [r.name for r in requires if r.marker is None]
+    assert "snakemake" not in base and {"snakemake", "matplotlib"} <= {r.name for r in requires if r.marker}
+    python = linked_venv(tmp_path / "venv", base)
+    install(wheel, python)
+    for module in ("snakemake", "matplotlib"):
+        assert subprocess.run([python, "-c", f"import {module}"], capture_output=True, env=SLIM_ENV).returncode
+    sequences = {"a": "MKTAYIAKQRQISFVKSHFSRQ", "b": "MSIQHFRVALIPFFAAFCLPVFA"}
+    script = (
+        "import sys, numpy as np, esmshard; "
+        f"r = esmshard.embed({sequences!r}, model={str(tiny_checkpoint)!r}, pooling=['mean']); "
+        "np.save(sys.argv[1], r['mean/layer_2'])"
+    )
+    embedded = subprocess.run(
+        [python, "-c", script, tmp_path / "mean.npy"], capture_output=True, text=True, env=SLIM_ENV
+    )
+    assert embedded.returncode == 0, embedded.stderr[-3000:]
+    import esmshard
+
+    expected = esmshard.embed(sequences, model=str(tiny_checkpoint), pooling=["mean"])["mean/layer_2"]
+    np.testing.assert_array_equal(np.load(tmp_path / "mean.npy"), expected)
+    fasta = write_fasta(tmp_path / "p.fasta", random_sequences(3, seed=3))
+    command = [python, "-m", "esmshard", "embed", fasta, "-o", tmp_path / "out", "-m", tiny_checkpoint]
+    run = subprocess.run(command, capture_output=True, text=True, env=SLIM_ENV, cwd=tmp_path)
+    assert run.returncode == 1 and run.stdout == "", run
+    assert run.stderr.count("\n") == 1 and "pip install 'esmshard[workflow]'" in run.stderr, run.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def wheel_metadata(wheel: Path, into: Path) -> Path:
+    """The wheel's .dist-info directory, unpacked into ``into``."""
+    with zipfile.ZipFile(wheel) as archive:
+        names = [name for name in archive.namelist() if name.split("/")[0].endswith(".dist-info")]
+        archive.extractall(into / "metadata", names)
+    return into / "metadata" / names[0].split("/")[0]

@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,14 @@ def test_pip_conda_and_the_rules_environment_pin_the_same_versions():
     assert {name: pip.get(name) for name in packages} == {name: runtime[name] for name in packages}
     assert runtime["python"] == development["python"]
     assert not {"snakemake", "pytest", "snakefmt", "snakedeploy", "selenium"} & packages  # runtime only
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = lambda requirements: {re.match(r"[\w-]+", r)[0].lower().replace("_", "-") for r in requirements}
+    base, workflow = names(project["dependencies"]), names(project["optional-dependencies"]["workflow"])
+    assert base | workflow == {name.replace("_", "-") for name in packages} | {
+        "snakemake",
+        "snakemake-executor-plugin-slurm",
+    }
+    assert not base & {"snakemake", "matplotlib"}  # esmshard.embed() needs neither
     rule_envs = set(
         re.findall(
             r"conda:\s*\n\s*(\S+)", "".join(path.read_text() for path in (REPO / "workflow/rules").glob("*.smk"))

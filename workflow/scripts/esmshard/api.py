@@ -13,6 +13,7 @@ takes (``results/.lock``, ``esmshard.mainprocess``) before it writes anything th
 """
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -85,6 +86,11 @@ def run_multi_gpu_inference(
         raise RuntimeError(
             f"esmshard's workflow is not at {SNAKEFILE}: install esmshard from its repository "
             f"('pip install .', or 'pip install -e .' for a checkout), which carries the workflow"
+        )
+    if importlib.util.find_spec("snakemake") is None:
+        raise RuntimeError(
+            f"running the workflow needs Snakemake, which {sys.executable} lacks: pip install 'esmshard[workflow]' "
+            f"(esmshard.embed() embeds in this process without it)"
         )
     output_dir = Path(output_dir).resolve()
     gpus = count_visible_gpus()
