@@ -1,6 +1,6 @@
 """Speed of the embed job against fair-esm, on one GPU, same synthetic proteins, same run.
 
-    python bench/engine_speed.py --models esm2_t33_650M_UR50D esm2_t36_3B_UR50D
+    python bench/engine_speed.py --models esm2_t33_650M_UR50D esm2_t36_3B_UR50D esm1b_t33_650M_UR50S
 
 For each model (RANDOM weights of the real shape: speed does not depend on the values):
   (a) fair-esm in fp16 the way its scripts/extract.py runs it: sequences in memory, length-sorted
@@ -25,9 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
 from esmshard import packed  # noqa: E402
-from esmshard.architectures import ESM2_MODELS, MAX_RESIDUES  # noqa: E402
+from esmshard.architectures import MAX_RESIDUES, RELEASED_MODELS, release_family  # noqa: E402
 from esmshard.engine import PackedEngine  # noqa: E402
+from esmshard.huggingface import EsmConfig  # noqa: E402
 from esmshard.index import SequenceIndex, build_index  # noqa: E402
+from esmshard.model import fair_esm_module  # noqa: E402
 from esmshard.outputs import OutputSpec  # noqa: E402
 from esmshard.plan import Plan, balance, distinct, read_plan, sequence_costs, write_plan  # noqa: E402
 from esmshard.progress import Progress  # noqa: E402
@@ -54,7 +56,9 @@ def synthetic_records(n: int, median: int, seed: int = 0, cap: int | None = MAX_
 
 
 def fair_esm_fp16(network, alphabet, sequences: list[str], tokens_per_batch: int, layer: int) -> float:
-    """extract.py's loop in fp16; returns seconds (synchronised)."""
+    """extract.py's loop in fp16; returns seconds (synchronised). fair-esm's ESM-1b forward in
+    half precision fails (its token-dropout rescale turns the embeddings float32 before its
+    half LayerNorm), so there it runs under autocast, as a user makes it run."""
     dataset = esm.FastaBatchedDataset([str(i) for i in range(len(sequences))], sequences)
     batches = dataset.get_batch_indices(tokens_per_batch, extra_toks_per_seq=1)
     loader = torch.utils.data.DataLoader(
@@ -62,7 +66,8 @@ def fair_esm_fp16(network, alphabet, sequences: list[str], tokens_per_batch: int
     )
     torch.cuda.synchronize()
     started = time.perf_counter()
-    with torch.no_grad():
+    esm1b = isinstance(network, esm.ProteinBertModel)
+    with torch.no_grad(), torch.autocast("cuda", torch.float16, enabled=esm1b):
         for _labels, strs, toks in loader:
             out = network(toks.to("cuda", non_blocking=True), repr_layers=[layer])["representations"][layer]
             for i, s in enumerate(strs):
@@ -83,10 +88,11 @@ def reference_means(network, alphabet, sequences: list[str], layer: int) -> np.n
 
 
 def run_model(name: str, args, workdir: Path) -> dict:
-    layers, dim, heads = ESM2_MODELS[name]
+    layers, dim, heads = RELEASED_MODELS[name]
+    config = EsmConfig(layers, dim, heads, True, 1e-5, 10000.0, release_family(name), emb_layer_norm_before=True)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        network = esm.ESM2(num_layers=layers, embed_dim=dim, attention_heads=heads, token_dropout=True).eval()
+        network = fair_esm_module(config, initialised=True).eval()
     alphabet = network.alphabet
     params = sum(p.numel() for p in network.parameters())
     index = SequenceIndex(workdir / "index")
@@ -185,9 +191,17 @@ def write_bench_plan(workdir: Path, name: str) -> Path:
     """One rank embeds every sequence, with the (random) model of a released shape."""
     index = SequenceIndex(workdir / "index")
     position, source = distinct(index.digests())
-    layers, dim, _ = ESM2_MODELS[name]
+    layers, dim, _ = RELEASED_MODELS[name]
     ranks, rank_costs = balance(sequence_costs(index.lengths[position], dim), 1)
-    model = {"path": name, "digest": f"random-{name}", "size": 0, "mtime_ns": 0, "num_layers": layers, "embed_dim": dim}
+    model = {
+        "path": name,
+        "digest": f"random-{name}",
+        "size": 0,
+        "mtime_ns": 0,
+        "family": release_family(name),
+        "num_layers": layers,
+        "embed_dim": dim,
+    }
     write_plan(workdir / f"plan-{name}.h5", Plan(ranks, position, source, 1, index.fingerprint, model), rank_costs)
     return workdir / f"plan-{name}.h5"
 

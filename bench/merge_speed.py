@@ -39,7 +39,7 @@ def synthetic(cache: Path, n: int, dim: int, world_size: int) -> tuple[Plan, np.
         np.arange(n, dtype=np.int64),
         world_size,
         "f" * 32,
-        {"path": "synthetic.pt", "digest": "0" * 32, "num_layers": LAYERS, "embed_dim": dim},
+        {"path": "synthetic.pt", "digest": "0" * 32, "family": "esm2", "num_layers": LAYERS, "embed_dim": dim},
     )
     ids = np.array([f"seq{i:09d}" for i in range(n)], dtype=object)
     spec = OutputSpec.resolve([-1], ["mean"], LAYERS, "truncate", 512)

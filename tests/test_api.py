@@ -85,13 +85,18 @@ def test_list_options_may_be_any_sequence(tmp_path, fasta, monkeypatch):
     assert config["layers"] == [-1, 3] and config["pooling"] == ["mean", "bos"]
 
 
+def test_a_model_type_other_than_the_files_family_is_a_value_error_before_any_job(tmp_path, fasta, tiny_checkpoint):
+    mismatch = {"model_type": "esm1b", "model_name": str(tiny_checkpoint)}
+    with pytest.raises(ValueError, match=rf"model_type: 'esm1b', but {tiny_checkpoint} holds an ESM-2 model"):
+        run_multi_gpu_inference(fasta, tmp_path, mismatch)
+    assert not (tmp_path / "results/index").exists()  # stopped as the workflow was read, before any job
+
+
 def test_the_original_contracts_model_config_works(tmp_path, fasta, monkeypatch):
     original = {"model_type": "esm2", "model_name": "esm2_t36_3B_UR50D", "token_budget": 4096}
     config = written_config(tmp_path, fasta, original, monkeypatch)
     assert config["model"] == "esm2_t36_3B_UR50D" and config["tokens_per_batch"] == 4096
-    assert "model_type" not in config and "model_name" not in config and "token_budget" not in config
-    with pytest.raises(ValueError, match=r"model_config: model_type 'esm1b' is not supported: only ESM-2"):
-        run_multi_gpu_inference(fasta, tmp_path, {**original, "model_type": "esm1b"})
+    assert config["model_type"] == "esm2" and "model_name" not in config and "token_budget" not in config
     with pytest.raises(ValueError, match=r"give 'model' or 'model_name' \(its original name\), not both"):
         run_multi_gpu_inference(fasta, tmp_path, {**original, "model": "esm2_t6_8M_UR50D"})
 
@@ -259,7 +264,7 @@ def test_world_size_defaults_to_the_visible_gpus(complete_run):
     assert json.loads((out / "results/manifest.json").read_text())["world_size"] == 2
     for rank in (0, 1):
         assert planned_ids(out, rank)
-        assert re.search(r"\(2 layers, dim 32\) on cpu", (out / f"logs/embed/rank_{rank}.log").read_text())
+        assert re.search(r"\(ESM-2, 2 layers, dim 32\) on cpu", (out / f"logs/embed/rank_{rank}.log").read_text())
 
 
 def test_the_index_is_built_by_a_call_of_its_own_before_the_embed_jobs(partial_run):

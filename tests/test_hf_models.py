@@ -348,27 +348,30 @@ def test_a_bert_directory_stops_before_any_job_naming_it(tmp_path):
     fasta = write_fasta(tmp_path / "p.fasta", {"p1": "MKV"})
     result = run_snakemake(tmp_path, config_for(fasta, directory))
     assert result.returncode != 0
-    assert f"model: {directory} holds a bert model (config.json model_type 'bert'), not ESM-2 ('esm')" in result.stderr
+    assert (
+        f"model: {directory} holds a bert model (config.json model_type 'bert'), not ESM-2 or ESM-1b ('esm')"
+        in result.stderr
+    )
     assert not (tmp_path / "results").exists()
 
 
 @pytest.mark.parametrize(
     "change, problem",
     [
-        ({"emb_layer_norm_before": True}, "emb_layer_norm_before (a LayerNorm on the embeddings, as in ESM-1b)"),
+        ({"emb_layer_norm_before": True}, "emb_layer_norm_before with rotary positions"),
         (
-            {"position_embedding_type": "absolute"},
-            "position_embedding_type 'absolute': the engine runs rotary positions only, ESM-2's",
+            {"position_embedding_type": "absolute", "max_position_embeddings": 512},
+            "max_position_embeddings 512: ESM-1b's learned positions take 1026",
         ),
         (
             {"position_embedding_type": "relative_key"},
-            "position_embedding_type 'relative_key': the engine runs rotary positions only",
+            "position_embedding_type 'relative_key': the engine runs rotary positions (ESM-2's) and absolute",
         ),
         ({"token_dropout": "yes"}, "token_dropout 'yes' is neither true nor false"),
         (
             {"architectures": ["BertForMaskedLM"]},
             "architectures ['BertForMaskedLM']: esmshard reads the encoder of EsmModel, EsmForMaskedLM, "
-            "EsmForSequenceClassification, EsmForTokenClassification (for another class, save its ESM-2 "
+            "EsmForSequenceClassification, EsmForTokenClassification (for another class, save its ESM "
             "encoder alone: model.esm.save_pretrained(DIRECTORY))",
         ),
         ({"architectures": ["EsmForProteinFolding"]}, "architectures ['EsmForProteinFolding']"),

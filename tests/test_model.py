@@ -36,7 +36,7 @@ def test_text_file_is_rejected(tmp_path):
 def test_other_torch_file_is_rejected(tmp_path):
     path = tmp_path / "linear.pt"
     torch.save(torch.nn.Linear(3, 3).state_dict(), path)
-    with pytest.raises(EsmShardError, match="is not an ESM-2 checkpoint"):
+    with pytest.raises(EsmShardError, match="is not an ESM-2 or ESM-1b checkpoint"):
         load_model(str(path))
 
 
@@ -84,8 +84,7 @@ def test_arbitrary_pickled_objects_are_refused(tmp_path, capsys):
 def test_unknown_model_name(tmp_path):
     with pytest.raises(
         EsmShardError,
-        match="neither an existing checkpoint file or model directory, a Hugging "
-        "Face hub id .* nor a released ESM-2 model",
+        match="neither an existing checkpoint file or model directory, a Hugging Face hub id .* nor a released model",
     ):
         resolve_checkpoint("esm2_t99_1T_UR50D")
 
@@ -97,11 +96,11 @@ def test_download_lands_only_a_whole_checkpoint_of_the_named_shape(tmp_path, mon
     source = write_random_checkpoint(tmp_path / "mirror/esm2_t6_8M_UR50D.pt", *ESM2_MODELS["esm2_t6_8M_UR50D"])
     monkeypatch.setenv(URL_ENV, f"file://{tmp_path}/mirror/{{name}}.pt")
     path = download("esm2_t6_8M_UR50D", tmp_path / "hub/esm2_t6_8M_UR50D.pt")
-    assert checkpoint_architecture(path) == ESM2_MODELS["esm2_t6_8M_UR50D"]
+    assert checkpoint_architecture(path) == ("esm2", ESM2_MODELS["esm2_t6_8M_UR50D"])
     with pytest.raises(EsmShardError, match=r"cannot download esm2_t12_35M_UR50D from file://.*; download it where"):
         download("esm2_t12_35M_UR50D", tmp_path / "hub/esm2_t12_35M_UR50D.pt")
     source.rename(tmp_path / "mirror/esm2_t12_35M_UR50D.pt")  # the wrong model under that name
-    with pytest.raises(EsmShardError, match=r"holds a model of shape \(6, 320, 20\), not esm2_t12_35M_UR50D"):
+    with pytest.raises(EsmShardError, match=r"holds an ESM-2 model of shape \(6, 320, 20\), not esm2_t12_35M_UR50D"):
         download("esm2_t12_35M_UR50D", tmp_path / "hub/esm2_t12_35M_UR50D.pt")
     assert sorted(p.name for p in (tmp_path / "hub").iterdir()) == ["esm2_t6_8M_UR50D.pt"]  # nothing half-written
 

@@ -20,7 +20,7 @@ def test_a_stop_while_a_segment_is_written_keeps_the_next_batches_for_the_rank_t
     spec = OutputSpec.resolve([-1], ["mean"], 2)
     lengths = np.array([5, 7, 9, 11])
     digests = np.array([bytes([i]) * 16 for i in range(4)], dtype="V16")
-    identity = settings_identity("digest", spec, "float32", "packed")
+    identity = settings_identity("digest", "esm2", spec, "float32", "packed")
     work = RankWork(
         None, 0, 1, np.arange(4), np.array(list("abcd"), object), lengths, digests, spec, 4, {}, identity, "float32"
     )

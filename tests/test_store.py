@@ -10,7 +10,7 @@ from esmshard.shard import ShardWriter, shard_problem
 from esmshard.store import SegmentWriter, Store, sequence_keys, settings_identity
 
 SPEC = OutputSpec.resolve([-1], ["mean", "per_residue"], 2)
-IDENTITY = settings_identity("model-digest", SPEC, "float16", "packed")
+IDENTITY = settings_identity("model-digest", "esm2", SPEC, "float16", "packed")
 LENGTHS = np.array([5, 1, 30, 7, 12, 1030, 3, 9])
 DIGESTS = np.array([bytes([i]) * 16 for i in range(len(LENGTHS))], dtype="V16")
 IDS = np.array([f"p{i}" for i in range(len(LENGTHS))], dtype=object)
@@ -100,7 +100,7 @@ def test_other_long_protein_handling_reuses_the_other_sequences_as_they_are(tmp_
     truncating.write(keys[rows], LENGTHS[rows], outputs_of(rows))
     window = OutputSpec.resolve([-1], ["mean", "per_residue"], 2, "window", 256)
     windowing = Store(
-        tmp_path / "store", settings_identity("model-digest", window, "float16", "packed"), window, 4, "float16"
+        tmp_path / "store", settings_identity("model-digest", "esm2", window, "float16", "packed"), window, 4, "float16"
     )
     assert windowing.directory == truncating.directory and len(windowing.segments) == 1
     window_keys = sequence_keys(DIGESTS, LENGTHS, window)

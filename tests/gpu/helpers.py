@@ -23,7 +23,7 @@ def lognormal_lengths(n: int, seed: int = 0, median: int = 150, cap: int = 1400)
 
 @torch.no_grad()
 def fair_esm_outputs(network, alphabet, spec, residues, device) -> dict[str, list[np.ndarray]]:
-    """{dataset name: one array per sequence} from fair-esm's own ESM2.forward (``network``, on
+    """{dataset name: one array per sequence} from fair-esm's own forward (``network``, on
     ``device``, in its own dtype), one piece at a time: pooled outputs [dim], per-residue
     [embedded length, dim]. A long protein means what outputs.py says: each of its windows is
     its own pass, a residue's vector is the average over the windows that cover it, the mean is
@@ -33,7 +33,7 @@ def fair_esm_outputs(network, alphabet, spec, residues, device) -> dict[str, lis
     for r in residues:
         sequence = r.tobytes().decode()
         rows = int(spec.embedded_lengths([len(sequence)])[0])
-        total = {layer: np.zeros((rows, network.embed_dim)) for layer in spec.layers}
+        total = {layer: np.zeros((rows, network.embed_tokens.embedding_dim)) for layer in spec.layers}
         bos = {layer: [] for layer in spec.layers}
         coverage = np.zeros(rows)
         for start, end in spec.windows(len(sequence)):

@@ -1,6 +1,6 @@
-"""The packed engine against fair-esm's own ESM2.forward in float32 on the same device, same
-weights: every pooling, a middle and the last layer, every precision, mixed batches with
-windowed proteins."""
+"""The packed engine against fair-esm's own forward (ESM2's, ProteinBertModel's for ESM-1b) in
+float32 on the same device, same weights: every pooling, a middle and the last layer, every
+precision, mixed batches with windowed proteins."""
 
 import copy
 import functools

@@ -10,7 +10,7 @@ HEAD_SHAPES = [(20, 16), (20, 24), (20, 64), (40, 128)]  # (heads, head dim): ES
 
 
 def packed_cos_sin(tokens: int, head_dim: int, generator):
-    """cos, sin [T, d] float32 as PackedESM2 makes them: positions restart at every piece."""
+    """cos, sin [T, d] float32 as PackedESM makes them: positions restart at every piece."""
     positions = []
     while len(positions) < tokens:
         positions += range(int(torch.randint(1, 1025, (), generator=generator)))

@@ -4,7 +4,7 @@ from pathlib import Path
 # The package (on sys.path since the Snakefile) is imported here only through modules that need
 # the standard library alone: Snakemake parses and lints this workflow without numpy, h5py or torch.
 from esmshard import EsmShardError, paths
-from esmshard.architectures import model_inputs
+from esmshard.architectures import check_model_type, model_inputs, resolve_model
 from esmshard.fasta import expand_fasta_paths, fasta_list_key
 from esmshard.gpu import count_visible_gpus
 from esmshard.mainprocess import cancel_snakemake_timers, failed_jobs, hold_results
@@ -102,6 +102,16 @@ FASTA_LIST = f"results/index/fasta_list_{fasta_list_key(FASTA_FILES)}.txt"
 # hub id's refs/main in the Hugging Face cache, made by rule download_model when missing.
 MODEL_INPUTS, DOWNLOAD_MODEL = checked(model_inputs, config["model"])
 MODEL_FILES = [local(str(path)) for path in MODEL_INPUTS]
+
+
+def check_model_family():
+    """model_type against the model's files, before any job (a model still to be downloaded is
+    checked by the plan, after the download)."""
+    if config["model_type"] and not DOWNLOAD_MODEL:
+        check_model_type(config["model_type"], resolve_model(config["model"]))
+
+
+checked(check_model_family)
 checked(parse_duration, config["timeout"])  # a bad value stops here, before any job
 # Settings that change the numbers: parameters of the rules whose outputs they change. The
 # others (batch size, compile, progress, segment sizes, timeout, locks) are read from the config

@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, os.environ["ESMSHARD_PACKAGE"])  # this workflow's esmshard (rules/package.smk)
 
 from esmshard import EsmShardError, logs
-from esmshard.architectures import checkpoint_identity, resolve_model
+from esmshard.architectures import FAMILIES, check_model_type, checkpoint_identity, resolve_model
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec
 from esmshard.plan import (
@@ -27,6 +27,7 @@ log = logging.getLogger("esmshard.plan")
 settings = snakemake.params.settings
 try:
     checkpoint = resolve_model(snakemake.config["model"])  # its files are this job's input
+    check_model_type(snakemake.config["model_type"], checkpoint)
     model = checkpoint_identity(checkpoint)
     spec = OutputSpec.resolve(
         settings["layers"],
@@ -45,10 +46,11 @@ costs = sequence_costs(lengths, model["embed_dim"], spec.window_counts(lengths))
 ranks, rank_costs = balance(costs, snakemake.params.world_size)
 write_plan(snakemake.output.plan, Plan(ranks, position, source, len(rank_costs), index.fingerprint, model), rank_costs)
 log.info(
-    "%d sequences, %d distinct; model %s (%d layers, width %d, content %s)",
+    "%d sequences, %d distinct; model %s (%s, %d layers, width %d, content %s)",
     len(index),
     len(position),
     checkpoint.location,
+    FAMILIES[model["family"]],
     model["num_layers"],
     model["embed_dim"],
     model["digest"],

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from esmshard import EsmShardError, __version__
-from esmshard.architectures import ESM2_MODELS
+from esmshard.architectures import FAMILIES, RELEASED_MODELS, release_family
 
 
 def main(argv=None) -> None:
@@ -40,10 +40,11 @@ def main(argv=None) -> None:
     )
     random = commands.add_parser(
         "random-checkpoint",
-        help="write an ESM-2 checkpoint with RANDOM weights (real architecture) in fair-esm's format",
+        help="write an ESM-2 or ESM-1b checkpoint with RANDOM weights (real architecture) in fair-esm's format",
     )
     random.add_argument("path")
-    random.add_argument("--like", choices=sorted(ESM2_MODELS), help="copy the shape of a released model")
+    random.add_argument("--like", choices=sorted(RELEASED_MODELS), help="copy the family and shape of a released model")
+    random.add_argument("--family", choices=sorted(FAMILIES), default="esm2", help="without --like (default: esm2)")
     random.add_argument("--layers", type=int, default=2)
     random.add_argument("--embed-dim", type=int, default=32)
     random.add_argument("--heads", type=int, default=4)
@@ -60,10 +61,10 @@ def main(argv=None) -> None:
     export.add_argument("--layer", type=int, help="per-id, tsv: the layer (default: the last the file holds)")
     download = commands.add_parser(
         "download",
-        help="download a released ESM-2 model or a Hugging Face hub id (for clusters whose nodes are "
+        help="download a released model or a Hugging Face hub id (for clusters whose nodes are "
         "offline), checked before it lands",
     )
-    download.add_argument("model", help=f"a released name ({', '.join(ESM2_MODELS)}) or a hub id (org/name)")
+    download.add_argument("model", help=f"a released name ({', '.join(RELEASED_MODELS)}) or a hub id (org/name)")
     download.add_argument(
         "dir",
         nargs="?",
@@ -97,7 +98,7 @@ def main(argv=None) -> None:
     if args.command == "download":
         from esmshard.model import download
 
-        released = args.model in ESM2_MODELS
+        released = args.model in RELEASED_MODELS
         target = (Path(args.dir) / f"{args.model}.pt" if released else Path(args.dir)) if args.dir else None
         try:
             path = download(args.model, target)
@@ -109,9 +110,12 @@ def main(argv=None) -> None:
 
     from esmshard.model import write_random_checkpoint
 
-    layers, dim, heads = ESM2_MODELS[args.like] if args.like else (args.layers, args.embed_dim, args.heads)
-    path = write_random_checkpoint(args.path, layers, dim, heads, args.seed)
-    print(f"wrote {path}: ESM-2 architecture ({layers} layers, dim {dim}, {heads} heads) with RANDOM weights")
+    layers, dim, heads = RELEASED_MODELS[args.like] if args.like else (args.layers, args.embed_dim, args.heads)
+    family = release_family(args.like) if args.like else args.family
+    path = write_random_checkpoint(args.path, layers, dim, heads, args.seed, family=family)
+    print(
+        f"wrote {path}: {FAMILIES[family]} architecture ({layers} layers, dim {dim}, {heads} heads) with RANDOM weights"
+    )
 
 
 def _embed(args) -> tuple[int, str]:

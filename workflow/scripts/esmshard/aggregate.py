@@ -154,6 +154,7 @@ def _manifest(out_path, missing_path, plan: Plan, statuses, works, failed, rejec
         "fingerprint": plan.fingerprint,
         "world_size": plan.world_size,
         "model": plan.model["path"],
+        "model_family": plan.model["family"],
         "random_weights": bool(plan.model.get("random_weights", False)),
         "sequences": n_sequences,
         "distinct_sequences": len(plan.position),

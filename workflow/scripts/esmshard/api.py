@@ -42,7 +42,7 @@ SNAKEFILE = paths.WORKFLOW_DIR / "Snakefile"
 DEFAULT_MODEL = settings.defaults()["model"]
 # Config options that run_multi_gpu_inference takes as arguments, not in model_config.
 ARGUMENT_OPTIONS = {"fasta": "fasta_files", "world_size": "world_size", "timeout": "timeout"}
-# model_config keys of the original contract (with model_type "esm2"), and the workflow's names.
+# model_config keys of the original contract, and the workflow's names for them.
 ORIGINAL_CONTRACT_NAMES = {"model_name": "model", "token_budget": "tokens_per_batch"}
 
 CONFIG_FILE = "config.yaml"
@@ -206,11 +206,8 @@ def _workflow_config(fasta_files, model_config, world_size, timeout) -> dict:
 
 def _from_original_contract(model_config: Mapping) -> dict:
     """model_config with the keys of the original contract, which users port code from, as the
-    workflow's: model_name is model, token_budget tokens_per_batch, and model_type must be esm2."""
+    workflow's: model_name is model, token_budget tokens_per_batch (model_type is the workflow's too)."""
     config = dict(model_config)
-    model_type = config.pop("model_type", "esm2")
-    if model_type != "esm2":
-        raise ValueError(f"model_config: model_type {model_type!r} is not supported: only ESM-2 ('esm2') is")
     for old, new in ORIGINAL_CONTRACT_NAMES.items():
         if old in config and new in config:
             raise ValueError(f"model_config: give {new!r} or {old!r} (its original name), not both")

@@ -1,5 +1,12 @@
 """Which model the option ``model`` names, where its files are, and its identity: the released
-ESM-2 models, checkpoint files, Hugging Face directories and hub ids (no torch needed)."""
+ESM-2, ESM-1b and ESM-1v models, checkpoint files, Hugging Face directories and hub ids (no torch
+needed).
+
+A model's family is read from its files: a fair-esm checkpoint holding ``cfg`` is ESM-2 (fair-esm
+loads it so too), one holding ``args`` of the ``roberta_large`` architecture is ESM-1b; a Hugging
+Face config with rotary positions is ESM-2, with absolute ones ESM-1b. ESM-1v's five models have
+ESM-1b's architecture and files, so they are family esm1b (the option ``model_type`` may say
+esm1v)."""
 
 import argparse
 import collections
@@ -31,9 +38,42 @@ ESM2_MODELS = {
     "esm2_t36_3B_UR50D": Architecture(36, 2560, 40),
     "esm2_t48_15B_UR50D": Architecture(48, 5120, 40),
 }
+ESM1B_MODELS = {
+    "esm1b_t33_650M_UR50S": Architecture(33, 1280, 20),
+    **{f"esm1v_t33_650M_UR90S_{i}": Architecture(33, 1280, 20) for i in range(1, 6)},
+}
+RELEASED_MODELS = {**ESM2_MODELS, **ESM1B_MODELS}
 
-# ESM-2 was trained on at most 1022 residues plus the BOS and EOS tokens.
+# The families the engine runs, in words, and the option model_type's values with the family each names.
+FAMILIES = {"esm2": "ESM-2", "esm1b": "ESM-1b"}
+MODEL_TYPES = {"esm2": "esm2", "esm1b": "esm1b", "esm1v": "esm1b"}
+
+# ESM-2 was trained on at most 1022 residues plus the BOS and EOS tokens, ESM-1b on 1024 positions.
 MAX_RESIDUES = 1022
+
+
+def release_family(name: str) -> str:
+    return "esm2" if name in ESM2_MODELS else "esm1b"
+
+
+def check_model_type(model_type: str | None, checkpoint: "Checkpoint") -> None:
+    """A ``model_type`` (None: any) that names another family than the model's files is an error."""
+    if model_type is None:
+        return
+    family = model_family(checkpoint)
+    if MODEL_TYPES[model_type] != family:
+        raise EsmShardError(
+            f"model_type: {model_type!r}, but {checkpoint.location} holds an {FAMILIES[family]} model "
+            f"(model_type {' or '.join(t for t, f in MODEL_TYPES.items() if f == family)}); "
+            f"set model_type to match, or leave it out"
+        )
+
+
+def model_family(checkpoint: "Checkpoint") -> str:
+    """The family of a model on disk, from its config (see the module docstring)."""
+    if checkpoint.location.is_dir():
+        return read_config(checkpoint.location).family
+    return _checkpoint_config(checkpoint.location)[0]
 
 
 def released_checkpoint(name: str) -> Path:
@@ -53,7 +93,7 @@ class Checkpoint(NamedTuple):
 
 def resolve_model(model: str) -> Checkpoint:
     """The model the option ``model`` names, on disk: a checkpoint file, a Hugging Face model
-    directory (checked to be an ESM-2 the engine runs), a released model in torch.hub's cache, or
+    directory (checked to be an ESM model the engine runs), a released model in torch.hub's cache, or
     a hub id (org/name) in the Hugging Face cache. Anything else, or a model not downloaded yet,
     is an error naming the option and what to do."""
     path = Path(model).expanduser()
@@ -61,7 +101,7 @@ def resolve_model(model: str) -> Checkpoint:
         return Checkpoint(path, (path,))
     if path.is_dir():
         return Checkpoint(path, model_files(path))
-    if model in ESM2_MODELS:
+    if model in RELEASED_MODELS:
         released = released_checkpoint(model)
         if not released.is_file():
             raise EsmShardError(
@@ -73,7 +113,7 @@ def resolve_model(model: str) -> Checkpoint:
     if not HUB_ID.fullmatch(model):
         raise EsmShardError(
             f"model: {model!r} is neither an existing checkpoint file or model directory, a Hugging Face hub "
-            f"id (org/name) nor a released ESM-2 model ({', '.join(ESM2_MODELS)})"
+            f"id (org/name) nor a released model ({', '.join(RELEASED_MODELS)})"
         )
     snapshot = hub_snapshot(model)
     if snapshot is None:
@@ -104,7 +144,7 @@ def model_inputs(model: str) -> tuple[list[Path], bool]:
     id the cache's ``refs/main``: known before they are downloaded, and the same afterwards (a
     new revision of a hub model changes ``refs/main``)."""
     path = Path(model).expanduser()
-    if not path.exists() and model in ESM2_MODELS and not released_checkpoint(model).is_file():
+    if not path.exists() and model in RELEASED_MODELS and not released_checkpoint(model).is_file():
         return [released_checkpoint(model)], True
     if not path.exists() and HUB_ID.fullmatch(model) and not names_a_file(model):
         if hub_snapshot(model) is None and not hub_offline():
@@ -157,15 +197,17 @@ def checkpoint_identity(checkpoint: Checkpoint, cache_dir: Path | None = None) -
         pass  # no entry, or a damaged one: hashed again, and the entry rewritten
     random_weights = False
     if checkpoint.location.is_dir():
-        shape = Architecture(*read_config(checkpoint.location)[:3])
+        config = read_config(checkpoint.location)
+        family, shape = config.family, Architecture(*config[:3])
     else:
-        config = _checkpoint_config(checkpoint.location)
+        family, config = _checkpoint_config(checkpoint.location)
         shape = _architecture_of(config)
         random_weights = bool(getattr(config, RANDOM_WEIGHTS, False))
     identity = {
         "path": str(checkpoint.location.resolve()),
         "digest": model_digest(checkpoint),
         **checkpoint_stamp(checkpoint),
+        "family": family,
         "num_layers": shape.layers,
         "embed_dim": shape.embed_dim,
         "random_weights": random_weights,
@@ -184,6 +226,7 @@ _IDENTITY_FIELDS = {
     "digest": str,
     "size": int,
     "mtime_ns": int,
+    "family": str,
     "num_layers": int,
     "embed_dim": int,
     "random_weights": bool,
@@ -231,26 +274,45 @@ class _ConfigOnly(pickle.Unpickler):
         return None
 
 
-def checkpoint_architecture(path) -> Architecture:
-    """A fair-esm checkpoint's shape from its config."""
-    return _architecture_of(_checkpoint_config(path))
+def checkpoint_architecture(path) -> tuple[str, Architecture]:
+    """A fair-esm checkpoint's family and shape, from its config."""
+    family, config = _checkpoint_config(path)
+    return family, _architecture_of(config)
 
 
 def _architecture_of(config) -> Architecture:
+    # ESM-2's cfg.model and ESM-1b's args name the shape alike
     return Architecture(config.encoder_layers, config.encoder_embed_dim, config.encoder_attention_heads)
 
 
+def checkpoint_family(data: dict, path) -> tuple[str, object]:
+    """(family, config) of a fair-esm checkpoint's content, as fair-esm's loader tells them
+    apart: ``cfg.model`` is ESM-2's config, ``args`` of architecture roberta_large ESM-1b's."""
+    if isinstance(data.get("cfg"), dict) and "model" in data["cfg"]:
+        return "esm2", data["cfg"]["model"]
+    arch = getattr(data.get("args"), "arch", None)
+    if arch == "roberta_large":
+        return "esm1b", data["args"]
+    raise EsmShardError(
+        f"model: {path} is a fair-esm checkpoint of architecture {arch!r}, which esmshard does not run "
+        f"(it runs ESM-2 and ESM-1b/ESM-1v, 'roberta_large')"
+        if arch
+        else f"model: {path} is not an ESM-2 or ESM-1b checkpoint (expected fair-esm's layout: cfg.model "
+        f"or args, and model weights)"
+    )
+
+
 def _checkpoint_config(path):
-    """A fair-esm checkpoint's config (``cfg.model``). Files in torch's zip format are read here
+    """(family, config) of a fair-esm checkpoint. Files in torch's zip format are read here
     without importing torch (~3 s), others by the safe loader of ``model.py``, which checks the
     file and says what is wrong with it."""
     try:
         with zipfile.ZipFile(path) as archive:
             [pickled] = [name for name in archive.namelist() if name.endswith("/data.pkl")]
             with archive.open(pickled) as handle:
-                config = _ConfigOnly(handle).load()["cfg"]["model"]
+                family, config = checkpoint_family(_ConfigOnly(handle).load(), path)
         _architecture_of(config)  # a config without these is not fair-esm's: the loader says why
-        return config
+        return family, config
     except (zipfile.BadZipFile, ValueError, pickle.UnpicklingError, KeyError, TypeError, AttributeError, EOFError):
         from esmshard.model import checkpoint_config
 

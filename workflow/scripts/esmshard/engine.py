@@ -40,7 +40,7 @@ from esmshard import EsmShardError
 from esmshard.batching import Batch, planned_batches
 from esmshard.fasta import ESM_RESIDUES
 from esmshard.outputs import OutputSpec, piece_tokens, pooling_of, residue_offsets
-from esmshard.packed import PackedESM2, kernel_warmups
+from esmshard.packed import PackedESM, kernel_warmups
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def open_engine(checkpoint: dict, kind: str, device: str, precision: str, spec: 
     """The model the plan recorded (``checkpoint``: its path as the option names it, its files'
     size and time) as the ``kind`` engine (see build_engine); raises EsmShardError when its
     files changed after the plan was made."""
-    from esmshard.architectures import checkpoint_stamp, resolve_model
+    from esmshard.architectures import FAMILIES, checkpoint_stamp, resolve_model
     from esmshard.model import load_model
 
     check_precision(kind, torch.device(device).type, precision)
@@ -93,10 +93,11 @@ def open_engine(checkpoint: dict, kind: str, device: str, precision: str, spec: 
     network, alphabet = load_model(str(location))
     engine = build_engine(kind, network, alphabet, device, precision, spec, stored)
     log.info(
-        "model %s (%d layers, dim %d) on %s, %s engine in %s, outputs %s; loaded in %.1f s",
+        "model %s (%s, %d layers, dim %d) on %s, %s engine in %s, outputs %s; loaded in %.1f s",
         location,
+        FAMILIES[checkpoint["family"]],
         network.num_layers,
-        network.embed_dim,
+        engine.dim,
         torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
         kind,
         precision,
@@ -313,7 +314,7 @@ class ReferenceEngine:
         self.network = network.to(device=self.device, dtype=self.dtype).eval()
         self.spec = spec
         self.packer = Packer(alphabet, spec)
-        self.dim = network.embed_dim
+        self.dim = network.embed_tokens.embedding_dim
 
     def batches(self, lengths, tokens_per_batch):
         budget = tokens_per_batch or REFERENCE_TOKENS_PER_BATCH
@@ -362,7 +363,7 @@ class PackedEngine:
         self.spec = spec
         self.model = _built_while_kernels_load(network, PRECISIONS[precision], self.device)
         self.packer = Packer(alphabet, spec)
-        self.dim = network.embed_dim
+        self.dim = network.embed_tokens.embedding_dim
         self._pin = self.device.type == "cuda"
         self.splits = 0  # batches split in two on running out of GPU memory
         # float16 carries 3 more mantissa bits than bfloat16 (ESM-2 650M: 20x smaller errors) but
@@ -390,7 +391,7 @@ class PackedEngine:
         return int(np.clip(0.5 * free / (64 * self.dim), 4096, 131072))
 
     @torch.inference_mode()
-    def outputs(self, batch: PackedBatch, model: PackedESM2 | None = None) -> dict[str, torch.Tensor]:
+    def outputs(self, batch: PackedBatch, model: PackedESM | None = None) -> dict[str, torch.Tensor]:
         """{dataset name: float32 tensor} on the device."""
         out = {}
         hidden_states = (model or self.model).hidden_states(
@@ -490,22 +491,23 @@ class PackedEngine:
                 "float16 overflowed on a batch of %d sequences; computing it again in bfloat16", len(in_flight.residues)
             )
             if self._fallback_model is None:
-                self._fallback_model = PackedESM2(self._network, torch.bfloat16, self.device).eval()
+                self._fallback_model = PackedESM(self._network, torch.bfloat16, self.device).eval()
             outputs = self._outputs_splitting_on_oom(in_flight.residues, in_flight.packed, self._fallback_model)
             host = {name: t.to(host[name].dtype).cpu() for name, t in outputs.items()}
         return host
 
 
-def _built_while_kernels_load(network, dtype: torch.dtype, device: torch.device) -> PackedESM2:
+def _built_while_kernels_load(network, dtype: torch.dtype, device: torch.device) -> PackedESM:
     """The packed model on ``device``; on a GPU, the attention, rotary and LayerNorm kernels are
     readied on threads meanwhile (packed.kernel_warmups)."""
     if device.type != "cuda":
-        return PackedESM2(network, dtype, device).eval()
+        return PackedESM(network, dtype, device).eval()
     heads = network.layers[0].self_attn.num_heads
-    warmups = kernel_warmups(heads, network.embed_dim // heads, dtype, device)
+    model_width = network.embed_tokens.embedding_dim
+    warmups = kernel_warmups(heads, model_width // heads, dtype, device, rotary=not hasattr(network, "embed_positions"))
     with ThreadPoolExecutor(len(warmups)) as pool:
         loading = [pool.submit(warmup) for warmup in warmups]
-        model = PackedESM2(network, dtype, device).eval()
+        model = PackedESM(network, dtype, device).eval()
         for warmup in loading:
             warmup.result()  # its errors here: the first batch would meet them too
     return model

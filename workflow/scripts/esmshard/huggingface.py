@@ -1,4 +1,4 @@
-"""ESM-2 in Hugging Face's layout, read with the standard library alone (parse time needs it).
+"""ESM-2 and ESM-1b in Hugging Face's layout, read with the standard library alone (parse time needs it).
 
 A model directory, as transformers' ``save_pretrained`` writes it, holds ``config.json`` and the
 weights: ``model.safetensors`` or ``pytorch_model.bin``, or for large models a
@@ -27,17 +27,21 @@ WEIGHT_FILES = (
 # org/name, optionally @revision (a branch, a tag or a commit hash; default main)
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-# What fair-esm's ESM2 module (the engine's) is: ESM-2's vocabulary, and pre-LayerNorm layers
-# with rotary positions and an FFN four times the width.
-ESM2_VOCABULARY = {"vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32}
-# transformers' classes whose saved weights hold an ESM-2 encoder, as config.json's
+# The vocabulary of fair-esm's ESM-1b alphabet, which ESM-2 and ESM-1b (and ESM-1v) share.
+ESM_VOCABULARY = {"vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32}
+# Learned positions start after the padding index (fair-esm's LearnedPositionalEmbedding): 1024
+# positions, the <cls> residues <eos> of up to 1022 residues, need 1026 rows.
+ABSOLUTE_POSITIONS = 1026
+# transformers' classes whose saved weights hold an ESM encoder, as config.json's
 # "architectures" names them: the encoder itself, or it under "esm." with a task head beside it
 # (fine-tuned models), which embeddings never use.
 ESM_CLASSES = ("EsmModel", "EsmForMaskedLM", "EsmForSequenceClassification", "EsmForTokenClassification")
 
 
-class Esm2Config(NamedTuple):
-    """What the engine takes from a model's config (a config.json, or a fair-esm checkpoint's)."""
+class EsmConfig(NamedTuple):
+    """What the engine takes from a model's config (a config.json, or a fair-esm checkpoint's).
+    ``family``: esm2 (rotary positions) or esm1b (learned positions, maybe a LayerNorm on the
+    embeddings; ESM-1v's architecture too)."""
 
     layers: int
     embed_dim: int
@@ -45,6 +49,9 @@ class Esm2Config(NamedTuple):
     token_dropout: bool
     layer_norm_eps: float
     rope_theta: float
+    family: str = "esm2"
+    emb_layer_norm_before: bool = False
+    max_positions: int = 1024  # learned positions (esm1b): <cls> residues <eos> of at most this many tokens
 
 
 def hub_cache() -> Path:
@@ -114,8 +121,8 @@ def model_files(directory: Path) -> tuple[Path, ...]:
     )
 
 
-def read_config(directory: Path) -> Esm2Config:
-    """The directory's config.json, checked to describe an ESM-2 that the engine runs."""
+def read_config(directory: Path) -> EsmConfig:
+    """The directory's config.json, checked to describe an ESM-2 or ESM-1b that the engine runs."""
     path = directory / "config.json"
     try:
         config = json.loads(path.read_text())
@@ -134,46 +141,56 @@ def read_config(directory: Path) -> Esm2Config:
     if not isinstance(config, dict) or config.get("model_type") != "esm":
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise EsmShardError(
-            f"model: {directory} holds a {kind or 'non-ESM'} model (config.json model_type {kind!r}), not ESM-2 ('esm')"
+            f"model: {directory} holds a {kind or 'non-ESM'} model (config.json model_type {kind!r}), "
+            f"not ESM-2 or ESM-1b ('esm')"
         )
     problem = _unsupported(config)
     if problem:
         raise EsmShardError(f"model: {directory} is an ESM model that esmshard cannot run: {problem}")
-    return Esm2Config(
+    return EsmConfig(
         config["num_hidden_layers"],
         config["hidden_size"],
         config["num_attention_heads"],
         bool(config.get("token_dropout")),
         float(config.get("layer_norm_eps", 1e-12)),
         float(config.get("rope_theta", 10000.0)),
+        "esm2" if config.get("position_embedding_type", "absolute") == "rotary" else "esm1b",
+        bool(config.get("emb_layer_norm_before")),
+        config.get("max_position_embeddings", ABSOLUTE_POSITIONS) - config["pad_token_id"] - 1,
     )
 
 
 def _unsupported(config: dict) -> str | None:
     """What in an ESM config.json (EsmConfig's defaults where a key is absent) the engine,
-    fair-esm's ESM2, does not have; None when it has everything."""
+    fair-esm's ESM2 or ProteinBertModel (ESM-1b), does not have; None when it has everything."""
     if config.get("is_folding_model"):
-        return "it is ESMFold (is_folding_model), not an ESM-2 language model"
+        return "it is ESMFold (is_folding_model), not an ESM language model"
     architectures = config.get("architectures") or []
     if not isinstance(architectures, list) or not set(architectures) <= set(ESM_CLASSES):
         return (
             f"architectures {architectures!r}: esmshard reads the encoder of {', '.join(ESM_CLASSES)} "
-            f"(for another class, save its ESM-2 encoder alone: model.esm.save_pretrained(DIRECTORY))"
+            f"(for another class, save its ESM encoder alone: model.esm.save_pretrained(DIRECTORY))"
         )
-    if config.get("position_embedding_type", "absolute") != "rotary":
+    positions = config.get("position_embedding_type", "absolute")
+    if positions not in ("rotary", "absolute"):
         return (
-            f"position_embedding_type {config.get('position_embedding_type', 'absolute')!r}: the engine "
-            f"runs rotary positions only, ESM-2's (absolute ones are ESM-1b's)"
+            f"position_embedding_type {positions!r}: the engine runs rotary positions (ESM-2's) and "
+            f"absolute ones (ESM-1b's) only"
+        )
+    if positions == "absolute" and config.get("max_position_embeddings", 1026) < ABSOLUTE_POSITIONS:
+        return (
+            f"max_position_embeddings {config.get('max_position_embeddings')}: ESM-1b's learned positions "
+            f"take {ABSOLUTE_POSITIONS} (1022 residues), which the engine's windows assume"
         )
     if config.get("token_dropout") is not None and not isinstance(config["token_dropout"], bool):
         return f"token_dropout {config['token_dropout']!r} is neither true nor false"
-    if config.get("emb_layer_norm_before"):
-        return "emb_layer_norm_before (a LayerNorm on the embeddings, as in ESM-1b): ESM-2 has none"
+    if positions == "rotary" and config.get("emb_layer_norm_before"):
+        return "emb_layer_norm_before with rotary positions (a LayerNorm on the embeddings is ESM-1b's): ESM-2 has none"
     if config.get("is_decoder") or config.get("add_cross_attention"):
-        return "is_decoder/add_cross_attention: ESM-2 is a bidirectional encoder"
-    vocabulary = {key: config.get(key) for key in ESM2_VOCABULARY}
-    if vocabulary != ESM2_VOCABULARY:
-        return f"its vocabulary {vocabulary} is not ESM-2's {ESM2_VOCABULARY}"
+        return "is_decoder/add_cross_attention: ESM is a bidirectional encoder"
+    vocabulary = {key: config.get(key) for key in ESM_VOCABULARY}
+    if vocabulary != ESM_VOCABULARY:
+        return f"its vocabulary {vocabulary} is not ESM's {ESM_VOCABULARY}"
     shape = [config.get(key) for key in ("num_hidden_layers", "hidden_size", "num_attention_heads")]
     if not all(isinstance(value, int) and value > 0 for value in shape) or shape[1] % shape[2]:
         return f"num_hidden_layers, hidden_size, num_attention_heads {shape} are not a transformer's"
@@ -182,5 +199,5 @@ def _unsupported(config: dict) -> str | None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             return f"{key} {value!r} is not a positive number"
     if config.get("intermediate_size", 3072) != 4 * shape[1]:
-        return f"intermediate_size {config.get('intermediate_size', 3072)}: ESM-2's is 4 x hidden_size"
+        return f"intermediate_size {config.get('intermediate_size', 3072)}: ESM's is 4 x hidden_size"
     return None

@@ -29,6 +29,7 @@ from esmshard.work import RankSettings, compute_precision
 # Config options that embed() takes (the schema gives their defaults and checks their values).
 OPTIONS = (
     "model",
+    "model_type",
     "layers",
     "pooling",
     "long_sequences",
@@ -52,13 +53,14 @@ def embed(sequences, model=None, layers=None, pooling=None, device=None, **optio
       in the order of ``ids``; ``"per_residue/layer_33"``: a list of n arrays [embedded length, dim].
 
     ``model``, ``layers``, ``pooling`` and ``options`` are the workflow's config options of the
-    same names (``long_sequences``, ``window_overlap``, ``precision``, ``dtype`` (of the returned
-    arrays), ``engine``, ``tokens_per_batch``, ``invalid_residues``); None or left
+    same names (``model_type``, ``long_sequences``, ``window_overlap``, ``precision``, ``dtype`` (of
+    the returned arrays), ``engine``, ``tokens_per_batch``, ``invalid_residues``); None or left
     out means the schema's default (config/README.md). ``device``: "cpu", "cuda", "cuda:1", a
     torch.device, or None for the current GPU if torch sees one, else the CPU.
 
     Raises ValueError for a bad sequence (naming its ID, record number and residue position),
-    option or device, before the model is loaded; errors in loading the model (an unknown name,
+    option or device, before the model is loaded, and for a ``model_type`` that is not the
+    model's family; errors in loading the model (an unknown name,
     a damaged file, no network for a download) raise esmshard.EsmShardError.
     """
     import torch
@@ -70,15 +72,21 @@ def embed(sequences, model=None, layers=None, pooling=None, device=None, **optio
     chosen = RankSettings.from_config(config)
     kind = torch.device(device).type
     precision = compute_precision(chosen, kind)
+    from esmshard.architectures import check_model_type
     from esmshard.engine import build_engine, check_precision
-    from esmshard.model import load_model
+    from esmshard.model import load_model, resolve_checkpoint
 
     try:
         check_precision(chosen.engine, kind, precision)
     except EsmShardError as error:
         raise ValueError(str(error)) from None
+    checkpoint = resolve_checkpoint(str(config["model"]))
+    try:
+        check_model_type(config["model_type"], checkpoint)
+    except EsmShardError as error:
+        raise ValueError(str(error)) from None
 
-    network, alphabet = load_model(str(config["model"]))
+    network, alphabet = load_model(str(checkpoint.location))
     try:
         spec = OutputSpec.resolve(
             chosen.layers, chosen.pooling, network.num_layers, chosen.long_sequences, chosen.window_overlap

@@ -1,17 +1,20 @@
-"""Loading ESM-2 into fair-esm's ESM2 module, safely, with current torch, from a fair-esm
-checkpoint or a Hugging Face model directory; downloading released and hub models.
+"""Loading ESM-2 and ESM-1b (ESM-1v) into fair-esm's own modules (ESM2, ProteinBertModel),
+safely, with current torch, from a fair-esm checkpoint or a Hugging Face model directory;
+downloading released and hub models.
 
 fair-esm 2.0.0's own loader calls torch.load without weights_only (which fails on torch >= 2.6,
 whose default is the safe unpickler) and insists on a contact-regression file next to a local
 checkpoint. Here a fair-esm checkpoint is read with the safe unpickler, allowing only the one
-non-tensor type fair-esm checkpoints hold (argparse.Namespace, their config), checked to be ESM-2;
-a Hugging Face directory's weights are read from safetensors (tensors only) or, failing that,
-pytorch_model.bin through the same safe unpickler, and renamed to fair-esm's names. Either way
-the module is fair-esm's own, so both sources run through the same engine. Contact regression,
-language-model and task-head weights (a fine-tuned classifier's) are never needed for embeddings.
+non-tensor type fair-esm checkpoints hold (argparse.Namespace, their config), its family told
+by its layout as fair-esm's loader tells it; a Hugging Face directory's weights are read from
+safetensors (tensors only) or, failing that, pytorch_model.bin through the same safe unpickler,
+and renamed to fair-esm's names. Either way the module is fair-esm's own, so both sources run
+through the same engine. Contact regression, language-model and task-head weights (a fine-tuned
+classifier's) are never needed for embeddings.
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -22,16 +25,19 @@ import torch
 
 from esmshard import EsmShardError
 from esmshard.architectures import (
-    ESM2_MODELS,
+    FAMILIES,
     RANDOM_WEIGHTS,
+    RELEASED_MODELS,
     Checkpoint,
     checkpoint_architecture,
+    checkpoint_family,
     model_inputs,
+    release_family,
     released_checkpoint,
     resolve_model,
 )
 from esmshard.files import atomic_output
-from esmshard.huggingface import HUB_ID, WEIGHT_FILES, Esm2Config, model_files, read_config, split_hub_id
+from esmshard.huggingface import HUB_ID, WEIGHT_FILES, EsmConfig, model_files, read_config, split_hub_id
 from esmshard.packed import without_initialisation
 
 log = logging.getLogger(__name__)
@@ -40,7 +46,11 @@ MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
 URL_ENV = "ESMSHARD_MODEL_URL"  # another source ({name} is replaced), e.g. a mirror or a file:// URL
 SAFE_GLOBALS = [argparse.Namespace]
 _CHECKPOINT_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
-_CONFIG_FIELDS = ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "token_dropout")
+# What each family's config in a fair-esm checkpoint must hold.
+_CONFIG_FIELDS = {
+    "esm2": ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "token_dropout"),
+    "esm1b": ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "max_positions"),
+}
 # Heads that embeddings never use: where a file lacks them (fair-esm keeps the contact regression
 # in another file, transformers' EsmModel has no language-model head) they are zeros.
 _UNUSED_HEADS = ("lm_head.", "contact_head.")
@@ -50,6 +60,8 @@ _HF_NAMES = [
     (re.compile(pattern), name)
     for pattern, name in (
         (r"^embeddings\.word_embeddings\.", "embed_tokens."),
+        (r"^embeddings\.position_embeddings\.", "embed_positions."),
+        (r"^embeddings\.layer_norm\.", "emb_layer_norm_before."),
         (r"^encoder\.layer\.(\d+)\.attention\.self\.query\.", r"layers.\1.self_attn.q_proj."),
         (r"^encoder\.layer\.(\d+)\.attention\.self\.key\.", r"layers.\1.self_attn.k_proj."),
         (r"^encoder\.layer\.(\d+)\.attention\.self\.value\.", r"layers.\1.self_attn.v_proj."),
@@ -82,14 +94,14 @@ def resolve_checkpoint(model: str) -> Checkpoint:
 
 
 def download(model: str, target: Path | None = None) -> Path:
-    """Download a released model or a hub id, checked to be the ESM-2 named before it lands, to
+    """Download a released model or a hub id, checked to be the model named before it lands, to
     ``target`` (a released model's file; a hub model's directory), by default where the workflow
     looks (torch.hub's cache; the Hugging Face cache). Returns where it landed."""
-    if model in ESM2_MODELS:
+    if model in RELEASED_MODELS:
         return _download_released(model, Path(target) if target else released_checkpoint(model))
     if not HUB_ID.fullmatch(model):
         raise EsmShardError(
-            f"model: {model!r} is neither a released ESM-2 model ({', '.join(ESM2_MODELS)}) "
+            f"model: {model!r} is neither a released model ({', '.join(RELEASED_MODELS)}) "
             f"nor a Hugging Face hub id (org/name)"
         )
     return _download_from_hub(model, target)
@@ -107,14 +119,14 @@ def _download_released(model: str, path: Path) -> Path:
                 f"model: cannot download {model} from {url} ({_one_line(error)}); download it where there is "
                 f"network with 'python -m esmshard download {model} DIR' and set 'model' to the file's path"
             ) from None
-        checked = checkpoint_architecture(tmp)
-        if checked != ESM2_MODELS[model]:
-            raise EsmShardError(f"model: {url} holds a model of shape {tuple(checked)}, not {model}")
+        family, shape = checkpoint_architecture(tmp)
+        if (family, shape) != (release_family(model), RELEASED_MODELS[model]):
+            raise EsmShardError(f"model: {url} holds an {FAMILIES[family]} model of shape {tuple(shape)}, not {model}")
     return path
 
 
 def _download_from_hub(model: str, directory: Path | None) -> Path:
-    """The hub model's config first (an ESM-2 that the engine runs?), then its weights: safetensors
+    """The hub model's config first (an ESM model that the engine runs?), then its weights: safetensors
     where the repository has them, else pytorch_model.bin (never both: a 3B model is 11 GB).
     ``model``: org/name[@revision]."""
     import huggingface_hub  # only here: nothing else needs it
@@ -143,76 +155,107 @@ def _download_from_hub(model: str, directory: Path | None) -> Path:
 
 
 def checkpoint_config(path):
-    """A fair-esm checkpoint's config, ``cfg.model`` (memory-mapped: no weights are read)."""
-    return _read_checkpoint(Path(path))["cfg"]["model"]
+    """(family, config) of a fair-esm checkpoint (memory-mapped: no weights are read)."""
+    return _read_checkpoint(Path(path))[:2]
 
 
 def load_model(model: str):
-    """(fair-esm ESM2 module in eval mode on the CPU, its Alphabet) for any model ``model`` names:
-    a released name, a fair-esm checkpoint, a Hugging Face directory or hub id.
+    """(fair-esm module in eval mode on the CPU, its Alphabet) for any model ``model`` names: a
+    released name, a fair-esm checkpoint, a Hugging Face directory or hub id. The module is
+    fair-esm's ESM2 for an ESM-2, its ProteinBertModel for an ESM-1b (``family`` says which).
 
-    The module is fair-esm's ESM2, built without initialising its parameters and given the
-    file's tensors (memory-mapped where the file allows), so no time or memory goes into a
-    random initialisation that would be overwritten (its uninitialised tensors are never touched,
-    so they take address space, not memory): this matters for the 3B and 15B models.
+    The module is built without initialising its parameters and given the file's tensors
+    (memory-mapped where the file allows), so no time or memory goes into a random
+    initialisation that would be overwritten (its uninitialised tensors are never touched, so
+    they take address space, not memory): this matters for the 3B and 15B models.
     """
     checkpoint = resolve_checkpoint(model)
     if checkpoint.location.is_dir():
         config = read_config(checkpoint.location)
         state, names_in_file = _hf_state(checkpoint, config)
     else:
-        data = _read_checkpoint(checkpoint.location)
-        saved = data["cfg"]["model"]
+        family, saved, weights = _read_checkpoint(checkpoint.location)
         # fair-esm's LayerNorm eps and rotary base, which its checkpoints do not record
-        config = Esm2Config(
+        config = EsmConfig(
             saved.encoder_layers,
             saved.encoder_embed_dim,
             saved.encoder_attention_heads,
-            saved.token_dropout,
+            bool(getattr(saved, "token_dropout", False)),
             1e-5,
             10000.0,
+            family,
+            any(name.endswith("emb_layer_norm_before.weight") for name in weights),
+            getattr(saved, "max_positions", 1024),
         )
-        # fair-esm's names carry these prefixes in its checkpoints (see its _load_model_and_alphabet_core_v2)
-        names_in_file = {_CHECKPOINT_PREFIX.sub("", name): name for name in data["model"]}
-        state = {name: data["model"][name_in_file] for name, name_in_file in names_in_file.items()}
-    network = _esm2_with(config, state, names_in_file, checkpoint.location)
+        # fair-esm's names carry these prefixes in its checkpoints (see its _load_model_and_alphabet_core_v1/v2)
+        names_in_file = {_CHECKPOINT_PREFIX.sub("", name): name for name in weights}
+        state = {name: weights[name_in_file] for name, name_in_file in names_in_file.items()}
+    if config.family == "esm1b" and "embed_tokens.weight" in state:
+        # fair-esm zeroes ESM-1b's mask embedding when it loads it (token dropout)
+        state["embed_tokens.weight"] = state["embed_tokens.weight"].clone()
+        state["embed_tokens.weight"][esm.Alphabet.from_architecture("ESM-1b").mask_idx] = 0
+    network = _module_with(config, state, names_in_file, checkpoint.location)
     return network.eval(), network.alphabet
 
 
-def _esm2_with(config: Esm2Config, state: dict, names_in_file: dict, location: Path):
-    """fair-esm's ESM2 of this config holding these tensors (by its names; ``names_in_file`` gives
-    each one's name in ``location``, which an error about an unexpected one says), on the CPU."""
-    with without_initialisation():
-        network = esm.ESM2(
-            num_layers=config.layers,
+def fair_esm_module(config: EsmConfig, initialised: bool = False):
+    """fair-esm's module of ``config``'s family and shape, its parameters uninitialised unless
+    ``initialised`` (then as fair-esm initialises them)."""
+    alphabet = esm.Alphabet.from_architecture("ESM-1b")  # ESM-2's and ESM-1b's
+    with contextlib.nullcontext() if initialised else without_initialisation():
+        if config.family == "esm2":
+            return esm.ESM2(
+                num_layers=config.layers,
+                embed_dim=config.embed_dim,
+                attention_heads=config.heads,
+                alphabet=alphabet,
+                token_dropout=config.token_dropout,
+            )
+        args = argparse.Namespace(
+            arch="roberta_large",
+            layers=config.layers,
             embed_dim=config.embed_dim,
+            ffn_embed_dim=4 * config.embed_dim,
             attention_heads=config.heads,
-            alphabet="ESM-1b",
+            max_positions=config.max_positions,
+            emb_layer_norm_before=config.emb_layer_norm_before,
             token_dropout=config.token_dropout,
         )
+        network = esm.ProteinBertModel(args, alphabet)
+        network.alphabet = alphabet  # as ESM2 keeps it
+        return network
+
+
+def _module_with(config: EsmConfig, state: dict, names_in_file: dict, location: Path):
+    """fair-esm's module of this config holding these tensors (by its names; ``names_in_file``
+    gives each one's name in ``location``, which an error about an unexpected one says), on the CPU."""
+    network = fair_esm_module(config)
     for module in network.modules():
         if isinstance(module, torch.nn.LayerNorm):
             module.eps = config.layer_norm_eps  # the config's (fair-esm's own is torch's default, 1e-5)
+    kind = FAMILIES[config.family]
     expected = set(network.state_dict())
     missing = sorted(name for name in expected - set(state) if not name.startswith(_UNUSED_HEADS))
     unexpected = sorted(names_in_file[name] for name in set(state) - expected)
     if missing or unexpected:
         raise EsmShardError(
-            f"model: {location} does not hold ESM-2 weights: missing {_few(missing)}"
+            f"model: {location} does not hold {kind} weights: missing {_few(missing)}"
             f"{' (by fair-esm names)' if missing else ''}, unexpected {_few(unexpected)}"
         )
     try:
         network.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as error:  # e.g. a tensor of the wrong shape for its config
-        raise EsmShardError(f"model: {location} does not hold ESM-2 weights: {_one_line(error)}") from None
+        raise EsmShardError(f"model: {location} does not hold {kind} weights: {_one_line(error)}") from None
     with torch.no_grad():
         for name in expected - set(state):  # a head the file lacks (nothing else, checked above)
             network.get_parameter(name).zero_()
+    if config.family == "esm1b":
+        network.lm_head.weight = network.embed_tokens.weight  # tied, as fair-esm builds it
     return network
 
 
-def _hf_state(checkpoint: Checkpoint, config: Esm2Config) -> tuple[dict, dict]:
-    """A Hugging Face directory's tensors under fair-esm's ESM2 names, and each one's name in the
+def _hf_state(checkpoint: Checkpoint, config: EsmConfig) -> tuple[dict, dict]:
+    """A Hugging Face directory's tensors under fair-esm's names, and each one's name in the
     directory. Task heads' weights are left out (and logged)."""
     tensors = {}
     for path in checkpoint.files[1:]:
@@ -239,7 +282,9 @@ def _hf_state(checkpoint: Checkpoint, config: Esm2Config) -> tuple[dict, dict]:
             _few(sorted(heads), limit=8),
         )
     if "lm_head.weight" not in state and "embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"]  # tied, as in fair-esm's ESM2
+        state["lm_head.weight"] = state["embed_tokens.weight"]  # tied, as in fair-esm's modules
+    if config.family == "esm1b":
+        return state, names_in_file
     if inv_freq is None:  # what transformers computes from the config when the file has none
         head_dim = config.embed_dim // config.heads
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -270,21 +315,25 @@ def _few(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _read_checkpoint(path: Path) -> dict:
+def _read_checkpoint(path: Path) -> tuple[str, object, dict]:
+    """(family, config, weights by their names in the file) of a fair-esm checkpoint."""
     data = _torch_load(path, "checkpoint in fair-esm's format")
-    config = data.get("cfg", {}).get("model") if isinstance(data, dict) else None
-    weights = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise EsmShardError(f"model: {path} is not an ESM-2 or ESM-1b checkpoint (expected fair-esm's layout)")
+    family, config = checkpoint_family(data, path)
+    weights = data.get("model")
+    fields = _CONFIG_FIELDS[family]
     if (
         not isinstance(config, argparse.Namespace)
-        or not all(hasattr(config, field) for field in _CONFIG_FIELDS)
+        or not all(hasattr(config, field) for field in fields)
         or not isinstance(weights, dict)
         or not any(key.endswith("embed_tokens.weight") for key in weights)
     ):
         raise EsmShardError(
-            f"model: {path} is not an ESM-2 checkpoint (expected fair-esm's layout: "
-            f"cfg.model with {', '.join(_CONFIG_FIELDS)}, and model weights)"
+            f"model: {path} is not an {FAMILIES[family]} checkpoint (expected fair-esm's layout: "
+            f"{'cfg.model' if family == 'esm2' else 'args'} with {', '.join(fields)}, and model weights)"
         )
-    return data
+    return family, config, weights
 
 
 def _torch_load(path: Path, kind: str):
@@ -323,8 +372,10 @@ def write_random_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    family: str = "esm2",
 ) -> Path:
-    """Write an ESM-2 checkpoint with random weights in fair-esm's released file layout (the
+    """Write a checkpoint of ``family`` (esm2, or esm1b: ESM-1b's and ESM-1v's architecture, with
+    its LayerNorm on the embeddings) with random weights in fair-esm's released file layout (the
     released files hold float16 weights: ``dtype``).
 
     For tests, the demo without network, and speed benchmarks: the architecture is real, the
@@ -332,8 +383,24 @@ def write_random_checkpoint(
     draws 15B's in seconds, and the host then holds only the file's copy).
     """
     torch.manual_seed(seed)
+    if family == "esm2":
+        config = argparse.Namespace(
+            encoder_layers=layers, encoder_embed_dim=embed_dim, encoder_attention_heads=heads, token_dropout=True
+        )
+    else:  # the fairseq arguments of fair-esm's ESM-1b files that its loader reads
+        config = argparse.Namespace(
+            arch="roberta_large",
+            encoder_layers=layers,
+            encoder_embed_dim=embed_dim,
+            encoder_ffn_embed_dim=4 * embed_dim,
+            encoder_attention_heads=heads,
+            max_positions=1024,
+            token_dropout=True,
+        )
+    setattr(config, RANDOM_WEIGHTS, True)  # said in the plan's log, the manifest and the report
+    shape = EsmConfig(layers, embed_dim, heads, True, 1e-5, 10000.0, family, emb_layer_norm_before=True)
     with torch.device(device):
-        network = esm.ESM2(num_layers=layers, embed_dim=embed_dim, attention_heads=heads, token_dropout=True)
+        network = fair_esm_module(shape, initialised=True)
     with torch.no_grad():
         for name, tensor in network.named_parameters():
             if "layer_norm" in name:  # make LayerNorms non-trivial so tests see their effect
@@ -344,14 +411,8 @@ def write_random_checkpoint(
             continue  # released checkpoints keep these in a separate regression file
         prefix = "encoder." if name.startswith("lm_head.") else "encoder.sentence_encoder."
         weights[prefix + name] = tensor.to("cpu", dtype, copy=True)
-    config = argparse.Namespace(
-        encoder_layers=layers,
-        encoder_embed_dim=embed_dim,
-        encoder_attention_heads=heads,
-        token_dropout=True,
-        **{RANDOM_WEIGHTS: True},  # said in the plan's log, the manifest and the report
-    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"cfg": {"model": config}, "model": weights}, path)
+    key = {"esm2": "cfg", "esm1b": "args"}[family]
+    torch.save({key: {"model": config} if family == "esm2" else config, "model": weights}, path)
     return path

@@ -1,11 +1,13 @@
-"""ESM-2 over packed token streams: fair-esm's ESM2.forward without padding.
+"""ESM-2 and ESM-1b over packed token streams: fair-esm's ESM2.forward and
+ProteinBertModel.forward without padding.
 
 A batch is one stream of T tokens, every sequence as <cls> residues <eos>, back to back;
 ``cu_seqlens`` [B+1] marks where each sequence starts. Shapes: D = embed_dim, H = heads,
-d = D / H. The function is fair-esm's (token-dropout rescale, rotary positions restarting at
-every sequence, pre-LayerNorm layers, exact erf GELU, final LayerNorm after the last layer);
-the residual stream, LayerNorms and rotary angles are float32, the matrix products run in the
-compute dtype (float16 on GPU by default) with float32 accumulation.
+d = D / H. The function is fair-esm's (token-dropout rescale, positions restarting at every
+sequence: rotary for ESM-2, learned and added to the embeddings, then maybe a LayerNorm, for
+ESM-1b; pre-LayerNorm layers, exact erf GELU, final LayerNorm after the last layer); the residual
+stream, LayerNorms and rotary angles are float32, the matrix products run in the compute dtype
+(float16 on GPU by default) with float32 accumulation.
 """
 
 import contextlib
@@ -64,10 +66,13 @@ class PackedLayer(nn.Module):
 
 
 def attention_inputs(x, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, heads: int, eps: float):
-    """LayerNorm, fused q/k/v projection, rotary on q and k: [T, D] -> 3 x [T, H, d]."""
+    """LayerNorm, fused q/k/v projection, rotary on q and k (none where cos is None, ESM-1b):
+    [T, D] -> 3 x [T, H, d]."""
     T, D = x.shape
     qkv = qkv_projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps)
     q, k, v = qkv.view(T, 3, heads, D // heads).unbind(1)
+    if cos is None:
+        return q, k, v
     return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
 
@@ -99,23 +104,29 @@ def added_and_normed(x, residual, norm_weight, norm_bias, eps: float, dtype: tor
     return x, F.layer_norm(x, (x.shape[1],), norm_weight, norm_bias, eps).to(dtype)
 
 
-class PackedESM2(nn.Module):
+class PackedESM(nn.Module):
     def __init__(self, network, dtype: torch.dtype = torch.bfloat16, device="cpu"):
-        """Built on ``device`` from a loaded fair-esm ESM2 (float32 weights), sharing nothing with it."""
+        """Built on ``device`` from a loaded fair-esm ESM2 or ProteinBertModel (float32 weights),
+        sharing nothing with it."""
         super().__init__()
         self.num_layers = network.num_layers
-        self.embed_dim = network.embed_dim
+        self.embed_dim = network.embed_tokens.embedding_dim
         self.dtype = dtype
-        self.token_dropout = network.token_dropout
+        self.token_dropout = token_dropout(network)
         self.mask_idx = network.mask_idx
-        self.embed_tokens = nn.Embedding.from_pretrained(
-            network.embed_tokens.weight.to(device, torch.float32, copy=True)
-        )
+        self.embed_tokens = _embedding(network.embed_tokens, device)
         self.layers = nn.ModuleList(PackedLayer(layer, dtype, device) for layer in network.layers)
         self.final_norm = _copy(network.emb_layer_norm_after, torch.float32, device)
-        inv_freq = network.layers[0].self_attn.rot_emb.inv_freq.to(device, torch.float32, copy=True)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [d / 2]
-        rotary_kernel = torch.device(device).type == "cuda" and ROTARY_KERNEL
+        self.rotary = not hasattr(network, "embed_positions")
+        if self.rotary:
+            inv_freq = network.layers[0].self_attn.rot_emb.inv_freq.to(device, torch.float32, copy=True)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)  # [d / 2]
+        else:
+            self.embed_positions = _embedding(network.embed_positions, device)  # [max positions + 2, D]
+            self.position_offset = network.padding_idx + 1  # position 0 (<cls>) is row padding_idx + 1
+            before = network.emb_layer_norm_before
+            self.embed_norm = _copy(before, torch.float32, device) if before else None
+        rotary_kernel = self.rotary and torch.device(device).type == "cuda" and ROTARY_KERNEL
         self.steps = (
             with_rotary_kernel(qkv_projection) if rotary_kernel else attention_inputs,
             attention_output_and_ffn,
@@ -130,14 +141,26 @@ class PackedESM2(nn.Module):
         x = self.embed_tokens(tokens)  # [T, D]
         if self.token_dropout:
             x = x.masked_fill((tokens == self.mask_idx)[:, None], 0.0) * TOKEN_DROPOUT_SCALE
-        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, d / 2]
-        angles = torch.cat([angles, angles], dim=-1)  # [T, d]
-        cos, sin = angles.cos(), angles.sin()
+        if self.rotary:
+            angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, d / 2]
+            angles = torch.cat([angles, angles], dim=-1)  # [T, d]
+            cos, sin = angles.cos(), angles.sin()
+        else:
+            cos = sin = None
+            x = x + self.embed_positions(positions + self.position_offset)
+            if self.embed_norm is not None:
+                x = self.embed_norm(x)
         for layer in range(max(layers) + 1):
             if layer > 0:
                 x = self.layers[layer - 1](x, cos, sin, cu_seqlens, max_len, self.steps)
             if layer in layers:
                 yield layer, (self.final_norm(x) if layer == self.num_layers else x)
+
+
+def token_dropout(network) -> bool:
+    """Whether fair-esm's module rescales its embeddings for token dropout (ESM2 says so itself,
+    ProteinBertModel's config does)."""
+    return bool(getattr(network, "token_dropout", getattr(getattr(network, "args", None), "token_dropout", False)))
 
 
 # On CUDA: rotary through rotary_kernel.py (Triton), one pass instead of eager torch's eight.
@@ -160,8 +183,8 @@ def with_rotary_kernel(projection):
     return inputs
 
 
-def kernel_warmups(heads: int, head_dim: int, dtype: torch.dtype, device) -> list:
-    """Functions that run attention with rotary, and LayerNorm, on 8 tokens, so that their kernels
+def kernel_warmups(heads: int, head_dim: int, dtype: torch.dtype, device, rotary: bool = True) -> list:
+    """Functions that run attention (with rotary if ``rotary``), and LayerNorm, on 8 tokens, so that their kernels
     are ready: Triton compiles each on its first launch (~1-2 s on a fresh machine, ~0.5 s from its
     cache). PackedEngine runs them on threads of their own while the weights go to the GPU; Triton
     compiles mostly without the GIL, so two compiles on two threads overlap."""
@@ -170,7 +193,7 @@ def kernel_warmups(heads: int, head_dim: int, dtype: torch.dtype, device) -> lis
     def attention_and_rotary():
         qkv = torch.zeros(8, 3, heads, head_dim, dtype=dtype, device=device)  # [T, 3, H, d]
         q, k, v = qkv.unbind(1)
-        if ROTARY_KERNEL:
+        if rotary and ROTARY_KERNEL:
             from esmshard.rotary_kernel import rotate_qk
 
             cos = torch.ones(8, head_dim, device=device)  # [T, d]
@@ -227,6 +250,11 @@ def _linear(weights: list, biases: list, dtype, device) -> nn.Linear:
             linear.bias[at : at + len(weight)].copy_(bias)
             at += len(weight)
     return linear
+
+
+def _embedding(embedding: nn.Embedding, device) -> nn.Embedding:
+    """A float32 copy of ``embedding``'s table on ``device``."""
+    return nn.Embedding.from_pretrained(embedding.weight.to(device, torch.float32, copy=True))
 
 
 def _copy(module, dtype, device):

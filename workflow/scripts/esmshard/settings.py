@@ -59,7 +59,9 @@ def options_table() -> str:
         default = "required" if key in schema().get("required", []) else f"`{json.dumps(spec.get('default'))}`"
         meaning = " ".join(spec["description"].split()).replace("|", r"\|")
         if "enum" in spec or "enum" in spec.get("items", {}):
-            values = ", ".join(f"`{value}`" for value in spec.get("enum", spec.get("items", {}).get("enum")))
+            values = ", ".join(
+                f"`{json.dumps(value).strip(chr(34))}`" for value in spec.get("enum", spec.get("items", {}).get("enum"))
+            )
             meaning += f" ({'any' if 'items' in spec else 'one'} of {values})"
         rows.append(f"| `{key}` | {default} | {meaning} |")
     return "\n".join(rows) + "\n"

@@ -53,12 +53,13 @@ class DamagedSegment(EsmShardError):
     """A store segment failed its checksum or could not be read; it has been deleted."""
 
 
-def settings_identity(model_digest: str, spec: OutputSpec, dtype: str, engine: str) -> dict:
+def settings_identity(model_digest: str, model_family: str, spec: OutputSpec, dtype: str, engine: str) -> dict:
     """Every setting that changes the numbers, but the compute precision: the store adds the one
     a rank computes in (``precision`` resolved on its device), so that ``auto`` and the precision
-    it means on that device are one."""
+    it means on that device are one. (The digest fixes the family; the family is here to be read.)"""
     return {
         "model_digest": model_digest,
+        "model_family": model_family,
         **spec.attrs(),
         "dtype": dtype,
         "engine": engine,

@@ -135,7 +135,7 @@ def rank_work(
         spec,
         plan.model["embed_dim"],
         plan.model,
-        settings_identity(plan.model["digest"], spec, settings.dtype, settings.engine),
+        settings_identity(plan.model["digest"], plan.model["family"], spec, settings.dtype, settings.engine),
         precision or compute_precision(settings, gpu_device()),  # (asking for the device runs nvidia-smi)
     )
 
