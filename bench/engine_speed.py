@@ -25,11 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
 from esmshard import packed  # noqa: E402
-from esmshard.architectures import MAX_RESIDUES, RELEASED_MODELS, release_family  # noqa: E402
+from esmshard.architectures import MAX_RESIDUES, RELEASED_SHAPES, release_family  # noqa: E402
 from esmshard.engine import PackedEngine  # noqa: E402
 from esmshard.huggingface import EsmConfig  # noqa: E402
 from esmshard.index import SequenceIndex, build_index  # noqa: E402
-from esmshard.model import fair_esm_module  # noqa: E402
+from esmshard.model import build_module  # noqa: E402
 from esmshard.outputs import OutputSpec  # noqa: E402
 from esmshard.plan import Plan, balance, distinct, read_plan, sequence_costs, write_plan  # noqa: E402
 from esmshard.progress import Progress  # noqa: E402
@@ -88,11 +88,12 @@ def reference_means(network, alphabet, sequences: list[str], layer: int) -> np.n
 
 
 def run_model(name: str, args, workdir: Path) -> dict:
-    layers, dim, heads = RELEASED_MODELS[name]
-    config = EsmConfig(layers, dim, heads, True, 1e-5, 10000.0, release_family(name), emb_layer_norm_before=True)
+    layers, dim, heads = RELEASED_SHAPES[name]
+    family = release_family(name)
+    config = EsmConfig(layers, dim, heads, family != "esmc", 1e-5, 10000.0, family, emb_layer_norm_before=True)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        network = fair_esm_module(config, initialised=True).eval()
+        network = build_module(config, initialised=True).eval()
     alphabet = network.alphabet
     params = sum(p.numel() for p in network.parameters())
     index = SequenceIndex(workdir / "index")
@@ -191,7 +192,7 @@ def write_bench_plan(workdir: Path, name: str) -> Path:
     """One rank embeds every sequence, with the (random) model of a released shape."""
     index = SequenceIndex(workdir / "index")
     position, source = distinct(index.digests())
-    layers, dim, _ = RELEASED_MODELS[name]
+    layers, dim, _ = RELEASED_SHAPES[name]
     ranks, rank_costs = balance(sequence_costs(index.lengths[position], dim), 1)
     model = {
         "path": name,

@@ -33,11 +33,13 @@ def cuda(device) -> str:
     return device
 
 
-@pytest.fixture(scope="session", params=["esm2", "esm1b"])
+@pytest.fixture(scope="session", params=["esm2", "esm1b", "esmc"])
 def t6(request, tmp_path_factory):
-    """esm2_t6_8M's shape (6 layers, width 320, 20 heads of 16) with random weights, of each family
-    (ESM-2; ESM-1b's architecture: learned positions, a LayerNorm on the embeddings), written in
-    fair-esm's file format and read by esmshard's loader: (fair-esm module on the CPU, alphabet)."""
+    """esm2_t6_8M's shape (6 layers, width 320; 20 heads of 16, ESM C's 5 of 64) with random
+    weights, of each family (ESM-2; ESM-1b's architecture: learned positions, a LayerNorm on the
+    embeddings; ESM C), written in its release file format and read by esmshard's loader:
+    (the family's module on the CPU, alphabet)."""
     family = request.param
     path = tmp_path_factory.mktemp("model") / f"{family}_t6_random.pt"
-    return load_model(str(write_random_checkpoint(path, 6, 320, 20, seed=0, family=family)))
+    heads = 5 if family == "esmc" else 20
+    return load_model(str(write_random_checkpoint(path, 6, 320, heads, seed=0, family=family)))

@@ -1,4 +1,5 @@
-"""esmshard: ESM-2 embeddings for large FASTA inputs, one shard per GPU rank.
+"""esmshard: protein language-model embeddings (ESM-2, ESM-1b/ESM-1v, ESM C) for large FASTA
+inputs, one shard per GPU rank.
 
 One module per concern; none of them but ``api`` and ``mainprocess`` knows about Snakemake.
 
@@ -9,10 +10,12 @@ Input and plan:
 - ``outputs``: which layers and poolings are stored, and windows for long proteins
 
 The model:
-- ``architectures``: which model the ``model`` option names, its files and their identity
-- ``huggingface``: Hugging Face ESM-2 directories and the hub cache (standard library only)
-- ``model``: loading ESM-2 (fair-esm checkpoints, Hugging Face weights) into fair-esm's module
-- ``packed``, ``rotary_kernel``, ``norm_kernel``: ESM-2 over packed (unpadded) token streams
+- ``architectures``: which model the ``model`` option names, its family, files and identity
+- ``huggingface``: Hugging Face ESM directories and the hub cache (standard library only)
+- ``model``: loading a model (fair-esm checkpoints, ESM C state dicts, Hugging Face weights) into
+  its family's module (fair-esm's ESM2 or ProteinBertModel, ``esmc.ESMC``)
+- ``esmc``: ESM C's module, without EvolutionaryScale's package
+- ``packed``, ``rotary_kernel``, ``norm_kernel``: every family over packed (unpadded) token streams
 - ``batching``: token-budget batches (a long protein's windows spread over several)
 - ``engine``: the engine interface a rank uses, and the engines: fair-esm reference and packed
 

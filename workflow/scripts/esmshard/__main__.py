@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from esmshard import EsmShardError, __version__
-from esmshard.architectures import FAMILIES, RELEASED_MODELS, release_family
+from esmshard.architectures import ESMC_MODELS, FAMILIES, RELEASED_MODELS, RELEASED_SHAPES, release_family
 
 
 def main(argv=None) -> None:
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
         help="write an ESM-2 or ESM-1b checkpoint with RANDOM weights (real architecture) in fair-esm's format",
     )
     random.add_argument("path")
-    random.add_argument("--like", choices=sorted(RELEASED_MODELS), help="copy the family and shape of a released model")
+    random.add_argument("--like", choices=sorted(RELEASED_SHAPES), help="copy the family and shape of a released model")
     random.add_argument("--family", choices=sorted(FAMILIES), default="esm2", help="without --like (default: esm2)")
     random.add_argument("--layers", type=int, default=2)
     random.add_argument("--embed-dim", type=int, default=32)
@@ -64,7 +64,9 @@ def main(argv=None) -> None:
         help="download a released model or a Hugging Face hub id (for clusters whose nodes are "
         "offline), checked before it lands",
     )
-    download.add_argument("model", help=f"a released name ({', '.join(RELEASED_MODELS)}) or a hub id (org/name)")
+    download.add_argument(
+        "model", help=f"a released name ({', '.join([*RELEASED_MODELS, *ESMC_MODELS])}) or a hub id (org/name)"
+    )
     download.add_argument(
         "dir",
         nargs="?",
@@ -110,8 +112,14 @@ def main(argv=None) -> None:
 
     from esmshard.model import write_random_checkpoint
 
-    layers, dim, heads = RELEASED_MODELS[args.like] if args.like else (args.layers, args.embed_dim, args.heads)
+    layers, dim, heads = RELEASED_SHAPES[args.like] if args.like else (args.layers, args.embed_dim, args.heads)
     family = release_family(args.like) if args.like else args.family
+    if family == "esmc" and (dim % 64 or heads != dim // 64):
+        parser.exit(
+            2,
+            f"{parser.prog} random-checkpoint: error: ESM C's heads are 64 wide: give --embed-dim a multiple "
+            f"of 64 and --heads it / 64\n",
+        )
     path = write_random_checkpoint(args.path, layers, dim, heads, args.seed, family=family)
     print(
         f"wrote {path}: {FAMILIES[family]} architecture ({layers} layers, dim {dim}, {heads} heads) with RANDOM weights"

@@ -43,17 +43,25 @@ ESM1B_MODELS = {
     **{f"esm1v_t33_650M_UR90S_{i}": Architecture(33, 1280, 20) for i in range(1, 6)},
 }
 RELEASED_MODELS = {**ESM2_MODELS, **ESM1B_MODELS}
+# ESM C's released names, as EvolutionaryScale's package names them, and the hub repositories
+# that hold their weights (data/weights/esmc_*.pth), where that package downloads them too.
+ESMC_MODELS = {"esmc_300m": "EvolutionaryScale/esmc-300m-2024-12", "esmc_600m": "EvolutionaryScale/esmc-600m-2024-12"}
+# Every released name's shape.
+RELEASED_SHAPES = {**RELEASED_MODELS, "esmc_300m": Architecture(30, 960, 15), "esmc_600m": Architecture(36, 1152, 18)}
 
 # The families the engine runs, in words, and the option model_type's values with the family each names.
-FAMILIES = {"esm2": "ESM-2", "esm1b": "ESM-1b"}
-MODEL_TYPES = {"esm2": "esm2", "esm1b": "esm1b", "esm1v": "esm1b"}
+FAMILIES = {"esm2": "ESM-2", "esm1b": "ESM-1b", "esmc": "ESM C"}
+MODEL_TYPES = {"esm2": "esm2", "esm1b": "esm1b", "esm1v": "esm1b", "esmc": "esmc"}
+# ESM C's head width in both released models (960 = 15 x 64, 1152 = 18 x 64): its state dicts
+# record no config, and the heads cannot be read from the tensors' shapes.
+ESMC_HEAD_DIM = 64
 
 # ESM-2 was trained on at most 1022 residues plus the BOS and EOS tokens, ESM-1b on 1024 positions.
 MAX_RESIDUES = 1022
 
 
 def release_family(name: str) -> str:
-    return "esm2" if name in ESM2_MODELS else "esm1b"
+    return "esm2" if name in ESM2_MODELS else "esmc" if name in ESMC_MODELS else "esm1b"
 
 
 def check_model_type(model_type: str | None, checkpoint: "Checkpoint") -> None:
@@ -96,11 +104,12 @@ def resolve_model(model: str) -> Checkpoint:
     directory (checked to be an ESM model the engine runs), a released model in torch.hub's cache, or
     a hub id (org/name) in the Hugging Face cache. Anything else, or a model not downloaded yet,
     is an error naming the option and what to do."""
+    model = ESMC_MODELS.get(model, model)
     path = Path(model).expanduser()
     if path.is_file():
         return Checkpoint(path, (path,))
     if path.is_dir():
-        return Checkpoint(path, model_files(path))
+        return _directory(path)
     if model in RELEASED_MODELS:
         released = released_checkpoint(model)
         if not released.is_file():
@@ -113,7 +122,7 @@ def resolve_model(model: str) -> Checkpoint:
     if not HUB_ID.fullmatch(model):
         raise EsmShardError(
             f"model: {model!r} is neither an existing checkpoint file or model directory, a Hugging Face hub "
-            f"id (org/name) nor a released model ({', '.join(RELEASED_MODELS)})"
+            f"id (org/name) nor a released model ({', '.join([*RELEASED_MODELS, *ESMC_MODELS])})"
         )
     snapshot = hub_snapshot(model)
     if snapshot is None:
@@ -124,11 +133,30 @@ def resolve_model(model: str) -> Checkpoint:
             f"directory given after it, to set 'model' to)"
         )
     try:
-        return Checkpoint(snapshot, model_files(snapshot))
+        return _directory(snapshot)
     except EsmShardError as error:
         raise EsmShardError(
             f"{error}; complete the cached copy of {model} with 'python -m esmshard download {model}'"
         ) from None
+
+
+def _directory(path: Path) -> Checkpoint:
+    """A Hugging Face model directory, or a snapshot of an ESM C repository (its weights file)."""
+    weights = esmc_weights(path)
+    return Checkpoint(weights, (weights,)) if weights else Checkpoint(path, model_files(path))
+
+
+def esmc_weights(directory: Path) -> Path | None:
+    """The weights file of a snapshot of an ESM C hub repository (no config.json; its state dict
+    in data/weights/esmc_*.pth, as EvolutionaryScale's package reads it), or None."""
+    if (directory / "config.json").exists():
+        return None
+    found = sorted((directory / "data" / "weights").glob("esmc_*.pth"))
+    if len(found) > 1:
+        raise EsmShardError(
+            f"model: {directory} holds several ESM C weights files ({', '.join(p.name for p in found)})"
+        )
+    return found[0] if found else None
 
 
 def names_a_file(model: str) -> bool:
@@ -142,7 +170,8 @@ def model_inputs(model: str) -> tuple[list[Path], bool]:
     """(the files that stand for ``model`` as an input of the jobs that read it, whether rule
     download_model must make them). A released model is its file in torch.hub's cache, and a hub
     id the cache's ``refs/main``: known before they are downloaded, and the same afterwards (a
-    new revision of a hub model changes ``refs/main``)."""
+    new revision of a hub model changes ``refs/main``). ESM C's released names are their hub ids."""
+    model = ESMC_MODELS.get(model, model)
     path = Path(model).expanduser()
     if not path.exists() and model in RELEASED_MODELS and not released_checkpoint(model).is_file():
         return [released_checkpoint(model)], True
@@ -259,13 +288,17 @@ def checkpoint_digest(path, block_bytes: int = 64 << 20) -> str:
 
 class _ConfigOnly(pickle.Unpickler):
     """Reads a torch checkpoint's pickle without torch and without its tensors: only the config
-    classes fair-esm's files hold are made; tensors and storages become None."""
+    classes fair-esm's files hold are made; tensors become their shapes, storages None."""
 
     def find_class(self, module, name):
         if (module, name) == ("argparse", "Namespace"):
             return argparse.Namespace
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, *args, **kwargs: tuple(size)  # a tensor's shape
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda data, *args, **kwargs: data
         if module == "torch._utils" and name.startswith("_rebuild_") or module == "torch" and name.endswith("Storage"):
             return lambda *args, **kwargs: None
         raise pickle.UnpicklingError(f"{module}.{name}")
@@ -286,8 +319,19 @@ def _architecture_of(config) -> Architecture:
 
 
 def checkpoint_family(data: dict, path) -> tuple[str, object]:
-    """(family, config) of a fair-esm checkpoint's content, as fair-esm's loader tells them
-    apart: ``cfg.model`` is ESM-2's config, ``args`` of architecture roberta_large ESM-1b's."""
+    """(family, config) of a checkpoint's content: fair-esm's files as its loader tells them
+    apart (``cfg.model`` is ESM-2's config, ``args`` of architecture roberta_large ESM-1b's), and
+    ESM C's state dict, whose config (a namespace of fair-esm's names) is read from its tensors'
+    shapes (in ``data``, tensors or their shapes)."""
+    if "embed.weight" in data and "transformer.blocks.0.attn.layernorm_qkv.1.weight" in data:
+        shape = lambda value: tuple(getattr(value, "shape", value))  # noqa: E731
+        blocks = {int(name.split(".")[2]) for name in data if name.startswith("transformer.blocks.")}
+        width = shape(data["embed.weight"])[1]
+        config = argparse.Namespace(
+            encoder_layers=max(blocks) + 1, encoder_embed_dim=width, encoder_attention_heads=width // ESMC_HEAD_DIM
+        )
+        setattr(config, RANDOM_WEIGHTS, RANDOM_WEIGHTS in data)
+        return "esmc", config
     if isinstance(data.get("cfg"), dict) and "model" in data["cfg"]:
         return "esm2", data["cfg"]["model"]
     arch = getattr(data.get("args"), "arch", None)
@@ -298,7 +342,7 @@ def checkpoint_family(data: dict, path) -> tuple[str, object]:
         f"(it runs ESM-2 and ESM-1b/ESM-1v, 'roberta_large')"
         if arch
         else f"model: {path} is not an ESM-2 or ESM-1b checkpoint (expected fair-esm's layout: cfg.model "
-        f"or args, and model weights)"
+        f"or args, and model weights) nor an ESM C state dict"
     )
 
 

@@ -40,7 +40,7 @@ from esmshard import EsmShardError
 from esmshard.batching import Batch, planned_batches
 from esmshard.fasta import ESM_RESIDUES
 from esmshard.outputs import OutputSpec, piece_tokens, pooling_of, residue_offsets
-from esmshard.packed import PackedESM, kernel_warmups
+from esmshard.packed import PackedESM, heads_of, kernel_warmups, packed_model, uses_rotary_kernel
 
 log = logging.getLogger(__name__)
 
@@ -491,7 +491,7 @@ class PackedEngine:
                 "float16 overflowed on a batch of %d sequences; computing it again in bfloat16", len(in_flight.residues)
             )
             if self._fallback_model is None:
-                self._fallback_model = PackedESM(self._network, torch.bfloat16, self.device).eval()
+                self._fallback_model = packed_model(self._network, torch.bfloat16, self.device).eval()
             outputs = self._outputs_splitting_on_oom(in_flight.residues, in_flight.packed, self._fallback_model)
             host = {name: t.to(host[name].dtype).cpu() for name, t in outputs.items()}
         return host
@@ -501,13 +501,13 @@ def _built_while_kernels_load(network, dtype: torch.dtype, device: torch.device)
     """The packed model on ``device``; on a GPU, the attention, rotary and LayerNorm kernels are
     readied on threads meanwhile (packed.kernel_warmups)."""
     if device.type != "cuda":
-        return PackedESM(network, dtype, device).eval()
-    heads = network.layers[0].self_attn.num_heads
-    model_width = network.embed_tokens.embedding_dim
-    warmups = kernel_warmups(heads, model_width // heads, dtype, device, rotary=not hasattr(network, "embed_positions"))
+        return packed_model(network, dtype, device).eval()
+    heads = heads_of(network)
+    head_dim = network.embed_tokens.embedding_dim // heads
+    warmups = kernel_warmups(heads, head_dim, dtype, device, rotary=uses_rotary_kernel(network))
     with ThreadPoolExecutor(len(warmups)) as pool:
         loading = [pool.submit(warmup) for warmup in warmups]
-        model = PackedESM(network, dtype, device).eval()
+        model = packed_model(network, dtype, device).eval()
         for warmup in loading:
             warmup.result()  # its errors here: the first batch would meet them too
     return model

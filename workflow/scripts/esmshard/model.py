@@ -25,17 +25,20 @@ import torch
 
 from esmshard import EsmShardError
 from esmshard.architectures import (
+    ESMC_MODELS,
     FAMILIES,
     RANDOM_WEIGHTS,
     RELEASED_MODELS,
     Checkpoint,
     checkpoint_architecture,
     checkpoint_family,
+    esmc_weights,
     model_inputs,
     release_family,
     released_checkpoint,
     resolve_model,
 )
+from esmshard.esmc import ESMC
 from esmshard.files import atomic_output
 from esmshard.huggingface import HUB_ID, WEIGHT_FILES, EsmConfig, model_files, read_config, split_hub_id
 from esmshard.packed import without_initialisation
@@ -46,14 +49,18 @@ MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
 URL_ENV = "ESMSHARD_MODEL_URL"  # another source ({name} is replaced), e.g. a mirror or a file:// URL
 SAFE_GLOBALS = [argparse.Namespace]
 _CHECKPOINT_PREFIX = re.compile(r"^(encoder\.sentence_encoder\.|encoder\.)")
-# What each family's config in a fair-esm checkpoint must hold.
+# What each family's config in a checkpoint must hold, and the name of its token embeddings.
 _CONFIG_FIELDS = {
     "esm2": ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "token_dropout"),
     "esm1b": ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads", "max_positions"),
+    "esmc": ("encoder_layers", "encoder_embed_dim", "encoder_attention_heads"),
 }
+_EMBEDDINGS = {"esm2": "embed_tokens.weight", "esm1b": "embed_tokens.weight", "esmc": "embed.weight"}
 # Heads that embeddings never use: where a file lacks them (fair-esm keeps the contact regression
 # in another file, transformers' EsmModel has no language-model head) they are zeros.
 _UNUSED_HEADS = ("lm_head.", "contact_head.")
+# ESM C's language-model head, which its released state dicts hold and its module here lacks.
+_ESMC_HEAD = "sequence_head."
 # transformers' ESM names (without the "esm." prefix of EsmForMaskedLM) to fair-esm's ESM2 names,
 # each rule applied in turn; LayerNorm gamma/beta are the old names transformers still writes.
 _HF_NAMES = [
@@ -97,6 +104,7 @@ def download(model: str, target: Path | None = None) -> Path:
     """Download a released model or a hub id, checked to be the model named before it lands, to
     ``target`` (a released model's file; a hub model's directory), by default where the workflow
     looks (torch.hub's cache; the Hugging Face cache). Returns where it landed."""
+    model = ESMC_MODELS.get(model, model)
     if model in RELEASED_MODELS:
         return _download_released(model, Path(target) if target else released_checkpoint(model))
     if not HUB_ID.fullmatch(model):
@@ -136,6 +144,12 @@ def _download_from_hub(model: str, directory: Path | None) -> Path:
     where["revision"] = revision
     log.info("downloading %s from the Hugging Face hub into %s", model, directory or "the Hugging Face cache")
     try:
+        if repo_id in ESMC_MODELS.values():  # a state dict, no config.json: checked once it is here
+            snapshot = Path(
+                huggingface_hub.snapshot_download(repo_id, allow_patterns=["data/weights/esmc_*.pth"], **where)
+            )
+            checkpoint_architecture(esmc_weights(snapshot))
+            return snapshot
         config = Path(huggingface_hub.hf_hub_download(repo_id, "config.json", **where))
         read_config(config.parent)
         for patterns in (["model.safetensors*", "model-*.safetensors"], ["pytorch_model*.bin*"]):
@@ -188,7 +202,7 @@ def load_model(model: str):
             getattr(saved, "max_positions", 1024),
         )
         # fair-esm's names carry these prefixes in its checkpoints (see its _load_model_and_alphabet_core_v1/v2)
-        names_in_file = {_CHECKPOINT_PREFIX.sub("", name): name for name in weights}
+        names_in_file = {_CHECKPOINT_PREFIX.sub("", name): name for name in weights if not name.startswith(_ESMC_HEAD)}
         state = {name: weights[name_in_file] for name, name_in_file in names_in_file.items()}
     if config.family == "esm1b" and "embed_tokens.weight" in state:
         # fair-esm zeroes ESM-1b's mask embedding when it loads it (token dropout)
@@ -198,11 +212,14 @@ def load_model(model: str):
     return network.eval(), network.alphabet
 
 
-def fair_esm_module(config: EsmConfig, initialised: bool = False):
-    """fair-esm's module of ``config``'s family and shape, its parameters uninitialised unless
-    ``initialised`` (then as fair-esm initialises them)."""
+def build_module(config: EsmConfig, initialised: bool = False):
+    """The module of ``config``'s family and shape (fair-esm's ESM2 or ProteinBertModel, or
+    esmc.ESMC), its parameters uninitialised unless ``initialised`` (then as its code
+    initialises them)."""
     alphabet = esm.Alphabet.from_architecture("ESM-1b")  # ESM-2's and ESM-1b's
     with contextlib.nullcontext() if initialised else without_initialisation():
+        if config.family == "esmc":
+            return ESMC(config.embed_dim, config.heads, config.layers)
         if config.family == "esm2":
             return esm.ESM2(
                 num_layers=config.layers,
@@ -229,7 +246,7 @@ def fair_esm_module(config: EsmConfig, initialised: bool = False):
 def _module_with(config: EsmConfig, state: dict, names_in_file: dict, location: Path):
     """fair-esm's module of this config holding these tensors (by its names; ``names_in_file``
     gives each one's name in ``location``, which an error about an unexpected one says), on the CPU."""
-    network = fair_esm_module(config)
+    network = build_module(config)
     for module in network.modules():
         if isinstance(module, torch.nn.LayerNorm):
             module.eps = config.layer_norm_eps  # the config's (fair-esm's own is torch's default, 1e-5)
@@ -316,18 +333,19 @@ def _few(names: list[str], limit: int = 5) -> str:
 
 
 def _read_checkpoint(path: Path) -> tuple[str, object, dict]:
-    """(family, config, weights by their names in the file) of a fair-esm checkpoint."""
-    data = _torch_load(path, "checkpoint in fair-esm's format")
+    """(family, config, weights by their names in the file) of a fair-esm checkpoint or an ESM C
+    state dict."""
+    data = _torch_load(path, "checkpoint in fair-esm's format or an ESM C state dict")
     if not isinstance(data, dict):
         raise EsmShardError(f"model: {path} is not an ESM-2 or ESM-1b checkpoint (expected fair-esm's layout)")
     family, config = checkpoint_family(data, path)
-    weights = data.get("model")
+    weights = {k: v for k, v in data.items() if k != RANDOM_WEIGHTS} if family == "esmc" else data.get("model")
     fields = _CONFIG_FIELDS[family]
     if (
         not isinstance(config, argparse.Namespace)
         or not all(hasattr(config, field) for field in fields)
         or not isinstance(weights, dict)
-        or not any(key.endswith("embed_tokens.weight") for key in weights)
+        or not any(key.endswith(_EMBEDDINGS[family]) for key in weights)
     ):
         raise EsmShardError(
             f"model: {path} is not an {FAMILIES[family]} checkpoint (expected fair-esm's layout: "
@@ -374,15 +392,30 @@ def write_random_checkpoint(
     device: str = "cpu",
     family: str = "esm2",
 ) -> Path:
-    """Write a checkpoint of ``family`` (esm2, or esm1b: ESM-1b's and ESM-1v's architecture, with
-    its LayerNorm on the embeddings) with random weights in fair-esm's released file layout (the
-    released files hold float16 weights: ``dtype``).
+    """Write a checkpoint of ``family`` with random weights in its released file layout: esm2 and
+    esm1b (ESM-1b's and ESM-1v's architecture, with its LayerNorm on the embeddings) as fair-esm's
+    files (which hold float16 weights: ``dtype``), esmc as EvolutionaryScale's state dict (its
+    heads of 64: ``heads`` must be embed_dim / 64).
 
     For tests, the demo without network, and speed benchmarks: the architecture is real, the
     weights are not, so its embeddings mean nothing biologically. ``device`` draws them (a GPU
     draws 15B's in seconds, and the host then holds only the file's copy).
     """
     torch.manual_seed(seed)
+    shape = EsmConfig(layers, embed_dim, heads, family != "esmc", 1e-5, 10000.0, family, emb_layer_norm_before=True)
+    with torch.device(device):
+        network = build_module(shape, initialised=True)
+    with torch.no_grad():
+        for name, tensor in network.named_parameters():
+            # make LayerNorms non-trivial so tests see their effect (ESM C's 1-D tensors are all LayerNorms')
+            if "layer_norm" in name or family == "esmc" and tensor.dim() == 1:
+                tensor.add_(0.1 * torch.randn_like(tensor))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if family == "esmc":
+        weights = {name: tensor.to("cpu", dtype, copy=True) for name, tensor in network.state_dict().items()}
+        torch.save({**weights, RANDOM_WEIGHTS: torch.tensor(True)}, path)  # said in the plan's log, the manifest
+        return path
     if family == "esm2":
         config = argparse.Namespace(
             encoder_layers=layers, encoder_embed_dim=embed_dim, encoder_attention_heads=heads, token_dropout=True
@@ -398,21 +431,12 @@ def write_random_checkpoint(
             token_dropout=True,
         )
     setattr(config, RANDOM_WEIGHTS, True)  # said in the plan's log, the manifest and the report
-    shape = EsmConfig(layers, embed_dim, heads, True, 1e-5, 10000.0, family, emb_layer_norm_before=True)
-    with torch.device(device):
-        network = fair_esm_module(shape, initialised=True)
-    with torch.no_grad():
-        for name, tensor in network.named_parameters():
-            if "layer_norm" in name:  # make LayerNorms non-trivial so tests see their effect
-                tensor.add_(0.1 * torch.randn_like(tensor))
     weights = {}
     for name, tensor in network.state_dict().items():
         if name.startswith("contact_head."):
             continue  # released checkpoints keep these in a separate regression file
         prefix = "encoder." if name.startswith("lm_head.") else "encoder.sentence_encoder."
         weights[prefix + name] = tensor.to("cpu", dtype, copy=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = {"esm2": "cfg", "esm1b": "args"}[family]
     torch.save({key: {"model": config} if family == "esm2" else config, "model": weights}, path)
     return path

@@ -163,6 +163,81 @@ def token_dropout(network) -> bool:
     return bool(getattr(network, "token_dropout", getattr(getattr(network, "args", None), "token_dropout", False)))
 
 
+class PackedESMCLayer(nn.Module):
+    """One block of ESM C (esmc.py): its residual scale folded into the two output projections."""
+
+    def __init__(self, block, dtype: torch.dtype, device):
+        super().__init__()
+        attn, (ffn_norm, fc1, _, fc2) = block.attn, block.ffn
+        self.heads = attn.heads
+        self.attn_norm = _copy(attn.layernorm_qkv[0], torch.float32, device)
+        self.qkv = _copy(attn.layernorm_qkv[1], dtype, device)
+        self.q_norm = _copy(attn.q_ln, torch.float32, device)
+        self.k_norm = _copy(attn.k_ln, torch.float32, device)
+        self.out_proj = _copy(attn.out_proj, dtype, device, scale=1 / block.scale)
+        self.ffn_norm = _copy(ffn_norm, torch.float32, device)
+        self.fc1 = _copy(fc1, dtype, device)
+        self.fc2 = _copy(fc2, dtype, device, scale=1 / block.scale)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_len: int):
+        # x: [T, D] float32; cos, sin: [T, d] float32
+        T, D = x.shape
+        dtype = self.qkv.weight.dtype
+        norm1 = self.attn_norm
+        _, normed = added_and_normed(x, None, norm1.weight, norm1.bias, norm1.eps, dtype)
+        q, k, v = F.linear(normed, self.qkv.weight).chunk(3, dim=-1)  # 3 x [T, D]
+        q = F.layer_norm(q.float(), (D,), self.q_norm.weight, None, self.q_norm.eps).view(T, self.heads, -1)
+        k = F.layer_norm(k.float(), (D,), self.k_norm.weight, None, self.k_norm.eps).view(T, self.heads, -1)
+        q, k = _rotate(q, cos, sin).to(dtype), _rotate(k, cos, sin).to(dtype)  # [T, H, d]
+        attended = attention(q, k, v.reshape(T, self.heads, -1), cu_seqlens, max_len)  # [T, H, d]
+        attention_output = F.linear(attended.reshape(T, D), self.out_proj.weight)
+        norm2 = self.ffn_norm
+        x, normed = added_and_normed(x, attention_output, norm2.weight, norm2.bias, norm2.eps, dtype)
+        gate, value = F.linear(normed, self.fc1.weight).chunk(2, dim=-1)  # 2 x [T, F]
+        return x + F.linear(F.silu(gate) * value, self.fc2.weight)  # float32 + dtype
+
+
+class PackedESMC(nn.Module):
+    def __init__(self, network, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+        """Built on ``device`` from a loaded esmc.ESMC (float32 weights), sharing nothing with it."""
+        super().__init__()
+        self.num_layers = network.num_layers
+        self.embed_dim = network.embed.embedding_dim
+        self.dtype = dtype
+        self.embed_tokens = _embedding(network.embed, device)
+        self.layers = nn.ModuleList(PackedESMCLayer(block, dtype, device) for block in network.transformer.blocks)
+        self.final_norm = _copy(network.transformer.norm, torch.float32, device)
+        self.register_buffer("inv_freq", network.inv_freq.to(device, torch.float32, copy=True), persistent=False)
+
+    def hidden_states(self, tokens, positions, cu_seqlens, max_len: int, layers):
+        """As PackedESM.hidden_states."""
+        x = self.embed_tokens(tokens)  # [T, D]
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, d / 2]
+        angles = torch.cat([angles, angles], dim=-1)  # [T, d]
+        cos, sin = angles.cos(), angles.sin()
+        for layer in range(max(layers) + 1):
+            if layer > 0:
+                x = self.layers[layer - 1](x, cos, sin, cu_seqlens, max_len)
+            if layer in layers:
+                yield layer, (self.final_norm(x) if layer == self.num_layers else x)
+
+
+def packed_model(network, dtype: torch.dtype, device):
+    """The packed module of a loaded model of any family."""
+    from esmshard.esmc import ESMC
+
+    return (PackedESMC if isinstance(network, ESMC) else PackedESM)(network, dtype, device)
+
+
+def heads_of(network) -> int:
+    return network.heads if hasattr(network, "heads") else network.layers[0].self_attn.num_heads
+
+
+def uses_rotary_kernel(network) -> bool:
+    """Whether the packed module rotates through rotary_kernel.py on CUDA (ESM-2 only)."""
+    return not hasattr(network, "embed_positions") and hasattr(network, "layers")
+
+
 # On CUDA: rotary through rotary_kernel.py (Triton), one pass instead of eager torch's eight.
 ROTARY_KERNEL = True
 # On CUDA: the residual adds and LayerNorms through norm_kernel.py (Triton). Eager with these two
@@ -239,15 +314,19 @@ def attention(q, k, v, cu_seqlens, max_len: int):
     return out
 
 
-def _linear(weights: list, biases: list, dtype, device) -> nn.Linear:
-    """An nn.Linear holding copies of these tensors, one under the other (q, k and v in one)."""
+def _linear(weights: list, biases: list, dtype, device, scale: float = 1.0) -> nn.Linear:
+    """An nn.Linear holding copies of these tensors (biases None: none), one under the other (q, k
+    and v in one), multiplied by ``scale`` before the cast to ``dtype``."""
     with without_initialisation():
-        linear = nn.Linear(weights[0].shape[1], sum(len(w) for w in weights), device=device, dtype=dtype)
+        linear = nn.Linear(
+            weights[0].shape[1], sum(len(w) for w in weights), bias=biases[0] is not None, device=device, dtype=dtype
+        )
     with torch.no_grad():
         at = 0
         for weight, bias in zip(weights, biases):  # each straight to its rows: no concatenated copy first
-            linear.weight[at : at + len(weight)].copy_(weight)
-            linear.bias[at : at + len(weight)].copy_(bias)
+            linear.weight[at : at + len(weight)].copy_(weight if scale == 1 else weight.float() * scale)
+            if bias is not None:
+                linear.bias[at : at + len(weight)].copy_(bias if scale == 1 else bias.float() * scale)
             at += len(weight)
     return linear
 
@@ -257,16 +336,20 @@ def _embedding(embedding: nn.Embedding, device) -> nn.Embedding:
     return nn.Embedding.from_pretrained(embedding.weight.to(device, torch.float32, copy=True))
 
 
-def _copy(module, dtype, device):
-    """A copy of an nn.Linear, or of an nn.LayerNorm (its eps too), in dtype on device."""
+def _copy(module, dtype, device, scale: float = 1.0):
+    """A copy of an nn.Linear (times ``scale``), or of an nn.LayerNorm (its eps too, its bias if
+    it has one), in dtype on device."""
     if isinstance(module, nn.LayerNorm):
         with without_initialisation():
-            copy = nn.LayerNorm(module.normalized_shape, eps=module.eps, device=device, dtype=dtype)
+            copy = nn.LayerNorm(
+                module.normalized_shape, eps=module.eps, bias=module.bias is not None, device=device, dtype=dtype
+            )
         with torch.no_grad():
             copy.weight.copy_(module.weight)
-            copy.bias.copy_(module.bias)
+            if module.bias is not None:
+                copy.bias.copy_(module.bias)
         return copy
-    return _linear([module.weight], [module.bias], dtype, device)
+    return _linear([module.weight], [module.bias], dtype, device, scale)
 
 
 @contextlib.contextmanager
