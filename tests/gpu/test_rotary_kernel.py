@@ -55,3 +55,24 @@ def test_rotary_is_a_float32_rotation_rounded_once(device, dtype, tokens, heads,
         # one rounding to dtype: within half its epsilon of the float32 value (rtol: a whole
         # epsilon, for float32 results that differ in the last bit near a rounding boundary)
         torch.testing.assert_close(got.float(), want, rtol=torch.finfo(dtype).eps, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [5, 15, 18])  # ESM C's heads of 64: the GPU tests' 320 wide, 300M, 600M
+@pytest.mark.parametrize("tokens", [1, 1000])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_esmc_q_and_k_layer_norms_with_rotary_are_float32_rounded_once(cuda, dtype, tokens, heads):
+    from esmshard.rotary_kernel import norm_rotate_qk
+
+    generator = torch.Generator().manual_seed(tokens + heads)
+    width = heads * 64
+    qkv = (3 * torch.randn(tokens, 3 * width, generator=generator) + 1).to(cuda, dtype)  # [T, 3D]
+    weights = (1 + 0.1 * torch.randn(2, width, generator=generator)).to(cuda)  # [2, D]
+    cos, sin = (t.to(cuda) for t in packed_cos_sin(tokens, 64, generator))
+    q, k = norm_rotate_qk(qkv, weights, 1e-5, cos, sin, heads)
+    for part, got in enumerate((q, k)):
+        normed = torch.nn.functional.layer_norm(
+            qkv[:, part * width : (part + 1) * width].float(), (width,), weights[part]
+        )
+        want = float32_rotation(normed.view(tokens, heads, 64), cos, sin)
+        assert got.dtype == dtype and got.shape == (tokens, heads, 64)
+        torch.testing.assert_close(got.float(), want, rtol=torch.finfo(dtype).eps, atol=1e-4)

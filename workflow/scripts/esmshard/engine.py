@@ -40,7 +40,7 @@ from esmshard import EsmShardError
 from esmshard.batching import Batch, planned_batches
 from esmshard.fasta import ESM_RESIDUES
 from esmshard.outputs import OutputSpec, piece_tokens, pooling_of, residue_offsets
-from esmshard.packed import PackedESM, heads_of, kernel_warmups, packed_model, uses_rotary_kernel
+from esmshard.packed import PackedESM, heads_of, kernel_warmups, packed_model, rotary_kernel_of
 
 log = logging.getLogger(__name__)
 
@@ -504,7 +504,7 @@ def _built_while_kernels_load(network, dtype: torch.dtype, device: torch.device)
         return packed_model(network, dtype, device).eval()
     heads = heads_of(network)
     head_dim = network.embed_tokens.embedding_dim // heads
-    warmups = kernel_warmups(heads, head_dim, dtype, device, rotary=uses_rotary_kernel(network))
+    warmups = kernel_warmups(heads, head_dim, dtype, device, rotary=rotary_kernel_of(network))
     with ThreadPoolExecutor(len(warmups)) as pool:
         loading = [pool.submit(warmup) for warmup in warmups]
         model = packed_model(network, dtype, device).eval()

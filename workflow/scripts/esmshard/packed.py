@@ -174,6 +174,10 @@ class PackedESMCLayer(nn.Module):
         self.qkv = _copy(attn.layernorm_qkv[1], dtype, device)
         self.q_norm = _copy(attn.q_ln, torch.float32, device)
         self.k_norm = _copy(attn.k_ln, torch.float32, device)
+        # both, for the fused kernel (one eps: EvolutionaryScale's LayerNorms all have torch's default)
+        qk_weights = torch.stack([self.q_norm.weight.detach(), self.k_norm.weight.detach()])  # [2, D]
+        self.register_buffer("qk_norm_weights", qk_weights, persistent=False)
+        self.qk_kernel = torch.device(device).type == "cuda" and ROTARY_KERNEL and attn.q_ln.eps == attn.k_ln.eps
         self.out_proj = _copy(attn.out_proj, dtype, device, scale=1 / block.scale)
         self.ffn_norm = _copy(ffn_norm, torch.float32, device)
         self.fc1 = _copy(fc1, dtype, device)
@@ -185,10 +189,16 @@ class PackedESMCLayer(nn.Module):
         dtype = self.qkv.weight.dtype
         norm1 = self.attn_norm
         _, normed = added_and_normed(x, None, norm1.weight, norm1.bias, norm1.eps, dtype)
-        q, k, v = F.linear(normed, self.qkv.weight).chunk(3, dim=-1)  # 3 x [T, D]
-        q = F.layer_norm(q.float(), (D,), self.q_norm.weight, None, self.q_norm.eps).view(T, self.heads, -1)
-        k = F.layer_norm(k.float(), (D,), self.k_norm.weight, None, self.k_norm.eps).view(T, self.heads, -1)
-        q, k = _rotate(q, cos, sin).to(dtype), _rotate(k, cos, sin).to(dtype)  # [T, H, d]
+        qkv = F.linear(normed, self.qkv.weight)  # [T, 3D]
+        q, k, v = qkv.chunk(3, dim=-1)  # 3 x [T, D]
+        if self.qk_kernel:
+            from esmshard.rotary_kernel import norm_rotate_qk
+
+            q, k = norm_rotate_qk(qkv, self.qk_norm_weights, self.q_norm.eps, cos, sin, self.heads)  # [T, H, d]
+        else:
+            q = F.layer_norm(q.float(), (D,), self.q_norm.weight, None, self.q_norm.eps).view(T, self.heads, -1)
+            k = F.layer_norm(k.float(), (D,), self.k_norm.weight, None, self.k_norm.eps).view(T, self.heads, -1)
+            q, k = _rotate(q, cos, sin).to(dtype), _rotate(k, cos, sin).to(dtype)  # [T, H, d]
         attended = attention(q, k, v.reshape(T, self.heads, -1), cu_seqlens, max_len)  # [T, H, d]
         attention_output = F.linear(attended.reshape(T, D), self.out_proj.weight)
         norm2 = self.ffn_norm
@@ -233,9 +243,11 @@ def heads_of(network) -> int:
     return network.heads if hasattr(network, "heads") else network.layers[0].self_attn.num_heads
 
 
-def uses_rotary_kernel(network) -> bool:
-    """Whether the packed module rotates through rotary_kernel.py on CUDA (ESM-2 only)."""
-    return not hasattr(network, "embed_positions") and hasattr(network, "layers")
+def rotary_kernel_of(network) -> str | None:
+    """Which kernel of rotary_kernel.py the packed module runs on CUDA (see kernel_warmups)."""
+    if hasattr(network, "embed_positions"):  # ESM-1b: learned positions
+        return None
+    return "plain" if hasattr(network, "layers") else "normed"
 
 
 # On CUDA: rotary through rotary_kernel.py (Triton), one pass instead of eager torch's eight.
@@ -258,8 +270,9 @@ def with_rotary_kernel(projection):
     return inputs
 
 
-def kernel_warmups(heads: int, head_dim: int, dtype: torch.dtype, device, rotary: bool = True) -> list:
-    """Functions that run attention (with rotary if ``rotary``), and LayerNorm, on 8 tokens, so that their kernels
+def kernel_warmups(heads: int, head_dim: int, dtype: torch.dtype, device, rotary: str | None = "plain") -> list:
+    """Functions that run attention (with the rotary kernel: ``plain``, ESM-2's; ``normed``, ESM
+    C's with its q and k LayerNorms; None, none), and LayerNorm, on 8 tokens, so that their kernels
     are ready: Triton compiles each on its first launch (~1-2 s on a fresh machine, ~0.5 s from its
     cache). PackedEngine runs them on threads of their own while the weights go to the GPU; Triton
     compiles mostly without the GIL, so two compiles on two threads overlap."""
@@ -269,10 +282,14 @@ def kernel_warmups(heads: int, head_dim: int, dtype: torch.dtype, device, rotary
         qkv = torch.zeros(8, 3, heads, head_dim, dtype=dtype, device=device)  # [T, 3, H, d]
         q, k, v = qkv.unbind(1)
         if rotary and ROTARY_KERNEL:
-            from esmshard.rotary_kernel import rotate_qk
+            from esmshard.rotary_kernel import norm_rotate_qk, rotate_qk
 
             cos = torch.ones(8, head_dim, device=device)  # [T, d]
-            q, k = rotate_qk(qkv.view(8, -1), cos, torch.zeros_like(cos), heads)
+            if rotary == "plain":
+                q, k = rotate_qk(qkv.view(8, -1), cos, torch.zeros_like(cos), heads)
+            else:
+                weights = torch.ones(2, heads * head_dim, device=device)
+                q, k = norm_rotate_qk(qkv.view(8, -1), weights, 1e-5, cos, torch.zeros_like(cos), heads)
         attention(q, k, v, torch.tensor([0, 8], dtype=torch.int32, device=device), 8)
         torch.cuda.synchronize(device)
 
