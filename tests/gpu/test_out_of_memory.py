@@ -1,6 +1,9 @@
-"""A real CUDA out-of-memory error in a big batch: the engine splits the batch in halves (engine.py,
-PackedEngine._outputs_splitting_on_oom) and gives the vectors of an unsplit run."""
+"""Real CUDA out-of-memory errors: a big batch is split in halves (engine.py,
+PackedEngine._outputs_splitting_on_oom) and gives the vectors of an unsplit run; a window that
+does not fit even alone is computed on the CPU."""
 
+import contextlib
+import gc
 import logging
 
 import torch
@@ -39,3 +42,40 @@ def test_a_batch_that_does_not_fit_is_split_and_gives_the_same_vectors(cuda, t6,
     assert engine.splits <= 3, f"{engine.splits} splits: the halves should fit in 60% of the whole batch's memory"
     for name in spec.names:
         assert_rows_close(split[name], whole[name], "bfloat16", f"{name}, after {len(splits)} split(s)")
+
+
+def test_a_window_that_does_not_fit_even_alone_is_computed_on_the_cpu(cuda, t6, caplog):
+    network, alphabet = t6
+    spec = OutputSpec.resolve([-1], ["mean", "per_residue"], network.num_layers, long_sequences="window")
+    engine = PackedEngine(network, alphabet, cuda, "bfloat16", spec)
+    residues = random_residues([1022, 2500, 30], seed=8)  # 1 window, 4 (overlapping by 512 or more), 1
+    whole = engine.embed(residues)
+    with caplog.at_level(logging.WARNING, logger="esmshard.engine"), no_room_left():
+        on_cpu = engine.embed(residues)
+    warnings = [r for r in caplog.records if "does not fit in GPU memory even alone" in r.getMessage()]
+    assert engine.cpu_batches == len(warnings) == 6 and engine.stats()["cpu_batches"] == 6
+    for name in spec.names:
+        assert_rows_close(on_cpu[name], whole[name], "bfloat16", f"{name}, on the CPU")
+
+
+@contextlib.contextmanager
+def no_room_left():
+    """No new GPU memory for this process (its limit: what it holds now), and what its allocator
+    holds free taken by filler tensors: every allocation fails meanwhile."""
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(torch.cuda.memory_reserved() / total)
+    filler, size = [], 2**30
+    while size >= 512:
+        try:
+            filler.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+        except torch.OutOfMemoryError:
+            size //= 2
+    try:
+        yield
+    finally:
+        del filler
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()

@@ -8,8 +8,9 @@ the engine's ``batches``, ``embed_batches`` and ``stats``. Another model family 
   [pieces, longest] layout (the numbers of fair-esm's forward; not its extract.py batching).
 - ``PackedEngine``: the packed forward of ``packed.py`` on unpadded token streams, with
   tokenising on a background thread, pinned host memory and asynchronous copies, pooling on the
-  device, batches split in half on CUDA out-of-memory, and in float16 a batch whose outputs are
-  not finite (an activation beyond float16's range) computed again in bfloat16.
+  device, batches split in half on CUDA out-of-memory (a window that does not fit even alone
+  computed on the CPU, in float32), and in float16 a batch whose outputs are not finite (an
+  activation beyond float16's range) computed again in bfloat16.
 
 Both build their batches with ``Packer.pack`` and pool with ``pool``: means over residue positions
 without BOS and EOS (the vector ``scripts/extract.py --include mean`` writes), BOS vectors, and
@@ -65,7 +66,8 @@ class Engine(Protocol):
 
     def stats(self) -> dict:
         """What the rank records of the engine's work: batches computed again in bfloat16, batches
-        split on running out of GPU memory, peak GPU memory (GiB; None on the CPU)."""
+        split on running out of GPU memory, windows computed on the CPU for lack of GPU memory,
+        peak GPU memory (GiB; None on the CPU)."""
 
 
 def check_precision(kind: str, device_type: str, precision: str) -> None:
@@ -321,7 +323,12 @@ class ReferenceEngine:
         return planned_batches(lengths, self.spec, budget, padded=True), budget
 
     def stats(self) -> dict:
-        return {"bfloat16_batches": 0, "out_of_memory_splits": 0, "peak_gpu_memory_gib": _peak_gpu_memory(self.device)}
+        return {
+            "bfloat16_batches": 0,
+            "out_of_memory_splits": 0,
+            "cpu_batches": 0,
+            "peak_gpu_memory_gib": _peak_gpu_memory(self.device),
+        }
 
     def embed_batches(self, batches, read):
         assemble = Assembler(self.spec, self.stored)
@@ -368,9 +375,13 @@ class PackedEngine:
         self.splits = 0  # batches split in two on running out of GPU memory
         # float16 carries 3 more mantissa bits than bfloat16 (ESM-2 650M: 20x smaller errors) but
         # overflows at 65504; a batch that does is computed again by a bfloat16 copy, built on first need.
-        self._network = network if precision == "float16" else None
+        self._network = network  # for those copies and the CPU's below: the model as loaded, on the CPU
+        self._overflow_guard = precision == "float16"
         self._fallback_model = None
         self.fallbacks = 0  # batches computed again in bfloat16
+        # a window that does not fit in GPU memory even alone: computed by a float32 copy on the CPU
+        self._cpu_model = None
+        self.cpu_batches = 0
 
     def batches(self, lengths, tokens_per_batch):
         budget = tokens_per_batch or self.default_tokens_per_batch()
@@ -380,6 +391,7 @@ class PackedEngine:
         return {
             "bfloat16_batches": self.fallbacks,
             "out_of_memory_splits": self.splits,
+            "cpu_batches": self.cpu_batches,
             "peak_gpu_memory_gib": _peak_gpu_memory(self.device),
         }
 
@@ -406,16 +418,17 @@ class PackedEngine:
 
     def _outputs_splitting_on_oom(self, residues, packed: PackedBatch, model=None) -> dict[str, torch.Tensor]:
         """The batch's outputs, computed in halves (by sequences, or a lone protein's windows) while
-        it does not fit."""
+        it does not fit; one window that does not fit even alone, on the CPU."""
         first, end = packed.windows[0]
         try:
             return self.outputs(packed.to(self.device), model)
         except torch.OutOfMemoryError:
-            if len(residues) == 1 and end - first == 1:
-                raise
-        # Split outside the except block: the exception's traceback holds the failed attempt's
-        # activations, and no half would fit while it lives.
+            pass
+        # Go on outside the except block: the exception's traceback holds the failed attempt's
+        # activations, and nothing smaller would fit while it lives.
         torch.cuda.empty_cache()
+        if len(residues) == 1 and end - first == 1:
+            return self._outputs_on_cpu(packed)
         sizes = np.cumsum((packed.windows[:, 1] - packed.windows[:, 0]) * piece_tokens([len(r) for r in residues]))
         log.warning("out of GPU memory on %d tokens; retrying as two batches", sizes[-1])
         self.splits += 1
@@ -427,6 +440,8 @@ class PackedEngine:
             halves = [(residues, [[first, middle]]), (residues, [[middle, end]])]
         packs = [self.packer.pack(r, self._pin, w) for r, w in halves]
         parts = [self._outputs_splitting_on_oom(r, p, model) for (r, _), p in zip(halves, packs)]
+        if len({t.device for part in parts for t in part.values()}) > 1:  # a part computed on the CPU
+            parts = [{name: t.cpu() for name, t in part.items()} for part in parts]
         if len(residues) > 1:
             return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
         # one protein's two sets of windows: sums over pieces, its rows offset by where each starts
@@ -440,6 +455,17 @@ class PackedEngine:
                 start, stop = p.spans[0] - packed.spans[0, 0]
                 out[name][start:stop] += part[name]
         return out
+
+    def _outputs_on_cpu(self, packed: PackedBatch) -> dict[str, torch.Tensor]:
+        """One window's outputs from a float32 copy of the model on the CPU (built on first need),
+        left there (the device has no room for them)."""
+        log.warning(
+            "a window of %d tokens does not fit in GPU memory even alone; computing it on the CPU", packed.max_len
+        )
+        self.cpu_batches += 1
+        if self._cpu_model is None:
+            self._cpu_model = packed_model(self._network, torch.float32, "cpu").eval()
+        return self.outputs(packed.to("cpu"), self._cpu_model)
 
     def embed_batches(self, batches, read):
         """Yields results in order; the host tokenises ahead, and batch i is copied back and
@@ -468,7 +494,7 @@ class PackedEngine:
         to (pinned) host memory, with whether all were finite before that cast (checked only where
         a fallback exists), and an event that marks them done."""
         finite = None
-        if self._network is not None:
+        if self._overflow_guard:
             finite = torch.empty((), dtype=torch.bool, pin_memory=self._pin)
             finite.copy_(torch.stack([torch.isfinite(t).all() for t in outputs.values()]).all(), non_blocking=True)
         host = {}

@@ -89,7 +89,7 @@ def run_rank(
 def engine_stats(engine) -> dict:
     """``Engine.stats``, or what they are where the rank computed nothing."""
     if engine is None:
-        return {"bfloat16_batches": 0, "out_of_memory_splits": 0, "peak_gpu_memory_gib": None}
+        return {"bfloat16_batches": 0, "out_of_memory_splits": 0, "cpu_batches": 0, "peak_gpu_memory_gib": None}
     return engine.stats()
 
 
