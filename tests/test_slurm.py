@@ -68,35 +68,35 @@ def statuses(workdir: Path, ranks: int) -> list[dict]:
     return [json.loads((workdir / f"results/status/rank_{r}.json").read_text()) for r in range(ranks)]
 
 
-def test_four_ranks_run_as_four_slurm_jobs_on_one_gpu_each(tmp_path, fasta, tiny_checkpoint, slurm_conf):
+def test_four_ranks_as_four_slurm_jobs_on_one_gpu_each_a_failed_one_and_the_rerun(
+    tmp_path, fasta, tiny_checkpoint, slurm_conf
+):
+    """One run whose rank 1 fails on both its attempts, then the same command again: each rank is
+    its own SLURM job on exactly one GPU, the rerun submits only rank 1 and the aggregation, and
+    the result is a local run's."""
     config = {"fasta": [str(fasta)], "model": str(tiny_checkpoint), "world_size": 4, "threads_per_rank": 2}
     (tmp_path / "slurm").mkdir()
-    result = through_slurm(tmp_path / "slurm", config, slurm_conf)
-    assert result.returncode == 0, result.stderr[-5000:]
-    ranks = statuses(tmp_path / "slurm", 4)
+    workdir = tmp_path / "slurm"
+    first = through_slurm(workdir, config, slurm_conf, env={"ESMSHARD_FAIL_RANKS": "1"})
+    assert first.returncode == 0, first.stderr[-5000:]
+    manifest = json.loads((workdir / "results/manifest.json").read_text())
+    assert [f["rank"] for f in manifest["ranks_failed"]] == [1] and manifest["ranks_succeeded"] == [0, 2, 3]
+    assert "fault injected" in manifest["ranks_failed"][0]["error"]
+    log = (workdir / "logs/embed/rank_1.log").read_text()  # retries: 1 of the profile reached the SLURM job
+    assert "attempt 2 of 2" in log and "failed on its last attempt (2)" in log
+    before = {r: (workdir / f"results/shards/shard_{r}.h5").stat().st_mtime_ns for r in (0, 2, 3)}
+    second = through_slurm(workdir, config, slurm_conf)
+    assert second.returncode == 0, second.stderr[-5000:]
+    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", second.stderr)
+    assert len(submitted) == 2, second.stderr[-5000:]  # rank 1 and the aggregation, nothing else
+    assert "wildcards: rank=1" in second.stderr
+    assert {r: (workdir / f"results/shards/shard_{r}.h5").stat().st_mtime_ns for r in (0, 2, 3)} == before
+    assert json.loads((workdir / "results/manifest.json").read_text())["complete"]
+    ranks = statuses(workdir, 4)
     job_ids = [status["slurm_job_id"] for status in ranks]
     assert all(job_ids) and len(set(job_ids)) == 4  # each rank its own SLURM job
     for status in ranks:
         assert re.fullmatch(r"\d", status["cuda_visible_devices"])  # exactly one GPU index, set by SLURM
     (tmp_path / "local").mkdir()
     completed_run(tmp_path / "local", config)
-    assert_same_embeddings(tmp_path / "slurm", tmp_path / "local", atol=1e-6)
-
-
-def test_a_failed_rank_under_slurm_and_the_rerun(tmp_path, fasta, tiny_checkpoint, slurm_conf):
-    config = {"fasta": [str(fasta)], "model": str(tiny_checkpoint), "world_size": 4}
-    first = through_slurm(tmp_path, config, slurm_conf, env={"ESMSHARD_FAIL_RANKS": "1"})
-    assert first.returncode == 0, first.stderr[-5000:]
-    manifest = json.loads((tmp_path / "results/manifest.json").read_text())
-    assert [f["rank"] for f in manifest["ranks_failed"]] == [1] and manifest["ranks_succeeded"] == [0, 2, 3]
-    assert "fault injected" in manifest["ranks_failed"][0]["error"]
-    log = (tmp_path / "logs/embed/rank_1.log").read_text()  # retries: 1 of the profile reached the SLURM job
-    assert "attempt 2 of 2" in log and "failed on its last attempt (2)" in log
-    before = {r: (tmp_path / f"results/shards/shard_{r}.h5").stat().st_mtime_ns for r in (0, 2, 3)}
-    second = through_slurm(tmp_path, config, slurm_conf)
-    assert second.returncode == 0, second.stderr[-5000:]
-    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", second.stderr)
-    assert len(submitted) == 2, second.stderr[-5000:]  # rank 1 and the aggregation, nothing else
-    assert "wildcards: rank=1" in second.stderr
-    assert {r: (tmp_path / f"results/shards/shard_{r}.h5").stat().st_mtime_ns for r in (0, 2, 3)} == before
-    assert json.loads((tmp_path / "results/manifest.json").read_text())["complete"]
+    assert_same_embeddings(workdir, tmp_path / "local", atol=1e-6)
