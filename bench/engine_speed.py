@@ -1,6 +1,7 @@
 """Speed of the embed job against fair-esm, on one GPU, same synthetic proteins, same run.
 
     python bench/engine_speed.py --models esm2_t33_650M_UR50D esm2_t36_3B_UR50D esm1b_t33_650M_UR50S
+    python bench/engine_speed.py --models esmc_300m esmc_600m prot_t5_xl --no-baseline
 
 For each model (RANDOM weights of the real shape: speed does not depend on the values):
   (a) fair-esm in fp16 the way its scripts/extract.py runs it: sequences in memory, length-sorted
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scrip
 from esmshard import packed  # noqa: E402
 from esmshard.architectures import MAX_RESIDUES, RELEASED_SHAPES, release_family  # noqa: E402
 from esmshard.engine import PackedEngine  # noqa: E402
-from esmshard.huggingface import EsmConfig  # noqa: E402
+from esmshard.huggingface import EsmConfig, ProtT5Config  # noqa: E402
 from esmshard.index import SequenceIndex, build_index  # noqa: E402
 from esmshard.model import build_module  # noqa: E402
 from esmshard.outputs import OutputSpec  # noqa: E402
@@ -76,21 +77,33 @@ def fair_esm_fp16(network, alphabet, sequences: list[str], tokens_per_batch: int
     return time.perf_counter() - started
 
 
+# ProtT5-XL's encoder (Rostlab/prot_t5_xl_half_uniref50-enc), by the name the bench gives it
+PROTT5_XL = ProtT5Config(24, 1024, 32, 128, 16384, 32, 128, 1e-6, 128)
+SHAPES = {**RELEASED_SHAPES, "prot_t5_xl": PROTT5_XL[:3]}
+
+
+def family_of(name: str) -> str:
+    return "prott5" if name == "prot_t5_xl" else release_family(name)
+
+
 def reference_means(network, alphabet, sequences: list[str], layer: int) -> np.ndarray:
-    converter = alphabet.get_batch_converter(MAX_RESIDUES)
     means = []
     with torch.no_grad():
         for s in sequences:
-            _, _, toks = converter([("x", s)])
+            s = s[:MAX_RESIDUES]
+            ids = [alphabet.get_idx(c) for c in s]
+            first = int(alphabet.prepend_bos)  # ProtT5: residues, then </s>
+            toks = torch.tensor([[alphabet.cls_idx] * first + ids + [alphabet.eos_idx]])
             out = network(toks.cuda(), repr_layers=[layer])["representations"][layer]
-            means.append(out[0, 1 : len(s) + 1].float().mean(0).cpu().numpy())
+            means.append(out[0, first : len(s) + first].float().mean(0).cpu().numpy())
     return np.stack(means)
 
 
 def run_model(name: str, args, workdir: Path) -> dict:
-    layers, dim, heads = RELEASED_SHAPES[name]
-    family = release_family(name)
+    layers, dim, heads = SHAPES[name]
+    family = family_of(name)
     config = EsmConfig(layers, dim, heads, family != "esmc", 1e-5, 10000.0, family, emb_layer_norm_before=True)
+    config = PROTT5_XL if family == "prott5" else config
     torch.manual_seed(0)
     with torch.device("cuda"):
         network = build_module(config, initialised=True).eval()
@@ -192,14 +205,14 @@ def write_bench_plan(workdir: Path, name: str) -> Path:
     """One rank embeds every sequence, with the (random) model of a released shape."""
     index = SequenceIndex(workdir / "index")
     position, source = distinct(index.digests())
-    layers, dim, _ = RELEASED_SHAPES[name]
+    layers, dim, _ = SHAPES[name]
     ranks, rank_costs = balance(sequence_costs(index.lengths[position], dim), 1)
     model = {
         "path": name,
         "digest": f"random-{name}",
         "size": 0,
         "mtime_ns": 0,
-        "family": release_family(name),
+        "family": family_of(name),
         "num_layers": layers,
         "embed_dim": dim,
     }

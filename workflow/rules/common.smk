@@ -4,7 +4,7 @@ from pathlib import Path
 # The package (on sys.path since the Snakefile) is imported here only through modules that need
 # the standard library alone: Snakemake parses and lints this workflow without numpy, h5py or torch.
 from esmshard import EsmShardError, paths
-from esmshard.architectures import check_model_type, model_inputs, resolve_model
+from esmshard.architectures import check_model, model_inputs, resolve_model
 from esmshard.fasta import expand_fasta_paths, fasta_list_key
 from esmshard.gpu import count_visible_gpus
 from esmshard.mainprocess import cancel_snakemake_timers, failed_jobs, hold_results
@@ -105,10 +105,13 @@ MODEL_FILES = [local(str(path)) for path in MODEL_INPUTS]
 
 
 def check_model_family():
-    """model_type against the model's files, before any job (a model still to be downloaded is
-    checked by the plan, after the download)."""
-    if config["model_type"] and not DOWNLOAD_MODEL:
-        check_model_type(config["model_type"], resolve_model(config["model"]))
+    """model_type, and BOS pooling, against the model's files, before any job (a model still to
+    be downloaded is checked by the plan, after the download)."""
+    wanted = config["model_type"] or "bos" in config["pooling"]
+    if wanted and not DOWNLOAD_MODEL:
+        check_model(
+            config["model_type"], config["pooling"], resolve_model(config["model"])
+        )
 
 
 checked(check_model_family)

@@ -8,7 +8,7 @@ from pathlib import Path
 sys.path.insert(0, os.environ["ESMSHARD_PACKAGE"])  # this workflow's esmshard (rules/package.smk)
 
 from esmshard import EsmShardError, logs
-from esmshard.architectures import FAMILIES, check_model_type, checkpoint_identity, resolve_model
+from esmshard.architectures import FAMILIES, check_model, checkpoint_identity, resolve_model
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec
 from esmshard.plan import (
@@ -27,7 +27,7 @@ log = logging.getLogger("esmshard.plan")
 settings = snakemake.params.settings
 try:
     checkpoint = resolve_model(snakemake.config["model"])  # its files are this job's input
-    check_model_type(snakemake.config["model_type"], checkpoint)
+    check_model(snakemake.config["model_type"], settings["pooling"], checkpoint)
     model = checkpoint_identity(checkpoint)
     spec = OutputSpec.resolve(
         settings["layers"],

@@ -1,5 +1,5 @@
-"""esmshard: protein language-model embeddings (ESM-2, ESM-1b/ESM-1v, ESM C) for large FASTA
-inputs, one shard per GPU rank.
+"""esmshard: protein language-model embeddings (ESM-2, ESM-1b/ESM-1v, ESM C, ProtT5) for large
+FASTA inputs, one shard per GPU rank.
 
 One module per concern; none of them but ``api`` and ``mainprocess`` knows about Snakemake.
 
@@ -11,10 +11,11 @@ Input and plan:
 
 The model:
 - ``architectures``: which model the ``model`` option names, its family, files and identity
-- ``huggingface``: Hugging Face ESM directories and the hub cache (standard library only)
+- ``huggingface``: Hugging Face ESM and T5 directories and the hub cache (standard library only)
 - ``model``: loading a model (fair-esm checkpoints, ESM C state dicts, Hugging Face weights) into
-  its family's module (fair-esm's ESM2 or ProteinBertModel, ``esmc.ESMC``)
-- ``esmc``: ESM C's module, without EvolutionaryScale's package
+  its family's module (fair-esm's ESM2 or ProteinBertModel, ``esmc.ESMC``, ``prott5.ProtT5``)
+- ``esmc``, ``prott5``: ESM C's and ProtT5's modules, without EvolutionaryScale's package or
+  transformers
 - ``packed``, ``rotary_kernel``, ``norm_kernel``: every family over packed (unpadded) token streams
 - ``batching``: token-budget batches (a long protein's windows spread over several)
 - ``engine``: the engine interface a rank uses, and the engines: fair-esm reference and packed

@@ -44,7 +44,9 @@ def main(argv=None) -> None:
     )
     random.add_argument("path")
     random.add_argument("--like", choices=sorted(RELEASED_SHAPES), help="copy the family and shape of a released model")
-    random.add_argument("--family", choices=sorted(FAMILIES), default="esm2", help="without --like (default: esm2)")
+    random.add_argument(
+        "--family", choices=["esm1b", "esm2", "esmc"], default="esm2", help="without --like (default: esm2)"
+    )
     random.add_argument("--layers", type=int, default=2)
     random.add_argument("--embed-dim", type=int, default=32)
     random.add_argument("--heads", type=int, default=4)

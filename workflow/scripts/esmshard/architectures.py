@@ -50,8 +50,10 @@ ESMC_MODELS = {"esmc_300m": "EvolutionaryScale/esmc-300m-2024-12", "esmc_600m": 
 RELEASED_SHAPES = {**RELEASED_MODELS, "esmc_300m": Architecture(30, 960, 15), "esmc_600m": Architecture(36, 1152, 18)}
 
 # The families the engine runs, in words, and the option model_type's values with the family each names.
-FAMILIES = {"esm2": "ESM-2", "esm1b": "ESM-1b", "esmc": "ESM C"}
-MODEL_TYPES = {"esm2": "esm2", "esm1b": "esm1b", "esm1v": "esm1b", "esmc": "esmc"}
+FAMILIES = {"esm2": "ESM-2", "esm1b": "ESM-1b", "esmc": "ESM C", "prott5": "ProtT5"}
+MODEL_TYPES = {"esm2": "esm2", "esm1b": "esm1b", "esm1v": "esm1b", "esmc": "esmc", "prott5": "prott5"}
+# The families whose tokens start with no BOS (so no BOS pooling).
+WITHOUT_BOS = ("prott5",)
 # ESM C's head width in both released models (960 = 15 x 64, 1152 = 18 x 64): its state dicts
 # record no config, and the heads cannot be read from the tensors' shapes.
 ESMC_HEAD_DIM = 64
@@ -64,16 +66,21 @@ def release_family(name: str) -> str:
     return "esm2" if name in ESM2_MODELS else "esmc" if name in ESMC_MODELS else "esm1b"
 
 
-def check_model_type(model_type: str | None, checkpoint: "Checkpoint") -> None:
-    """A ``model_type`` (None: any) that names another family than the model's files is an error."""
-    if model_type is None:
+def check_model(model_type: str | None, poolings, checkpoint: "Checkpoint") -> None:
+    """A ``model_type`` (None: any) that names another family than the model's files, or BOS
+    pooling of a model without BOS, is an error."""
+    if model_type is None and "bos" not in poolings:
         return
     family = model_family(checkpoint)
-    if MODEL_TYPES[model_type] != family:
+    if model_type is not None and MODEL_TYPES[model_type] != family:
         raise EsmShardError(
             f"model_type: {model_type!r}, but {checkpoint.location} holds an {FAMILIES[family]} model "
             f"(model_type {' or '.join(t for t, f in MODEL_TYPES.items() if f == family)}); "
             f"set model_type to match, or leave it out"
+        )
+    if family in WITHOUT_BOS and "bos" in poolings:
+        raise EsmShardError(
+            f"pooling: bos, but {FAMILIES[family]} ({checkpoint.location}) has no BOS token: pool mean or per_residue"
         )
 
 

@@ -135,7 +135,7 @@ class PackedBatch:
     that these windows make: its R rows are the residues ``spans`` its windows cover."""
 
     tokens: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64, 0 at every <cls>
+    positions: torch.Tensor  # [T] int64, 0 at every piece's first token (<cls>; ProtT5: its first residue)
     cu_seqlens: torch.Tensor  # [P+1] int32, where each piece starts
     token_piece: torch.Tensor  # [T] int64, the piece of each token
     residue_tokens: torch.Tensor  # [R'] int64, where the residue tokens are in the stream
@@ -170,6 +170,9 @@ class Packer:
         for code in ESM_RESIDUES:
             self.table[code] = alphabet.get_idx(chr(code))
         self.cls_idx, self.eos_idx, self.padding_idx = alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx
+        self.bos = int(alphabet.prepend_bos)  # 0: residues then EOS (ProtT5)
+        if not self.bos and "bos" in spec.poolings:
+            raise ValueError("pooling: this model has no BOS token")
         self.spec = spec
 
     def pack(self, residues: list[np.ndarray], pin: bool = False, windows=None) -> PackedBatch:
@@ -185,19 +188,21 @@ class Packer:
         pieces = [(seq, start, end) for seq, (a, b) in enumerate(windows.tolist()) for start, end in every[seq][a:b]]
         piece_seq, piece_start, piece_end = (np.array(column, np.int64) for column in zip(*pieces))  # [P]
         piece_len = piece_end - piece_start
-        sizes = piece_len + 2
+        sizes = piece_len + 1 + self.bos
         cu_seqlens = np.concatenate([[0], np.cumsum(sizes)])  # [P+1]
         token_piece = np.repeat(np.arange(len(pieces)), sizes)  # [T]
         positions = np.arange(cu_seqlens[-1]) - cu_seqlens[:-1][token_piece]  # [T]
-        residue_tokens = np.flatnonzero((positions >= 1) & (positions <= piece_len[token_piece]))  # [R']
+        first = positions - self.bos  # [T] position among the piece's residues
+        residue_tokens = np.flatnonzero((first >= 0) & (first < piece_len[token_piece]))  # [R']
         tokens = np.empty(cu_seqlens[-1], np.int64)
         tokens[residue_tokens] = self.table[np.concatenate([residues[q][a:b] for q, a, b in pieces])]
-        tokens[cu_seqlens[:-1]] = self.cls_idx
+        if self.bos:
+            tokens[cu_seqlens[:-1]] = self.cls_idx
         tokens[cu_seqlens[1:] - 1] = self.eos_idx
 
         residue_piece = token_piece[residue_tokens]
         residue_seq = piece_seq[residue_piece]
-        residue = piece_start[residue_piece] + positions[residue_tokens] - 1  # [R'] in its sequence
+        residue = piece_start[residue_piece] + first[residue_tokens]  # [R'] in its sequence
         # Windows over each residue, those in other batches too: with the sequences laid end to end,
         # a running count of the windows started less those ended.
         base = residue_offsets(embedded)  # [B+1]
@@ -385,7 +390,7 @@ class PackedEngine:
 
     def batches(self, lengths, tokens_per_batch):
         budget = tokens_per_batch or self.default_tokens_per_batch()
-        return planned_batches(lengths, self.spec, budget, padded=False), budget
+        return planned_batches(lengths, self.spec, budget, padded=self.model.padded), budget
 
     def stats(self) -> dict:
         return {

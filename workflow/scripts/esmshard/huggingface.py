@@ -54,6 +54,26 @@ class EsmConfig(NamedTuple):
     max_positions: int = 1024  # learned positions (esm1b): <cls> residues <eos> of at most this many tokens
 
 
+class ProtT5Config(NamedTuple):
+    """What the engine takes from a T5 encoder's config.json (ProtT5)."""
+
+    layers: int
+    embed_dim: int  # d_model
+    heads: int
+    head_dim: int  # d_kv
+    ffn_dim: int  # d_ff
+    buckets: int  # relative_attention_num_buckets
+    max_distance: int  # relative_attention_max_distance
+    eps: float  # layer_norm_epsilon
+    vocab_size: int
+    family: str = "prott5"
+
+
+# transformers' T5 classes whose weights hold ProtT5's encoder (a decoder beside it is not read).
+T5_CLASSES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model")
+PROTT5_VOCABULARY = 128  # ProtT5's spiece vocabulary, padded
+
+
 def hub_cache() -> Path:
     """Where huggingface_hub keeps downloaded repositories (its rule, without importing it)."""
     home = os.getenv("HF_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"), "huggingface"))
@@ -121,8 +141,8 @@ def model_files(directory: Path) -> tuple[Path, ...]:
     )
 
 
-def read_config(directory: Path) -> EsmConfig:
-    """The directory's config.json, checked to describe an ESM-2 or ESM-1b that the engine runs."""
+def read_config(directory: Path) -> EsmConfig | ProtT5Config:
+    """The directory's config.json, checked to describe an ESM-2, ESM-1b or ProtT5 that the engine runs."""
     path = directory / "config.json"
     try:
         config = json.loads(path.read_text())
@@ -138,11 +158,13 @@ def read_config(directory: Path) -> EsmConfig:
         ) from None
     except (OSError, ValueError) as error:
         raise EsmShardError(f"model: {path} is not a readable JSON file ({error})") from None
+    if isinstance(config, dict) and config.get("model_type") == "t5":
+        return _prott5_config(directory, config)
     if not isinstance(config, dict) or config.get("model_type") != "esm":
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise EsmShardError(
             f"model: {directory} holds a {kind or 'non-ESM'} model (config.json model_type {kind!r}), "
-            f"not ESM-2 or ESM-1b ('esm')"
+            f"not ESM-2 or ESM-1b ('esm') nor ProtT5 ('t5')"
         )
     problem = _unsupported(config)
     if problem:
@@ -201,3 +223,28 @@ def _unsupported(config: dict) -> str | None:
     if config.get("intermediate_size", 3072) != 4 * shape[1]:
         return f"intermediate_size {config.get('intermediate_size', 3072)}: ESM's is 4 x hidden_size"
     return None
+
+
+def _prott5_config(directory: Path, config: dict) -> ProtT5Config:
+    """A T5 config.json checked to be ProtT5's kind of encoder (T5 v1.0: ReLU, not gated; ProtT5's vocabulary)."""
+    architectures = config.get("architectures") or []
+    problem = None
+    if not isinstance(architectures, list) or not set(architectures) <= set(T5_CLASSES):
+        problem = f"architectures {architectures!r}: esmshard reads the encoder of {', '.join(T5_CLASSES)}"
+    elif config.get("feed_forward_proj", "relu") != "relu":
+        problem = f"feed_forward_proj {config.get('feed_forward_proj')!r}: ProtT5's encoder has a ReLU feed-forward"
+    elif config.get("vocab_size") != PROTT5_VOCABULARY:
+        problem = f"vocab_size {config.get('vocab_size')!r}: ProtT5's is {PROTT5_VOCABULARY}"
+    fields = ("num_layers", "d_model", "num_heads", "d_kv", "d_ff")
+    values = [config.get(key) for key in fields]
+    if problem is None and not all(isinstance(value, int) and value > 0 for value in values):
+        problem = f"{', '.join(fields)} {values} are not a transformer's"
+    if problem:
+        raise EsmShardError(f"model: {directory} is a T5 model that esmshard cannot run as ProtT5: {problem}")
+    return ProtT5Config(
+        *values,
+        int(config.get("relative_attention_num_buckets", 32)),
+        int(config.get("relative_attention_max_distance", 128)),
+        float(config.get("layer_norm_epsilon", 1e-6)),
+        PROTT5_VOCABULARY,
+    )

@@ -72,7 +72,7 @@ def embed(sequences, model=None, layers=None, pooling=None, device=None, **optio
     chosen = RankSettings.from_config(config)
     kind = torch.device(device).type
     precision = compute_precision(chosen, kind)
-    from esmshard.architectures import check_model_type
+    from esmshard.architectures import check_model
     from esmshard.engine import build_engine, check_precision
     from esmshard.model import load_model, resolve_checkpoint
 
@@ -82,7 +82,7 @@ def embed(sequences, model=None, layers=None, pooling=None, device=None, **optio
         raise ValueError(str(error)) from None
     checkpoint = resolve_checkpoint(str(config["model"]))
     try:
-        check_model_type(config["model_type"], checkpoint)
+        check_model(config["model_type"], chosen.pooling, checkpoint)
     except EsmShardError as error:
         raise ValueError(str(error)) from None
 

@@ -15,6 +15,7 @@ classifier's) are never needed for embeddings.
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import re
@@ -40,8 +41,9 @@ from esmshard.architectures import (
 )
 from esmshard.esmc import ESMC
 from esmshard.files import atomic_output
-from esmshard.huggingface import HUB_ID, WEIGHT_FILES, EsmConfig, model_files, read_config, split_hub_id
+from esmshard.huggingface import HUB_ID, WEIGHT_FILES, EsmConfig, ProtT5Config, model_files, read_config, split_hub_id
 from esmshard.packed import without_initialisation
+from esmshard.prott5 import ProtT5
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +188,8 @@ def load_model(model: str):
     checkpoint = resolve_checkpoint(model)
     if checkpoint.location.is_dir():
         config = read_config(checkpoint.location)
-        state, names_in_file = _hf_state(checkpoint, config)
+        hf_state = _prott5_state if config.family == "prott5" else _hf_state
+        state, names_in_file = hf_state(checkpoint, config)
     else:
         family, saved, weights = _read_checkpoint(checkpoint.location)
         # fair-esm's LayerNorm eps and rotary base, which its checkpoints do not record
@@ -220,6 +223,8 @@ def build_module(config: EsmConfig, initialised: bool = False):
     with contextlib.nullcontext() if initialised else without_initialisation():
         if config.family == "esmc":
             return ESMC(config.embed_dim, config.heads, config.layers)
+        if config.family == "prott5":
+            return ProtT5(config)
         if config.family == "esm2":
             return esm.ESM2(
                 num_layers=config.layers,
@@ -274,10 +279,7 @@ def _module_with(config: EsmConfig, state: dict, names_in_file: dict, location: 
 def _hf_state(checkpoint: Checkpoint, config: EsmConfig) -> tuple[dict, dict]:
     """A Hugging Face directory's tensors under fair-esm's names, and each one's name in the
     directory. Task heads' weights are left out (and logged)."""
-    tensors = {}
-    for path in checkpoint.files[1:]:
-        if not path.name.endswith(".index.json"):
-            tensors.update(_read_safetensors(path) if path.suffix == ".safetensors" else _read_weights(path))
+    tensors = _hf_tensors(checkpoint)
     state, names_in_file, heads, inv_freq = {}, {}, [], None
     for name_in_file, tensor in tensors.items():
         name = name_in_file.removeprefix("esm.")
@@ -308,6 +310,26 @@ def _hf_state(checkpoint: Checkpoint, config: EsmConfig) -> tuple[dict, dict]:
     for layer in range(config.layers):
         state[f"layers.{layer}.self_attn.rot_emb.inv_freq"] = inv_freq.float()
     return state, names_in_file
+
+
+def _prott5_state(checkpoint: Checkpoint, config) -> tuple[dict, dict]:
+    """A T5 directory's encoder tensors (``shared`` and ``encoder.*``; a decoder and its head
+    are not read), and each one's name in the directory."""
+    tensors = _hf_tensors(checkpoint)
+    state = {name: t for name, t in tensors.items() if name == "shared.weight" or name.startswith("encoder.")}
+    embedding = state.pop("encoder.embed_tokens.weight", None)  # tied to shared
+    if "shared.weight" not in state and embedding is not None:
+        state["shared.weight"] = embedding
+    return state, {name: name for name in state}
+
+
+def _hf_tensors(checkpoint: Checkpoint) -> dict:
+    """Every tensor of a Hugging Face directory's weights files, by its name there."""
+    tensors = {}
+    for path in checkpoint.files[1:]:
+        if not path.name.endswith(".index.json"):
+            tensors.update(_read_safetensors(path) if path.suffix == ".safetensors" else _read_weights(path))
+    return tensors
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -395,13 +417,17 @@ def write_random_checkpoint(
     """Write a checkpoint of ``family`` with random weights in its released file layout: esm2 and
     esm1b (ESM-1b's and ESM-1v's architecture, with its LayerNorm on the embeddings) as fair-esm's
     files (which hold float16 weights: ``dtype``), esmc as EvolutionaryScale's state dict (its
-    heads of 64: ``heads`` must be embed_dim / 64).
+    heads of 64: ``heads`` must be embed_dim / 64), prott5 as a Hugging Face T5 encoder directory
+    at ``path`` (ProtT5-XL's proportions: heads of 4 x embed_dim / heads, a feed-forward 16 x
+    embed_dim wide).
 
     For tests, the demo without network, and speed benchmarks: the architecture is real, the
     weights are not, so its embeddings mean nothing biologically. ``device`` draws them (a GPU
     draws 15B's in seconds, and the host then holds only the file's copy).
     """
     torch.manual_seed(seed)
+    if family == "prott5":
+        return _write_random_prott5(Path(path), layers, embed_dim, heads, dtype, device)
     shape = EsmConfig(layers, embed_dim, heads, family != "esmc", 1e-5, 10000.0, family, emb_layer_norm_before=True)
     with torch.device(device):
         network = build_module(shape, initialised=True)
@@ -440,3 +466,39 @@ def write_random_checkpoint(
     key = {"esm2": "cfg", "esm1b": "args"}[family]
     torch.save({key: {"model": config} if family == "esm2" else config, "model": weights}, path)
     return path
+
+
+def _write_random_prott5(directory: Path, layers: int, embed_dim: int, heads: int, dtype, device) -> Path:
+    """A T5 encoder of ProtT5's kind with random weights, as transformers' save_pretrained lays it out."""
+    from safetensors.torch import save_file
+
+    config = ProtT5Config(layers, embed_dim, heads, 4 * embed_dim // heads, 16 * embed_dim, 32, 128, 1e-6, 128)
+    with torch.device(device):
+        network = build_module(config, initialised=True)
+    with torch.no_grad():
+        for name, tensor in network.named_parameters():
+            if "layer_norm" in name:
+                tensor.add_(0.1 * torch.randn_like(tensor))
+    directory.mkdir(parents=True, exist_ok=True)
+    weights = {name: t.to("cpu", dtype).contiguous() for name, t in network.state_dict().items()}
+    save_file(weights, directory / "model.safetensors")
+    (directory / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "t5",
+                "architectures": ["T5EncoderModel"],
+                "num_layers": layers,
+                "d_model": embed_dim,
+                "num_heads": heads,
+                "d_kv": config.head_dim,
+                "d_ff": config.ffn_dim,
+                "relative_attention_num_buckets": config.buckets,
+                "relative_attention_max_distance": config.max_distance,
+                "layer_norm_epsilon": config.eps,
+                "feed_forward_proj": "relu",
+                "vocab_size": config.vocab_size,
+            },
+            indent=2,
+        )
+    )
+    return directory

@@ -105,6 +105,8 @@ def added_and_normed(x, residual, norm_weight, norm_bias, eps: float, dtype: tor
 
 
 class PackedESM(nn.Module):
+    padded = False  # batches are budgeted in tokens, not in padded tokens
+
     def __init__(self, network, dtype: torch.dtype = torch.bfloat16, device="cpu"):
         """Built on ``device`` from a loaded fair-esm ESM2 or ProteinBertModel (float32 weights),
         sharing nothing with it."""
@@ -208,6 +210,8 @@ class PackedESMCLayer(nn.Module):
 
 
 class PackedESMC(nn.Module):
+    padded = False
+
     def __init__(self, network, dtype: torch.dtype = torch.bfloat16, device="cpu"):
         """Built on ``device`` from a loaded esmc.ESMC (float32 weights), sharing nothing with it."""
         super().__init__()
@@ -232,10 +236,48 @@ class PackedESMC(nn.Module):
                 yield layer, (self.final_norm(x) if layer == self.num_layers else x)
 
 
+class PaddedProtT5(nn.Module):
+    """ProtT5 behind the packed modules' interface: its relative position bias needs the [L, L]
+    attention of each piece, so the stream is padded to [pieces, longest] for the forward and
+    unpadded after (batches are budgeted in padded tokens, of length-sorted pieces)."""
+
+    padded = True
+
+    def __init__(self, network, dtype: torch.dtype = torch.bfloat16, device="cpu"):
+        super().__init__()
+        from esmshard.prott5 import PAD, ProtT5
+
+        with torch.device(device), without_initialisation():
+            self.network = ProtT5(network.config).to(dtype).eval()
+        # float32 where it costs little: the embeddings (so the residual stream is float32, as the
+        # packed modules'), the final LayerNorm, and the feed-forward's output projection, as
+        # transformers keeps it (T5 overflows float16 there)
+        self.network.shared.float()
+        self.network.encoder.final_layer_norm.float()
+        for block in self.network.encoder.block:
+            block.layer[1].DenseReluDense.wo.float()
+        with torch.no_grad():
+            for name, tensor in network.state_dict().items():
+                self.network.get_parameter(name).copy_(tensor)
+        self.pad = PAD
+
+    def hidden_states(self, tokens, positions, cu_seqlens, max_len: int, layers):
+        """As PackedESM.hidden_states."""
+        pieces = len(cu_seqlens) - 1
+        token_piece = torch.repeat_interleave(torch.arange(pieces, device=tokens.device), cu_seqlens.diff())  # [T]
+        padded = torch.full((pieces, max_len), self.pad, dtype=tokens.dtype, device=tokens.device)  # [P, L]
+        padded[token_piece, positions] = tokens
+        for layer, hidden in self.network.hidden_states(padded, layers):  # [P, L, D]
+            yield layer, hidden[token_piece, positions].float()  # [T, D]
+
+
 def packed_model(network, dtype: torch.dtype, device):
     """The packed module of a loaded model of any family."""
     from esmshard.esmc import ESMC
+    from esmshard.prott5 import ProtT5
 
+    if isinstance(network, ProtT5):
+        return PaddedProtT5(network, dtype, device)
     return (PackedESMC if isinstance(network, ESMC) else PackedESM)(network, dtype, device)
 
 
@@ -245,9 +287,11 @@ def heads_of(network) -> int:
 
 def rotary_kernel_of(network) -> str | None:
     """Which kernel of rotary_kernel.py the packed module runs on CUDA (see kernel_warmups)."""
-    if hasattr(network, "embed_positions"):  # ESM-1b: learned positions
-        return None
-    return "plain" if hasattr(network, "layers") else "normed"
+    from esmshard.esmc import ESMC
+
+    if isinstance(network, ESMC):
+        return "normed"
+    return "plain" if hasattr(network, "layers") and not hasattr(network, "embed_positions") else None
 
 
 # On CUDA: rotary through rotary_kernel.py (Triton), one pass instead of eager torch's eight.
