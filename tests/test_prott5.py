@@ -4,6 +4,7 @@ the workflow."""
 
 import json
 import re
+import shutil
 
 import h5py
 import numpy as np
@@ -107,6 +108,13 @@ def test_a_t5_that_is_not_prott5_is_named(tmp_path, prott5_dir):
     (tmp_path / "config.json").write_text(json.dumps({**config, "feed_forward_proj": "gated-gelu"}))
     with pytest.raises(EsmShardError, match="is a T5 model that esmshard cannot run as ProtT5: feed_forward_proj"):
         resolve_model(str(tmp_path))
+    shutil.copytree(prott5_dir, tmp_path / "other_tokens")
+    tokenizer = json.loads((prott5_dir / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab[3], vocab[4] = vocab[4], vocab[3]  # A and L swapped: every A would be embedded as L
+    (tmp_path / "other_tokens/tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(EsmShardError, match="tokenizer.json gives the residue A the token id 4, not ProtT5's 3"):
+        resolve_model(str(tmp_path / "other_tokens"))
 
 
 @pytest.mark.workflow

@@ -72,6 +72,8 @@ class ProtT5Config(NamedTuple):
 # transformers' T5 classes whose weights hold ProtT5's encoder (a decoder beside it is not read).
 T5_CLASSES = ("T5EncoderModel", "T5ForConditionalGeneration", "T5Model")
 PROTT5_VOCABULARY = 128  # ProtT5's spiece vocabulary, padded
+# ProtT5's residue pieces ("▁A", ...) have token ids 3, 4, ... in this order (0-2: <pad>, </s>, <unk>).
+PROTT5_RESIDUES = "ALGVSREDTIPKFQNYMHWCXBOUZ"
 
 
 def hub_cache() -> Path:
@@ -239,6 +241,8 @@ def _prott5_config(directory: Path, config: dict) -> ProtT5Config:
     values = [config.get(key) for key in fields]
     if problem is None and not all(isinstance(value, int) and value > 0 for value in values):
         problem = f"{', '.join(fields)} {values} are not a transformer's"
+    if problem is None:
+        problem = _prott5_tokenizer_problem(directory / "tokenizer.json")
     if problem:
         raise EsmShardError(f"model: {directory} is a T5 model that esmshard cannot run as ProtT5: {problem}")
     return ProtT5Config(
@@ -248,3 +252,19 @@ def _prott5_config(directory: Path, config: dict) -> ProtT5Config:
         float(config.get("layer_norm_epsilon", 1e-6)),
         PROTT5_VOCABULARY,
     )
+
+
+def _prott5_tokenizer_problem(path: Path) -> str | None:
+    """What in a directory's tokenizer.json (where it has one, as transformers' save_pretrained
+    writes it) gives ProtT5's residues other token ids than the engine's; None when nothing does."""
+    if not path.is_file():
+        return None
+    try:
+        vocab = json.loads(path.read_text())["model"]["vocab"]
+        ids = {entry[0]: i for i, entry in enumerate(vocab)} if isinstance(vocab, list) else dict(vocab)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return f"{path.name} is not a readable tokenizer (model.vocab)"
+    for i, letter in enumerate(PROTT5_RESIDUES):
+        if ids.get(f"▁{letter}") != 3 + i:
+            return f"{path.name} gives the residue {letter} the token id {ids.get(f'▁{letter}')}, not ProtT5's {3 + i}"
+    return None

@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from esmshard.huggingface import ProtT5Config
+from esmshard.huggingface import PROTT5_RESIDUES, ProtT5Config
 
 PAD, EOS, UNK = 0, 1, 2
-# ProtT5's vocabulary (its spiece.model's pieces "▁A" ... ), the same in both released models.
-TOKENS = {letter: 3 + i for i, letter in enumerate("ALGVSREDTIPKFQNYMHWCXBOUZ")}
+# ProtT5's vocabulary (its spiece.model's pieces "▁A" ... ), the same in both released models;
+# a directory's tokenizer.json is checked against it (huggingface._prott5_tokenizer_problem).
+TOKENS = {letter: 3 + i for i, letter in enumerate(PROTT5_RESIDUES)}
 RARE = "UZOB"  # embedded as X, as Rostlab's scripts do
 
 
