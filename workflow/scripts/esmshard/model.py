@@ -1,16 +1,17 @@
-"""Loading ESM-2 and ESM-1b (ESM-1v) into fair-esm's own modules (ESM2, ProteinBertModel),
-safely, with current torch, from a fair-esm checkpoint or a Hugging Face model directory;
-downloading released and hub models.
+"""Loading a model into its family's module, safely, with current torch: ESM-2 and ESM-1b (ESM-1v)
+into fair-esm's own ESM2 and ProteinBertModel, ESM C into esmc.ESMC, ProtT5 into prott5.ProtT5;
+from a fair-esm checkpoint, an ESM C state dict or a Hugging Face model directory; downloading
+released and hub models.
 
 fair-esm 2.0.0's own loader calls torch.load without weights_only (which fails on torch >= 2.6,
 whose default is the safe unpickler) and insists on a contact-regression file next to a local
-checkpoint. Here a fair-esm checkpoint is read with the safe unpickler, allowing only the one
+checkpoint. Here a checkpoint file is read with the safe unpickler, allowing only the one
 non-tensor type fair-esm checkpoints hold (argparse.Namespace, their config), its family told
-by its layout as fair-esm's loader tells it; a Hugging Face directory's weights are read from
+by its layout (architectures.checkpoint_family); a Hugging Face directory's weights are read from
 safetensors (tensors only) or, failing that, pytorch_model.bin through the same safe unpickler,
-and renamed to fair-esm's names. Either way the module is fair-esm's own, so both sources run
-through the same engine. Contact regression, language-model and task-head weights (a fine-tuned
-classifier's) are never needed for embeddings.
+and renamed to the module's names. Either way the module is the family's one, so every source
+runs through the same engine. Contact regression, language-model and task-head weights (a
+fine-tuned classifier's) are never needed for embeddings.
 """
 
 import argparse
@@ -150,7 +151,11 @@ def _download_from_hub(model: str, directory: Path | None) -> Path:
             snapshot = Path(
                 huggingface_hub.snapshot_download(repo_id, allow_patterns=["data/weights/esmc_*.pth"], **where)
             )
-            checkpoint_architecture(esmc_weights(snapshot))
+            weights = esmc_weights(snapshot)
+            if weights is None or checkpoint_architecture(weights)[0] != "esmc":
+                raise EsmShardError(
+                    f"model: {model} on the Hugging Face hub holds no ESM C weights (data/weights/esmc_*.pth)"
+                )
             return snapshot
         config = Path(huggingface_hub.hf_hub_download(repo_id, "config.json", **where))
         read_config(config.parent)
@@ -176,9 +181,8 @@ def checkpoint_config(path):
 
 
 def load_model(model: str):
-    """(fair-esm module in eval mode on the CPU, its Alphabet) for any model ``model`` names: a
-    released name, a fair-esm checkpoint, a Hugging Face directory or hub id. The module is
-    fair-esm's ESM2 for an ESM-2, its ProteinBertModel for an ESM-1b (``family`` says which).
+    """(the family's module in eval mode on the CPU, its alphabet) for any model ``model`` names: a
+    released name, a checkpoint file, a Hugging Face directory or hub id (see build_module).
 
     The module is built without initialising its parameters and given the file's tensors
     (memory-mapped where the file allows), so no time or memory goes into a random
