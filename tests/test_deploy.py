@@ -12,6 +12,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from packaging.requirements import Requirement
@@ -188,7 +189,7 @@ def test_lint_format_check_and_dry_runs_need_snakemake_alone(slim_python, tmp_pa
 
 
 def test_a_wheel_carries_the_workflow_and_its_command_runs_it(wheel, tmp_path, tiny_checkpoint):
-    """`pip install` of a built wheel (no checkout, not editable): `python -m esmshard embed` runs
+    """`pip install` of a built wheel (no checkout, not editable): `python -m esmshard run` runs
     the workflow the wheel carries, and every job imports the installed package."""
     python = tmp_path / "venv/bin/python"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", python.parents[1]], check=True)
@@ -196,7 +197,7 @@ def test_a_wheel_carries_the_workflow_and_its_command_runs_it(wheel, tmp_path, t
     # the dependencies from this environment (a path entry: its editable esmshard is not loaded)
     (site / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     fasta = write_fasta(tmp_path / "p.fasta", random_sequences(8, seed=3, median=60, cap=200))
-    command = [python, "-m", "esmshard", "embed", fasta, "-o", tmp_path / "out", "-m", tiny_checkpoint]
+    command = [python, "-m", "esmshard", "run", fasta, "-o", tmp_path / "out", "-m", tiny_checkpoint]
     run = subprocess.run([*command, "--world-size", "1"], capture_output=True, text=True, env=SLIM_ENV, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout == f"wrote {tmp_path / 'out/results/embeddings.h5'}\n", run.stderr[-3000:]
     for log in ("index", "embed/rank_0", "aggregate"):
@@ -205,7 +206,8 @@ def test_a_wheel_carries_the_workflow_and_its_command_runs_it(wheel, tmp_path, t
 
 def test_the_base_install_embeds_without_snakemake_and_the_workflow_needs_the_extra(wheel, tmp_path, tiny_checkpoint):
     """`pip install esmshard` (the wheel's requirements without extras): esmshard.embed() computes
-    the vectors this environment does; `esmshard embed` says which extra it needs, in one line."""
+    the vectors this environment does, `esmshard embed` writes a FASTA file's embeddings, and
+    `esmshard run` says which extra it needs, in one line."""
     requires = [Requirement(line) for line in metadata.Distribution.at(wheel_metadata(wheel, tmp_path)).requires]
     base = [r.name for r in requires if r.marker is None]
     assert "snakemake" not in base and {"snakemake", "matplotlib"} <= {r.name for r in requires if r.marker}
@@ -227,8 +229,13 @@ def test_the_base_install_embeds_without_snakemake_and_the_workflow_needs_the_ex
 
     expected = esmshard.embed(sequences, model=str(tiny_checkpoint), pooling=["mean"])["mean/layer_2"]
     np.testing.assert_array_equal(np.load(tmp_path / "mean.npy"), expected)
-    fasta = write_fasta(tmp_path / "p.fasta", random_sequences(3, seed=3))
-    command = [python, "-m", "esmshard", "embed", fasta, "-o", tmp_path / "out", "-m", tiny_checkpoint]
+    fasta = write_fasta(tmp_path / "p.fasta", sequences)
+    command = [python, "-m", "esmshard", "embed", fasta, "-o", tmp_path / "e.h5", "-m", tiny_checkpoint]
+    run = subprocess.run(command, capture_output=True, text=True, env=SLIM_ENV, cwd=tmp_path)
+    assert run.returncode == 0 and run.stdout.startswith(f"wrote {tmp_path / 'e.h5'}: 2 proteins"), run.stderr[-3000:]
+    with h5py.File(tmp_path / "e.h5") as h5:
+        np.testing.assert_allclose(h5["mean/layer_2"][:], expected, rtol=0, atol=1e-6)
+    command = [python, "-m", "esmshard", "run", fasta, "-o", tmp_path / "out", "-m", tiny_checkpoint]
     run = subprocess.run(command, capture_output=True, text=True, env=SLIM_ENV, cwd=tmp_path)
     assert run.returncode == 1 and run.stdout == "", run
     assert run.stderr.count("\n") == 1 and "pip install 'esmshard[workflow]'" in run.stderr, run.stderr

@@ -1,5 +1,10 @@
-"""esmshard.embed: embeddings in the calling process, on the tiny model, against fair-esm's own
-forward and against what the workflow writes for the same sequences."""
+"""esmshard.embed and `esmshard embed`: embeddings in the calling process, on the tiny model,
+against fair-esm's own forward and against what the workflow writes for the same sequences."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -69,6 +74,53 @@ def test_embed_equals_what_the_workflow_writes(windowed, workflow_run):
             stored = h5[f"per_residue/layer_{layer}"][:]
             for i, rows in enumerate(windowed[f"per_residue/layer_{layer}"]):
                 assert np.abs(stored[offsets[i] : offsets[i + 1]] - rows).max() <= 1e-6
+
+
+@pytest.mark.workflow
+def test_the_embed_command_writes_what_the_workflow_writes_then_computes_only_whats_new(
+    tmp_path, records, tiny_checkpoint, workflow_run
+):
+    """`esmshard embed` (one rank in its own process, no Snakemake): the workflow's file, every
+    dataset and setting; the same command with one protein more computes that one only."""
+    fasta, out = write_fasta(tmp_path / "p.fasta", records), tmp_path / "e.h5"
+    command = [Path(sys.executable).parent / "esmshard", "embed", fasta, "-o", out, "-m", tiny_checkpoint]
+    command += ["--layers", "-1", "0", "--pooling", *OUTPUTS["pooling"], "--set", "long_sequences=window"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    first = subprocess.run(command, capture_output=True, text=True, env=env)
+    work = f"{out}.esmshard"
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout == f"wrote {out}: 23 proteins (23 distinct sequences computed, 0 from the store in {work})\n"
+    assert "rank 0: 23/23 sequences (100.0%)" in first.stderr  # the rank's progress, on the terminal
+    with h5py.File(out) as ours, h5py.File(workflow_run) as theirs:
+        assert sorted(ours) == sorted(theirs)
+        for key in ("model_digest", "model_family", "settings_key", "layers", "pooling", "dtype", "long_sequences"):
+            assert np.array_equal(ours.attrs[key], theirs.attrs[key]), key
+        for name in ("ids", "lengths", "truncated", "residue_offsets"):
+            assert np.array_equal(ours[name][:], theirs[name][:]), name
+        for name in [f"{p}/layer_{layer}" for p in OUTPUTS["pooling"] for layer in (0, 2)]:
+            assert np.abs(ours[name][:] - theirs[name][:]).max() <= 1e-6, name
+    write_fasta(fasta, {**records, "new": "MKTAYIAKQRQISFVKSHFSRQ"})
+    again = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert again.stdout == f"wrote {out}: 24 proteins (1 distinct sequences computed, 23 from the store in {work})\n"
+    with h5py.File(out) as h5:
+        assert h5["ids"].asstr()[:].tolist() == [*records, "new"]
+
+
+def test_the_embed_command_refuses_bad_input_in_one_line_and_leaves_nothing(tmp_path, tiny_checkpoint):
+    fasta = write_fasta(tmp_path / "p.fasta", {"a": "MKV", "b": "MK1V"})
+    command = [Path(sys.executable).parent / "esmshard", "embed", fasta, "-o", tmp_path / "e.h5"]
+    refused = subprocess.run([*command, "-m", tiny_checkpoint], capture_output=True, text=True)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr == (
+        f"esmshard embed: error: {fasta}: record 2 ('b', line 3): residue 3 is '1', which is not one of ESM-2's 25 "
+        "letters (ACDEFGHIKLMNPQRSTVWYXBUZO); fix the input or set 'invalid_residues: replace' to map such "
+        "characters to X\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.fasta"]
+    options = subprocess.run([*command, "--set", "world_size=2"], capture_output=True, text=True)
+    assert options.returncode == 1 and options.stderr == (
+        "esmshard embed: error: embed_files: world_size is not an option of a run in this process\n"
+    )
 
 
 def test_a_list_truncation_and_float16(tiny_checkpoint, records):

@@ -104,10 +104,10 @@ def test_the_demo_command_runs_and_says_where_the_embeddings_are(tmp_path):
 
 
 @pytest.mark.workflow
-def test_the_embed_command_runs_the_workflow_and_its_exit_status_says_what_came_of_it(tmp_path, tiny_checkpoint):
+def test_the_run_command_runs_the_workflow_and_its_exit_status_says_what_came_of_it(tmp_path, tiny_checkpoint):
     records = random_sequences(20, seed=6, median=60, cap=300)
     fasta, out = write_fasta(tmp_path / "p.fasta", records), tmp_path / "out"
-    command = [BIN / "esmshard", "embed", fasta, "-o", out, "-m", tiny_checkpoint, "--world-size", "2"]
+    command = [BIN / "esmshard", "run", fasta, "-o", out, "-m", tiny_checkpoint, "--world-size", "2"]
     command += ["--set", "layers=[1, 2]"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     partial = subprocess.run(command, capture_output=True, text=True, env={**env, "ESMSHARD_FAIL_RANKS": "1"})
@@ -123,7 +123,7 @@ def test_the_embed_command_runs_the_workflow_and_its_exit_status_says_what_came_
     unknown = subprocess.run([*command, "--set", "no_such_option=1"], capture_output=True, text=True, env=env)
     assert (
         unknown.returncode == 1
-        and unknown.stderr.startswith("esmshard embed: error: ")
+        and unknown.stderr.startswith("esmshard run: error: ")
         and "no_such_option" in (unknown.stderr)
     )
     assert len(unknown.stderr.splitlines()) == 1

@@ -19,7 +19,7 @@ sys.path.insert(0, os.environ["ESMSHARD_PACKAGE"])  # this workflow's esmshard (
 from esmshard import logs
 from esmshard.rank import run_rank
 from esmshard.shard import write_failure_shard
-from esmshard.status import failure_status, new_token, shard_stamp, write_status
+from esmshard.status import failure_status, write_status, write_success
 from esmshard.stopping import Stopped, TimedOut, disarm_timeout, handle_stop_signals, parse_duration
 from esmshard.work import RankSettings
 
@@ -83,21 +83,14 @@ except Exception as error:
         raise
     log.exception("rank %d failed on its last attempt (%d); recording the failure", rank, attempt)
     record_failure_for_good(error)
-# what the next run checks before it trusts the shard: its stamp, and the store segments it reads
-# (named from the status file's folder)
-stats["store_segments"] = [
-    os.path.relpath(path, Path(snakemake.output.status).parent) for path in stats["store_segments"]
-]
-write_status(
+write_success(
     snakemake.output.status,
-    rank=rank,
-    ok=True,
+    snakemake.output.shard,
+    rank,
+    stats,
     attempt=attempt,
     retried=retried,
-    job=new_token(),
     **where,
-    **stats,
-    shard=shard_stamp(snakemake.output.shard),
 )
 # The job ends here: keep the interpreter's last garbage collection from walking every object
 # torch and the engine made (the outputs are written and closed); the operating system frees them.

@@ -43,7 +43,8 @@ Around them:
   timers at exit
 - ``api``: running the whole workflow from Python (``run_multi_gpu_inference``,
   ``run_esm2_multi_gpu``, importable from ``esmshard`` itself)
-- ``inprocess``: embedding in the calling process, without Snakemake (``esmshard.embed``)
+- ``inprocess``: embedding in the calling process, without Snakemake (``esmshard.embed``,
+  ``esmshard.embed_files``)
 - ``__main__``: the command-line tools (``python -m esmshard``)
 """
 
@@ -61,8 +62,8 @@ def __getattr__(name):
         from esmshard import api
 
         return getattr(api, name)
-    if name == "embed":
+    if name in ("embed", "embed_files"):
         from esmshard import inprocess
 
-        return inprocess.embed
+        return getattr(inprocess, name)
     raise AttributeError(f"module 'esmshard' has no attribute {name!r}")

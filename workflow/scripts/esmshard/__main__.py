@@ -1,7 +1,8 @@
 """Command-line tools: ``esmshard`` once installed, or ``python -m esmshard``.
 
 esmshard --version
-esmshard embed FASTA... -o OUT_DIR [--model M] [--world-size N] [--timeout T] [--set OPTION=VALUE ...]
+esmshard embed FASTA... -o OUT.h5 [--model M] [--layers L...] [--pooling P...] [--set OPTION=VALUE ...]
+esmshard run FASTA... -o OUT_DIR [--model M] [--world-size N] [--timeout T] [--set OPTION=VALUE ...]
 python -m esmshard random-checkpoint PATH [--like esm2_t33_650M_UR50D]
 python -m esmshard export results/embeddings.h5 OUT_DIR [--format npy|pt]
 python -m esmshard export results/embeddings.h5 OUT.h5 --format per-id [--pooling mean] [--layer L]
@@ -13,7 +14,7 @@ python -m esmshard options   (the table of config options in config/README.md, f
 import argparse
 from pathlib import Path
 
-from esmshard import EsmShardError, __version__
+from esmshard import EsmShardError, __version__, paths
 from esmshard.architectures import ESMC_MODELS, FAMILIES, RELEASED_MODELS, RELEASED_SHAPES, release_family
 
 
@@ -23,21 +24,37 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     embed = commands.add_parser(
         "embed",
-        help="embed FASTA files with the whole workflow, one rank per visible GPU (the same command "
-        "again resumes, and redoes only what is missing or changed)",
+        help="embed FASTA files in this process, on one GPU (or the CPU), into one HDF5 file (the same command "
+        "again resumes from its store, computing only what is missing or changed); no Snakemake needed",
     )
     embed.add_argument("fasta", nargs="+", help="FASTA files or globs (plain, gzip, bzip2 or xz)")
-    embed.add_argument("-o", "--output-dir", required=True, help="the run's folder: results/embeddings.h5 and logs")
+    embed.add_argument("-o", "--output", required=True, help="the HDF5 file to write, laid out as embeddings.h5")
     embed.add_argument("-m", "--model", default="esm2_t33_650M_UR50D", help="as the config's 'model' option")
-    embed.add_argument("--world-size", type=int, help="ranks (default: one per visible GPU, 1 without)")
-    embed.add_argument("--timeout", help="time limit of each rank, e.g. 90m or 11h30m")
+    embed.add_argument("--layers", type=int, nargs="+", help="layers to store (default: the last; -1 counts from it)")
     embed.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="OPTION=VALUE",
-        help="any other config option, the value in YAML (e.g. --set layers=[-1,20]); esmshard options lists them",
+        "--pooling", nargs="+", choices=["mean", "bos", "per_residue"], help="what to store (default: mean)"
     )
+    embed.add_argument(
+        "--work-dir", help=f"the index, plan and store (default: the output's path + {paths.EMBED_WORK_SUFFIX})"
+    )
+    run = commands.add_parser(
+        "run",
+        help="embed FASTA files with the whole workflow (Snakemake), one rank per visible GPU (the same "
+        "command again resumes, and redoes only what is missing or changed)",
+    )
+    run.add_argument("fasta", nargs="+", help="FASTA files or globs (plain, gzip, bzip2 or xz)")
+    run.add_argument("-o", "--output-dir", required=True, help="the run's folder: results/embeddings.h5 and logs")
+    run.add_argument("-m", "--model", default="esm2_t33_650M_UR50D", help="as the config's 'model' option")
+    run.add_argument("--world-size", type=int, help="ranks (default: one per visible GPU, 1 without)")
+    run.add_argument("--timeout", help="time limit of each rank, e.g. 90m or 11h30m")
+    for command in (embed, run):
+        command.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="OPTION=VALUE",
+            help="any other config option, the value in YAML (e.g. --set dtype=float16); esmshard options lists them",
+        )
     random = commands.add_parser(
         "random-checkpoint",
         help="write an ESM-2 or ESM-1b checkpoint with RANDOM weights (real architecture) in fair-esm's format",
@@ -78,8 +95,8 @@ def main(argv=None) -> None:
     commands.add_parser("options", help="print every config option, its default and meaning (from the schema)")
     args = parser.parse_args(argv)
 
-    if args.command == "embed":
-        status, words = _embed(args)
+    if args.command in ("embed", "run"):
+        status, words = (_embed if args.command == "embed" else _run)(args)
         if status:
             parser.exit(status, words)
         print(words)
@@ -128,22 +145,56 @@ def main(argv=None) -> None:
     )
 
 
-def _embed(args) -> tuple[int, str]:
-    """(exit status, last words): 0 with every protein embedded, 2 with a partial result (the
-    failed ranks named; the same command again retries them), 1 with an error and no result."""
-    import sys
-
+def _options(args) -> dict:
+    """The config options that --model and each --set give; ValueError for a --set without '='."""
     import yaml
-
-    from esmshard import paths
-    from esmshard.api import run_multi_gpu_inference
 
     config = {"model": args.model}
     for setting in args.set:
         option, equals, value = setting.partition("=")
         if not equals or not option:
-            return 1, f"esmshard embed: error: --set {setting!r}: give OPTION=VALUE\n"
+            raise ValueError(f"--set {setting!r}: give OPTION=VALUE")
         config[option.strip()] = yaml.safe_load(value)
+    return config
+
+
+def _embed(args) -> tuple[int, str]:
+    """(exit status, last words): 0 with every protein embedded, 1 with an error or a stop signal
+    (the finished work kept for the same command again)."""
+    from esmshard import logs
+    from esmshard.inprocess import embed_files
+    from esmshard.stopping import Stopped, handle_stop_signals
+
+    output = Path(args.output)
+    work = Path(args.work_dir) if args.work_dir else output.with_name(output.name + paths.EMBED_WORK_SUFFIX)
+    try:
+        options = {**_options(args), "layers": args.layers, "pooling": args.pooling}
+        logs.setup_terminal()
+        handle_stop_signals()  # SIGTERM, as Ctrl-C, stops the rank with its finished work saved
+        manifest = embed_files(args.fasta, output, work_dir=work, **options)
+    except (EsmShardError, ValueError, OSError, Stopped) as error:
+        words = "stopped" if isinstance(error, Stopped) else f"error: {error}"
+        if (work / "results" / "store").is_dir():
+            words += f"; finished work is kept in {work}, and the same command again resumes"
+        return 1, f"esmshard embed: {words}\n"
+    return 0, (
+        f"wrote {output}: {manifest['embedded']} proteins ({manifest['computed']} distinct sequences computed, "
+        f"{manifest['reused']} from the store in {work})"
+    )
+
+
+def _run(args) -> tuple[int, str]:
+    """(exit status, last words): 0 with every protein embedded, 2 with a partial result (the
+    failed ranks named; the same command again retries them), 1 with an error and no result."""
+    import sys
+
+    from esmshard import paths
+    from esmshard.api import run_multi_gpu_inference
+
+    try:
+        config = _options(args)
+    except ValueError as error:
+        return 1, f"esmshard run: error: {error}\n"
 
     def show(overall) -> None:
         print(overall.line(), file=sys.stderr, flush=True)
@@ -153,7 +204,7 @@ def _embed(args) -> tuple[int, str]:
             args.fasta, args.output_dir, config, args.world_size, args.timeout, progress=show
         )
     except (RuntimeError, ValueError, OSError) as error:
-        return 1, f"esmshard embed: error: {error}\n"
+        return 1, f"esmshard run: error: {error}\n"
     if failed:
         missing = Path(args.output_dir, paths.MISSING_IDS)
         return 2, (

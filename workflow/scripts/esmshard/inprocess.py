@@ -1,5 +1,15 @@
-"""Embedding in this process, without Snakemake: for a notebook, or to try 100 proteins before
-submitting 10 million.
+"""Embedding in this process, without Snakemake: for a notebook, to try 100 proteins before
+submitting 10 million, or to embed FASTA files on one machine's one GPU as ``esm-extract`` does.
+
+``embed_files`` (``esmshard embed`` on the command line) runs the workflow's steps one after
+another in this process, through the same code: the index (validating every record before any
+model is loaded), a plan of one rank, the rank (its GPU leased, finished work saved in the store
+as it goes) and the aggregation, into one HDF5 file laid out as ``embeddings.h5``. Its working
+files (index, plan, store, log) go to a folder beside the output; the same call again resumes
+from the store and computes only what is missing or changed. The index and the plan are made
+again on every call (seconds for millions of proteins), so that no input change goes unseen.
+
+``embed`` embeds sequences given in Python and returns the arrays:
 
     from esmshard import embed
     result = embed({"P62593": "MSIQHFRVALIPFFAAFCLPVFA", "Q1": "MKV"}, model="esm2_t33_650M_UR50D",
@@ -16,12 +26,15 @@ settings (``engine.build_engine``); so the vectors are the ones the workflow wri
 """
 
 import os
+import shutil
+import socket
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
-from esmshard import EsmShardError, settings
-from esmshard.fasta import clean_residues
+from esmshard import EsmShardError, paths, settings
+from esmshard.fasta import clean_residues, expand_fasta_paths
 from esmshard.outputs import OutputSpec, pooling_of
 from esmshard.shard import DTYPES
 from esmshard.work import RankSettings, compute_precision
@@ -98,6 +111,78 @@ def embed(sequences, model=None, layers=None, pooling=None, device=None, **optio
     batches, _ = engine.batches(lengths, chosen.tokens_per_batch)
     outputs = _collect(engine, batches, residues, spec, DTYPES[chosen.dtype])
     return {"ids": ids, "lengths": lengths, "truncated": spec.truncated(lengths), **outputs}
+
+
+# Workflow options that mean nothing for one rank in this process.
+NOT_IN_PROCESS = ("fasta", "world_size", "require_complete", "timeout")
+
+
+def embed_files(fasta_files, output, model=None, layers=None, pooling=None, work_dir=None, **options) -> dict:
+    """Embed the proteins of ``fasta_files`` (paths or globs; plain, gzip, bzip2 or xz) in this
+    process into ``output``, an HDF5 file laid out as the workflow's ``embeddings.h5`` (every ID,
+    in input order); returns its manifest (``manifest.json``'s content: counts, what was computed
+    and what came from the store).
+
+    ``model``, ``layers``, ``pooling`` and ``options`` are the workflow's config options (the
+    schema's defaults where left out or None), except the ones about ranks (world_size,
+    require_complete, timeout); ``threads_per_rank`` sets torch's CPU threads. The computation
+    runs on one GPU, leased as a rank leases one (the first visible one that no other esmshard
+    process holds, waiting for one when all are; held until this process exits), or on the CPU
+    where there is none. ``work_dir`` (default ``output`` + ".esmshard") holds the index, plan,
+    store and manifest: keep it to resume, delete it once the output is all you need.
+
+    Raises EsmShardError with one line naming the file and record for bad input, before any
+    model is loaded and leaving nothing behind; ValueError for a bad option; EsmShardError for
+    a model that cannot be used; any error of the computation after it, with the finished work
+    kept in the store for the next call.
+    """
+    from esmshard.aggregate import aggregate
+    from esmshard.index import build_index
+    from esmshard.mainprocess import results_lock
+    from esmshard.plan import make_plan
+    from esmshard.rank import run_rank
+    from esmshard.status import write_success
+    from esmshard.work import RankSettings
+
+    given = {"model": model, "layers": layers, "pooling": pooling, **options}
+    given = {name: os.fspath(v) if isinstance(v, os.PathLike) else v for name, v in given.items() if v is not None}
+    refused = sorted(set(given) & set(NOT_IN_PROCESS))
+    if refused:
+        raise ValueError(f"embed_files: {', '.join(refused)} is not an option of a run in this process")
+    files = [os.fspath(f) for f in ([fasta_files] if isinstance(fasta_files, (str, os.PathLike)) else fasta_files)]
+    config = settings.workflow_config({**given, "fasta": files})
+    chosen = RankSettings.from_config(config, threads=config["threads_per_rank"])
+    output = Path(output).resolve()
+    work = Path(work_dir).resolve() if work_dir else output.with_name(output.name + paths.EMBED_WORK_SUFFIX)
+    new_work = not work.exists()
+    inputs = expand_fasta_paths(files)
+    results = work / Path(paths.EMBEDDINGS).parent
+    with results_lock(results):
+        try:
+            build_index(inputs, work / Path(paths.INDEX).parent, config["invalid_residues"])
+        except EsmShardError:
+            if new_work:  # nothing finished is in it: leave no trace of a refused input
+                shutil.rmtree(work, ignore_errors=True)
+            raise
+        numeric = {name: config[name] for name in ("layers", "pooling", "long_sequences", "window_overlap", "dtype")}
+        make_plan(work / Path(paths.INDEX).parent, config["model"], config["model_type"], numeric, 1, work / paths.PLAN)
+        shard, status = work / paths.SHARD.format(rank=0), work / paths.STATUS.format(rank=0)
+        stats = run_rank(
+            work / Path(paths.INDEX).parent, work / paths.PLAN, config["model"], 0, shard, results / "store", chosen
+        )
+        write_success(status, shard, 0, stats, attempt=1, host=socket.gethostname())
+        return aggregate(
+            work / Path(paths.INDEX).parent,
+            work / paths.PLAN,
+            [shard],
+            [status],
+            chosen,
+            output,
+            work / paths.MANIFEST,
+            work / paths.MISSING_IDS,
+            require_complete=True,
+            compression=config["compression"],
+        )
 
 
 def _checked_options(options: dict) -> dict:

@@ -1,5 +1,6 @@
 """Logging for the workflow's jobs: everything to the job's log file, warnings and errors also
-to stderr so that they reach the terminal running snakemake."""
+to stderr so that they reach the terminal running snakemake; for ``esmshard embed``, everything
+to stderr."""
 
 import faulthandler
 import logging
@@ -42,6 +43,13 @@ def setup(log_path) -> None:
     logging.getLogger("esmshard").info("esmshard from %s", Path(__file__).resolve().parent)
     # what the job spent before its first line (interpreter, Snakemake's preamble, imports)
     logging.getLogger("esmshard").info("job process started %.3f s ago", process_age())
+
+
+def setup_terminal() -> None:
+    handler = _StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    faulthandler.enable(all_threads=True)
 
 
 def _log_uncaught(kind, error, trace) -> None:

@@ -21,3 +21,6 @@ RANK_LOG = "logs/embed/rank_{rank}.log"
 EMBEDDINGS = "results/embeddings.h5"
 MANIFEST = "results/manifest.json"
 MISSING_IDS = "results/missing_ids.txt"
+
+# esmshard embed's working folder (index, plan, store) beside its output: OUT.h5 -> OUT.h5.esmshard
+EMBED_WORK_SUFFIX = ".esmshard"

@@ -12,13 +12,18 @@ from one shard each, and a shard's rows lie in the store segments (written by ea
 input order) in few runs, so that it can refer to them in place.
 """
 
+import logging
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import h5py
 import numpy as np
 
+from esmshard import EsmShardError
+from esmshard.architectures import FAMILIES, check_model, checkpoint_identity, resolve_model
 from esmshard.files import atomic_output
+from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec, piece_tokens
 from esmshard.shard import outputs_nbytes
 
@@ -27,6 +32,9 @@ RANDOM_WEIGHTS_WARNING = (
     "model %s has RANDOM weights (written by esmshard random-checkpoint, for tests and demos): "
     "its embeddings mean nothing"
 )
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -139,6 +147,52 @@ def _cuts(prefix: np.ndarray, world_size: int, capacity: float) -> np.ndarray:
             nearest -= 1
         cuts.append(max(earliest[world_size - rank - 1], min(nearest, _furthest_end(prefix, start, capacity))))
     return np.array(cuts)
+
+
+def make_plan(index_dir, model: str, model_type: str, settings: dict, world_size: int, plan_path) -> None:
+    """Plan the indexed sequences over ``world_size`` ranks for ``model`` (a config's ``model``,
+    checked to be of ``model_type``) with the numeric ``settings`` (layers, pooling, windows,
+    dtype) into ``plan_path``, saying so in the log. Raises EsmShardError for a model that cannot
+    be used with these settings (unknown, of another family, without a layer asked for)."""
+    checkpoint = resolve_model(model)
+    check_model(model_type, settings["pooling"], checkpoint)
+    identity = checkpoint_identity(checkpoint)
+    try:
+        spec = OutputSpec.resolve(
+            settings["layers"],
+            settings["pooling"],
+            identity["num_layers"],
+            settings["long_sequences"],
+            settings["window_overlap"],
+        )
+    except ValueError as error:  # a layer the model does not have
+        raise EsmShardError(f"config: {error}") from None
+    index = SequenceIndex(index_dir)
+    position, source = distinct(index.digests())
+    lengths = index.lengths[position]
+    costs = sequence_costs(lengths, identity["embed_dim"], spec.window_counts(lengths))
+    ranks, rank_costs = balance(costs, world_size)
+    write_plan(plan_path, Plan(ranks, position, source, len(rank_costs), index.fingerprint, identity), rank_costs)
+    log.info(
+        "%d sequences, %d distinct; model %s (%s, %d layers, width %d, content %s)",
+        len(index),
+        len(position),
+        checkpoint.location,
+        FAMILIES[identity["family"]],
+        identity["num_layers"],
+        identity["embed_dim"],
+        identity["digest"],
+    )
+    if identity["random_weights"]:
+        log.warning(RANDOM_WEIGHTS_WARNING, checkpoint.location)
+    for rank, cost in enumerate(rank_costs):
+        log.info("rank %d: %d sequences, predicted cost %.4g", rank, int((ranks == rank).sum()), cost)
+    log.info("rank cost max/mean: %.4f over %d ranks", imbalance(rank_costs), len(rank_costs))
+    warning = space_warning(
+        Path(plan_path).parent, spec, index.lengths, position, identity["embed_dim"], settings["dtype"]
+    )
+    if warning:  # before any GPU work: the ranks check each write again and fail cleanly
+        log.warning("%s", warning)
 
 
 def imbalance(rank_costs: np.ndarray) -> float:

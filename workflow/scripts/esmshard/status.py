@@ -28,6 +28,15 @@ def write_status(path, **status) -> None:
         Path(tmp).write_text(json.dumps(status, indent=2) + "\n")
 
 
+def write_success(path, shard_path, rank: int, stats: dict, **job) -> None:
+    """The status of rank ``rank`` whose shard ``shard_path`` is complete: ``stats`` (the rank's
+    figures, with the store segments its shard reads named from the status's folder, as the next
+    run checks them), ``job`` (attempt, where it ran) and the shard's stamp."""
+    segments = [os.path.relpath(segment, Path(path).parent) for segment in stats["store_segments"]]
+    status = {"rank": rank, "ok": True, **job, "job": new_token(), **stats, "store_segments": segments}
+    write_status(path, **status, shard=shard_stamp(shard_path))
+
+
 def read_status(path) -> dict:
     """The status at ``path``; ValueError naming the file when it is not a status (damaged)."""
     return _parsed(Path(path).read_bytes(), path)
