@@ -19,6 +19,11 @@ from esmshard.plan import read_plan
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
+# One torch thread in each process the tests run (this worker; each rank, through the configs'
+# threads_per_rank): make test runs a worker per core, and two OpenMP threads per process on
+# shared cores wait at every barrier (the tiny model: 1.3 s on one thread, 52 s on two).
+THREADS = 1
+torch.set_num_threads(THREADS)
 
 
 # make test's pytest-xdist (--dist loadfile) hands whole files to its workers in collection order:
@@ -62,7 +67,7 @@ def write_fasta(path: Path, records: dict[str, str], width: int = 60) -> Path:
 
 def config_for(fasta, model, **extra) -> dict:
     """A workflow config for ``fasta`` (a path or glob) and ``model``, with quick progress lines."""
-    return {"fasta": [str(fasta)], "model": str(model), "progress_seconds": 0.5, **extra}
+    return {"fasta": [str(fasta)], "model": str(model), "progress_seconds": 0.5, "threads_per_rank": THREADS, **extra}
 
 
 def snakemake_command(workdir: Path, config: dict, *args: str, env: dict | None = None, cores: int = 2):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import planned_ids, random_sequences, write_fasta
+from conftest import THREADS, planned_ids, random_sequences, write_fasta
 from esmshard import api, run_esm2_multi_gpu, run_multi_gpu_inference
 from esmshard.reader import load_embeddings
 
@@ -37,8 +37,7 @@ def fasta(tmp_path_factory, records):
 
 
 def tiny_config(tiny_checkpoint, **extra):
-    # one thread per rank: both ranks run at once on two cores
-    return {"model": str(tiny_checkpoint), "threads_per_rank": 1, "progress_seconds": 0.5, **extra}
+    return {"model": str(tiny_checkpoint), "threads_per_rank": THREADS, "progress_seconds": 0.5, **extra}
 
 
 def call(function, *args, env=None, **kwargs):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from packaging.requirements import Requirement
 
-from conftest import REPO, SNAKEFILE, random_sequences, write_fasta
+from conftest import REPO, SNAKEFILE, THREADS, random_sequences, write_fasta
 
 pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
 
@@ -82,6 +82,7 @@ def test_snakedeploy_deploys_config_profiles_and_license(deployed):
 def test_the_deployed_workflow_lints_and_runs(deployed, repository, tiny_checkpoint):
     write_fasta(deployed / "proteins.fasta", random_sequences(20, seed=2, median=60, cap=200))
     config = ["--config", "fasta=[proteins.fasta]", f"model={tiny_checkpoint}", "world_size=2"]
+    config.append(f"threads_per_rank={THREADS}")
     # This environment has esmshard installed from the development checkout: the rule scripts must
     # still run the deployed repository's own package.
     env = {"PATH": f"{BIN}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "HOME": str(deployed)}

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import completed_run, config_for, fair_esm_outputs, random_sequences, write_fasta
+from conftest import THREADS, completed_run, config_for, fair_esm_outputs, random_sequences, write_fasta
 from esmshard import embed
 from esmshard.model import load_model
 
@@ -85,6 +85,7 @@ def test_the_embed_command_writes_what_the_workflow_writes_then_computes_only_wh
     fasta, out = write_fasta(tmp_path / "p.fasta", records), tmp_path / "e.h5"
     command = [Path(sys.executable).parent / "esmshard", "embed", fasta, "-o", out, "-m", tiny_checkpoint]
     command += ["--layers", "-1", "0", "--pooling", *OUTPUTS["pooling"], "--set", "long_sequences=window"]
+    command += ["--set", f"threads_per_rank={THREADS}"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     first = subprocess.run(command, capture_output=True, text=True, env=env)
     work = f"{out}.esmshard"

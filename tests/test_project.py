@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, SNAKEFILE, random_sequences, read_embeddings, write_fasta
+from conftest import REPO, SNAKEFILE, THREADS, random_sequences, read_embeddings, write_fasta
 
 BIN = Path(sys.executable).parent
 
@@ -108,7 +108,7 @@ def test_the_run_command_runs_the_workflow_and_its_exit_status_says_what_came_of
     records = random_sequences(20, seed=6, median=60, cap=300)
     fasta, out = write_fasta(tmp_path / "p.fasta", records), tmp_path / "out"
     command = [BIN / "esmshard", "run", fasta, "-o", out, "-m", tiny_checkpoint, "--world-size", "2"]
-    command += ["--set", "layers=[1, 2]"]
+    command += ["--set", "layers=[1, 2]", "--set", f"threads_per_rank={THREADS}"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     partial = subprocess.run(command, capture_output=True, text=True, env={**env, "ESMSHARD_FAIL_RANKS": "1"})
     assert partial.returncode == 2, partial.stderr

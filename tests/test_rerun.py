@@ -180,7 +180,7 @@ def test_an_unchanged_input_rerun_loads_no_model_and_changes_no_number(template,
         ("segment_sequences", 13),
         ("tokens_per_batch", 999),
         ("timeout", "11h30m"),
-        ("threads_per_rank", 1),
+        ("threads_per_rank", 2),
         ("gpu_lock_dir", "/tmp/esmshard-other-locks"),
     ],
 )

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from esmshard import EsmShardError
-from esmshard.faults import crash_point, fail_if_asked
+from esmshard.faults import crash_point, fail_if_asked, slow_batch
 from esmshard.files import atomic_output, ensure_space
 from esmshard.gpu import gpu_device, pin_gpu
 from esmshard.index import SequenceIndex
@@ -166,6 +166,7 @@ def compute(work: RankWork, engine, todo: np.ndarray, store: Store, settings: Ra
     try:
         # a batch with only some of a protein's windows finishes no sequence: nothing to save
         for number, (batch, outputs) in zip(segment_of, engine.embed_batches(batches, read)):
+            slow_batch()
             if len(batch):
                 pending.append((todo[batch], outputs))
             rows = todo[batch]
