@@ -9,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
 from esmshard import embed
 from esmshard.model import load_model, write_random_checkpoint
@@ -47,7 +48,8 @@ def test_the_embed_command_leases_a_gpu_and_writes_what_embed_computes(cuda, tmp
     command += ["-m", checkpoint, "--set", f"gpu_lock_dir={tmp_path / 'locks'}"]
     run = subprocess.run(command, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "on cuda, packed engine in float16" in run.stderr and list((tmp_path / "locks").iterdir())
+    assert f"on {torch.cuda.get_device_name()}, packed engine in float16" in run.stderr
+    assert list((tmp_path / "locks").iterdir())  # the lease's lock file
     expected = embed(sequences, model=checkpoint, device=cuda)["mean/layer_6"]
     with h5py.File(tmp_path / "e.h5") as h5:
         assert h5["ids"].asstr()[:].tolist() == list(sequences) and h5.attrs["compute_precision"] == "float16"
