@@ -62,6 +62,7 @@ def aggregate(
             statuses[rank] = read_status(path)
         except (OSError, ValueError) as error:
             failed[rank] = str(error)  # the next run retries the rank (status.retry_failure)
+    all_ids = index.ids()  # read once: each rank's share below is a part of it
     works = {}
     for rank, status in statuses.items():
         failure = shard_failure(shard_paths[rank])
@@ -75,7 +76,6 @@ def aggregate(
         else:
             works[rank] = work
     _check_same_precision(works, statuses)
-    all_ids = index.ids()
     while True:  # again without a shard whose rows turn out unreadable
         keep = _check_enough(works, failed, plan, require_complete)
         first = next(iter(works.values()))  # the settings every good shard shares

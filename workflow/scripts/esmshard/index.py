@@ -151,13 +151,27 @@ class SequenceIndex:
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def digests(self) -> np.ndarray:
-        """[n] DIGEST keys of every sequence's residues (read once)."""
-        return self._digests
+    def digests(self, positions=None) -> np.ndarray:
+        """DIGEST keys of every sequence's residues (read once), or of the given increasing positions."""
+        if positions is None or "_digests" in self.__dict__:
+            return self._digests if positions is None else self._digests[positions]
+        return np.ascontiguousarray(self._span("digest", positions)).view(DIGEST).ravel()
 
     def ids(self, positions=None) -> np.ndarray:
-        """IDs (object array of str) of all sequences, or of the given sorted positions."""
-        return self._all_ids if positions is None else self._all_ids[positions]
+        """IDs (object array of str) of all sequences (read once), or of the given increasing positions."""
+        if positions is None or "_all_ids" in self.__dict__:
+            return self._all_ids if positions is None else self._all_ids[positions]
+        return self._span("id", positions)
+
+    def _span(self, name: str, positions) -> np.ndarray:
+        """Column ``name`` at increasing ``positions``, reading only the rows they span: a rank's
+        share is one run of the input, and reading every row would make each rank's cost grow
+        with the whole input."""
+        positions = np.asarray(positions, np.int64)
+        first, end = (int(positions[0]), int(positions[-1]) + 1) if len(positions) else (0, 0)
+        with h5py.File(self._index_path, "r") as h5:
+            column = h5[name].asstr() if name == "id" else h5[name]
+            return column[first:end][positions - first]
 
     @functools.cached_property
     def _digests(self) -> np.ndarray:

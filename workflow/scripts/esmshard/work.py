@@ -131,7 +131,7 @@ def rank_work(
         positions,
         index.ids(positions),
         index.lengths[positions],
-        sequence_keys(index.digests()[positions], index.lengths[positions], spec),
+        sequence_keys(index.digests(positions), index.lengths[positions], spec),
         spec,
         plan.model["embed_dim"],
         plan.model,
