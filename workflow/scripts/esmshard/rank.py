@@ -103,10 +103,10 @@ def fill_store_and_assemble(
     the shard reads)."""
     gpu, computed = None, 0
     if verify:  # a damaged segment is deleted: its sequences are then computed as missing ones
-        store = Store(store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}")
+        store = open_store(store_root, work, settings)
         discard_damaged(store.segments_holding(work.digests), work.spec.names)
     for attempt in range(3):
-        store = Store(store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}")
+        store = open_store(store_root, work, settings)
         todo = np.flatnonzero(store.find(work.digests)[0] < 0)
         if not attempt:
             log.info(
@@ -128,13 +128,20 @@ def fill_store_and_assemble(
                 progress.start_clock()
             compute(work, engine, todo, store, settings, progress)
             computed += len(todo)
-            store = Store(store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}")
+            store = open_store(store_root, work, settings)
         try:
             segments = assemble_shard(shard_path, work, store, settings.dtype, engine)
             return computed, gpu, engine, segments
         except DamagedSegment as error:
             log.warning("rank %d: %s; computing its sequences again", work.rank, error)
     raise EsmShardError(f"the store {store.directory} was found damaged three times; check the disk")
+
+
+def open_store(store_root, work: RankWork, settings: RankSettings) -> Store:
+    """The store of the rank's settings, holding the keys of its share only."""
+    return Store(
+        store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}", only=work.digests
+    )
 
 
 def compute(work: RankWork, engine, todo: np.ndarray, store: Store, settings: RankSettings, progress: Progress):

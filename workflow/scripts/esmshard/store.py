@@ -93,34 +93,40 @@ def store_directory(root, identity: dict) -> Path:
 class Store:
     """One settings identity's segments; ``writer`` names this process's new segments."""
 
-    def __init__(self, root, identity: dict, spec: OutputSpec, dim: int, dtype: str, writer: str = "rank"):
+    def __init__(self, root, identity: dict, spec: OutputSpec, dim: int, dtype: str, writer: str = "rank", only=None):
+        """``only``: the keys the caller will ask for (a rank's share); the store holds no others,
+        so that a rank's memory follows its share, not everything every run stored."""
         self.directory = store_directory(root, identity)
         self.identity, self.spec, self.dim, self.dtype, self.writer = identity, spec, dim, dtype, writer
         self.directory.mkdir(parents=True, exist_ok=True)
         for stray in self.directory.glob(f".seg_{writer}_*"):  # this writer's temporaries of a killed write
             stray.unlink(missing_ok=True)
+        wanted = None if only is None else np.unique(only)
         self.segments: list[Path] = []
         self._specs: list[OutputSpec] = []  # each segment's, long-protein handling included
-        residue_offsets_of = []  # [rows + 1] of each segment
-        keys, segment_of, row_of = [], [], []
+        self._residue_rows: list[int] = []  # each segment's per-residue rows
+        keys, segment_of, row_of, starts, ends = [], [], [], [], []
         for path in sorted(self.directory.glob("seg_*.h5")):
             digests, lengths, segment_spec = self._read_keys(path)
             if digests is None:
                 continue
-            keys.append(digests)
+            offsets = residue_offsets(segment_spec.embedded_lengths(lengths))
+            rows = np.arange(len(digests)) if wanted is None else np.flatnonzero(_among(digests, wanted))
+            keys.append(digests[rows])
+            segment_of.append(np.full(len(rows), len(self.segments), np.int64))
+            row_of.append(rows.astype(np.int64))
+            starts.append(offsets[rows])
+            ends.append(offsets[rows + 1])
             self._specs.append(segment_spec)
-            residue_offsets_of.append(residue_offsets(segment_spec.embedded_lengths(lengths)))
-            segment_of.append(np.full(len(digests), len(self.segments), np.int64))
-            row_of.append(np.arange(len(digests), dtype=np.int64))
+            self._residue_rows.append(int(offsets[-1]))
             self.segments.append(path)
-        # every segment's residue offsets one after another, and where each segment's begin
-        self._residue_offsets = np.concatenate(residue_offsets_of) if keys else np.zeros(0, np.int64)
-        self._offsets_at = np.cumsum([0] + [len(offsets) for offsets in residue_offsets_of])
         keys = np.concatenate(keys) if keys else np.empty(0, DIGEST)
         order = np.argsort(keys, kind="stable")
         self._keys = keys[order]
-        self._segment = np.concatenate(segment_of)[order] if segment_of else np.empty(0, np.int64)
-        self._row = np.concatenate(row_of)[order] if row_of else np.empty(0, np.int64)
+        self._segment, self._row, self._start, self._end = (
+            np.concatenate(column)[order] if column else np.empty(0, np.int64)
+            for column in (segment_of, row_of, starts, ends)
+        )
 
     def _read_keys(self, path: Path):
         """The segment's (digests, lengths, spec), or Nones (and the segment deleted) if it is not
@@ -165,9 +171,13 @@ class Store:
         """(segment number, row) of each digest; segment -1 where the store has none."""
         if not len(self._keys):
             return np.full(len(digests), -1), np.full(len(digests), -1)
-        at = np.minimum(np.searchsorted(self._keys, digests), len(self._keys) - 1)
-        found = self._keys[at] == digests
+        at, found = self._lookup(digests)
         return np.where(found, self._segment[at], -1), np.where(found, self._row[at], -1)
+
+    def _lookup(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(where each digest is among the held keys, whether it is there); the store holds some."""
+        at = np.minimum(np.searchsorted(self._keys, digests), len(self._keys) - 1)
+        return at, self._keys[at] == digests
 
     def segments_holding(self, digests: np.ndarray) -> list[Path]:
         """The segments that hold any of ``digests``."""
@@ -196,18 +206,16 @@ class Store:
         (segment path, its rows, first row, end row) of consecutive rows of one segment; None
         where they take more than MAX_VIRTUAL_RUNS runs (sequences reused from many earlier runs),
         for the caller to copy them instead."""
-        segment, row = self.find(digests)
-        at = self._offsets_at[segment] + row
-        starts, ends = self._residue_offsets[at], self._residue_offsets[at + 1]
+        at, _ = self._lookup(digests)
+        segment, starts, ends = self._segment[at], self._start[at], self._end[at]
         new_run = np.ones(len(digests), bool)
         new_run[1:] = (segment[1:] != segment[:-1]) | (starts[1:] != ends[:-1])
         firsts = np.flatnonzero(new_run)
         if len(firsts) > MAX_VIRTUAL_RUNS:
             return None
         lasts = np.append(firsts[1:], len(digests)) - 1
-        totals = self._residue_offsets[self._offsets_at[1:] - 1]  # rows of each segment
         return [
-            (self.segments[segment[f]], int(totals[segment[f]]), int(starts[f]), int(ends[e]))
+            (self.segments[segment[f]], self._residue_rows[segment[f]], int(starts[f]), int(ends[e]))
             for f, e in zip(firsts.tolist(), lasts.tolist())
         ]
 
@@ -239,6 +247,14 @@ class Store:
             name: values[residue_rows if pooling_of(name) == "per_residue" else rows]
             for name, values in outputs.items()
         }
+
+
+def _among(digests: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """[n] bool: which of ``digests`` are in ``wanted`` (sorted)."""
+    if not len(wanted):
+        return np.zeros(len(digests), bool)
+    at = np.minimum(np.searchsorted(wanted, digests), len(wanted) - 1)
+    return wanted[at] == digests
 
 
 def _chunk_rows(values: np.ndarray) -> int:
