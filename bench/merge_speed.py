@@ -101,7 +101,7 @@ def main() -> int:
     merges, floors = [], []
     for _ in range(args.repeat):
         started = time.perf_counter()
-        merge(out, shards, plan, keep, ids, lengths, work)
+        merge(out, shards, plan, keep, ids.__getitem__, lengths, work)
         merges.append(time.perf_counter() - started)
         floors.append(floor(shards, out, args.dim))
     out.unlink()

@@ -62,7 +62,6 @@ def aggregate(
             statuses[rank] = read_status(path)
         except (OSError, ValueError) as error:
             failed[rank] = str(error)  # the next run retries the rank (status.retry_failure)
-    all_ids = index.ids()  # read once: each rank's share below is a part of it
     works = {}
     for rank, status in statuses.items():
         failure = shard_failure(shard_paths[rank])
@@ -83,13 +82,13 @@ def aggregate(
         ensure_space(Path(out_path).parent, nbytes, "the merged embeddings")
         try:
             with atomic_output(out_path) as tmp:
-                merge(tmp, {r: shard_paths[r] for r in works}, plan, keep, all_ids, index.lengths, first, compression)
+                merge(tmp, {r: shard_paths[r] for r in works}, plan, keep, index.ids, index.lengths, first, compression)
             break
         except DamagedShard as damage:
             _reject(damage.rank, str(damage), failed, rejected)
             del works[damage.rank]
-    missing = {r: all_ids[plan.rank[plan.source] == r].tolist() for r in sorted(failed)}
-    manifest = _manifest(out_path, missing_path, plan, statuses, works, failed, rejected, missing, len(all_ids))
+    missing = {r: index.ids(np.flatnonzero(plan.rank[plan.source] == r)).tolist() for r in sorted(failed)}
+    manifest = _manifest(out_path, missing_path, plan, statuses, works, failed, rejected, missing, len(index))
     with atomic_output(missing_path) as tmp:
         Path(tmp).write_text("".join(f"{i}\n" for r in sorted(missing) for i in missing[r]))
     with atomic_output(manifest_path) as tmp:
@@ -100,7 +99,7 @@ def aggregate(
             "Rerun snakemake to retry only the failed ranks.",
             _list(failed),
             manifest["missing"],
-            len(all_ids),
+            len(index),
             out_path,
             missing_path,
         )
@@ -185,12 +184,14 @@ def merge(
     shards: dict,
     plan: Plan,
     keep: np.ndarray,
-    all_ids,
+    ids_of,
     lengths,
     work: RankWork,
     compression: str = "none",
 ) -> None:
-    """Write the kept IDs in input order, each with its distinct sequence's rows from its shard."""
+    """Write the kept IDs in input order, each with its distinct sequence's rows from its shard.
+    ``ids_of(positions)`` gives the IDs at increasing index positions: they are read and written
+    block by block, so that the merge never holds every ID (~200 MiB per million proteins)."""
     spec = work.spec
     positions = np.flatnonzero(keep)
     distinct = plan.source[positions]  # [k] which distinct sequence each output row is
@@ -206,9 +207,10 @@ def merge(
     try:
         dtype = np.dtype(work.identity["dtype"])
         with h5py.File(path, "w") as out:
-            datasets = create_outputs(out, spec, all_ids[positions], lengths[positions], work.dim, dtype, compression)
+            datasets = create_outputs(out, spec, None, lengths[positions], work.dim, dtype, compression)
             sizes = sequence_nbytes(spec, lengths[positions], work.dim, dtype)
             for start, end in blocks(sizes, _BLOCK_ROWS, _BLOCK_BYTES):
+                out["ids"][start:end] = ids_of(positions[start:end])
                 block_rank = plan.rank[distinct[start:end]]
                 for name, dataset in datasets.items():
                     per_residue = pooling_of(name) == "per_residue"

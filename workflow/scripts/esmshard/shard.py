@@ -69,8 +69,12 @@ def create_outputs(
     written). ``compression`` (config ``compression``: none, gzip or lzf) applies to the outputs;
     without it they are contiguous, the fastest layout to write and read. With ``residue_runs``
     (``Store.residue_runs``) the per-residue outputs are instead virtual datasets over the store
-    segments that hold their rows, and nothing writes them."""
-    h5.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
+    segments that hold their rows, and nothing writes them. ``ids`` None: an ``ids`` dataset for
+    the caller to fill."""
+    if ids is None:
+        h5.create_dataset("ids", (len(lengths),), h5py.string_dtype())
+    else:
+        h5.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
     h5.create_dataset("lengths", data=np.asarray(lengths, np.int64))
     h5.create_dataset("truncated", data=spec.truncated(lengths))
     if spec.per_residue:
