@@ -162,11 +162,11 @@ def _embed(args) -> tuple[int, str]:
     """(exit status, last words): 0 with every protein embedded, 1 with an error or a stop signal
     (the finished work kept for the same command again)."""
     from esmshard import logs
-    from esmshard.inprocess import embed_files
+    from esmshard.inprocess import default_work_dir, embed_files
     from esmshard.stopping import Stopped, handle_stop_signals
 
     output = Path(args.output)
-    work = Path(args.work_dir) if args.work_dir else output.with_name(output.name + paths.EMBED_WORK_SUFFIX)
+    work = Path(args.work_dir or default_work_dir(output))
     try:
         options = {**_options(args), "layers": args.layers, "pooling": args.pooling}
         logs.setup_terminal()
@@ -188,7 +188,6 @@ def _run(args) -> tuple[int, str]:
     failed ranks named; the same command again retries them), 1 with an error and no result."""
     import sys
 
-    from esmshard import paths
     from esmshard.api import run_multi_gpu_inference
 
     try:

@@ -153,7 +153,7 @@ def embed_files(fasta_files, output, model=None, layers=None, pooling=None, work
     config = settings.workflow_config({**given, "fasta": files})
     chosen = RankSettings.from_config(config, threads=config["threads_per_rank"])
     output = Path(output).resolve()
-    work = Path(work_dir).resolve() if work_dir else output.with_name(output.name + paths.EMBED_WORK_SUFFIX)
+    work = Path(work_dir or default_work_dir(output)).resolve()
     new_work = not work.exists()
     inputs = expand_fasta_paths(files)
     results = work / Path(paths.EMBEDDINGS).parent
@@ -183,6 +183,12 @@ def embed_files(fasta_files, output, model=None, layers=None, pooling=None, work
             require_complete=True,
             compression=config["compression"],
         )
+
+
+def default_work_dir(output) -> Path:
+    """embed_files' working folder beside ``output``: OUT.h5 -> OUT.h5.esmshard."""
+    output = Path(output)
+    return output.with_name(output.name + paths.EMBED_WORK_SUFFIX)
 
 
 def _checked_options(options: dict) -> dict:
