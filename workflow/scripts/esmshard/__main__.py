@@ -27,9 +27,7 @@ def main(argv=None) -> None:
         help="embed FASTA files in this process, on one GPU (or the CPU), into one HDF5 file (the same command "
         "again resumes from its store, computing only what is missing or changed); no Snakemake needed",
     )
-    embed.add_argument("fasta", nargs="+", help="FASTA files or globs (plain, gzip, bzip2 or xz)")
     embed.add_argument("-o", "--output", required=True, help="the HDF5 file to write, laid out as embeddings.h5")
-    embed.add_argument("-m", "--model", default="esm2_t33_650M_UR50D", help="as the config's 'model' option")
     embed.add_argument("--layers", type=int, nargs="+", help="layers to store (default: the last; -1 counts from it)")
     embed.add_argument(
         "--pooling", nargs="+", choices=["mean", "bos", "per_residue"], help="what to store (default: mean)"
@@ -42,12 +40,12 @@ def main(argv=None) -> None:
         help="embed FASTA files with the whole workflow (Snakemake), one rank per visible GPU (the same "
         "command again resumes, and redoes only what is missing or changed)",
     )
-    run.add_argument("fasta", nargs="+", help="FASTA files or globs (plain, gzip, bzip2 or xz)")
     run.add_argument("-o", "--output-dir", required=True, help="the run's folder: results/embeddings.h5 and logs")
-    run.add_argument("-m", "--model", default="esm2_t33_650M_UR50D", help="as the config's 'model' option")
     run.add_argument("--world-size", type=int, help="ranks (default: one per visible GPU, 1 without)")
     run.add_argument("--timeout", help="time limit of each rank, e.g. 90m or 11h30m")
     for command in (embed, run):
+        command.add_argument("fasta", nargs="+", help="FASTA files or globs (plain, gzip, bzip2 or xz)")
+        command.add_argument("-m", "--model", default="esm2_t33_650M_UR50D", help="as the config's 'model' option")
         command.add_argument(
             "--set",
             action="append",
