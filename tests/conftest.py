@@ -70,9 +70,16 @@ def config_for(fasta, model, **extra) -> dict:
     return {"fasta": [str(fasta)], "model": str(model), "progress_seconds": 0.5, "threads_per_rank": THREADS, **extra}
 
 
-def snakemake_command(workdir: Path, config: dict, *args: str, env: dict | None = None, cores: int = 2):
-    """(command, environment) of the real snakemake command on the workflow in ``workdir``, on the
-    CPU, with ``config`` written there."""
+# What most tests run: the embeddings, not the report's figures (rule all), which cost every run a
+# matplotlib process; the tests of the default target pass targets=().
+EMBEDDINGS = ("results/embeddings.h5",)
+
+
+def snakemake_command(
+    workdir: Path, config: dict, *args: str, env: dict | None = None, cores: int = 2, targets=EMBEDDINGS
+):
+    """(command, environment) of the real snakemake command for ``targets`` on the workflow in
+    ``workdir``, on the CPU, with ``config`` written there."""
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     command = [
         str(Path(sys.executable).with_name("snakemake")),
@@ -84,20 +91,21 @@ def snakemake_command(workdir: Path, config: dict, *args: str, env: dict | None 
         str(workdir / "config.yaml"),
         "--cores",
         str(cores),
+        *targets,  # before the options, some of which take any number of values
         *args,
     ]
     return command, {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ESMSHARD_FAIL_RANKS": "", **(env or {})}
 
 
-def run_snakemake(workdir: Path, config: dict, *args: str, env: dict | None = None, cores: int = 2):
+def run_snakemake(workdir: Path, config: dict, *args: str, env: dict | None = None, cores: int = 2, targets=EMBEDDINGS):
     """Run snakemake to its end; returns CompletedProcess."""
-    command, full_env = snakemake_command(workdir, config, *args, env=env, cores=cores)
+    command, full_env = snakemake_command(workdir, config, *args, env=env, cores=cores, targets=targets)
     return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=600)
 
 
-def completed_run(workdir: Path, config: dict, *args: str, env: dict | None = None) -> Path:
+def completed_run(workdir: Path, config: dict, *args: str, env: dict | None = None, targets=EMBEDDINGS) -> Path:
     """A snakemake run that must succeed; returns its directory."""
-    result = run_snakemake(workdir, config, *args, env=env)
+    result = run_snakemake(workdir, config, *args, env=env, targets=targets)
     assert result.returncode == 0, result.stderr
     return workdir
 

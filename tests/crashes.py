@@ -12,13 +12,13 @@ import pytest
 import conftest
 from conftest import completed_run, random_sequences, write_fasta
 
+CRASH_PROTEINS = 600  # ~10 segments per rank of 2: many points to stop at, ~0.8 s of compute each
+SEGMENT = 30
+
 
 def config_for(fasta, model, **extra):
-    """Small chunks (many kill points); no --retries (Snakemake's default 0): a kill is recovered by the rerun."""
-    return conftest.config_for(fasta, model, **{"segment_sequences": 60, **extra})
-
-
-CRASH_PROTEINS = 1200  # ~10 segments per rank of 2: many points to stop at, ~1.5 s of compute each
+    """Small segments (many kill points); no --retries (Snakemake's default 0): a kill is recovered by the rerun."""
+    return conftest.config_for(fasta, model, **{"segment_sequences": SEGMENT, **extra})
 
 
 @pytest.fixture(scope="module")

@@ -285,37 +285,24 @@ def test_a_complete_run_returns_the_merged_file_as_the_reader_reads_it(complete_
     assert (out / "results/missing_ids.txt").read_text() == ""
 
 
-def not_finite(h5):
-    h5["mean/layer_2"][3, 0] = np.nan
-
-
-def ids_swapped(h5):
-    h5["ids"][4], h5["ids"][5] = h5["ids"][5], h5["ids"][4]
-
-
-@pytest.mark.parametrize(
-    "damage, message",
-    [
-        (not_finite, r"mean/layer_2 of 'seq00003' \(row 3\) is not finite"),
-        (
-            ids_swapped,
-            r"its IDs are not the index's 12 IDs less the 0 missing ones, in input order \(12 IDs, the first "
-            r"difference at row 4\)",
-        ),
-    ],
-)
-def test_a_merged_file_that_fails_its_check_is_a_value_error(
-    tmp_path, complete_run, partial_run, fasta, monkeypatch, damage, message
-):
+def test_a_merged_file_that_fails_its_check_is_a_value_error(tmp_path, complete_run, partial_run, fasta, monkeypatch):
     out, _, _ = complete_run
     copy = tmp_path / "run"
     shutil.copytree(out, copy)  # keeps times: snakemake sees nothing to do
     with h5py.File(copy / "results/embeddings.h5", "a") as h5:
-        damage(h5)
+        h5["ids"][4], h5["ids"][5] = h5["ids"][5], h5["ids"][4]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    with pytest.raises(ValueError, match=r"embeddings.h5 fails its check: " + message):
+    swapped = r"its IDs are not the index's 12 IDs less the 0 missing ones, in input order \(12 IDs, the first "
+    with pytest.raises(ValueError, match=r"embeddings.h5 fails its check: " + swapped + r"difference at row 4\)"):
         run_multi_gpu_inference(fasta, copy, partial_run["config"])
     assert "Nothing to be done" in (copy / "logs/snakemake.log").read_text()
+    # the check itself, on the call's files (as the call above runs it)
+    shutil.copy(out / "results/embeddings.h5", copy / "results/embeddings.h5")
+    with h5py.File(copy / "results/embeddings.h5", "a") as h5:
+        h5["mean/layer_2"][3, 0] = np.nan
+    manifest = json.loads((copy / "results/manifest.json").read_text())
+    with pytest.raises(ValueError, match=r"fails its check: mean/layer_2 of 'seq00003' \(row 3\) is not finite"):
+        api._check_merged(copy / "results/embeddings.h5", copy, manifest)
 
 
 def test_run_esm2_multi_gpu_raises_when_a_rank_failed(tmp_path, fasta, tiny_checkpoint, monkeypatch):

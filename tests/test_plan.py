@@ -119,11 +119,13 @@ def test_the_plan_rule_warns_before_any_rank_when_the_results_may_not_fit(tmp_pa
     write_fasta(tmp_path / "p.fasta", random_sequences(200, seed=3, median=300, cap=600))
     config = config_for(tmp_path / "p.fasta", tiny_checkpoint, pooling=["per_residue"])
     with small_filesystem(tmp_path / "results", "4m"):  # the index fits, 2 x ~8 MiB of vectors (store, copy) do not
-        result = run_snakemake(tmp_path, config, "plan")
+        result = run_snakemake(tmp_path, config, targets=("plan",))
         assert result.returncode == 0, result.stderr
     warning = re.search(
         r"^esmshard: WARNING: the embeddings of this run need up to ([\d.]+) MiB in results", result.stderr, re.M
     )
     assert warning and float(warning[1]) > 14, result.stderr
     assert "only" in (tmp_path / "logs/plan.log").read_text() and not (tmp_path / "logs/embed").exists()
-    assert "need up to" not in run_snakemake(tmp_path, config, "plan", "--forcerun", "plan").stderr  # the real disk
+    assert (
+        "need up to" not in run_snakemake(tmp_path, config, "--forcerun", "plan", targets=("plan",)).stderr
+    )  # the real disk

@@ -30,6 +30,7 @@ from conftest import (
 )
 from crashes import (  # noqa: F401 (fixtures)
     CRASH_PROTEINS,
+    SEGMENT,
     clean2,
     config_for,
     embed_processes,
@@ -80,7 +81,7 @@ def test_sigterm_keeps_finished_work_and_the_rerun_computes_only_the_rest(tmp_pa
     log = (tmp_path / "logs/embed/rank_0.log").read_text()
     assert "stopped by SIGTERM" in log
     kept = int(re.search(rf"stopped with (\d+) of {CRASH_PROTEINS} sequences in the store", log)[1])
-    assert kept >= 60
+    assert kept >= SEGMENT
     assert rank_status(tmp_path)["ok"] is False and "Stopped" in rank_status(tmp_path)["error"]  # recorded
     result = run_snakemake(tmp_path, config)
     assert result.returncode == 0, result.stderr

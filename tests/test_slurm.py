@@ -59,6 +59,7 @@ def through_slurm(workdir: Path, config: dict, slurm_conf: str, env: dict | None
         "--jobs",
         "8",
         env={"SLURM_CONF": slurm_conf, **(env or {})},
+        targets=(),
     )
     full_env.pop("CUDA_VISIBLE_DEVICES", None)  # the jobs' GPUs are SLURM's to give
     return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=900)
