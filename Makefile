@@ -16,11 +16,12 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash demo/run.sh
 
-# One worker per core, whole files per worker (their module fixtures are shared runs); the
-# SLURM and SIGKILL tests mostly wait, so they overlap with the rest. The 20 slowest tests are
-# listed at the end, to keep an eye on the suite's time.
+# One worker per core, whole files per worker (their module fixtures are shared runs), in the
+# order tests/conftest.py gives them (not xdist's, which starts the files with most tests); the
+# SLURM test mostly waits, so it overlaps with the rest. The 20 slowest tests are listed at the
+# end, to keep an eye on the suite's time.
 test: setup
-	$(PYTHON) -m pytest -n auto --dist loadfile --durations=20
+	$(PYTHON) -m pytest -n auto --dist loadfile --no-loadscope-reorder --durations=20
 
 # For iterating: everything but the tests that run the real snakemake (marker "workflow").
 test-fast: setup

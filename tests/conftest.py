@@ -26,9 +26,10 @@ THREADS = 1
 torch.set_num_threads(THREADS)
 
 
-# make test's pytest-xdist (--dist loadfile) hands whole files to its workers in collection order:
-# the longest go first, so that the suite never ends waiting on one of them alone.
-LONGEST_FILES = ("test_resume.py", "test_rerun.py", "test_slurm.py", "test_sigkill.py", "test_workflow.py")
+# make test's pytest-xdist (--dist loadfile --no-loadscope-reorder) hands whole files to its
+# workers in collection order: the longest go first, so that the suite never ends waiting on one
+# of them alone; the SLURM test first of all, as it mostly waits for SLURM's job states.
+LONGEST_FILES = ("test_slurm.py", "test_sigkill.py", "test_resume.py", "test_rerun.py", "test_workflow.py")
 
 
 def pytest_collection_modifyitems(items):

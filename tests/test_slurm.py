@@ -99,5 +99,5 @@ def test_four_ranks_as_four_slurm_jobs_on_one_gpu_each_a_failed_one_and_the_reru
     for status in ranks:
         assert re.fullmatch(r"\d", status["cuda_visible_devices"])  # exactly one GPU index, set by SLURM
     (tmp_path / "local").mkdir()
-    completed_run(tmp_path / "local", config)
-    assert_same_embeddings(workdir, tmp_path / "local", atol=1e-6)
+    completed_run(tmp_path / "local", {**config, "world_size": 1})
+    assert_same_embeddings(workdir, tmp_path / "local", atol=1e-5)  # as test_one_rank_equals_three_ranks
