@@ -113,7 +113,7 @@ def test_the_embed_command_refuses_bad_input_in_one_line_and_leaves_nothing(tmp_
     refused = subprocess.run([*command, "-m", tiny_checkpoint], capture_output=True, text=True)
     assert refused.returncode == 1 and refused.stdout == ""
     assert refused.stderr == (
-        f"esmshard embed: error: {fasta}: record 2 ('b', line 3): residue 3 is '1', which is not one of ESM-2's 25 "
+        f"esmshard embed: error: {fasta}: record 2 ('b', line 3): residue 3 is '1', which is not one of the 25 residue "
         "letters (ACDEFGHIKLMNPQRSTVWYXBUZO); fix the input or set 'invalid_residues: replace' to map such "
         "characters to X\n"
     )
@@ -145,7 +145,7 @@ def test_a_list_truncation_and_float16(tiny_checkpoint, records):
             {"ok": "MKV", "P1": "MKV#L"},
             {},
             r"^sequences: record 2 \('P1'\): residue 4 is '#', which is not one of "
-            r"ESM-2's 25 letters",
+            r"the 25 residue letters",
         ),
         (["MKV", "MKÉV"], {}, r"^sequences: record 2 \('1'\): residue 3 is 'É'"),
         ({"empty": "*"}, {}, r"^sequences: record 1 \('empty'\): record has no residues$"),

@@ -213,7 +213,7 @@ def test_replace_policy_maps_unknown_letters_to_x(tmp_path, tiny_checkpoint):
         tmp_path, config_for(tmp_path / "a.fasta", tiny_checkpoint, world_size=1, invalid_residues="replace")
     )
     assert result.returncode == 0, result.stderr
-    assert "replaced 2 residues outside ESM-2's alphabet with X" in (tmp_path / "logs/index.log").read_text()
+    assert "replaced 2 residues outside the 25 residue letters with X" in (tmp_path / "logs/index.log").read_text()
     ids, embeddings, _ = read_embeddings(tmp_path / "results/embeddings.h5")
     network, alphabet = load_model(str(tiny_checkpoint))
     assert ids == ["x", "y"]

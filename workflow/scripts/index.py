@@ -22,6 +22,6 @@ except EsmShardError as error:
 log.info("%d sequences, %d residues, fingerprint %s", summary.n_sequences, summary.n_residues, summary.fingerprint)
 if summary.replaced_residues:
     log.warning(
-        "replaced %d residues outside ESM-2's alphabet with X (invalid_residues: replace)",
+        "replaced %d residues outside the 25 residue letters with X (invalid_residues: replace)",
         summary.replaced_residues,
     )

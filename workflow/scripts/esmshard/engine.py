@@ -39,7 +39,7 @@ import torch
 
 from esmshard import EsmShardError
 from esmshard.batching import Batch, planned_batches
-from esmshard.fasta import ESM_RESIDUES
+from esmshard.fasta import RESIDUES
 from esmshard.outputs import OutputSpec, piece_tokens, pooling_of, residue_offsets
 from esmshard.packed import PackedESM, heads_of, kernel_warmups, packed_model, rotary_kernel_of
 
@@ -167,7 +167,7 @@ class Packer:
 
     def __init__(self, alphabet, spec: OutputSpec):
         self.table = np.full(256, alphabet.unk_idx, np.int64)
-        for code in ESM_RESIDUES:
+        for code in RESIDUES:
             self.table[code] = alphabet.get_idx(chr(code))
         self.cls_idx, self.eos_idx, self.padding_idx = alphabet.cls_idx, alphabet.eos_idx, alphabet.padding_idx
         self.bos = int(alphabet.prepend_bos)  # 0: residues then EOS (ProtT5)

@@ -21,13 +21,14 @@ from pathlib import Path
 
 from esmshard import EsmShardError
 
-# The 25 residue letters ESM-2's alphabet knows: the 20 standard amino acids plus X B U Z O.
-ESM_RESIDUES = b"ACDEFGHIKLMNPQRSTVWYXBUZO"
+# The 25 residue letters every model family here takes: the 20 standard amino acids plus X B U Z
+# O (in the ESM alphabets and ESM C's; ProtT5 reads U Z O B as X, as Rostlab's scripts do).
+RESIDUES = b"ACDEFGHIKLMNPQRSTVWYXBUZO"
 INVALID_POLICIES = ("error", "replace")
 
-_DELETE_VALID = bytes(ESM_RESIDUES)
-# Maps every byte that is not an ESM-2 residue to X (used with invalid_residues: replace).
-_TO_X = bytes(c if c in ESM_RESIDUES else ord("X") for c in range(256))
+_DELETE_VALID = bytes(RESIDUES)
+# Maps every byte that is not one of RESIDUES to X (used with invalid_residues: replace).
+_TO_X = bytes(c if c in RESIDUES else ord("X") for c in range(256))
 
 # Compressions read, recognised by their magic bytes: file names can lie or lack a suffix.
 _COMPRESSIONS = {
@@ -221,8 +222,8 @@ def _finish(path: Path, header, sequence_lines: list[bytes], invalid_residues: s
 
 
 def clean_residues(residues: bytes, where: str, invalid_residues: str = "error") -> tuple[bytes, int]:
-    """(the residues as ESM-2 takes them, how many were replaced by X) under the validation policy:
-    upper case, one trailing stop codon dropped, characters outside ESM-2's alphabet an error
+    """(the residues as the models take them, how many were replaced by X) under the validation
+    policy: upper case, one trailing stop codon dropped, characters outside RESIDUES an error
     naming ``where`` and the position (or X with ``invalid_residues: replace``)."""
     residues = residues.upper()
     if residues.endswith(b"*"):  # one stop codon from a translated ORF
@@ -233,11 +234,11 @@ def clean_residues(residues: bytes, where: str, invalid_residues: str = "error")
     if not invalid:
         return residues, 0
     if invalid_residues == "error":
-        position = next(i for i, c in enumerate(residues) if c not in ESM_RESIDUES)
+        position = next(i for i, c in enumerate(residues) if c not in RESIDUES)
         char = residues[position:].decode("utf-8", errors="replace")[0]  # a whole UTF-8 character
         raise EsmShardError(
-            f"{where}: residue {position + 1} is {char!r}, which is not one of ESM-2's 25 "
-            f"letters ({ESM_RESIDUES.decode()}); fix the input or set "
+            f"{where}: residue {position + 1} is {char!r}, which is not one of the 25 "
+            f"residue letters ({RESIDUES.decode()}); fix the input or set "
             f"'invalid_residues: replace' to map such characters to X"
         )
     if max(invalid) >= 0x80:  # one X per character, also for one that UTF-8 spells in several bytes
