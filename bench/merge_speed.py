@@ -74,9 +74,9 @@ def floor(shards: dict, out: Path, dim: int, block: int = 16384) -> float:
     started = time.perf_counter()
     sources = [h5py.File(path, "r")[f"mean/layer_{LAYERS}"] for path in shards.values()]
     with h5py.File(out, "w") as h5:
-        rows = h5.create_dataset(
-            "rows", (sum(len(s) for s in sources), dim), np.float32, chunks=(max(1, (4 << 20) // (dim * 4)), dim)
-        )  # 4 MiB, as the merged file's
+        total = sum(len(s) for s in sources)
+        chunk_rows = min(total, max(1, (4 << 20) // (dim * 4)))  # 4 MiB, as the merged file's; no more rows than it has
+        rows = h5.create_dataset("rows", (total, dim), np.float32, chunks=(chunk_rows, dim))
         done = 0
         for source in sources:
             for start in range(0, len(source), block):
