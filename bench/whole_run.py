@@ -3,6 +3,7 @@
     python bench/whole_run.py --like esm2_t33_650M_UR50D --n 12000 --real ../shared/data/P62593.fasta
     python bench/whole_run.py --like esm1b_t33_650M_UR50S --n 6000 --real ../shared/data/P62593.fasta
     python bench/whole_run.py --like prot_t5_xl --n 3000 --real ../shared/data/P62593.fasta --budgets 16384
+    python bench/whole_run.py --like esmc_600m --n 6000 --esm-site ESM_SITE --budgets 16384 65536
 
 Input: the first --real-n records of --real (real proteins) and synthetic ones (log-normal
 lengths, median 300, uncapped: some exceed 1022 and are truncated by all) up to --n, written
@@ -16,6 +17,8 @@ whole processes from start to exit, the peers that apply to the family:
   - transformers (ESM-2, ESM-1b, ProtT5): bench/hf_script.py, EsmModel with SDPA or
     T5EncoderModel in float16, length-sorted batches of a padded-token budget, once per
     --budgets value (each printed; the fastest is the peer's figure);
+  - esm (ESM C): bench/esmc_script.py, EvolutionaryScale's own ESMC in bfloat16, batched the
+    same way, once per --budgets value, with that package from --esm-site first on its path;
 each writing the means to HDF5, and
   - esmshard cold: `snakemake --cores C --resources gpu=1 results/embeddings.h5` in a fresh
     directory, with empty torch.compile caches (the page cache is not dropped: the files were
@@ -61,7 +64,12 @@ STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) ", re.M)
 PROCESS_AGE = re.compile(r"job process started ([\d.]+) s ago")  # esmshard.logs.setup's second line
 
 # The peers that run each family's models, and the padded-token budgets the transformers peer tries.
-PEERS = {"esm2": ("fair-esm", "transformers"), "esm1b": ("fair-esm", "transformers"), "prott5": ("transformers",)}
+PEERS = {
+    "esm2": ("fair-esm", "transformers"),
+    "esm1b": ("fair-esm", "transformers"),
+    "esmc": ("esm",),
+    "prott5": ("transformers",),
+}
 BUDGETS = (4096, 16384, 65536)
 MIN_COSINE = 0.999
 # Peers that are not installable on the GPU machines (Python 3.12, torch 2.11, no network; wheels
@@ -253,11 +261,11 @@ def write_hf_esm(checkpoint: Path, directory: Path) -> Path:
     return directory
 
 
-def run_peer(command: list[str], output: Path, log: Path) -> dict:
+def run_peer(command: list[str], output: Path, log: Path, env: dict | None = None) -> dict:
     """One peer's whole process: its seconds, time to its output file and own breakdown, or its failure."""
     started = time.time()
     with open(log, "w") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
     ended = time.time()
     if result.returncode:
         tail = "\n".join(log.read_text().splitlines()[-4:])
@@ -317,9 +325,15 @@ def main() -> int:
     )
     parser.add_argument("--no-baseline", action="store_true", help="no peers: esmshard's runs alone")
     parser.add_argument(
-        "--peers", nargs="+", default=["fair-esm", "transformers"], help="of those that apply to the family"
+        "--peers", nargs="+", default=["fair-esm", "transformers", "esm"], help="of those that apply to the family"
     )
-    parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS), help="the transformers peer's")
+    parser.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS), help="the transformers and esm peers'")
+    parser.add_argument(
+        "--esm-site",
+        type=Path,
+        default=None,
+        help="a folder holding EvolutionaryScale's esm package and what its ESMC imports (the esm peer of ESM C)",
+    )
     parser.add_argument("--with-report", action="store_true", help="esmshard's default target (the report too)")
     parser.add_argument("--device", default="cuda", help="cpu: everything on the CPU, peers in float32 (a test)")
     parser.add_argument(
@@ -374,6 +388,16 @@ def main() -> int:
             command = [sys.executable, str(REPO / "bench/hf_script.py"), str(fasta), str(hf_model), str(output)]
             command += ["--budget", str(budget), "--device", args.device]
             done(f"transformers {kind} {half}, budget {budget}", run_peer(command, output, runs / f"hf_{budget}.out"))
+    if "esm" in peers:  # EvolutionaryScale's esm, whose top-level module is also fair-esm's: first on its path
+        if args.esm_site is None:
+            parser.error("the esm peer of ESM C needs --esm-site (or --peers without esm)")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(args.esm_site), os.environ.get("PYTHONPATH", "")])}
+        for budget in args.budgets:
+            output = runs / f"esm_{budget}.h5"
+            command = [sys.executable, str(REPO / "bench/esmc_script.py"), str(fasta), str(model), str(output)]
+            command += ["--budget", str(budget), "--device", args.device]
+            name = f"esm ESMC {'fp32' if args.device == 'cpu' else 'bf16'}, budget {budget}"
+            done(name, run_peer(command, output, runs / f"esm_{budget}.out", env))
     if not args.no_baseline:
         for name, why in UNAVAILABLE.get(family, {}).items():
             done(name, {"unavailable": why})
