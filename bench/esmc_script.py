@@ -72,7 +72,8 @@ def main() -> None:
             lengths = torch.tensor([min(len(sequences[i]), MAX_RESIDUES) for i in batch], device=tokens.device)
             positions = torch.arange(tokens.shape[1], device=tokens.device)
             residues = ((positions >= 1) & (positions <= lengths[:, None])).to(torch.float32)  # [B, L]
-            summed = torch.einsum("btd,bt->bd", embeddings.float(), residues)
+            with torch.autocast("cuda", enabled=False):  # the mean summed in float32, not autocast's bfloat16
+                summed = torch.einsum("btd,bt->bd", embeddings.float(), residues)
             means[batch] = (summed / lengths[:, None]).cpu().numpy()
             count += int(lengths.sum())
     looped = time.perf_counter() - STARTED
