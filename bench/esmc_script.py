@@ -19,16 +19,14 @@ import time
 
 STARTED = time.perf_counter()
 
-import argparse  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from esm.models.esmc import ESMC  # noqa: E402
 from esm.tokenization import get_esmc_model_tokenizers  # noqa: E402
 
-from hf_script import MAX_RESIDUES, batches, read_fasta  # noqa: E402
+from hf_script import MAX_RESIDUES, batches, peer_parser, read_fasta, write_means  # noqa: E402
 
 
 def load(checkpoint: Path, device: str) -> ESMC:
@@ -43,19 +41,14 @@ def load(checkpoint: Path, device: str) -> ESMC:
     # layers, which no embedding goes through
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(name.startswith("sequence_head.") for name in missing), (missing, unexpected)
-    return model.to(torch.bfloat16) if device != "cpu" else model.float()
+    return model.to(torch.bfloat16) if device != "cpu" else model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("fasta", type=Path)
-    parser.add_argument("checkpoint", type=Path, help="ESM C's state dict (EvolutionaryScale's .pth layout)")
-    parser.add_argument("output", type=Path)
-    parser.add_argument("--budget", type=int, default=16384, help="padded tokens per batch")
-    parser.add_argument("--device", default="cuda")
+    parser = peer_parser(__doc__.split("\n\n")[0], "ESM C's state dict (EvolutionaryScale's .pth layout)")
     args = parser.parse_args()
     imported = time.perf_counter() - STARTED
-    model = load(args.checkpoint, args.device)
+    model = load(args.model, args.device)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     loaded = time.perf_counter() - STARTED
@@ -77,18 +70,18 @@ def main() -> None:
             means[batch] = (summed / lengths[:, None]).cpu().numpy()
             count += int(lengths.sum())
     looped = time.perf_counter() - STARTED
-    with h5py.File(args.output, "w") as h5:
-        h5["ids"] = np.array(ids, dtype=object)
-        h5["mean"] = means
-        h5.attrs.update(
-            import_s=imported,
-            load_s=loaded - imported,
-            loop_s=looped - loaded,
-            tokenise_s=tokenising,
-            residues=count,
-            attention="sdpa",
-            peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0,
-        )
+    timings = {
+        "import_s": imported,
+        "load_s": loaded - imported,
+        "tokenise_s": tokenising,
+        "loop_s": looped - loaded,
+        "residues": count,
+        "budget": args.budget,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "attention": "sdpa",
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0,
+    }
+    write_means(args.output, ids, means, timings)
 
 
 if __name__ == "__main__":

@@ -76,14 +76,31 @@ def batches(lengths: list[int], budget: int, specials: int) -> list[list[int]]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def peer_parser(description: str, model_help: str) -> argparse.ArgumentParser:
+    """The arguments of every peer script bench/whole_run.py runs: FASTA, model, output, budget, device."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("fasta", type=Path)
-    parser.add_argument("model", type=Path, help="a Hugging Face model directory (ESM-2, ESM-1b or ProtT5)")
+    parser.add_argument("model", type=Path, help=model_help)
     parser.add_argument("output", type=Path)
     parser.add_argument("--budget", type=int, default=16384, help="padded tokens per batch")
-    parser.add_argument("--layer", type=int, default=None, help="hidden_states index (default: the last layer)")
     parser.add_argument("--device", default="cuda")
+    return parser
+
+
+def write_means(output: Path, ids: list[str], means: np.ndarray, timings: dict) -> None:
+    """A peer's output as bench/whole_run.py reads it: ``ids``, ``mean`` and the timings as
+    attributes (import_s, load_s, tokenise_s, loop_s, residues, attention, peak_gpu_gib, ...)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(output, "w") as h5:
+        h5["ids"] = np.array(ids, dtype=object)
+        h5["mean"] = means
+        h5.attrs.update(timings)
+    print(json.dumps(timings))
+
+
+def main() -> None:
+    parser = peer_parser(__doc__.split("\n\n")[0], "a Hugging Face model directory (ESM-2, ESM-1b or ProtT5)")
+    parser.add_argument("--layer", type=int, default=None, help="hidden_states index (default: the last layer)")
     parser.add_argument(
         "--dtype", default=None, choices=["float16", "bfloat16", "float32"], help="default float16 (float32 on CPU)"
     )
@@ -137,23 +154,18 @@ def main() -> None:
             count += weights.sum().item()
     looped = time.perf_counter() - STARTED
 
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(args.output, "w") as h5:
-        h5["ids"] = np.array(ids, dtype=object)
-        h5["mean"] = means
-        timings = {
-            "import_s": imported,
-            "load_s": loaded - imported,
-            "tokenise_s": tokenising,
-            "loop_s": looped - loaded,
-            "residues": int(count),
-            "budget": args.budget,
-            "dtype": str(dtype).removeprefix("torch."),
-            "attention": model.config._attn_implementation,
-            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0,
-        }
-        h5.attrs.update(timings)
-    print(json.dumps(timings))
+    timings = {
+        "import_s": imported,
+        "load_s": loaded - imported,
+        "tokenise_s": tokenising,
+        "loop_s": looped - loaded,
+        "residues": int(count),
+        "budget": args.budget,
+        "dtype": str(dtype).removeprefix("torch."),
+        "attention": model.config._attn_implementation,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0,
+    }
+    write_means(args.output, ids, means, timings)
 
 
 if __name__ == "__main__":
