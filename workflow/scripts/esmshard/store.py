@@ -111,7 +111,7 @@ class Store:
             if digests is None:
                 continue
             offsets = residue_offsets(segment_spec.embedded_lengths(lengths))
-            rows = np.arange(len(digests)) if wanted is None else np.flatnonzero(_among(digests, wanted))
+            rows = np.arange(len(digests)) if wanted is None else np.flatnonzero(_search(wanted, digests)[1])
             keys.append(digests[rows])
             segment_of.append(np.full(len(rows), len(self.segments), np.int64))
             row_of.append(rows.astype(np.int64))
@@ -171,13 +171,8 @@ class Store:
         """(segment number, row) of each digest; segment -1 where the store has none."""
         if not len(self._keys):
             return np.full(len(digests), -1), np.full(len(digests), -1)
-        at, found = self._lookup(digests)
+        at, found = _search(self._keys, digests)
         return np.where(found, self._segment[at], -1), np.where(found, self._row[at], -1)
-
-    def _lookup(self, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(where each digest is among the held keys, whether it is there); the store holds some."""
-        at = np.minimum(np.searchsorted(self._keys, digests), len(self._keys) - 1)
-        return at, self._keys[at] == digests
 
     def segments_holding(self, digests: np.ndarray) -> list[Path]:
         """The segments that hold any of ``digests``."""
@@ -206,7 +201,7 @@ class Store:
         (segment path, its rows, first row, end row) of consecutive rows of one segment; None
         where they take more than MAX_VIRTUAL_RUNS runs (sequences reused from many earlier runs),
         for the caller to copy them instead."""
-        at, _ = self._lookup(digests)
+        at, _ = _search(self._keys, digests)
         segment, starts, ends = self._segment[at], self._start[at], self._end[at]
         new_run = np.ones(len(digests), bool)
         new_run[1:] = (segment[1:] != segment[:-1]) | (starts[1:] != ends[:-1])
@@ -249,12 +244,12 @@ class Store:
         }
 
 
-def _among(digests: np.ndarray, wanted: np.ndarray) -> np.ndarray:
-    """[n] bool: which of ``digests`` are in ``wanted`` (sorted)."""
-    if not len(wanted):
-        return np.zeros(len(digests), bool)
-    at = np.minimum(np.searchsorted(wanted, digests), len(wanted) - 1)
-    return wanted[at] == digests
+def _search(keys: np.ndarray, digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(where each digest is among the sorted ``keys``, whether it is there)."""
+    if not len(keys):
+        return np.zeros(len(digests), np.int64), np.zeros(len(digests), bool)
+    at = np.minimum(np.searchsorted(keys, digests), len(keys) - 1)
+    return at, keys[at] == digests
 
 
 def _chunk_rows(values: np.ndarray) -> int:
