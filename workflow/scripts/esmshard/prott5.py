@@ -93,7 +93,14 @@ class DenseReluDense(nn.Module):
         self.wo = nn.Linear(config.ffn_dim, config.embed_dim, bias=False)
 
     def forward(self, x):
-        return self.wo(F.relu(self.wi(x)).to(self.wo.weight.dtype))  # wo may be kept in float32
+        hidden = F.relu(self.wi(x))  # [B, L, F] in the weights' dtype
+        if hidden.is_cuda and hidden.dtype != torch.float32 and self.wo.weight.dtype == hidden.dtype:
+            # T5 overflows float16 in this product's output, so it comes out in float32: cuBLAS's
+            # half-precision product with float32 accumulation and output, at half precision's
+            # speed (transformers keeps wo in float32 and multiplies in float32, several times slower)
+            B, L, _ = hidden.shape
+            return torch.mm(hidden.view(B * L, -1), self.wo.weight.t(), out_dtype=torch.float32).view(B, L, -1)
+        return self.wo(hidden.to(self.wo.weight.dtype))  # wo may be kept in float32
 
 
 class FeedForwardLayer(nn.Module):
