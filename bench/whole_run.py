@@ -15,8 +15,9 @@ same weights once more as transformers' EsmModel directory (``write_hf_esm``). T
 whole processes from start to exit, the peers that apply to the family:
   - fair-esm (ESM-2, ESM-1b): bench/fair_esm_script.py, a plain fp16 fair-esm script;
   - transformers (ESM-2, ESM-1b, ProtT5): bench/hf_script.py, EsmModel with SDPA or
-    T5EncoderModel in float16, length-sorted batches of a padded-token budget, once per
-    --budgets value (each printed; the fastest is the peer's figure);
+    T5EncoderModel in float16 (on a GPU also with ``model.half()``, as Rostlab's README), length-
+    sorted batches of a padded-token budget, once per --budgets value (each printed; the fastest
+    is the peer's figure);
   - esm (ESM C): bench/esmc_script.py, EvolutionaryScale's own ESMC in bfloat16, batched the
     same way, once per --budgets value, with that package from --esm-site first on its path;
 each writing the means to HDF5, and
@@ -383,11 +384,16 @@ def main() -> int:
     if "transformers" in peers:
         hf_model = model if family == "prott5" else write_hf_esm(model, store / f"{args.like}-hf")
         kind = "T5EncoderModel" if family == "prott5" else "EsmModel sdpa"
+        # ProtT5 twice: as transformers loads it in float16 (wo kept float32), and all float16 as
+        # Rostlab's README makes it (model.half(), faster)
+        variants = [("", []), (" .half()", ["--half"])] if family == "prott5" and args.device != "cpu" else [("", [])]
         for budget in args.budgets:
-            output = runs / f"transformers_{budget}.h5"
-            command = [sys.executable, str(REPO / "bench/hf_script.py"), str(fasta), str(hf_model), str(output)]
-            command += ["--budget", str(budget), "--device", args.device]
-            done(f"transformers {kind} {half}, budget {budget}", run_peer(command, output, runs / f"hf_{budget}.out"))
+            for suffix, flags in variants:
+                output = runs / f"transformers{'_half' if flags else ''}_{budget}.h5"
+                command = [sys.executable, str(REPO / "bench/hf_script.py"), str(fasta), str(hf_model), str(output)]
+                command += ["--budget", str(budget), "--device", args.device, *flags]
+                name = f"transformers {kind}{suffix} {half}, budget {budget}"
+                done(name, run_peer(command, output, runs / f"{output.stem}.out"))
     if "esm" in peers:  # EvolutionaryScale's esm, whose top-level module is also fair-esm's: first on its path
         if args.esm_site is None:
             parser.error("the esm peer of ESM C needs --esm-site (or --peers without esm)")
