@@ -70,18 +70,10 @@ def main() -> None:
             means[batch] = (summed / lengths[:, None]).cpu().numpy()
             count += int(lengths.sum())
     looped = time.perf_counter() - STARTED
-    timings = {
-        "import_s": imported,
-        "load_s": loaded - imported,
-        "tokenise_s": tokenising,
-        "loop_s": looped - loaded,
-        "residues": count,
-        "budget": args.budget,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "attention": "sdpa",
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0,
-    }
-    write_means(args.output, ids, means, timings)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    write_means(
+        args.output, ids, means, (imported, loaded, looped), tokenising, count, args.budget, dtype, "sdpa", args.device
+    )
 
 
 if __name__ == "__main__":

@@ -89,9 +89,34 @@ def peer_parser(description: str, model_help: str) -> argparse.ArgumentParser:
     return parser
 
 
-def write_means(output: Path, ids: list[str], means: np.ndarray, timings: dict) -> None:
-    """A peer's output as bench/whole_run.py reads it: ``ids``, ``mean`` and the timings as
-    attributes (import_s, load_s, tokenise_s, loop_s, residues, attention, peak_gpu_gib, ...)."""
+def write_means(
+    output: Path,
+    ids: list[str],
+    means: np.ndarray,
+    marks: tuple[float, float, float],
+    tokenising: float,
+    residues: int,
+    budget: int,
+    dtype: str,
+    attention: str,
+    device: str,
+) -> None:
+    """A peer's output as bench/whole_run.py reads it: ``ids``, ``mean`` and its timings as
+    attributes (import_s, load_s, tokenise_s, loop_s, residues, attention, peak_gpu_gib, ...).
+    ``marks``: seconds since the process started when its imports, its model's load and its loop
+    were done."""
+    imported, loaded, looped = marks
+    timings = {
+        "import_s": imported,
+        "load_s": loaded - imported,
+        "tokenise_s": tokenising,
+        "loop_s": looped - loaded,
+        "residues": int(residues),
+        "budget": budget,
+        "dtype": dtype,
+        "attention": attention,
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else 0.0,
+    }
     output.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(output, "w") as h5:
         h5["ids"] = np.array(ids, dtype=object)
@@ -158,19 +183,18 @@ def main() -> None:
             means[batch] = (summed / weights.sum(1, keepdim=True)).cpu().numpy()
             count += weights.sum().item()
     looped = time.perf_counter() - STARTED
-
-    timings = {
-        "import_s": imported,
-        "load_s": loaded - imported,
-        "tokenise_s": tokenising,
-        "loop_s": looped - loaded,
-        "residues": int(count),
-        "budget": args.budget,
-        "dtype": "float16, every weight (model.half())" if args.half else str(dtype).removeprefix("torch."),
-        "attention": model.config._attn_implementation,
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else 0.0,
-    }
-    write_means(args.output, ids, means, timings)
+    write_means(
+        args.output,
+        ids,
+        means,
+        (imported, loaded, looped),
+        tokenising,
+        count,
+        args.budget,
+        "float16, every weight (model.half())" if args.half else str(dtype).removeprefix("torch."),
+        model.config._attn_implementation,
+        args.device,
+    )
 
 
 if __name__ == "__main__":
