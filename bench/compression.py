@@ -27,6 +27,8 @@ from esmshard.model import write_random_checkpoint  # noqa: E402
 from esmshard.outputs import OutputSpec  # noqa: E402
 from esmshard.shard import create_outputs  # noqa: E402
 
+ESM2_MAX_RESIDUES = MAX_RESIDUES["esm2"]  # fair-esm's scripts cut there
+
 AMINO = list("ACDEFGHIKLMNPQRSTVWY")
 # (label, config compression, byte shuffle): the first three are what esmshard writes.
 FILTERS = [
@@ -41,7 +43,7 @@ FILTERS = [
 def vectors(checkpoint: Path, proteins: int, median: int, seed: int = 0) -> tuple[np.ndarray, dict]:
     """(lengths, {"mean": [n, dim], "per_residue": [residues, dim]}) float32, from esmshard.embed."""
     rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(np.log(median), 0.6, proteins).astype(int), 20, MAX_RESIDUES)
+    lengths = np.clip(rng.lognormal(np.log(median), 0.6, proteins).astype(int), 20, ESM2_MAX_RESIDUES)
     result = embed(
         ["".join(rng.choice(AMINO, n)) for n in lengths],
         model=checkpoint,
@@ -55,7 +57,7 @@ def vectors(checkpoint: Path, proteins: int, median: int, seed: int = 0) -> tupl
 
 def write_once(path: Path, values: np.ndarray, lengths, pooling: str, compression: str, shuffle: bool):
     """(seconds to write ``values`` as dataset ``pooling/layer_1``, bytes stored)."""
-    spec = OutputSpec((1,), (pooling,), 1)
+    spec = OutputSpec.resolve([1], [pooling], 1, max_residues=ESM2_MAX_RESIDUES)
     with h5py.File(path, "w") as h5:
         if shuffle or compression == "none":  # what esmshard writes
             (dataset,) = create_outputs(

@@ -37,6 +37,8 @@ from esmshard.progress import Progress  # noqa: E402
 from esmshard.rank import fill_store_and_assemble  # noqa: E402
 from esmshard.work import RankSettings, rank_work  # noqa: E402
 
+ESM2_MAX_RESIDUES = MAX_RESIDUES["esm2"]  # fair-esm's scripts cut there
+
 PEAK_FLOPS = 790e12
 AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
 
@@ -47,7 +49,7 @@ def synthetic_fasta(path: Path, n: int, median: int, seed: int = 0) -> None:
         handle.writelines(synthetic_records(n, median, seed))
 
 
-def synthetic_records(n: int, median: int, seed: int = 0, cap: int | None = MAX_RESIDUES):
+def synthetic_records(n: int, median: int, seed: int = 0, cap: int | None = ESM2_MAX_RESIDUES):
     """FASTA records syn0000000, ...: log-normal lengths (median ~``median``, at least 20, at most
     ``cap``), uniform random residues."""
     rng = np.random.default_rng(seed)
@@ -63,7 +65,7 @@ def fair_esm_fp16(network, alphabet, sequences: list[str], tokens_per_batch: int
     dataset = esm.FastaBatchedDataset([str(i) for i in range(len(sequences))], sequences)
     batches = dataset.get_batch_indices(tokens_per_batch, extra_toks_per_seq=1)
     loader = torch.utils.data.DataLoader(
-        dataset, collate_fn=alphabet.get_batch_converter(MAX_RESIDUES), batch_sampler=batches
+        dataset, collate_fn=alphabet.get_batch_converter(ESM2_MAX_RESIDUES), batch_sampler=batches
     )
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -72,7 +74,7 @@ def fair_esm_fp16(network, alphabet, sequences: list[str], tokens_per_batch: int
         for _labels, strs, toks in loader:
             out = network(toks.to("cuda", non_blocking=True), repr_layers=[layer])["representations"][layer]
             for i, s in enumerate(strs):
-                out[i, 1 : min(len(s), MAX_RESIDUES) + 1].mean(0).clone().cpu()
+                out[i, 1 : min(len(s), ESM2_MAX_RESIDUES) + 1].mean(0).clone().cpu()
     torch.cuda.synchronize()
     return time.perf_counter() - started
 
@@ -90,7 +92,7 @@ def reference_means(network, alphabet, sequences: list[str], layer: int) -> np.n
     means = []
     with torch.no_grad():
         for s in sequences:
-            s = s[:MAX_RESIDUES]
+            s = s[:ESM2_MAX_RESIDUES]
             ids = [alphabet.get_idx(c) for c in s]
             first = int(alphabet.prepend_bos)  # ProtT5: residues, then </s>
             toks = torch.tensor([[alphabet.cls_idx] * first + ids + [alphabet.eos_idx]])
@@ -111,7 +113,7 @@ def run_model(name: str, args, workdir: Path) -> dict:
     params = sum(p.numel() for p in network.parameters())
     index = SequenceIndex(workdir / "index")
     sequences = [index.sequence(i) for i in range(len(index))]
-    residues = int(np.minimum(index.lengths, MAX_RESIDUES).sum())
+    residues = int(np.minimum(index.lengths, ESM2_MAX_RESIDUES).sum())
     limit = PEAK_FLOPS / (2 * params)  # tokens/s at the FLOP limit
 
     # (b) first, while the fp32 network is the only copy on the GPU besides the packed one
@@ -120,7 +122,7 @@ def run_model(name: str, args, workdir: Path) -> dict:
     )
     plan_path = write_bench_plan(workdir, name)
     work = rank_work(SequenceIndex(workdir / "index"), read_plan(plan_path), 0, settings)
-    spec = OutputSpec.resolve([-1], ["mean"], layers)
+    spec = work.spec
     engine = PackedEngine(network, alphabet, "cuda", args.precision, spec)
     started = time.perf_counter()
     engine.embed([index.residues(i) for i in range(min(64, len(index)))])  # warm-up
@@ -206,7 +208,8 @@ def write_bench_plan(workdir: Path, name: str) -> Path:
     index = SequenceIndex(workdir / "index")
     position, source = distinct(index.digests())
     layers, dim, _ = SHAPES[name]
-    ranks, rank_costs = balance(sequence_costs(index.lengths[position], dim), 1)
+    spec = OutputSpec.resolve([-1], ["mean"], layers, max_residues=MAX_RESIDUES[family_of(name)])
+    ranks, rank_costs = balance(sequence_costs(spec, index.lengths[position], dim), 1)
     model = {
         "path": name,
         "digest": f"random-{name}",

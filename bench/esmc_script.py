@@ -26,7 +26,10 @@ import torch  # noqa: E402
 from esm.models.esmc import ESMC  # noqa: E402
 from esm.tokenization import get_esmc_model_tokenizers  # noqa: E402
 
-from hf_script import MAX_RESIDUES, batches, peer_parser, read_fasta, write_means  # noqa: E402
+from hf_script import batches, peer_parser, read_fasta, write_means  # noqa: E402
+
+# ESM C was trained on 2048 residues; EvolutionaryScale's own API takes no more (esmshard cuts there too)
+MAX_RESIDUES = 2048
 
 
 def load(checkpoint: Path, device: str) -> ESMC:
@@ -57,7 +60,7 @@ def main() -> None:
     tokenising, count = 0.0, 0
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda"))
     with torch.inference_mode(), autocast:
-        for batch in batches([len(s) for s in sequences], args.budget, 2):
+        for batch in batches([len(s) for s in sequences], args.budget, 2, MAX_RESIDUES):
             started = time.perf_counter()
             tokens = model._tokenize([sequences[i][:MAX_RESIDUES] for i in batch])  # [B, L]: BOS residues EOS pad
             tokenising += time.perf_counter() - started

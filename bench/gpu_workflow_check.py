@@ -27,27 +27,29 @@ from esmshard.architectures import ESM2_MODELS, MAX_RESIDUES  # noqa: E402
 from esmshard.fasta import read_fasta  # noqa: E402
 from esmshard.model import load_model, write_random_checkpoint  # noqa: E402
 
+ESM2_MAX_RESIDUES = MAX_RESIDUES["esm2"]  # fair-esm's scripts cut there
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def fair_esm_outputs(network, alphabet, sequences, layers, tokens_per_batch=16384):
     """{(pooling, layer): [per-sequence arrays]} from fair-esm's fp32 forward on the GPU, in
     extract.py's padded, length-sorted batches."""
-    converter = alphabet.get_batch_converter(truncation_seq_length=MAX_RESIDUES)
+    converter = alphabet.get_batch_converter(truncation_seq_length=ESM2_MAX_RESIDUES)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out = {(p, layer): [None] * len(sequences) for p in ("mean", "bos", "per_residue") for layer in layers}
     batch = []
     for i in order + [None]:
-        longest = min(len(sequences[batch[-1]]), MAX_RESIDUES) + 2 if batch else 0
+        longest = min(len(sequences[batch[-1]]), ESM2_MAX_RESIDUES) + 2 if batch else 0
         if i is None or (
-            batch and (len(batch) + 1) * max(longest, min(len(sequences[i]), MAX_RESIDUES) + 2) > tokens_per_batch
+            batch and (len(batch) + 1) * max(longest, min(len(sequences[i]), ESM2_MAX_RESIDUES) + 2) > tokens_per_batch
         ):
             _, _, tokens = converter([(str(j), sequences[j]) for j in batch])
             with torch.no_grad():
                 representations = network(tokens.cuda(), repr_layers=list(layers))["representations"]
             for layer in layers:
                 for row, j in enumerate(batch):
-                    per_residue = representations[layer][row, 1 : min(len(sequences[j]), MAX_RESIDUES) + 1]
+                    per_residue = representations[layer][row, 1 : min(len(sequences[j]), ESM2_MAX_RESIDUES) + 1]
                     out["per_residue", layer][j] = per_residue.cpu().numpy()
                     out["mean", layer][j] = per_residue.mean(0).cpu().numpy()
                     out["bos", layer][j] = representations[layer][row, 0].cpu().numpy()
@@ -128,7 +130,7 @@ def main():
     network, alphabet = load_model(str(checkpoint))
     network = network.cuda().float().eval()
     reference = fair_esm_outputs(network, alphabet, list(sequences.values()), layers)
-    whole = [i for i, s in enumerate(sequences.values()) if len(s) <= MAX_RESIDUES or not args.all_outputs]
+    whole = [i for i, s in enumerate(sequences.values()) if len(s) <= ESM2_MAX_RESIDUES or not args.all_outputs]
     passed = True
     with h5py.File(workdir / "results/embeddings.h5") as h5:
         assert list(h5["ids"].asstr()[:]) == list(sequences), "IDs differ from input order"
@@ -138,7 +140,7 @@ def main():
             f"precision: {attrs['compute_precision']}  engine: {attrs['engine']}"
         )
         print(
-            f"sequences: {len(sequences)} ({len(sequences) - len(whole)} over {MAX_RESIDUES} residues left out "
+            f"sequences: {len(sequences)} ({len(sequences) - len(whole)} over {ESM2_MAX_RESIDUES} residues left out "
             f"of the comparison)  workflow wall time: {wall:.1f} s (including model load and snakemake start)"
         )
         for pooling in poolings:

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-MAX_RESIDUES = 1022  # what ESM-2 and ESM-1b were trained on (fair-esm's extract.py truncates there)
+ESM_MAX_RESIDUES = 1022  # what ESM-2 and ESM-1b were trained on (fair-esm's extract.py truncates there)
 
 
 def read_fasta(path: Path) -> tuple[list[str], list[str]]:
@@ -61,13 +61,13 @@ def read_fasta(path: Path) -> tuple[list[str], list[str]]:
     return ids, sequences
 
 
-def batches(lengths: list[int], budget: int, specials: int) -> list[list[int]]:
+def batches(lengths: list[int], budget: int, specials: int, max_residues: int | None) -> list[list[int]]:
     """Indices of the proteins, longest first, in batches of at most ``budget`` padded tokens
-    (a protein longer than the budget alone)."""
+    (a protein longer than the budget alone), each cut at ``max_residues`` (None: whole)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     out, batch, longest = [], [], 0
     for i in order:
-        tokens = min(lengths[i], MAX_RESIDUES) + specials
+        tokens = min(lengths[i], max_residues or lengths[i]) + specials
         longest = max(longest, tokens)
         if batch and (len(batch) + 1) * longest > budget:
             out.append(batch)
@@ -158,15 +158,16 @@ def main() -> None:
     tokenising = 0.0
     count = 0
     with torch.inference_mode():
-        for batch in batches(lengths, args.budget, 1 if t5 else 2):
+        # whole proteins for ProtT5, as Rostlab's prott5_embedder.py embeds them
+        for batch in batches(lengths, args.budget, 1 if t5 else 2, None if t5 else ESM_MAX_RESIDUES):
             started = time.perf_counter()
             if t5:  # Rostlab's tokenising: rare residues as X, residues spaced, then </s>
-                texts = [" ".join(re.sub(r"[UZOB]", "X", sequences[i][:MAX_RESIDUES])) for i in batch]
+                texts = [" ".join(re.sub(r"[UZOB]", "X", sequences[i])) for i in batch]
                 encoded = tokenizer(texts, add_special_tokens=True, padding="longest", return_tensors="pt")
             else:
                 texts = [sequences[i] for i in batch]
                 encoded = tokenizer(
-                    texts, padding="longest", truncation=True, max_length=MAX_RESIDUES + 2, return_tensors="pt"
+                    texts, padding="longest", truncation=True, max_length=ESM_MAX_RESIDUES + 2, return_tensors="pt"
                 )
             tokenising += time.perf_counter() - started
             input_ids = encoded["input_ids"].to(args.device, non_blocking=True)

@@ -32,7 +32,8 @@ def synthetic(cache: Path, n: int, dim: int, world_size: int) -> tuple[Plan, np.
     """(plan, ids, lengths, work, {rank: shard path}) of ``n`` distinct sequences."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(20, 1000, n)
-    ranks, _ = balance(sequence_costs(lengths, dim), world_size)
+    spec = OutputSpec.resolve([-1], ["mean"], LAYERS, "truncate", 512, max_residues=1022)
+    ranks, _ = balance(sequence_costs(spec, lengths, dim), world_size)
     plan = Plan(
         ranks,
         np.arange(n, dtype=np.int64),
@@ -42,7 +43,7 @@ def synthetic(cache: Path, n: int, dim: int, world_size: int) -> tuple[Plan, np.
         {"path": "synthetic.pt", "digest": "0" * 32, "family": "esm2", "num_layers": LAYERS, "embed_dim": dim},
     )
     ids = np.array([f"seq{i:09d}" for i in range(n)], dtype=object)
-    spec = OutputSpec.resolve([-1], ["mean"], LAYERS, "truncate", 512)
+    spec = OutputSpec.resolve([-1], ["mean"], LAYERS, "truncate", 512, max_residues=1022)
     work = RankWork(
         None,
         0,

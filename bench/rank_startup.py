@@ -59,7 +59,7 @@ def main() -> None:
         mark("import triton, the rotary and LayerNorm kernels")
     network, alphabet = load_model(args.checkpoint)
     mark("checkpoint read (load_model)")
-    spec = OutputSpec.resolve([-1], ["mean"], network.num_layers)
+    spec = OutputSpec.resolve([-1], ["mean"], network.num_layers, max_residues=1022)
     engine = PackedEngine(network, alphabet, "cuda", "float16", spec)
     torch.cuda.synchronize()
     mark("packed model on the GPU")

@@ -6,7 +6,8 @@
     python bench/whole_run.py --like esmc_600m --n 6000 --esm-site ESM_SITE --budgets 16384 65536
 
 Input: the first --real-n records of --real (real proteins) and synthetic ones (log-normal
-lengths, median 300, uncapped: some exceed 1022 and are truncated by all) up to --n, written
+lengths, median 300, uncapped: some exceed 1022, the limit of ESM-2 and ESM-1b, and are truncated
+there by all) up to --n, written
 once into --cache with a model of the named shape (RANDOM weights, float16 as the released
 files): a fair-esm checkpoint for ESM-2, ESM-1b/ESM-1v and ESM C (EvolutionaryScale's state
 dict), a Hugging Face T5 directory with ProtT5's tokenizer for prot_t5_xl (ProtT5-XL's encoder,

@@ -159,7 +159,7 @@ def fair_esm_mean(network, alphabet, sequence: str, layer: int) -> np.ndarray:
 
 
 def spec_for(network, layers=(-1,), poolings=("mean",), long_sequences="truncate") -> OutputSpec:
-    return OutputSpec.resolve(layers, poolings, network.num_layers, long_sequences)
+    return OutputSpec.resolve(layers, poolings, network.num_layers, long_sequences, max_residues=1022)
 
 
 def residues_of(sequences: list[str]) -> list[np.ndarray]:

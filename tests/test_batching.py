@@ -1,7 +1,7 @@
 import numpy as np
 
 from esmshard.batching import packed_batches, padded_batches, planned_batches
-from esmshard.outputs import OutputSpec, piece_tokens
+from esmshard.outputs import OutputSpec
 
 
 def test_batches_fit_the_budget_and_cover_every_sequence_once():
@@ -50,7 +50,7 @@ def test_windowed_sequences_count_every_window():
 
 def _sizes_and_windows(batches, lengths, spec):
     """Each batch's real and padded tokens, counted from its pieces; every sequence's windows, by batch."""
-    width, counts = piece_tokens(lengths), spec.window_counts(lengths)
+    width, counts = spec.piece_tokens(lengths), spec.window_counts(lengths)
     real, padded, seen = [], [], [[] for _ in lengths]
     for batch in batches:
         windows = np.stack([0 * counts, counts], 1)[batch.positions] if batch.windows is None else batch.windows
@@ -67,7 +67,7 @@ def test_a_long_protein_spreads_its_windows_over_batches_within_the_budget():
     rng = np.random.default_rng(2)
     lengths = np.concatenate([[20_000], rng.integers(1, 1500, 300)])
     for overlap in (512, 1000):
-        spec = OutputSpec.resolve([-1], ["mean"], 2, "window", overlap)
+        spec = OutputSpec.resolve([-1], ["mean"], 2, "window", overlap, max_residues=1022)
         counts = spec.window_counts(lengths)
         for padded in (False, True):
             batches = planned_batches(lengths, spec, 4096, padded)
@@ -83,17 +83,17 @@ def test_sequences_that_fit_batch_as_whole_items():
     """Without a protein over the budget the batches are those of the whole-sequence batchers."""
     rng = np.random.default_rng(3)
     lengths = rng.integers(1, 3000, 500)
-    spec = OutputSpec.resolve([-1], ["mean"], 2, "window", 512)
+    spec = OutputSpec.resolve([-1], ["mean"], 2, "window", 512, max_residues=1022)
     packed = planned_batches(lengths, spec, 16384)
     assert [b.positions.tolist() for b in packed] == [b.tolist() for b in packed_batches(spec.tokens(lengths), 16384)]
     padded = planned_batches(lengths, spec, 16384, padded=True)
-    want = padded_batches(piece_tokens(lengths), 16384, spec.window_counts(lengths))
+    want = padded_batches(spec.piece_tokens(lengths), 16384, spec.window_counts(lengths))
     assert [b.positions.tolist() for b in padded] == [b.tolist() for b in want]
     assert all(b.windows is None for b in packed + padded)
 
 
 def test_a_window_over_the_budget_makes_a_batch_of_its_own():
-    spec = OutputSpec.resolve([-1], ["mean"], 2, "window", 512)
+    spec = OutputSpec.resolve([-1], ["mean"], 2, "window", 512, max_residues=1022)
     batches = planned_batches(np.array([3000, 10]), spec, 1000)
     assert [(b.positions.tolist(), None if b.windows is None else b.windows.tolist()) for b in batches] == [
         ([0], [[k, k + 1]]) for k in range(5)

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import AMINO, completed_run, config_for, read_embeddings, write_fasta
 from esmshard import embed
-from esmshard.architectures import checkpoint_identity, resolve_model
+from esmshard.architectures import MAX_RESIDUES, checkpoint_identity, resolve_model
 
 pytestmark = pytest.mark.workflow  # installs the reference package and runs the real snakemake: not in make test-fast
 
@@ -37,7 +37,9 @@ REFERENCE = (
     "httpx==0.29.0",
 )
 LAYERS, WIDTH, HEADS = 3, 128, 2  # heads of 64, as ESM C's
-LENGTHS = (300, 1, 2, 50, 1022, 77)
+# 1500: over ESM-2's limit, embedded whole; 2100: over ESM C's 2048, truncated there
+LENGTHS = (300, 1, 2, 50, 1500, 2100, 77)
+MAX = MAX_RESIDUES["esmc"]
 
 REFERENCE_SCRIPT = """
 import sys
@@ -99,7 +101,8 @@ def sequences():
 def reference(reference_site, sequences, tmp_path_factory):
     """(EvolutionaryScale's state dict, as released models' .pth; its outputs for the sequences)."""
     out = tmp_path_factory.mktemp("esmc")
-    command = [sys.executable, "-c", REFERENCE_SCRIPT, out, LAYERS, WIDTH, HEADS, *sequences.values()]
+    cut = [sequence[:MAX] for sequence in sequences.values()]  # as EvolutionaryScale's API takes them
+    command = [sys.executable, "-c", REFERENCE_SCRIPT, out, LAYERS, WIDTH, HEADS, *cut]
     ran = subprocess.run(
         list(map(str, command)),
         capture_output=True,
@@ -120,7 +123,7 @@ def test_the_tokens_are_esmshards(reference, sequences):
     _, arrays = reference
     alphabet = esm.Alphabet.from_architecture("ESM-1b")  # the token ids the packer writes
     for i, sequence in enumerate(sequences.values()):
-        ids = [alphabet.cls_idx, *alphabet.encode(sequence), alphabet.eos_idx]
+        ids = [alphabet.cls_idx, *alphabet.encode(sequence[:MAX]), alphabet.eos_idx]
         assert arrays[f"tokens_{i}"].tolist() == ids
 
 
@@ -138,7 +141,7 @@ def test_every_output_equals_evolutionaryscales_esmc(reference, sequences, engin
     for layer in (1, 2, 3):
         for i, sequence in enumerate(sequences.values()):
             hidden = expected(arrays, i, layer)
-            residues = hidden[1 : min(len(sequence), 1022) + 1]
+            residues = hidden[1 : min(len(sequence), MAX) + 1]
             got = {
                 "mean": result[f"mean/layer_{layer}"][i],
                 "bos": result[f"bos/layer_{layer}"][i],
@@ -158,8 +161,12 @@ def test_the_workflow_embeds_esmc_on_two_ranks_and_records_its_family(reference,
     ids, vectors, attrs = read_embeddings(workdir / "results/embeddings.h5", f"mean/layer_{LAYERS}")
     assert ids == list(sequences) and attrs["model_family"] == "esmc"
     for i, (vector, sequence) in enumerate(zip(vectors, sequences.values())):
-        want = expected(arrays, i, LAYERS)[1 : min(len(sequence), 1022) + 1].mean(0)
+        want = expected(arrays, i, LAYERS)[1 : min(len(sequence), MAX) + 1].mean(0)
         assert np.abs(vector - want).max() <= 1e-5
+    with h5py.File(workdir / "results/embeddings.h5") as h5:  # only the one over 2048 is cut
+        assert (
+            h5["truncated"][:].tolist() == [len(s) > MAX for s in sequences.values()] and attrs["max_residues"] == MAX
+        )
     with h5py.File(workdir / "results/shards/shard_1.h5") as shard:
         assert shard.attrs["model_family"] == "esmc"
     assert f"(ESM C, {LAYERS} layers, dim {WIDTH})" in (workdir / "logs/embed/rank_0.log").read_text()

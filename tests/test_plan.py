@@ -6,8 +6,10 @@ import pytest
 
 from conftest import config_for, random_sequences, run_snakemake, small_filesystem, write_fasta
 from esmshard.index import DIGEST
-from esmshard.outputs import OutputSpec, window_counts
+from esmshard.outputs import OutputSpec
 from esmshard.plan import balance, distinct, imbalance, sequence_costs, space_warning
+
+TRUNCATE = OutputSpec.resolve([-1], ["mean"], 2, "truncate", max_residues=1022)  # ESM-2's limit
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 4, 8])
@@ -15,7 +17,7 @@ from esmshard.plan import balance, distinct, imbalance, sequence_costs, space_wa
 def test_balanced_within_two_percent_on_realistic_lengths(n, world_size):
     rng = np.random.default_rng(n + world_size)
     lengths = np.clip(rng.lognormal(np.log(300), 0.8, n).astype(int), 1, 5000)
-    costs = sequence_costs(lengths, embed_dim=1280)
+    costs = sequence_costs(TRUNCATE, lengths, embed_dim=1280)
     ranks, rank_costs = balance(costs, world_size)
     assert imbalance(rank_costs) <= 1.02
     assert sorted(set(ranks.tolist())) == list(range(world_size))
@@ -49,13 +51,13 @@ def test_shares_are_contiguous_and_the_best_contiguous_split(seed):
 
 def test_realistic_shares_are_contiguous_and_even_below_the_most_loaded_rank():
     lengths = np.clip(np.random.default_rng(7).lognormal(np.log(300), 0.8, 20000).astype(int), 1, 5000)
-    ranks, rank_costs = balance(sequence_costs(lengths, embed_dim=1280), 8)
+    ranks, rank_costs = balance(sequence_costs(TRUNCATE, lengths, embed_dim=1280), 8)
     assert_contiguous_in_rank_order(ranks)
     assert rank_costs.min() / rank_costs.mean() >= 0.999  # the last rank does not take what is left over
 
 
 def test_more_ranks_than_sequences_leaves_some_ranks_without_a_share():
-    costs = sequence_costs(np.array([5, 50, 500]), 320)
+    costs = sequence_costs(TRUNCATE, np.array([5, 50, 500]), 320)
     ranks, rank_costs = balance(costs, 5)
     assert_contiguous_in_rank_order(ranks)
     assert rank_costs.max() == costs.max() and (rank_costs == 0).sum() >= 2
@@ -71,22 +73,22 @@ def test_one_huge_sequence_has_a_rank_of_its_own():
 
 
 def test_cost_grows_faster_than_length_and_caps_at_1022():
-    costs = sequence_costs(np.array([100, 1000, 1022, 5000]), embed_dim=320)
+    costs = sequence_costs(TRUNCATE, np.array([100, 1000, 1022, 5000]), embed_dim=320)
     assert costs[1] / costs[0] > 10
     assert costs[2] == costs[3]
 
 
 def test_a_windowed_protein_costs_all_its_windows():
     lengths = np.array([300, 2500])
-    windows = window_counts(lengths, "window", 512)
-    assert windows.tolist() == [1, 4]
-    costs = sequence_costs(lengths, 1280, windows)
-    assert costs[1] == 4 * sequence_costs(np.array([1022]), 1280)[0]
-    assert costs[0] == sequence_costs(lengths, 1280)[0]
+    windowed = OutputSpec.resolve([-1], ["mean"], 2, "window", 512, max_residues=1022)
+    assert windowed.window_counts(lengths).tolist() == [1, 4]
+    costs = sequence_costs(windowed, lengths, 1280)
+    assert costs[1] == 4 * sequence_costs(TRUNCATE, np.array([1022]), 1280)[0]
+    assert costs[0] == sequence_costs(TRUNCATE, lengths, 1280)[0]
 
 
 def test_single_rank_takes_everything():
-    ranks, rank_costs = balance(sequence_costs(np.array([5, 50, 500]), 320), 1)
+    ranks, rank_costs = balance(sequence_costs(TRUNCATE, np.array([5, 50, 500]), 320), 1)
     assert ranks.tolist() == [0, 0, 0] and imbalance(rank_costs) == 1.0
 
 
@@ -98,7 +100,7 @@ def test_identical_sequences_are_planned_once_at_their_first_occurrence():
 
 
 def test_the_space_warning_counts_the_store_the_shards_and_the_merged_file(tmp_path):
-    spec = OutputSpec.resolve([-1], ["mean", "per_residue"], 2, "window")
+    spec = OutputSpec.resolve([-1], ["mean", "per_residue"], 2, "window", max_residues=1022)
     lengths, position = np.array([100, 100, 50]), np.array([0, 2])  # the second is a copy of the first
     assert space_warning(tmp_path, spec, lengths, position, 32, "float32") is None
     huge = np.array([10**12, 10**12])  # 250 TiB of per-residue vectors each

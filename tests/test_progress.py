@@ -102,10 +102,11 @@ def test_the_eta_counts_predicted_cost_as_batches_go_longest_first():
     overstated the rest by up to 22% here; counted in cost it is within 5%."""
     import numpy as np
 
+    from esmshard.outputs import OutputSpec
     from esmshard.plan import sequence_costs
 
     lengths = np.sort(np.random.default_rng(3).lognormal(np.log(300), 0.7, 2000).astype(int) + 20)[::-1]
-    costs = sequence_costs(lengths, 320)
+    costs = sequence_costs(OutputSpec.resolve([-1], ["mean"], 2, max_residues=1022), lengths, 320)
     clock = FakeClock()
     progress = Progress(len(lengths), int(lengths.sum()), 5, 0, clock=clock, total_cost=float(costs.sum()))
     progress.start_clock()

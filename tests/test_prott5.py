@@ -17,7 +17,7 @@ from esmshard.architectures import checkpoint_identity, resolve_model
 
 transformers = pytest.importorskip("transformers")  # a test dependency only (requirements.txt)
 
-LENGTHS = (300, 1, 2, 50, 1022, 77)
+LENGTHS = (300, 1, 2, 50, 2500, 77)  # 2500: over ESM-2's limit, whole as Rostlab embeds it
 # ProtT5's spiece vocabulary: <pad>, </s>, <unk>, then one piece per residue letter
 PIECES = ["<pad>", "</s>", "<unk>", *(f"▁{letter}" for letter in "ALGVSREDTIPKFQNYMHWCXBOUZ")]
 
@@ -67,16 +67,16 @@ def sequences():
 
 @pytest.fixture(scope="module")
 def reference(prott5_dir, sequences):
-    """transformers' hidden states [L + 1, D] per layer (1 and 2) of each sequence, tokenised as
-    Rostlab's scripts do (residues spaced, rare ones as X)."""
+    """transformers' hidden states [L + 1, D] per layer (1 and 2) of each whole sequence,
+    tokenised as Rostlab's scripts do (residues spaced, rare ones as X)."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(prott5_dir)
     model = transformers.T5EncoderModel.from_pretrained(prott5_dir).eval()
     out = {}
     with torch.no_grad():
         for name, sequence in sequences.items():
-            spaced = " ".join(re.sub(r"[UZOB]", "X", sequence[:1022]))
+            spaced = " ".join(re.sub(r"[UZOB]", "X", sequence))
             ids = tokenizer(spaced, return_tensors="pt")["input_ids"]
-            assert ids[0, -1].item() == 1 and ids.shape[1] == min(len(sequence), 1022) + 1  # residues, then </s>
+            assert ids[0, -1].item() == 1 and ids.shape[1] == len(sequence) + 1  # residues, then </s>
             hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
             out[name] = {layer: hidden[layer][0].numpy() for layer in (1, 2)}
     return out
@@ -89,7 +89,7 @@ def test_every_output_equals_transformers_t5_encoder(prott5_dir, sequences, refe
     )
     for i, (name, sequence) in enumerate(sequences.items()):
         for layer in (1, 2):
-            residues = reference[name][layer][: min(len(sequence), 1022)]  # without </s>
+            residues = reference[name][layer][: len(sequence)]  # without </s>
             assert np.abs(result[f"mean/layer_{layer}"][i] - residues.mean(0)).max() <= 1e-5, (engine, name, layer)
             assert np.abs(result[f"per_residue/layer_{layer}"][i] - residues).max() <= 1e-5, (engine, name, layer)
 
@@ -124,7 +124,7 @@ def test_the_workflow_embeds_prott5_on_two_ranks(prott5_dir, sequences, referenc
     ids, vectors, attrs = read_embeddings(workdir / "results/embeddings.h5", "mean/layer_2")
     assert ids == list(sequences) and attrs["model_family"] == "prott5"
     for vector, (name, sequence) in zip(vectors, sequences.items()):
-        assert np.abs(vector - reference[name][2][: min(len(sequence), 1022)].mean(0)).max() <= 1e-5
+        assert np.abs(vector - reference[name][2][: len(sequence)].mean(0)).max() <= 1e-5
     with h5py.File(workdir / "results/shards/shard_0.h5") as shard:
         assert shard.attrs["model_family"] == "prott5"
     assert "(ProtT5, 2 layers, dim 64)" in (workdir / "logs/embed/rank_0.log").read_text()

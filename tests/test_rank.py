@@ -17,7 +17,7 @@ from esmshard.work import RankWork
 def test_a_stop_while_a_segment_is_written_keeps_the_next_batches_for_the_rank_to_save(tmp_path):
     """The rank's background writer and a stop signal: batches waiting for the writer are never
     dropped; the rank's stop path saves them after the segment being written is on disk."""
-    spec = OutputSpec.resolve([-1], ["mean"], 2)
+    spec = OutputSpec.resolve([-1], ["mean"], 2, max_residues=1022)
     lengths = np.array([5, 7, 9, 11])
     digests = np.array([bytes([i]) * 16 for i in range(4)], dtype="V16")
     identity = settings_identity("digest", "esm2", spec, "float32", "packed")

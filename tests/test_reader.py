@@ -33,7 +33,9 @@ def write_embeddings(path, ids, spec: OutputSpec):
 def embeddings_file(tmp_path):
     """Mean, BOS and per-residue vectors of layers 6 and 3 of a 6-layer model."""
     path = tmp_path / "embeddings.h5"
-    return path, write_embeddings(path, IDS, OutputSpec.resolve([-1, 3], ["mean", "bos", "per_residue"], 6))
+    return path, write_embeddings(
+        path, IDS, OutputSpec.resolve([-1, 3], ["mean", "bos", "per_residue"], 6, max_residues=1022)
+    )
 
 
 def test_load_all_and_by_id_in_the_order_asked(embeddings_file):
@@ -122,7 +124,7 @@ AWKWARD_IDS = ["P1", "sp|P2|X", "a/b", "a%2Fb", "x" * 300, "x" * 299 + "y", ".."
 @pytest.fixture
 def awkward_file(tmp_path):
     path = tmp_path / "awkward.h5"
-    write_embeddings(path, AWKWARD_IDS, OutputSpec.resolve([-1], ["mean"], 2))
+    write_embeddings(path, AWKWARD_IDS, OutputSpec.resolve([-1], ["mean"], 2, max_residues=1022))
     return path
 
 
@@ -146,7 +148,7 @@ def test_pt_files_have_one_bounded_name_per_id_listed_in_ids_tsv(awkward_file, t
 
 
 def test_ids_that_would_share_a_pt_file_are_an_error(tmp_path):
-    write_embeddings(tmp_path / "twice.h5", ["x", "P1", "x"], OutputSpec.resolve([-1], ["mean"], 2))
+    write_embeddings(tmp_path / "twice.h5", ["x", "P1", "x"], OutputSpec.resolve([-1], ["mean"], 2, max_residues=1022))
     with pytest.raises(EsmShardError, match=r"twice.h5: IDs \['x', 'x'\] would share a .pt file"):
         export_pt(tmp_path / "twice.h5", tmp_path / "twice")
     assert not (tmp_path / "twice").exists()

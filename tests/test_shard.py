@@ -7,7 +7,7 @@ from esmshard.shard import ShardWriter, dataset_shapes, shard_problem
 
 IDS = np.array(["a", "b", "c"], dtype=object)
 LENGTHS = np.array([5, 6, 1030])
-SPEC = OutputSpec.resolve([-1], ["mean", "per_residue"], 2)
+SPEC = OutputSpec.resolve([-1], ["mean", "per_residue"], 2, max_residues=1022)
 SHAPES = dataset_shapes(SPEC, LENGTHS, 4)
 
 

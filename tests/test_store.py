@@ -9,7 +9,7 @@ from esmshard.outputs import OutputSpec
 from esmshard.shard import ShardWriter, shard_problem
 from esmshard.store import SegmentWriter, Store, sequence_keys, settings_identity
 
-SPEC = OutputSpec.resolve([-1], ["mean", "per_residue"], 2)
+SPEC = OutputSpec.resolve([-1], ["mean", "per_residue"], 2, max_residues=1022)
 IDENTITY = settings_identity("model-digest", "esm2", SPEC, "float16", "packed")
 LENGTHS = np.array([5, 1, 30, 7, 12, 1030, 3, 9])
 DIGESTS = np.array([bytes([i]) * 16 for i in range(len(LENGTHS))], dtype="V16")
@@ -98,7 +98,7 @@ def test_other_long_protein_handling_reuses_the_other_sequences_as_they_are(tmp_
     rows = np.array([5, 6, 7])  # the 1,030-residue protein first
     keys = sequence_keys(DIGESTS, LENGTHS, SPEC)
     truncating.write(keys[rows], LENGTHS[rows], outputs_of(rows))
-    window = OutputSpec.resolve([-1], ["mean", "per_residue"], 2, "window", 256)
+    window = OutputSpec.resolve([-1], ["mean", "per_residue"], 2, "window", 256, max_residues=1022)
     windowing = Store(
         tmp_path / "store", settings_identity("model-digest", "esm2", window, "float16", "packed"), window, 4, "float16"
     )

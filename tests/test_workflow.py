@@ -312,7 +312,7 @@ def test_every_output_at_once_lands_in_input_order(tmp_path, fasta, records, tin
                 (per_residue[i], expected["per_residue"]),
             ):
                 assert np.allclose(got, want, rtol=2e-3, atol=2e-3), (seq_id, layer)
-    spec = OutputSpec.resolve([-1, 0, 1], ["per_residue"], 2, "window")
+    spec = OutputSpec.resolve([-1, 0, 1], ["per_residue"], 2, "window", max_residues=1022)
     long = PackedEngine(network, alphabet, "cpu", "float32", spec).embed(
         [np.frombuffer(records["long3000"].encode(), np.uint8)]
     )

@@ -16,7 +16,7 @@ from .helpers import assert_rows_close, lognormal_lengths, random_residues
 
 def test_a_batch_that_does_not_fit_is_split_and_gives_the_same_vectors(cuda, t6, caplog):
     network, alphabet = t6
-    spec = OutputSpec.resolve([3, -1], ["mean", "bos"], network.num_layers)
+    spec = OutputSpec.resolve([3, -1], ["mean", "bos"], network.num_layers, max_residues=1022)
     engine = PackedEngine(network, alphabet, cuda, "bfloat16", spec)
     residues = random_residues(lognormal_lengths(400, seed=6, median=300, cap=1022), seed=7)  # ~150k tokens
 
@@ -46,7 +46,9 @@ def test_a_batch_that_does_not_fit_is_split_and_gives_the_same_vectors(cuda, t6,
 
 def test_a_window_that_does_not_fit_even_alone_is_computed_on_the_cpu(cuda, t6, caplog):
     network, alphabet = t6
-    spec = OutputSpec.resolve([-1], ["mean", "per_residue"], network.num_layers, long_sequences="window")
+    spec = OutputSpec.resolve(
+        [-1], ["mean", "per_residue"], network.num_layers, long_sequences="window", max_residues=1022
+    )
     engine = PackedEngine(network, alphabet, cuda, "bfloat16", spec)
     residues = random_residues([1022, 2500, 30], seed=8)  # 1 window, 4 (overlapping by 512 or more), 1
     whole = engine.embed(residues)

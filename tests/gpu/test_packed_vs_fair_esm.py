@@ -22,7 +22,9 @@ def case(t6, device):
     """(spec, residues, batches, fair-esm's outputs): the lengths above and 26 log-normal ones,
     shuffled into 3 batches."""
     network, alphabet = t6
-    spec = OutputSpec.resolve(list(LAYERS.values()), POOLINGS, network.num_layers, long_sequences="window")
+    spec = OutputSpec.resolve(
+        list(LAYERS.values()), POOLINGS, network.num_layers, long_sequences="window", max_residues=1022
+    )
     residues = random_residues(LENGTHS + lognormal_lengths(26, seed=1), seed=2)
     batches = np.array_split(np.random.default_rng(3).permutation(len(residues)), 3)
     reference = fair_esm_outputs(copy.deepcopy(network).to(device).float(), alphabet, spec, residues, device)

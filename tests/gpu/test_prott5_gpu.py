@@ -5,6 +5,7 @@ holds that forward to transformers' T5EncoderModel."""
 import numpy as np
 import pytest
 
+from esmshard.architectures import MAX_RESIDUES
 from esmshard.engine import PackedEngine, ReferenceEngine
 from esmshard.model import load_model, write_random_checkpoint
 from esmshard.outputs import OutputSpec
@@ -23,7 +24,13 @@ def test_prott5_equals_its_float32_forward(device, prott5, precision):
     if device == "cpu" and precision != "float32":
         pytest.skip("half precision: CUDA only")
     network, alphabet = prott5
-    spec = OutputSpec.resolve([2, -1], ["mean", "per_residue"], network.num_layers, long_sequences="window")
+    spec = OutputSpec.resolve(
+        [2, -1],
+        ["mean", "per_residue"],
+        network.num_layers,
+        long_sequences="window",
+        max_residues=MAX_RESIDUES["prott5"],
+    )
     residues = random_residues([1, 2, 1022, 3000] + lognormal_lengths(36, seed=5), seed=6)
     batches = np.array_split(np.random.default_rng(3).permutation(len(residues)), 3)
     reference = ReferenceEngine(network, alphabet, device, "float32", spec).embed(residues)

@@ -58,8 +58,13 @@ WITHOUT_BOS = ("prott5",)
 # record no config, and the heads cannot be read from the tensors' shapes.
 ESMC_HEAD_DIM = 64
 
-# ESM-2 was trained on at most 1022 residues plus the BOS and EOS tokens, ESM-1b on 1024 positions.
-MAX_RESIDUES = 1022
+# Residues per piece of a protein each family embeds at once (longer proteins are truncated or cut
+# into windows, outputs.py): ESM-2 was trained on at most 1022 residues plus BOS and EOS, ESM-1b
+# has 1024 learned positions; ESM C was trained on 2048 (EvolutionaryScale's own API takes no
+# more); ProtT5's relative positions have no limit and Rostlab's script embeds whole proteins, so
+# its limit only bounds memory (a 10,000-residue protein's padded attention: 32 heads x L^2 half
+# floats, 6.4 GB).
+MAX_RESIDUES = {"esm2": 1022, "esm1b": 1022, "esmc": 2048, "prott5": 10000}
 
 
 def release_family(name: str) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from esmshard.outputs import OutputSpec, piece_tokens
+from esmshard.outputs import OutputSpec
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ def planned_batches(lengths, spec: OutputSpec, tokens_per_batch: int, padded: bo
     else real tokens). A windowed protein over the budget goes in runs of as many windows as the
     budget holds (one where a window is over it), each an item for the batchers below; a full run
     leaves room for less than a window, so a protein's runs never share a batch."""
-    width = piece_tokens(lengths)  # [n]
+    width = spec.piece_tokens(lengths)  # [n]
     counts = spec.window_counts(lengths)  # [n]
     per_run = np.maximum(tokens_per_batch // width, 1)
     runs = -(-counts // per_run)  # [n]

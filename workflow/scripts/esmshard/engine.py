@@ -40,7 +40,7 @@ import torch
 from esmshard import EsmShardError
 from esmshard.batching import Batch, planned_batches
 from esmshard.fasta import RESIDUES
-from esmshard.outputs import OutputSpec, piece_tokens, pooling_of, residue_offsets
+from esmshard.outputs import OutputSpec, pooling_of, residue_offsets
 from esmshard.packed import PackedESM, heads_of, kernel_warmups, packed_model, rotary_kernel_of
 
 log = logging.getLogger(__name__)
@@ -434,7 +434,8 @@ class PackedEngine:
         torch.cuda.empty_cache()
         if len(residues) == 1 and end - first == 1:
             return self._outputs_on_cpu(packed)
-        sizes = np.cumsum((packed.windows[:, 1] - packed.windows[:, 0]) * piece_tokens([len(r) for r in residues]))
+        pieces = packed.windows[:, 1] - packed.windows[:, 0]
+        sizes = np.cumsum(pieces * self.spec.piece_tokens([len(r) for r in residues]))
         log.warning("out of GPU memory on %d tokens; retrying as two batches", sizes[-1])
         self.splits += 1
         if len(residues) > 1:

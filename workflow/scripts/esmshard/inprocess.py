@@ -85,7 +85,7 @@ def embed(sequences, model=None, layers=None, pooling=None, device=None, **optio
     chosen = RankSettings.from_config(config)
     kind = torch.device(device).type
     precision = compute_precision(chosen, kind)
-    from esmshard.architectures import check_model
+    from esmshard.architectures import MAX_RESIDUES, check_model, model_family
     from esmshard.engine import build_engine, check_precision
     from esmshard.model import load_model, resolve_checkpoint
 
@@ -102,7 +102,12 @@ def embed(sequences, model=None, layers=None, pooling=None, device=None, **optio
     network, alphabet = load_model(str(checkpoint.location))
     try:
         spec = OutputSpec.resolve(
-            chosen.layers, chosen.pooling, network.num_layers, chosen.long_sequences, chosen.window_overlap
+            chosen.layers,
+            chosen.pooling,
+            network.num_layers,
+            chosen.long_sequences,
+            chosen.window_overlap,
+            max_residues=MAX_RESIDUES[model_family(checkpoint)],
         )
     except ValueError as error:  # a layer the model does not have
         raise ValueError(f"config: {error}") from None

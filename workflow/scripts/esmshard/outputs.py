@@ -5,10 +5,11 @@ Datasets, the same in store segments, shards and ``embeddings.h5`` (docs/output-
 - ``per_residue/layer_<L>``: [total residues, dim], ragged: sequence i owns rows
   ``residue_offsets[i]:residue_offsets[i + 1]`` (``residue_offsets``: [n + 1] int64).
 
-Proteins over ``MAX_RESIDUES`` are either truncated (the first 1022 residues are embedded and
-the sequence is flagged) or cut into overlapping windows of 1022 residues: each residue's vector
-is the average over the windows that cover it, the mean is over the whole protein, and BOS is
-the average of the windows' BOS vectors.
+Proteins over the model family's ``max_residues`` (``architectures.MAX_RESIDUES``: 1022 for
+ESM-2 and ESM-1b) are either truncated (their first ``max_residues`` residues are embedded and
+the sequence is flagged) or cut into overlapping windows of ``max_residues``: each residue's
+vector is the average over the windows that cover it, the mean is over the whole protein, and
+BOS is the average of the windows' BOS vectors.
 """
 
 from dataclasses import dataclass
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from esmshard import settings
-from esmshard.architectures import MAX_RESIDUES
 
 POOLINGS = ("mean", "bos", "per_residue")
 LONG_SEQUENCES = ("truncate", "window")
@@ -37,10 +37,12 @@ class OutputSpec:
     num_layers: int  # of the model
     long_sequences: str
     window_overlap: int  # residues shared by neighbouring windows (window mode)
+    max_residues: int  # of a piece: the model family's limit (architectures.MAX_RESIDUES)
 
     @classmethod
-    def resolve(cls, layers, poolings, num_layers: int, long_sequences=None, window_overlap=None):
-        """The spec of these options (as in the config; those not given take the schema's defaults)."""
+    def resolve(cls, layers, poolings, num_layers: int, long_sequences=None, window_overlap=None, *, max_residues: int):
+        """The spec of these options (as in the config; those not given take the schema's defaults)
+        for a model of ``num_layers`` that takes ``max_residues`` at once."""
         defaults = settings.defaults()
         long_sequences = defaults["long_sequences"] if long_sequences is None else long_sequences
         window_overlap = defaults["window_overlap"] if window_overlap is None else window_overlap
@@ -49,13 +51,13 @@ class OutputSpec:
             raise ValueError(f"pooling must be some of {', '.join(POOLINGS)}, not {sorted(unknown) or 'nothing'}")
         if long_sequences not in LONG_SEQUENCES:
             raise ValueError(f"long_sequences must be one of {', '.join(LONG_SEQUENCES)}, not {long_sequences!r}")
-        if not 0 <= window_overlap < MAX_RESIDUES:
-            raise ValueError(f"window_overlap must be in 0..{MAX_RESIDUES - 1}, not {window_overlap}")
+        if not 0 <= window_overlap < max_residues:
+            raise ValueError(f"window_overlap must be in 0..{max_residues - 1}, not {window_overlap}")
         if not layers:
             raise ValueError("layers must name at least one layer")
         absolute = sorted({resolve_layer(int(layer), num_layers) for layer in layers})
         ordered = tuple(p for p in POOLINGS if p in poolings)
-        return cls(tuple(absolute), ordered, num_layers, long_sequences, int(window_overlap))
+        return cls(tuple(absolute), ordered, num_layers, long_sequences, int(window_overlap), int(max_residues))
 
     @property
     def names(self) -> list[str]:
@@ -78,6 +80,7 @@ class OutputSpec:
             "pooling": list(self.poolings),
             "long_sequences": self.long_sequences,
             "window_overlap": self.window_overlap if self.long_sequences == "window" else 0,
+            "max_residues": self.max_residues,
         }
 
     @classmethod
@@ -89,49 +92,49 @@ class OutputSpec:
             int(attrs["num_layers"]),
             str(attrs["long_sequences"]),
             int(attrs["window_overlap"]),
+            int(attrs["max_residues"]),
         )
 
     def truncated(self, lengths) -> np.ndarray:
-        """[n] bool: sequences of which only the first MAX_RESIDUES residues are embedded."""
-        return (np.asarray(lengths) > MAX_RESIDUES) & (self.long_sequences == "truncate")
+        """[n] bool: sequences of which only the first max_residues residues are embedded."""
+        return (np.asarray(lengths) > self.max_residues) & (self.long_sequences == "truncate")
 
     def embedded_lengths(self, lengths) -> np.ndarray:
         """[n] residues that get a vector (the per-residue rows of each sequence)."""
         lengths = np.asarray(lengths, np.int64)
-        return np.where(self.truncated(lengths), MAX_RESIDUES, lengths)
+        return np.where(self.truncated(lengths), self.max_residues, lengths)
 
     def window_counts(self, lengths) -> np.ndarray:
         """[n] pieces each sequence is embedded as (1 unless it is windowed)."""
-        return window_counts(lengths, self.long_sequences, self.window_overlap)
+        return window_counts(lengths, self.long_sequences, self.window_overlap, self.max_residues)
 
     def windows(self, length: int) -> list[tuple[int, int]]:
         """(start, end) of the pieces embedded for a sequence of ``length`` residues: the
-        sequence itself, its first MAX_RESIDUES, or windows of MAX_RESIDUES spread evenly so that
+        sequence itself, its first max_residues, or windows of max_residues spread evenly so that
         neighbours share at least ``window_overlap`` residues."""
         count = int(self.window_counts([length])[0])
         if count == 1:
-            return [(0, min(length, MAX_RESIDUES))]
-        starts = np.rint(np.linspace(0, length - MAX_RESIDUES, count)).astype(int)
-        return [(int(s), int(s) + MAX_RESIDUES) for s in starts]
+            return [(0, min(length, self.max_residues))]
+        starts = np.rint(np.linspace(0, length - self.max_residues, count)).astype(int)
+        return [(int(s), int(s) + self.max_residues) for s in starts]
 
     def tokens(self, lengths) -> np.ndarray:
         """[n] tokens each sequence puts through the model: every piece with BOS and EOS (the
-        windows of a windowed sequence are all MAX_RESIDUES long)."""
-        return self.window_counts(lengths) * piece_tokens(lengths)
+        windows of a windowed sequence are all max_residues long)."""
+        return self.window_counts(lengths) * self.piece_tokens(lengths)
+
+    def piece_tokens(self, lengths) -> np.ndarray:
+        """[n] tokens of each piece a sequence is embedded as: its residues, at most max_residues
+        (a windowed sequence's windows are all full), with BOS and EOS."""
+        return np.minimum(np.asarray(lengths, np.int64), self.max_residues) + 2
 
 
-def piece_tokens(lengths) -> np.ndarray:
-    """[n] tokens of each piece a sequence is embedded as: its residues, at most MAX_RESIDUES
-    (a windowed sequence's windows are all full), with BOS and EOS."""
-    return np.minimum(np.asarray(lengths, np.int64), MAX_RESIDUES) + 2
-
-
-def window_counts(lengths, long_sequences: str, window_overlap: int) -> np.ndarray:
-    """[n] windows of MAX_RESIDUES each sequence is embedded as (1 when not windowed)."""
+def window_counts(lengths, long_sequences: str, window_overlap: int, max_residues: int) -> np.ndarray:
+    """[n] windows of ``max_residues`` each sequence is embedded as (1 when not windowed)."""
     lengths = np.asarray(lengths, np.int64)
-    windowed = (lengths > MAX_RESIDUES) & (long_sequences == "window")
-    step = MAX_RESIDUES - window_overlap
-    return np.where(windowed, 1 + -(-(lengths - MAX_RESIDUES) // step), 1)
+    windowed = (lengths > max_residues) & (long_sequences == "window")
+    step = max_residues - window_overlap
+    return np.where(windowed, 1 + -(-(lengths - max_residues) // step), 1)
 
 
 def dataset_name(pooling: str, layer: int) -> str:

@@ -21,10 +21,10 @@ import h5py
 import numpy as np
 
 from esmshard import EsmShardError
-from esmshard.architectures import FAMILIES, check_model, checkpoint_identity, resolve_model
+from esmshard.architectures import FAMILIES, MAX_RESIDUES, check_model, checkpoint_identity, resolve_model
 from esmshard.files import atomic_output
 from esmshard.index import SequenceIndex
-from esmshard.outputs import OutputSpec, piece_tokens
+from esmshard.outputs import OutputSpec
 from esmshard.shard import outputs_nbytes
 
 # Said wherever a run's results are described (the plan's log and terminal, the manifest, the report).
@@ -61,12 +61,11 @@ def distinct(digests: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return first[order].astype(np.int64), number[inverse.ravel()]
 
 
-def sequence_costs(lengths: np.ndarray, embed_dim: int, window_counts=None) -> np.ndarray:
+def sequence_costs(spec: OutputSpec, lengths: np.ndarray, embed_dim: int) -> np.ndarray:
     """Predicted cost of each sequence: every piece it is embedded as (the sequence itself, its
-    first 1022 residues, or its windows of 1022) with BOS and EOS."""
-    tokens = piece_tokens(lengths).astype(np.float64)
-    pieces = 1 if window_counts is None else np.asarray(window_counts)
-    return pieces * (tokens + tokens**2 / (6 * embed_dim))
+    first ``spec.max_residues``, or its windows of that many) with BOS and EOS."""
+    tokens = spec.piece_tokens(lengths).astype(np.float64)
+    return spec.window_counts(lengths) * (tokens + tokens**2 / (6 * embed_dim))
 
 
 def balance(costs: np.ndarray, world_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,13 +163,14 @@ def make_plan(index_dir, model: str, model_type: str, settings: dict, world_size
             identity["num_layers"],
             settings["long_sequences"],
             settings["window_overlap"],
+            max_residues=MAX_RESIDUES[identity["family"]],
         )
     except ValueError as error:  # a layer the model does not have
         raise EsmShardError(f"config: {error}") from None
     index = SequenceIndex(index_dir)
     position, source = distinct(index.digests())
     lengths = index.lengths[position]
-    costs = sequence_costs(lengths, identity["embed_dim"], spec.window_counts(lengths))
+    costs = sequence_costs(spec, lengths, identity["embed_dim"])
     ranks, rank_costs = balance(costs, world_size)
     write_plan(plan_path, Plan(ranks, position, source, len(rank_costs), index.fingerprint, identity), rank_costs)
     log.info(

@@ -16,8 +16,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from esmshard.architectures import MAX_RESIDUES
 from esmshard.files import atomic_output
+from esmshard.outputs import OutputSpec
 from esmshard.plan import RANDOM_WEIGHTS_WARNING
 from esmshard.status import read_status
 
@@ -78,9 +78,9 @@ def rank_outcomes(statuses: list[dict], manifest: dict) -> list[RankOutcome]:
     return sorted(outcomes, key=lambda outcome: outcome.rank)
 
 
-def length_histogram(lengths: np.ndarray, long_sequences: str = "truncate") -> Figure:
+def length_histogram(lengths: np.ndarray, spec: OutputSpec) -> Figure:
     """Histogram of sequence lengths on a log axis (protein lengths span orders of magnitude),
-    with ESM-2's context marked: longer sequences are truncated or embedded in windows."""
+    with the model's limit marked: longer sequences are truncated or embedded in windows."""
     figure, axes = _figure(7, 4)
     if len(lengths) == 0:
         axes.text(0.5, 0.5, "no sequences", ha="center", va="center", transform=axes.transAxes)
@@ -91,13 +91,13 @@ def length_histogram(lengths: np.ndarray, long_sequences: str = "truncate") -> F
     axes.set_xscale("log")
     axes.set_xlabel("sequence length (residues)")
     axes.set_ylabel("sequences")
-    longer = int((lengths > MAX_RESIDUES).sum())
-    treatment = "truncated" if long_sequences == "truncate" else "embedded in windows"
-    axes.axvline(MAX_RESIDUES, color=FAILED_COLOR, linestyle="--", linewidth=1)
+    longer = int((lengths > spec.max_residues).sum())
+    treatment = "truncated" if spec.long_sequences == "truncate" else "embedded in windows"
+    axes.axvline(spec.max_residues, color=FAILED_COLOR, linestyle="--", linewidth=1)
     axes.text(
-        MAX_RESIDUES,
+        spec.max_residues,
         0.97,
-        f" {MAX_RESIDUES}: longer ones {treatment} ({longer:,})",
+        f" {spec.max_residues}: longer ones {treatment} ({longer:,})",
         color=FAILED_COLOR,
         fontsize=8,
         va="top",
@@ -315,7 +315,9 @@ def write_report_files(
     'config' to their paths. Returns the rank outcomes and the vector checks (for the log)."""
     manifest = json.loads(Path(manifest_path).read_text())
     outcomes = rank_outcomes([read_status(path) for path in status_paths], manifest)
-    save_png(length_histogram(read_lengths(index_path), config["long_sequences"]), out["lengths"])
+    with h5py.File(embeddings_path, "r") as h5:
+        spec = OutputSpec.from_attrs(h5.attrs)
+    save_png(length_histogram(read_lengths(index_path), spec), out["lengths"])
     save_png(rank_throughput(outcomes), out["ranks"])
     save_png(sequences_embedded(outcomes, manifest), out["embedded"])
     figure, checks = vector_figure(embeddings_path, index_path)

@@ -34,7 +34,6 @@ import h5py
 import numpy as np
 
 from esmshard import EsmShardError
-from esmshard.architectures import MAX_RESIDUES
 from esmshard.faults import crash_point
 from esmshard.files import atomic_output, ensure_space
 from esmshard.index import DIGEST
@@ -63,7 +62,6 @@ def settings_identity(model_digest: str, model_family: str, spec: OutputSpec, dt
         **spec.attrs(),
         "dtype": dtype,
         "engine": engine,
-        "max_residues": MAX_RESIDUES,
     }
 
 
@@ -76,7 +74,7 @@ def sequence_keys(digests: np.ndarray, lengths: np.ndarray, spec: OutputSpec) ->
     embedded (truncated, or windows and their overlap) where it is longer than the model takes."""
     keys = np.array(digests, copy=True)
     how = json.dumps({key: spec.attrs()[key] for key in LONG_PROTEIN_SETTINGS}, sort_keys=True).encode()
-    for i in np.flatnonzero(np.asarray(lengths) > MAX_RESIDUES).tolist():
+    for i in np.flatnonzero(np.asarray(lengths) > spec.max_residues).tolist():
         keys[i] = np.frombuffer(hashlib.blake2b(keys[i].tobytes() + how, digest_size=16).digest(), DIGEST)[0]
     return keys
 

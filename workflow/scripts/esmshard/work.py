@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from esmshard import EsmShardError
+from esmshard.architectures import MAX_RESIDUES
 from esmshard.gpu import gpu_device
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec, pooling_of, sorted_rows
@@ -88,7 +89,7 @@ class RankWork:
     def costs(self, rows) -> float:
         """The predicted cost of computing these rows (``plan.sequence_costs``), as progress counts it."""
         lengths = self.lengths[rows]
-        return float(sequence_costs(lengths, self.dim, self.spec.window_counts(lengths)).sum())
+        return float(sequence_costs(self.spec, lengths, self.dim).sum())
 
     def segment(self, batches: list) -> tuple:
         """(digests, lengths, outputs) of finished batches [(rows, outputs)], in row order: each batch's
@@ -122,7 +123,12 @@ def rank_work(
         raise EsmShardError(f"rank {rank} is outside the plan's world size {plan.world_size}")
     positions = plan.positions_of(rank)
     spec = OutputSpec.resolve(
-        settings.layers, settings.pooling, plan.model["num_layers"], settings.long_sequences, settings.window_overlap
+        settings.layers,
+        settings.pooling,
+        plan.model["num_layers"],
+        settings.long_sequences,
+        settings.window_overlap,
+        max_residues=MAX_RESIDUES[plan.model["family"]],
     )
     return RankWork(
         index,
