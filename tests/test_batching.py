@@ -16,6 +16,16 @@ def test_batches_fit_the_budget_and_cover_every_sequence_once():
     assert lengths[batches[0]].max() == lengths.max()
 
 
+def test_a_padded_batch_of_long_pieces_holds_no_more_attention_than_one_of_1024_wide_pieces():
+    # ProtT5 embeds up to 10,000 residues: 64 rows of 4,000 would hold 16x the attention of 64 of 1,000
+    widths = np.array([4000] * 64 + [1000] * 64)
+    batches = padded_batches(widths, 65536)
+    for batch in batches:
+        rows, widest = len(batch), widths[batch].max()
+        assert rows * widest * max(widest, 1024) <= 65536 * 1024  # [rows, L, L] within 64 rows of 1024
+    assert [len(b) for b in batches if widths[b].max() == 1000] == [64]  # up to 1024 wide: as before
+
+
 def test_a_sequence_over_the_budget_gets_a_batch_of_its_own():
     batches = padded_batches(np.array([10, 1000, 10]) + 2, 500)
     assert [b.tolist() for b in batches] == [[1], [0, 2]]

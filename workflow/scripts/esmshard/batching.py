@@ -28,7 +28,7 @@ def planned_batches(lengths, spec: OutputSpec, tokens_per_batch: int, padded: bo
     leaves room for less than a window, so a protein's runs never share a batch."""
     width = spec.piece_tokens(lengths)  # [n]
     counts = spec.window_counts(lengths)  # [n]
-    per_run = np.maximum(tokens_per_batch // width, 1)
+    per_run = np.maximum(tokens_per_batch // (padded_cost(width) if padded else width), 1)
     runs = -(-counts // per_run)  # [n]
     seq = np.repeat(np.arange(len(counts)), runs)  # [items]
     first = (np.arange(len(seq)) - np.repeat(np.cumsum(runs) - runs, runs)) * per_run[seq]
@@ -36,7 +36,7 @@ def planned_batches(lengths, spec: OutputSpec, tokens_per_batch: int, padded: bo
     rows, width = end - first, width[seq]
     if padded:
         groups = padded_batches(width, tokens_per_batch, rows)
-        sizes = [int(rows[g].sum() * width[g].max()) for g in groups]
+        sizes = [int(rows[g].sum() * padded_cost(width[g].max())) for g in groups]
     else:
         groups = packed_batches(rows * width, tokens_per_batch)
         sizes = [int((rows[g] * width[g]).sum()) for g in groups]
@@ -47,8 +47,21 @@ def planned_batches(lengths, spec: OutputSpec, tokens_per_batch: int, padded: bo
     ]
 
 
+# Past this width a padded batch's attention ([rows, heads, L, L]) outgrows its activations
+# ([rows, L, width]); a row of a wider batch counts width x width / ATTENTION_WIDTH tokens, so
+# that a batch of long pieces takes no more attention memory than one of ATTENTION_WIDTH-token pieces.
+ATTENTION_WIDTH = 1024
+
+
+def padded_cost(width):
+    """What one row of a padded batch ``width`` tokens wide counts against the budget."""
+    width = np.asarray(width, np.int64)
+    return np.maximum(width, width * width // ATTENTION_WIDTH)
+
+
 def padded_batches(widths, tokens_per_batch: int, rows=None) -> list[np.ndarray]:
-    """Split positions 0..n-1 into batches whose padded size (rows × widest) fits the budget.
+    """Split positions 0..n-1 into batches whose padded size (rows × widest, the widest counted
+    as ``padded_cost``) fits the budget.
 
     ``widths``: tokens of each sequence's (longest) piece; ``rows``: pieces per sequence (1 when
     None). Sequences are taken widest first, so a batch holds similar lengths and little
@@ -57,12 +70,12 @@ def padded_batches(widths, tokens_per_batch: int, rows=None) -> list[np.ndarray]
     widths = np.asarray(widths)
     rows = np.ones(len(widths), np.int64) if rows is None else np.asarray(rows)
     order = np.argsort(-widths, kind="stable")
-    width, count = widths[order].tolist(), rows[order].tolist()
+    cost, count = padded_cost(widths[order]).tolist(), rows[order].tolist()
     batches: list[np.ndarray] = []
     start, used_rows = 0, 0
     for end in range(len(order)):
-        # width[start] is the widest of the batch, so rows × width[start] is its size
-        if end > start and (used_rows + count[end]) * width[start] > tokens_per_batch:
+        # the batch's first is its widest, so rows × its cost is the batch's size
+        if end > start and (used_rows + count[end]) * cost[start] > tokens_per_batch:
             batches.append(order[start:end])
             start, used_rows = end, 0
         used_rows += count[end]
