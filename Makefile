@@ -5,11 +5,12 @@ PYTHON := $(VENV)/bin/python
 .PHONY: setup demo test test-fast test-gpu lint
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-slurm.txt pyproject.toml
 	@python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else f"esmshard needs Python 3.11 or newer; python3 here is {sys.version.split()[0]}")'
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -r requirements.txt
+	$(PYTHON) -m pip install -q --no-deps --target $(VENV)/slurm-plugins -r requirements-slurm.txt  # apart: see there
 	$(PYTHON) -m pip install -q --no-deps -e .  # from esmshard import ...: see README, From Python
 	touch $@
 

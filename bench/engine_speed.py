@@ -43,10 +43,10 @@ PEAK_FLOPS = 790e12
 AMINO = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", np.uint8)
 
 
-def synthetic_fasta(path: Path, n: int, median: int, seed: int = 0) -> None:
-    """Log-normal lengths (median ~``median``, capped at 1022), uniform random residues."""
+def synthetic_fasta(path: Path, n: int, median: int, seed: int = 0, cap: int | None = ESM2_MAX_RESIDUES) -> None:
+    """Log-normal lengths (median ~``median``, capped at ``cap``), uniform random residues."""
     with open(path, "wb") as handle:
-        handle.writelines(synthetic_records(n, median, seed))
+        handle.writelines(synthetic_records(n, median, seed, cap))
 
 
 def synthetic_records(n: int, median: int, seed: int = 0, cap: int | None = ESM2_MAX_RESIDUES):
@@ -88,11 +88,11 @@ def family_of(name: str) -> str:
     return "prott5" if name == "prot_t5_xl" else release_family(name)
 
 
-def reference_means(network, alphabet, sequences: list[str], layer: int) -> np.ndarray:
+def reference_means(network, alphabet, sequences: list[str], layer: int, max_residues: int) -> np.ndarray:
     means = []
     with torch.no_grad():
         for s in sequences:
-            s = s[:ESM2_MAX_RESIDUES]
+            s = s[:max_residues]
             ids = [alphabet.get_idx(c) for c in s]
             first = int(alphabet.prepend_bos)  # ProtT5: residues, then </s>
             toks = torch.tensor([[alphabet.cls_idx] * first + ids + [alphabet.eos_idx]])
@@ -113,7 +113,7 @@ def run_model(name: str, args, workdir: Path) -> dict:
     params = sum(p.numel() for p in network.parameters())
     index = SequenceIndex(workdir / "index")
     sequences = [index.sequence(i) for i in range(len(index))]
-    residues = int(np.minimum(index.lengths, ESM2_MAX_RESIDUES).sum())
+    residues = int(np.minimum(index.lengths, MAX_RESIDUES[family]).sum())
     limit = PEAK_FLOPS / (2 * params)  # tokens/s at the FLOP limit
 
     # (b) first, while the fp32 network is the only copy on the GPU besides the packed one
@@ -144,7 +144,7 @@ def run_model(name: str, args, workdir: Path) -> dict:
     subset = order[np.linspace(0, len(order) - 1, args.check).astype(int)]
     with h5py.File(workdir / "shard.h5") as shard:
         packed_vectors = shard[f"mean/layer_{layers}"][:][subset]
-    reference = reference_means(network, alphabet, [sequences[i] for i in subset], layers)
+    reference = reference_means(network, alphabet, [sequences[i] for i in subset], layers, spec.max_residues)
     cosine = (packed_vectors * reference).sum(1) / (
         np.linalg.norm(packed_vectors, axis=1) * np.linalg.norm(reference, axis=1)
     )
@@ -228,6 +228,9 @@ def main():
     parser.add_argument("--models", nargs="+", default=["esm2_t33_650M_UR50D", "esm2_t36_3B_UR50D"])
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--median", type=int, default=300)
+    parser.add_argument(
+        "--cap", type=int, default=ESM2_MAX_RESIDUES, help="longest synthetic protein (default: ESM-2's limit)"
+    )
     parser.add_argument("--tokens-per-batch", type=int, default=None, help="packed engine; default: from free memory")
     parser.add_argument(
         "--baseline-tokens", type=int, default=4096, help="fair-esm padded tokens per batch (extract.py: 4096)"
@@ -261,7 +264,7 @@ def main():
         packed.NORM_KERNEL = bool(args.norm_kernel)
 
     workdir = Path(tempfile.mkdtemp(prefix="esmshard-bench-"))
-    synthetic_fasta(workdir / "proteins.fasta", args.n, args.median)
+    synthetic_fasta(workdir / "proteins.fasta", args.n, args.median, cap=args.cap)
     summary = build_index([workdir / "proteins.fasta"], workdir / "index")
     lengths = SequenceIndex(workdir / "index").lengths
     print(

@@ -18,6 +18,9 @@ from esmshard.plan import read_plan
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEFILE = REPO / "workflow" / "Snakefile"
+# Where make setup installs the SLURM plugin, off the path of every snakemake but test_slurm's
+# (requirements-slurm.txt says why); a conda environment holds it in its site-packages instead.
+SLURM_PLUGINS = Path(sys.prefix) / "slurm-plugins"
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 # One torch thread in each process the tests run (this worker; each rank, through the configs'
 # threads_per_rank): make test runs a worker per core, and two OpenMP threads per process on

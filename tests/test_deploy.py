@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from packaging.requirements import Requirement
 
-from conftest import REPO, SNAKEFILE, THREADS, random_sequences, write_fasta
+from conftest import REPO, SLURM_PLUGINS, SNAKEFILE, THREADS, random_sequences, write_fasta
 
 pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
 
@@ -99,10 +99,14 @@ def test_the_deployed_workflow_lints_and_runs(deployed, repository, tiny_checkpo
 
 
 def distributions_for(names) -> list[metadata.Distribution]:
-    """The installed distributions ``names`` and everything they require, as installed here."""
+    """The installed distributions ``names`` and everything they require, as installed here
+    (the SLURM plugin where make setup puts it)."""
     found, todo = {}, list(names)
     while todo:
-        dist = metadata.distribution(todo.pop())
+        name = todo.pop()
+        dist = next(iter(metadata.distributions(name=name, path=[*sys.path, str(SLURM_PLUGINS)])), None)
+        if dist is None:
+            raise metadata.PackageNotFoundError(name)
         key = dist.metadata["Name"].lower().replace("_", "-")
         if key in found:
             continue
@@ -119,8 +123,8 @@ def linked_venv(venv: Path, names) -> Path:
     python."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True)
     site = Path(sysconfig.get_path("purelib", vars={"base": venv, "platbase": venv}))
-    here = Path(sysconfig.get_path("purelib"))
     for dist in distributions_for(names):
+        here = Path(dist.locate_file(""))
         for top in {Path(str(file)).parts[0] for file in dist.files or [] if not str(file).startswith("..")}:
             if (here / top).exists() and not (site / top).exists():
                 (site / top).symlink_to(here / top)

@@ -55,7 +55,8 @@ def conda_pins(path: Path) -> dict[str, str]:
 def test_pip_conda_and_the_rules_environment_pin_the_same_versions():
     pip = dict(
         re.match(r"([\w-]+)==([\w.]+)", line).groups()
-        for line in (REPO / "requirements.txt").read_text().splitlines()
+        for name in ("requirements.txt", "requirements-slurm.txt")
+        for line in (REPO / name).read_text().splitlines()
         if line and not line.startswith("#")
     )
     development, runtime = conda_pins(REPO / "environment.yml"), conda_pins(REPO / "workflow/envs/esmshard.yaml")
@@ -66,11 +67,10 @@ def test_pip_conda_and_the_rules_environment_pin_the_same_versions():
     assert not {"snakemake", "pytest", "snakefmt", "snakedeploy", "selenium"} & packages  # runtime only
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names = lambda requirements: {re.match(r"[\w-]+", r)[0].lower().replace("_", "-") for r in requirements}
-    base, workflow = names(project["dependencies"]), names(project["optional-dependencies"]["workflow"])
-    assert base | workflow == {name.replace("_", "-") for name in packages} | {
-        "snakemake",
-        "snakemake-executor-plugin-slurm",
-    }
+    extras = project["optional-dependencies"]
+    base, workflow = names(project["dependencies"]), names(extras["workflow"])
+    assert base | workflow == {name.replace("_", "-") for name in packages} | {"snakemake"}
+    assert names(extras["slurm"]) == {"esmshard", "snakemake-executor-plugin-slurm"}
     assert not base & {"snakemake", "matplotlib"}  # esmshard.embed() needs neither
     rule_envs = set(
         re.findall(

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_same_embeddings, completed_run, random_sequences, snakemake_command, write_fasta
+from conftest import (
+    REPO,
+    SLURM_PLUGINS,
+    assert_same_embeddings,
+    completed_run,
+    random_sequences,
+    snakemake_command,
+    write_fasta,
+)
 
 pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
 
@@ -58,11 +66,16 @@ def through_slurm(workdir: Path, config: dict, slurm_conf: str, env: dict | None
         "2",
         "--jobs",
         "8",
-        env={"SLURM_CONF": slurm_conf, **(env or {})},
+        # the plugin for snakemake, and for the jobs (sbatch passes the environment on)
+        env={"SLURM_CONF": slurm_conf, "PYTHONPATH": python_path_with(SLURM_PLUGINS), **(env or {})},
         targets=(),
     )
     full_env.pop("CUDA_VISIBLE_DEVICES", None)  # the jobs' GPUs are SLURM's to give
     return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=900)
+
+
+def python_path_with(folder: Path) -> str:
+    return os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
 
 
 def statuses(workdir: Path, ranks: int) -> list[dict]:
