@@ -10,7 +10,7 @@ $(VENV)/.installed: requirements.txt requirements-slurm.txt pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -r requirements.txt
-	$(PYTHON) -m pip install -q --no-deps --target $(VENV)/slurm-plugins -r requirements-slurm.txt  # apart: see there
+	$(PYTHON) -m pip install -q --no-deps --upgrade --target $(VENV)/slurm-plugins -r requirements-slurm.txt  # apart: see there
 	$(PYTHON) -m pip install -q --no-deps -e .  # from esmshard import ...: see README, From Python
 	touch $@
 
