@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SNAKEFILE, random_sequences, write_fasta
+from conftest import REPO, SLURM_PLUGINS, SNAKEFILE, random_sequences, write_fasta
 
 pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
 
@@ -40,7 +40,13 @@ def test_readme_command_is_accepted(command, tmp_path, tiny_checkpoint):
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""},
+        # with the SLURM plugin, as a SLURM user installs it (requirements-slurm.txt)
+        env={
+            "PATH": f"{BIN}:/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONPATH": str(SLURM_PLUGINS),
+        },
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert re.search(r"^embed\s+\d+$", result.stdout + result.stderr, re.M)
@@ -77,7 +83,13 @@ def test_bad_command_line_values_are_named(values, messages, tmp_path, tiny_chec
         capture_output=True,
         text=True,
         timeout=300,
-        env={"PATH": f"{BIN}:/usr/bin:/bin", "HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""},
+        # with the SLURM plugin, as a SLURM user installs it (requirements-slurm.txt)
+        env={
+            "PATH": f"{BIN}:/usr/bin:/bin",
+            "HOME": str(tmp_path),
+            "CUDA_VISIBLE_DEVICES": "",
+            "PYTHONPATH": str(SLURM_PLUGINS),
+        },
     )
     output = result.stdout + result.stderr
     assert result.returncode != 0 and all(re.search(m, output) for m in messages), result.stderr[-3000:]
