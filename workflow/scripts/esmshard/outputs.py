@@ -105,8 +105,11 @@ class OutputSpec:
         return np.where(self.truncated(lengths), self.max_residues, lengths)
 
     def window_counts(self, lengths) -> np.ndarray:
-        """[n] pieces each sequence is embedded as (1 unless it is windowed)."""
-        return window_counts(lengths, self.long_sequences, self.window_overlap, self.max_residues)
+        """[n] pieces each sequence is embedded as: windows of max_residues, or 1 unless windowed."""
+        lengths = np.asarray(lengths, np.int64)
+        windowed = (lengths > self.max_residues) & (self.long_sequences == "window")
+        step = self.max_residues - self.window_overlap
+        return np.where(windowed, 1 + -(-(lengths - self.max_residues) // step), 1)
 
     def windows(self, length: int) -> list[tuple[int, int]]:
         """(start, end) of the pieces embedded for a sequence of ``length`` residues: the
@@ -127,14 +130,6 @@ class OutputSpec:
         """[n] tokens of each piece a sequence is embedded as: its residues, at most max_residues
         (a windowed sequence's windows are all full), with BOS and EOS."""
         return np.minimum(np.asarray(lengths, np.int64), self.max_residues) + 2
-
-
-def window_counts(lengths, long_sequences: str, window_overlap: int, max_residues: int) -> np.ndarray:
-    """[n] windows of ``max_residues`` each sequence is embedded as (1 when not windowed)."""
-    lengths = np.asarray(lengths, np.int64)
-    windowed = (lengths > max_residues) & (long_sequences == "window")
-    step = max_residues - window_overlap
-    return np.where(windowed, 1 + -(-(lengths - max_residues) // step), 1)
 
 
 def dataset_name(pooling: str, layer: int) -> str:
