@@ -531,8 +531,11 @@ class PackedEngine:
 
 def _built_while_kernels_load(network, dtype: torch.dtype, device: torch.device) -> PackedESM:
     """The packed model on ``device``; on a GPU, the attention, rotary and LayerNorm kernels are
-    readied on threads meanwhile (packed.kernel_warmups)."""
-    if device.type != "cuda":
+    readied on threads meanwhile (packed.kernel_warmups), for the models that run them (ProtT5's
+    padded path runs none of them)."""
+    from esmshard.prott5 import ProtT5
+
+    if device.type != "cuda" or isinstance(network, ProtT5):
         return packed_model(network, dtype, device).eval()
     heads = heads_of(network)
     head_dim = network.embed_tokens.embedding_dim // heads
