@@ -9,8 +9,9 @@ flash-attn has no wheels to install) from a state dict in EvolutionaryScale's la
 bfloat16 on a GPU (as ``from_pretrained`` puts it there) and run under bfloat16 autocast (as its
 ``logits`` runs it); proteins sorted by length (longest first) and batched by a padded-token
 budget, tokenised batch by batch with the model's own ``_tokenize`` (BOS, residues, EOS, padded),
-the mean of ``embeddings`` (after the final LayerNorm) over the residues; truncated at 1022
-residues as esmshard's default (long_sequences: truncate) does, so that the two compare. The
+the mean of ``embeddings`` (after the final LayerNorm) over the residues; truncated at 2048
+residues (ESM C's training context, the most EvolutionaryScale's own API takes), as esmshard's
+default (long_sequences: truncate) does for ESM C, so that the two compare. The
 HDF5 file is laid out as bench/hf_script.py's (``ids``, ``mean``, the script's timings as
 attributes). ``--device cpu`` runs it in float32, for a test of the bench without a GPU.
 """

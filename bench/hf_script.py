@@ -12,13 +12,14 @@ config.json says which model it is:
   - ProtT5 (model_type t5): ``T5EncoderModel.from_pretrained(dtype=float16)`` as Rostlab's
     prott5_embedder.py runs it: residues separated by spaces, U/Z/O/B as X, the directory's
     tokenizer with its special tokens (residues then </s>), padding to the longest, mean over the
-    residues without </s>; truncated at 1022 residues as esmshard's default (long_sequences:
-    truncate) does, so that the two compare. transformers keeps T5's feed-forward output
-    projections (``wo``, its _keep_in_fp32_modules) in float32 when it loads T5 in float16: their
-    outputs, which overflow float16 in ProtT5, and so the residual stream after the first block,
-    are float32, and T5Block clamps what stays float16 at its largest finite value. ``--half``:
-    ``model.half()`` after loading, as Rostlab's README does on a GPU: every weight float16, wo too
-    (faster; T5Block's clamps are then all that stands between its outputs and infinity).
+    residues without </s>; whole proteins, as Rostlab's script embeds them (esmshard's ProtT5
+    limit, 10,000 residues, is over every protein the bench makes). transformers keeps T5's
+    feed-forward output projections (``wo``, its _keep_in_fp32_modules) in float32 when it loads
+    T5 in float16: their outputs, which overflow float16 in ProtT5, and so the residual stream
+    after the first block, are float32, and T5Block clamps what stays float16 at its largest
+    finite value. ``--half``: ``model.half()`` after loading, as Rostlab's README does on a GPU:
+    every weight float16, wo too (faster; T5Block's clamps are then all that stands between its
+    outputs and infinity).
 Both: eval mode, ``torch.inference_mode``, proteins sorted by length (longest first, so that a
 budget too large fails at once) and batched by a padded-token budget (``--budget``: a batch's
 proteins times its longest protein's tokens), tokenised batch by batch, each batch's means

@@ -61,6 +61,7 @@ sys.path.insert(0, str(REPO / "workflow" / "scripts"))
 sys.path.insert(0, str(REPO / "bench"))
 from engine_speed import SHAPES, family_of, synthetic_records  # noqa: E402
 from esmshard.architectures import FAMILIES  # noqa: E402
+from esmshard.outputs import OutputSpec  # noqa: E402
 
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) ", re.M)
 PROCESS_AGE = re.compile(r"job process started ([\d.]+) s ago")  # esmshard.logs.setup's second line
@@ -418,7 +419,7 @@ def main() -> int:
 
     warm_h5 = runs / "warm/results/embeddings.h5"
     with h5py.File(warm_h5) as h5:
-        residues = int(np.minimum(h5["lengths"][:], 1022).sum())
+        residues = int(OutputSpec.from_attrs(h5.attrs).embedded_lengths(h5["lengths"][:]).sum())
         sequences = len(h5["ids"])
     failures = []
     for name, row in rows.items():
