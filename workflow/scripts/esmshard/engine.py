@@ -41,7 +41,7 @@ from esmshard import EsmShardError
 from esmshard.batching import Batch, planned_batches
 from esmshard.fasta import RESIDUES
 from esmshard.outputs import OutputSpec, pooling_of, residue_offsets
-from esmshard.packed import PackedESM, heads_of, kernel_warmups, packed_model, rotary_kernel_of
+from esmshard.packed import PackedESM, kernel_warmups, packed_model
 
 log = logging.getLogger(__name__)
 
@@ -530,16 +530,11 @@ class PackedEngine:
 
 
 def _built_while_kernels_load(network, dtype: torch.dtype, device: torch.device) -> PackedESM:
-    """The packed model on ``device``; on a GPU, the attention, rotary and LayerNorm kernels are
-    readied on threads meanwhile (packed.kernel_warmups), for the models that run them (ProtT5's
-    padded path runs none of them)."""
-    from esmshard.prott5 import ProtT5
-
-    if device.type != "cuda" or isinstance(network, ProtT5):
+    """The packed model on ``device``; on a GPU, the kernels it runs are readied on threads
+    meanwhile (packed.kernel_warmups)."""
+    warmups = kernel_warmups(network, dtype, device) if device.type == "cuda" else []
+    if not warmups:
         return packed_model(network, dtype, device).eval()
-    heads = heads_of(network)
-    head_dim = network.embed_tokens.embedding_dim // heads
-    warmups = kernel_warmups(heads, head_dim, dtype, device, rotary=rotary_kernel_of(network))
     with ThreadPoolExecutor(len(warmups)) as pool:
         loading = [pool.submit(warmup) for warmup in warmups]
         model = packed_model(network, dtype, device).eval()

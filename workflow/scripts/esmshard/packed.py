@@ -322,12 +322,20 @@ def with_rotary_kernel(projection):
     return inputs
 
 
-def kernel_warmups(heads: int, head_dim: int, dtype: torch.dtype, device, rotary: str | None = "plain") -> list:
-    """Functions that run attention (with the rotary kernel: ``plain``, ESM-2's; ``normed``, ESM
-    C's with its q and k LayerNorms; None, none), and LayerNorm, on 8 tokens, so that their kernels
-    are ready: Triton compiles each on its first launch (~1-2 s on a fresh machine, ~0.5 s from its
-    cache). PackedEngine runs them on threads of their own while the weights go to the GPU; Triton
-    compiles mostly without the GIL, so two compiles on two threads overlap."""
+def kernel_warmups(network, dtype: torch.dtype, device) -> list:
+    """Functions that run the kernels the packed module of ``network`` runs on CUDA, on 8 tokens,
+    so that they are ready: attention (with its rotary kernel, rotary_kernel_of) and LayerNorm;
+    none for ProtT5, whose padded path runs none of them. Triton compiles each kernel on its first
+    launch (~1-2 s on a fresh machine, ~0.5 s from its cache). PackedEngine runs them on threads of
+    their own while the weights go to the GPU; Triton compiles mostly without the GIL, so two
+    compiles on two threads overlap."""
+    from esmshard.prott5 import ProtT5
+
+    if isinstance(network, ProtT5):
+        return []
+    heads = heads_of(network)
+    head_dim = network.embed_tokens.embedding_dim // heads
+    rotary = rotary_kernel_of(network)
 
     @torch.inference_mode()
     def attention_and_rotary():
