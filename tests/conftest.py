@@ -31,13 +31,55 @@ torch.set_num_threads(THREADS)
 
 # make test's pytest-xdist (--dist loadfile --no-loadscope-reorder) hands whole files to its
 # workers in collection order: the longest go first, so that the suite never ends waiting on one
-# of them alone; the SLURM test first of all, as it mostly waits for SLURM's job states.
-LONGEST_FILES = ("test_slurm.py", "test_sigkill.py", "test_resume.py", "test_rerun.py", "test_workflow.py")
+# of them alone.
+LONGEST_FILES = ("test_sigkill.py", "test_resume.py", "test_rerun.py", "test_workflow.py")
+# The SLURM test mostly waits for SLURM's job states (~2 minutes, ~20 s of CPU): it gets a worker
+# of its own beside one per core (WaitingFileScheduling), instead of idling one of them.
+WAITING_FILE = "tests/test_slurm.py"
 
 
 def pytest_collection_modifyitems(items):
     position = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: position.get(item.path.name, len(position)))
+
+
+EXTRA_WORKER = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(optionalhook=True, wrapper=True)
+def pytest_xdist_auto_num_workers(config):
+    cores = yield
+    config.stash[EXTRA_WORKER] = config.getoption("dist") == "loadfile"
+    return cores + config.stash[EXTRA_WORKER]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if not config.stash.get(EXTRA_WORKER, False):
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class WaitingFileScheduling(LoadFileScheduling):
+        """loadfile, except that the first worker runs WAITING_FILE alone, or nothing where that
+        file is not selected: the others are one per core."""
+
+        waiting_node = None
+
+        def _assign_work_unit(self, node):
+            if self.waiting_node is None and len(self.nodes) > 1:
+                self.waiting_node = node
+                if WAITING_FILE in self.workqueue:
+                    self.workqueue.move_to_end(WAITING_FILE, last=False)
+                    super()._assign_work_unit(node)
+                node.shutdown()  # no more work: a worker holds back its last test until told
+            else:
+                super()._assign_work_unit(node)
+
+        def _reschedule(self, node):
+            if node is not self.waiting_node:
+                super()._reschedule(node)
+
+    return WaitingFileScheduling(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
