@@ -1,6 +1,8 @@
 # make demo: set up a virtual environment and run the demo.  make test: set up and run the tests.
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
+# tests/test_deploy.py deploys the workflow with it
+SNAKEDEPLOY := snakedeploy==0.17.1
 
 .PHONY: setup demo test test-fast test-gpu lint
 setup: $(VENV)/.installed
@@ -11,6 +13,8 @@ $(VENV)/.installed: requirements.txt requirements-slurm.txt pyproject.toml
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -r requirements.txt
 	$(PYTHON) -m pip install -q --no-deps --upgrade --target $(VENV)/slurm-plugins -r requirements-slurm.txt  # apart: see there
+	python3 -m venv $(VENV)/snakedeploy  # a command in an environment of its own, as pipx installs one:
+	$(VENV)/snakedeploy/bin/pip install -q $(SNAKEDEPLOY)  # it brings pandas (requirements-slurm.txt)
 	$(PYTHON) -m pip install -q --no-deps -e .  # from esmshard import ...: see README, From Python
 	touch $@
 
@@ -18,9 +22,9 @@ demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash demo/run.sh
 
 # One worker per core, whole files per worker (their module fixtures are shared runs), in the
-# order tests/conftest.py gives them (not xdist's, which starts the files with most tests); the
-# SLURM test mostly waits, so it overlaps with the rest. The 20 slowest tests are listed at the
-# end, to keep an eye on the suite's time.
+# order tests/conftest.py gives them (not xdist's, which starts the files with most tests), and
+# one more worker for the SLURM test alone, which mostly waits (tests/conftest.py). The 20
+# slowest tests are listed at the end, to keep an eye on the suite's time.
 test: setup
 	$(PYTHON) -m pytest -n auto --dist loadfile --no-loadscope-reorder --durations=20
 

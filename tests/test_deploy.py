@@ -22,6 +22,8 @@ from conftest import REPO, SLURM_PLUGINS, SNAKEFILE, THREADS, random_sequences, 
 pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
 
 BIN = Path(sys.executable).parent
+# make setup installs snakedeploy in an environment of its own (Makefile); a conda environment holds it
+SNAKEDEPLOY = next(filter(Path.exists, [Path(sys.prefix) / "snakedeploy/bin/snakedeploy"]), BIN / "snakedeploy")
 SLIM = ("snakemake", "snakemake-executor-plugin-slurm", "snakefmt")  # what a slim environment holds
 COMPUTE = ("torch", "h5py", "esm", "matplotlib")  # what only the rules' environment has
 PIP = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
@@ -58,7 +60,7 @@ def deployed(repository, tmp_path_factory) -> Path:
     its --branch is then ignored), into a new folder."""
     dest = tmp_path_factory.mktemp("deployed")
     result = subprocess.run(
-        [BIN / "snakedeploy", "deploy-workflow", repository, dest, "--branch", "main"], capture_output=True, text=True
+        [SNAKEDEPLOY, "deploy-workflow", repository, dest, "--branch", "main"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
     snakefile = dest / "workflow/Snakefile"

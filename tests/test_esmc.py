@@ -35,6 +35,7 @@ REFERENCE = (
     "msgpack-numpy==0.4.8",
     "biopython==1.88",
     "httpx==0.29.0",
+    "pandas==3.1.2",
 )
 LAYERS, WIDTH, HEADS = 3, 128, 2  # heads of 64, as ESM C's
 # 1500: over ESM-2's limit, embedded whole; 2100: over ESM C's 2048, truncated there

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import SLURM_PLUGINS
 from esmshard import EsmShardError
 from esmshard.outputs import OutputSpec
 from esmshard.reader import export_npy, export_pt, load_embeddings
@@ -214,7 +215,8 @@ def test_a_bad_path_is_a_one_line_error_naming_it(bad_paths, case, format, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_export_tsv_is_read_by_pandas_as_the_file_holds_it(embeddings_file, tmp_path):
+def test_export_tsv_is_read_by_pandas_as_the_file_holds_it(embeddings_file, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(SLURM_PLUGINS)  # where make setup keeps pandas (requirements-slurm.txt)
     import pandas
 
     path, _ = embeddings_file
