@@ -93,6 +93,8 @@ def test_four_ranks_as_four_slurm_jobs_on_one_gpu_each_a_failed_one_and_the_reru
     workdir = tmp_path / "slurm"
     first = through_slurm(workdir, config, slurm_conf, env={"ESMSHARD_FAIL_RANKS": "1"})
     assert first.returncode == 0, first.stderr[-5000:]
+    # index and plan as one job, each rank its own, rank 1 twice, the aggregation
+    assert len(re.findall(r"submitted with SLURM jobid", first.stderr)) == 1 + 4 + 1 + 1, first.stderr[-5000:]
     manifest = json.loads((workdir / "results/manifest.json").read_text())
     assert [f["rank"] for f in manifest["ranks_failed"]] == [1] and manifest["ranks_succeeded"] == [0, 2, 3]
     assert "fault injected" in manifest["ranks_failed"][0]["error"]
