@@ -62,7 +62,9 @@ def aggregate(
             statuses[rank] = read_status(path)
         except (OSError, ValueError) as error:
             failed[rank] = str(error)  # the next run retries the rank (status.retry_failure)
-    works = {}
+    # Of each good shard, only its rank's compute precision is kept: a rank's work holds its
+    # share's IDs and keys, and all of them together would grow with the whole input.
+    precisions, template = {}, None  # template: one good rank's work, for the settings all share
     for rank, status in statuses.items():
         failure = shard_failure(shard_paths[rank])
         if failure or not status["ok"]:
@@ -73,22 +75,22 @@ def aggregate(
         if problem:
             _reject(rank, f"shard {shard_paths[rank]} {problem}", failed, rejected)
         else:
-            works[rank] = work
-    _check_same_precision(works, statuses)
+            precisions[rank], template = work.compute_precision, template or work
+    _check_same_precision(precisions, statuses)
     while True:  # again without a shard whose rows turn out unreadable
-        keep = _check_enough(works, failed, plan, require_complete)
-        first = next(iter(works.values()))  # the settings every good shard shares
-        nbytes = outputs_nbytes(first.spec, index.lengths[keep], first.dim, settings.dtype)
+        keep = _check_enough(precisions, failed, plan, require_complete)
+        nbytes = outputs_nbytes(template.spec, index.lengths[keep], template.dim, settings.dtype)
         ensure_space(Path(out_path).parent, nbytes, "the merged embeddings")
         try:
             with atomic_output(out_path) as tmp:
-                merge(tmp, {r: shard_paths[r] for r in works}, plan, keep, index.ids, index.lengths, first, compression)
+                shards = {r: shard_paths[r] for r in precisions}
+                merge(tmp, shards, plan, keep, index.ids, index.lengths, template, compression)
             break
         except DamagedShard as damage:
             _reject(damage.rank, str(damage), failed, rejected)
-            del works[damage.rank]
+            del precisions[damage.rank]
     missing = {r: index.ids(np.flatnonzero(plan.rank[plan.source] == r)).tolist() for r in sorted(failed)}
-    manifest = _manifest(out_path, missing_path, plan, statuses, works, failed, rejected, missing, len(index))
+    manifest = _manifest(out_path, missing_path, plan, statuses, precisions, failed, rejected, missing, len(index))
     with atomic_output(missing_path) as tmp:
         Path(tmp).write_text("".join(f"{i}\n" for r in sorted(missing) for i in missing[r]))
     with atomic_output(manifest_path) as tmp:
@@ -120,13 +122,13 @@ def _reject(rank: int, problem: str, failed: dict, rejected: dict) -> None:
     failed[rank], rejected[rank] = problem, new_token()
 
 
-def _check_enough(works: dict, failed: dict, plan: Plan, require_complete: bool) -> np.ndarray:
-    """[n] whether each ID's sequence is in a good shard; raises when none is, or when some are
-    missing and ``require_complete`` is set."""
-    if not works:
+def _check_enough(good: dict, failed: dict, plan: Plan, require_complete: bool) -> np.ndarray:
+    """[n] whether each ID's sequence is in a good shard (of the ranks ``good`` holds); raises
+    when none is, or when some are missing and ``require_complete`` is set."""
+    if not good:
         details = "; ".join(f"rank {r}: {error}" for r, error in sorted(failed.items()))
         raise EsmShardError(f"no rank succeeded, so there are no embeddings ({details}); see the rank logs")
-    keep = np.isin(plan.rank[plan.source], list(works))
+    keep = np.isin(plan.rank[plan.source], list(good))
     if failed and require_complete:
         raise EsmShardError(
             f"require_complete is set and rank(s) {_list(failed)} failed ({int((~keep).sum())} sequences "
@@ -135,17 +137,18 @@ def _check_enough(works: dict, failed: dict, plan: Plan, require_complete: bool)
     return keep
 
 
-def _check_same_precision(works: dict, statuses: dict) -> None:
-    precisions = {work.compute_precision for work in works.values()}
-    if len(precisions) > 1:
-        ranks = {r: statuses[r].get("host") for r in works}
+def _check_same_precision(precisions: dict, statuses: dict) -> None:
+    """``precisions``: each good rank's compute precision."""
+    distinct = sorted(set(map(str, precisions.values())))
+    if len(distinct) > 1:
+        ranks = {r: statuses[r].get("host") for r in precisions}
         raise EsmShardError(
-            f"the ranks computed in different precisions ({', '.join(sorted(map(str, precisions)))}; "
+            f"the ranks computed in different precisions ({', '.join(distinct)}; "
             f"precision 'auto' on hosts with and without GPUs: {ranks}); set 'precision' explicitly and rerun"
         )
 
 
-def _manifest(out_path, missing_path, plan: Plan, statuses, works, failed, rejected, missing, n_sequences) -> dict:
+def _manifest(out_path, missing_path, plan: Plan, statuses, good, failed, rejected, missing, n_sequences) -> dict:
     n_missing = sum(len(ids) for ids in missing.values())
     return {
         "complete": not failed,
@@ -161,10 +164,10 @@ def _manifest(out_path, missing_path, plan: Plan, statuses, works, failed, rejec
         "missing": n_missing,
         # distinct sequences of the succeeded ranks computed and taken from the store, as each rank's
         # latest job counted them: a rank this snakemake run did not start again keeps its counts
-        "computed": sum(int(statuses[r].get("embedded", 0)) for r in works),
-        "reused": sum(int(statuses[r].get("reused", 0)) for r in works),
+        "computed": sum(int(statuses[r].get("embedded", 0)) for r in good),
+        "reused": sum(int(statuses[r].get("reused", 0)) for r in good),
         "missing_ids_file": str(missing_path),
-        "ranks_succeeded": sorted(works),
+        "ranks_succeeded": sorted(good),
         "ranks_failed": [
             {"rank": r, "error": failed[r], "missing_ids": missing[r]} | _rejection(r, rejected) for r in sorted(failed)
         ],
