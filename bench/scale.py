@@ -347,7 +347,11 @@ def extrapolate(rows: list[dict], target: int, target_dim: int, ranks: int) -> s
         nbytes = np.array([r["bytes"] for r in mine], float)
         width = target_dim / dims if name in VECTOR_STAGES else np.ones(len(dims))
         target_bytes = float(nbytes[-1] / n[-1] * width[-1] * target)
-        same = dims == dims[-1]
+        # the exponent over sizes of one width where the width matters: the widest with two sizes
+        same = np.ones(len(dims), bool)
+        if name in VECTOR_STAGES:
+            two = [d for d in sorted(set(dims.tolist()), reverse=True) if (dims == d).sum() >= 2]
+            same = dims == (two[0] if two else dims[-1])
         k = power_fit(n[same], seconds[same])[0] if same.sum() >= 2 else float("nan")
         k_top = power_fit(n[same][-2:], seconds[same][-2:])[0] if same.sum() >= 2 else float("nan")
         if name in VECTOR_STAGES and len(set(dims.tolist())) > 1:  # the widths tell bytes from proteins apart
@@ -366,8 +370,8 @@ def extrapolate(rows: list[dict], target: int, target_dim: int, ranks: int) -> s
             disk += target_bytes
         job = f", {predicted / per_job[name] / 3600:.2f} h per rank job" if name in per_job else ""
         out.append(
-            f"- {LABELS[name]}: seconds ~ n^{k:.2f} over all sizes, n^{k_top:.2f} over the two largest "
-            f"(of width {dims[-1]}); {how} "
+            f"- {LABELS[name]}: seconds ~ n^{k:.2f} over {same.sum()} sizes, n^{k_top:.2f} over the two "
+            f"largest of them{f' (width {dims[same][-1]})' if name in VECTOR_STAGES else ''}; {how} "
             f"-> {predicted / 3600:.2f} h ({where.get(name, 'one job')}){job}; peak memory "
             f"{slope * 1e6:.0f} MiB per M proteins + {base:.0f} MiB -> {memory:.1f} GiB per job; "
             f"disk {target_bytes / 1e9:,.0f} GB"
