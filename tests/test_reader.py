@@ -51,6 +51,16 @@ def test_load_all_and_by_id_in_the_order_asked(embeddings_file):
     assert np.array_equal(bos, load_embeddings(path, pooling="bos", layer=3)[1][[50, 7, 3, 7]])
 
 
+def test_a_file_from_before_the_limit_was_recorded_reads_as_cut_at_1022(embeddings_file):
+    path, lengths = embeddings_file
+    ids, per_residue = load_embeddings(path, pooling="per_residue", layer=3)
+    with h5py.File(path, "r+") as h5:
+        del h5.attrs["max_residues"]  # as esmshard wrote embeddings.h5 before 2026-12-07
+        assert OutputSpec.from_attrs(h5.attrs).max_residues == 1022
+    old_ids, old_per_residue = load_embeddings(path, pooling="per_residue", layer=3)
+    assert old_ids == ids and all(np.array_equal(a, b) for a, b in zip(old_per_residue, per_residue))
+
+
 def test_per_residue_vectors_come_one_array_per_protein(embeddings_file):
     path, lengths = embeddings_file
     ids, per_residue = load_embeddings(path, pooling="per_residue", layer=3)

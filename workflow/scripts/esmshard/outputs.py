@@ -19,6 +19,8 @@ import numpy as np
 from esmshard import settings
 
 POOLINGS = ("mean", "bos", "per_residue")
+# The limit of files written before they recorded one (max_residues): every family was cut there.
+UNRECORDED_MAX_RESIDUES = 1022
 LONG_SEQUENCES = ("truncate", "window")
 
 
@@ -92,7 +94,7 @@ class OutputSpec:
             int(attrs["num_layers"]),
             str(attrs["long_sequences"]),
             int(attrs["window_overlap"]),
-            int(attrs["max_residues"]),
+            int(attrs.get("max_residues", UNRECORDED_MAX_RESIDUES)),
         )
 
     def truncated(self, lengths) -> np.ndarray:

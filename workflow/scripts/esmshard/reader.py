@@ -16,7 +16,7 @@ from esmshard.shard import missing_sources
 
 _SAFE = "A-Za-z0-9_.|:+=@,-"  # characters that go into a .pt file's name as they are (no '~')
 # What OutputSpec.from_attrs reads.
-_SPEC_ATTRS = ("layers", "pooling", "num_layers", "long_sequences", "window_overlap", "max_residues")
+_SPEC_ATTRS = ("layers", "pooling", "num_layers", "long_sequences", "window_overlap")  # and max_residues where recorded
 _EXPORT_ROWS = 4096  # proteins read at a time by export_per_id and export_tsv
 
 
