@@ -350,8 +350,8 @@ def extrapolate(rows: list[dict], target: int, target_dim: int, ranks: int) -> s
         # the exponent over sizes of one width where the width matters: the widest with two sizes
         same = np.ones(len(dims), bool)
         if name in VECTOR_STAGES:
-            two = [d for d in sorted(set(dims.tolist()), reverse=True) if (dims == d).sum() >= 2]
-            same = dims == (two[0] if two else dims[-1])
+            repeated = [d for d in sorted(set(dims.tolist()), reverse=True) if (dims == d).sum() >= 2]
+            same = dims == (repeated[0] if repeated else dims[-1])
         k = power_fit(n[same], seconds[same])[0] if same.sum() >= 2 else float("nan")
         k_top = power_fit(n[same][-2:], seconds[same][-2:])[0] if same.sum() >= 2 else float("nan")
         if name in VECTOR_STAGES and len(set(dims.tolist())) > 1:  # the widths tell bytes from proteins apart

@@ -22,8 +22,9 @@ from conftest import REPO, SLURM_PLUGINS, SNAKEFILE, THREADS, random_sequences, 
 pytestmark = pytest.mark.workflow  # runs the real snakemake: not in make test-fast
 
 BIN = Path(sys.executable).parent
-# make setup installs snakedeploy in an environment of its own (Makefile); a conda environment holds it
-SNAKEDEPLOY = next(filter(Path.exists, [Path(sys.prefix) / "snakedeploy/bin/snakedeploy"]), BIN / "snakedeploy")
+SNAKEDEPLOY = Path(sys.prefix) / "snakedeploy/bin/snakedeploy"  # make setup's environment of its own (Makefile)
+if not SNAKEDEPLOY.exists():  # a conda environment holds it beside snakemake
+    SNAKEDEPLOY = BIN / "snakedeploy"
 SLIM = ("snakemake", "snakemake-executor-plugin-slurm", "snakefmt")  # what a slim environment holds
 COMPUTE = ("torch", "h5py", "esm", "matplotlib")  # what only the rules' environment has
 PIP = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]

@@ -64,7 +64,7 @@ def aggregate(
             failed[rank] = str(error)  # the next run retries the rank (status.retry_failure)
     # Of each good shard, only its rank's compute precision is kept: a rank's work holds its
     # share's IDs and keys, and all of them together would grow with the whole input.
-    precisions, template = {}, None  # template: one good rank's work, for the settings all share
+    good, template = {}, None  # template: one good rank's work, for the settings all share
     for rank, status in statuses.items():
         failure = shard_failure(shard_paths[rank])
         if failure or not status["ok"]:
@@ -75,22 +75,23 @@ def aggregate(
         if problem:
             _reject(rank, f"shard {shard_paths[rank]} {problem}", failed, rejected)
         else:
-            precisions[rank], template = work.compute_precision, template or work
-    _check_same_precision(precisions, statuses)
+            good[rank] = work.compute_precision
+            template = work if template is None else template
+    _check_same_precision(good, statuses)
     while True:  # again without a shard whose rows turn out unreadable
-        keep = _check_enough(precisions, failed, plan, require_complete)
+        keep = _check_enough(good, failed, plan, require_complete)
         nbytes = outputs_nbytes(template.spec, index.lengths[keep], template.dim, settings.dtype)
         ensure_space(Path(out_path).parent, nbytes, "the merged embeddings")
         try:
             with atomic_output(out_path) as tmp:
-                shards = {r: shard_paths[r] for r in precisions}
+                shards = {r: shard_paths[r] for r in good}
                 merge(tmp, shards, plan, keep, index.ids, index.lengths, template, compression)
             break
         except DamagedShard as damage:
             _reject(damage.rank, str(damage), failed, rejected)
-            del precisions[damage.rank]
+            del good[damage.rank]
     missing = {r: index.ids(np.flatnonzero(plan.rank[plan.source] == r)).tolist() for r in sorted(failed)}
-    manifest = _manifest(out_path, missing_path, plan, statuses, precisions, failed, rejected, missing, len(index))
+    manifest = _manifest(out_path, missing_path, plan, statuses, good, failed, rejected, missing, len(index))
     with atomic_output(missing_path) as tmp:
         Path(tmp).write_text("".join(f"{i}\n" for r in sorted(missing) for i in missing[r]))
     with atomic_output(manifest_path) as tmp:
@@ -123,8 +124,8 @@ def _reject(rank: int, problem: str, failed: dict, rejected: dict) -> None:
 
 
 def _check_enough(good: dict, failed: dict, plan: Plan, require_complete: bool) -> np.ndarray:
-    """[n] whether each ID's sequence is in a good shard (of the ranks ``good`` holds); raises
-    when none is, or when some are missing and ``require_complete`` is set."""
+    """[n] whether each ID's sequence is in a good shard (``good``: rank -> compute precision);
+    raises when none is, or when some are missing and ``require_complete`` is set."""
     if not good:
         details = "; ".join(f"rank {r}: {error}" for r, error in sorted(failed.items()))
         raise EsmShardError(f"no rank succeeded, so there are no embeddings ({details}); see the rank logs")
@@ -137,11 +138,11 @@ def _check_enough(good: dict, failed: dict, plan: Plan, require_complete: bool) 
     return keep
 
 
-def _check_same_precision(precisions: dict, statuses: dict) -> None:
-    """``precisions``: each good rank's compute precision."""
-    distinct = sorted(set(map(str, precisions.values())))
+def _check_same_precision(good: dict, statuses: dict) -> None:
+    """``good``: each good rank's compute precision."""
+    distinct = sorted(set(map(str, good.values())))
     if len(distinct) > 1:
-        ranks = {r: statuses[r].get("host") for r in precisions}
+        ranks = {r: statuses[r].get("host") for r in good}
         raise EsmShardError(
             f"the ranks computed in different precisions ({', '.join(distinct)}; "
             f"precision 'auto' on hosts with and without GPUs: {ranks}); set 'precision' explicitly and rerun"
