@@ -8,6 +8,10 @@ sequence: rotary for ESM-2, learned and added to the embeddings, then maybe a La
 ESM-1b; pre-LayerNorm layers, exact erf GELU, final LayerNorm after the last layer); the residual
 stream, LayerNorms and rotary angles are float32, the matrix products run in the compute dtype
 (float16 on GPU by default) with float32 accumulation.
+
+A layer hands the next its stream and its feed-forward's output apart, (x, branch): the next
+layer's first LayerNorm adds them in the pass that normalises (on CUDA, norm_kernel.py), where a
+separate add would move the float32 stream once more (5% of ESM-2 650M's forward on an H100).
 """
 
 import contextlib
@@ -41,13 +45,14 @@ class PackedLayer(nn.Module):
         self.fc1 = _copy(layer.fc1, dtype, device)
         self.fc2 = _copy(layer.fc2, dtype, device)
 
-    def forward(self, x, cos, sin, cu_seqlens, max_len: int, steps):
-        # x: [T, D] float32; cos, sin: [T, d] float32. steps: the two halves around attention
-        # (on CUDA the first rotates q and k with the Triton kernel).
+    def forward(self, x, branch, cos, sin, cu_seqlens, max_len: int, steps):
+        # x: [T, D] float32, branch: [T, D] in the compute dtype or None (the stream is x + branch);
+        # cos, sin: [T, d] float32. steps: the two halves around attention (on CUDA the first
+        # rotates q and k with the Triton kernel). Returns the next (x, branch).
         attention_inputs, attention_output_and_ffn = steps
         norm1, norm2 = self.attn_norm, self.ffn_norm
-        q, k, v = attention_inputs(
-            x, cos, sin, norm1.weight, norm1.bias, self.qkv.weight, self.qkv.bias, self.heads, self.eps
+        x, q, k, v = attention_inputs(
+            x, branch, cos, sin, norm1.weight, norm1.bias, self.qkv.weight, self.qkv.bias, self.heads, self.eps
         )
         attended = attention(q, k, v, cu_seqlens, max_len)  # [T, H, d]: softmax(q k^T / sqrt(d)) v
         return attention_output_and_ffn(
@@ -65,31 +70,33 @@ class PackedLayer(nn.Module):
         )
 
 
-def attention_inputs(x, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, heads: int, eps: float):
-    """LayerNorm, fused q/k/v projection, rotary on q and k (none where cos is None, ESM-1b):
-    [T, D] -> 3 x [T, H, d]."""
+def attention_inputs(x, branch, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, heads: int, eps: float):
+    """The stream x + branch, then LayerNorm, fused q/k/v projection, rotary on q and k (none where
+    cos is None, ESM-1b): [T, D] -> the stream [T, D] and 3 x [T, H, d]."""
     T, D = x.shape
-    qkv = qkv_projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps)
+    x, qkv = qkv_projection(x, branch, norm_weight, norm_bias, qkv_weight, qkv_bias, eps)
     q, k, v = qkv.view(T, 3, heads, D // heads).unbind(1)
     if cos is None:
-        return q, k, v
-    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        return x, q, k, v
+    return x, _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
 
-def qkv_projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps: float):
-    """LayerNorm and the fused q/k/v projection: [T, D] -> [T, 3D] in the compute dtype."""
-    _, normed = added_and_normed(x, None, norm_weight, norm_bias, eps, qkv_weight.dtype)
-    return F.linear(normed, qkv_weight, qkv_bias)
+def qkv_projection(x, branch, norm_weight, norm_bias, qkv_weight, qkv_bias, eps: float):
+    """The stream x + branch (branch None: x), and its LayerNorm through the fused q/k/v
+    projection: [T, D] -> [T, D] float32, [T, 3D] in the compute dtype."""
+    x, normed = added_and_normed(x, branch, norm_weight, norm_bias, eps, qkv_weight.dtype)
+    return x, F.linear(normed, qkv_weight, qkv_bias)
 
 
 def attention_output_and_ffn(
     x, attended, out_weight, out_bias, norm_weight, norm_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias, eps: float
 ):
-    """Output projection and residual, then LayerNorm, fc1, exact GELU, fc2 and residual."""
+    """Output projection and residual, then LayerNorm, fc1, exact GELU and fc2: the stream [T, D]
+    float32 and fc2's output [T, D] in the compute dtype, its residual (the next layer adds it)."""
     T, D = x.shape
     attention_output = F.linear(attended.reshape(T, D), out_weight, out_bias)
     x, normed = added_and_normed(x, attention_output, norm_weight, norm_bias, eps, fc1_weight.dtype)
-    return x + F.linear(F.gelu(F.linear(normed, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)  # float32 + dtype
+    return x, F.linear(F.gelu(F.linear(normed, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
 
 
 def added_and_normed(x, residual, norm_weight, norm_bias, eps: float, dtype: torch.dtype):
@@ -152,11 +159,19 @@ class PackedESM(nn.Module):
             x = x + self.embed_positions(positions + self.position_offset)
             if self.embed_norm is not None:
                 x = self.embed_norm(x)
+        branch = None
         for layer in range(max(layers) + 1):
             if layer > 0:
-                x = self.layers[layer - 1](x, cos, sin, cu_seqlens, max_len, self.steps)
+                x, branch = self.layers[layer - 1](x, branch, cos, sin, cu_seqlens, max_len, self.steps)
             if layer in layers:
-                yield layer, (self.final_norm(x) if layer == self.num_layers else x)
+                yield layer, layer_output(x, branch, layer, self)
+
+
+def layer_output(x, branch, layer: int, model) -> torch.Tensor:
+    """The stream x + branch after ``layer`` of ``model``, the last layer's through its final
+    LayerNorm: [T, D] float32."""
+    x = x if branch is None else x + branch
+    return model.final_norm(x) if layer == model.num_layers else x
 
 
 def token_dropout(network) -> bool:
@@ -184,13 +199,14 @@ class PackedESMCLayer(nn.Module):
         self.ffn_norm = _copy(ffn_norm, torch.float32, device)
         self.fc1 = _copy(fc1, dtype, device)
         self.fc2 = _copy(fc2, dtype, device, scale=1 / block.scale)
+        self.swiglu_kernel = torch.device(device).type == "cuda" and SWIGLU_KERNEL
 
-    def forward(self, x, cos, sin, cu_seqlens, max_len: int):
-        # x: [T, D] float32; cos, sin: [T, d] float32
+    def forward(self, x, branch, cos, sin, cu_seqlens, max_len: int):
+        # as PackedLayer.forward: x [T, D] float32, the stream x + branch; cos, sin: [T, d] float32
         T, D = x.shape
         dtype = self.qkv.weight.dtype
         norm1 = self.attn_norm
-        _, normed = added_and_normed(x, None, norm1.weight, norm1.bias, norm1.eps, dtype)
+        x, normed = added_and_normed(x, branch, norm1.weight, norm1.bias, norm1.eps, dtype)
         qkv = F.linear(normed, self.qkv.weight)  # [T, 3D]
         q, k, v = qkv.chunk(3, dim=-1)  # 3 x [T, D]
         if self.qk_kernel:
@@ -205,8 +221,15 @@ class PackedESMCLayer(nn.Module):
         attention_output = F.linear(attended.reshape(T, D), self.out_proj.weight)
         norm2 = self.ffn_norm
         x, normed = added_and_normed(x, attention_output, norm2.weight, norm2.bias, norm2.eps, dtype)
-        gate, value = F.linear(normed, self.fc1.weight).chunk(2, dim=-1)  # 2 x [T, F]
-        return x + F.linear(F.silu(gate) * value, self.fc2.weight)  # float32 + dtype
+        projected = F.linear(normed, self.fc1.weight)  # [T, 2F]: gate, value
+        if self.swiglu_kernel:
+            from esmshard.swiglu_kernel import swiglu
+
+            hidden = swiglu(projected)  # [T, F]
+        else:
+            gate, value = projected.chunk(2, dim=-1)
+            hidden = F.silu(gate) * value
+        return x, F.linear(hidden, self.fc2.weight)
 
 
 class PackedESMC(nn.Module):
@@ -229,11 +252,12 @@ class PackedESMC(nn.Module):
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, d / 2]
         angles = torch.cat([angles, angles], dim=-1)  # [T, d]
         cos, sin = angles.cos(), angles.sin()
+        branch = None
         for layer in range(max(layers) + 1):
             if layer > 0:
-                x = self.layers[layer - 1](x, cos, sin, cu_seqlens, max_len)
+                x, branch = self.layers[layer - 1](x, branch, cos, sin, cu_seqlens, max_len)
             if layer in layers:
-                yield layer, (self.final_norm(x) if layer == self.num_layers else x)
+                yield layer, layer_output(x, branch, layer, self)
 
 
 class PaddedProtT5(nn.Module):
@@ -307,6 +331,8 @@ ROTARY_KERNEL = True
 # On CUDA: the residual adds and LayerNorms through norm_kernel.py (Triton). Eager with these two
 # kernels runs as fast as torch.compile's autotuned code (docs/benchmarks.md), with no compiling.
 NORM_KERNEL = True
+# On CUDA: ESM C's SwiGLU through swiglu_kernel.py (Triton), one pass instead of eager torch's two.
+SWIGLU_KERNEL = True
 
 
 def with_rotary_kernel(projection):
@@ -314,21 +340,21 @@ def with_rotary_kernel(projection):
     by rotary_kernel.py's Triton kernel (CUDA only; the same float32 arithmetic as _rotate)."""
     from esmshard.rotary_kernel import rotate_qk
 
-    def inputs(x, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, heads: int, eps: float):
-        qkv = projection(x, norm_weight, norm_bias, qkv_weight, qkv_bias, eps)  # [T, 3D]
+    def inputs(x, branch, cos, sin, norm_weight, norm_bias, qkv_weight, qkv_bias, heads: int, eps: float):
+        x, qkv = projection(x, branch, norm_weight, norm_bias, qkv_weight, qkv_bias, eps)  # [T, D], [T, 3D]
         q, k = rotate_qk(qkv, cos, sin, heads)
-        return q, k, qkv.view(len(x), 3, heads, -1)[:, 2]
+        return x, q, k, qkv.view(len(x), 3, heads, -1)[:, 2]
 
     return inputs
 
 
 def kernel_warmups(network, dtype: torch.dtype, device) -> list:
     """Functions that run the kernels the packed module of ``network`` runs on CUDA, on 8 tokens,
-    so that they are ready: attention (with its rotary kernel, rotary_kernel_of) and LayerNorm;
-    none for ProtT5, whose padded path runs none of them. Triton compiles each kernel on its first
-    launch (~1-2 s on a fresh machine, ~0.5 s from its cache). PackedEngine runs them on threads of
-    their own while the weights go to the GPU; Triton compiles mostly without the GIL, so two
-    compiles on two threads overlap."""
+    so that they are ready: attention (with its rotary kernel, rotary_kernel_of), LayerNorm and
+    ESM C's SwiGLU; none for ProtT5, whose padded path runs none of them. Triton compiles each
+    kernel on its first launch (~1-2 s on a fresh machine, ~0.5 s from its cache). PackedEngine
+    runs them on threads of their own while the weights go to the GPU; Triton compiles mostly
+    without the GIL, so compiles on several threads overlap."""
     from esmshard.prott5 import ProtT5
 
     if isinstance(network, ProtT5):
@@ -361,7 +387,17 @@ def kernel_warmups(network, dtype: torch.dtype, device) -> list:
         added_and_normed(stream, stream.to(dtype), norm, norm, 1e-5, dtype)
         torch.cuda.synchronize(device)
 
-    return [attention_and_rotary, layer_norm] if NORM_KERNEL else [attention_and_rotary]
+    @torch.inference_mode()
+    def swiglu():
+        from esmshard.swiglu_kernel import swiglu as kernel
+
+        kernel(torch.zeros(8, network.transformer.blocks[0].ffn[1].out_features, dtype=dtype, device=device))
+        torch.cuda.synchronize(device)
+
+    warmups = [attention_and_rotary]
+    warmups += [layer_norm] if NORM_KERNEL else []
+    warmups += [swiglu] if SWIGLU_KERNEL and rotary == "normed" else []
+    return warmups
 
 
 def _rotate(x, cos, sin):
