@@ -16,7 +16,8 @@ The model:
   its family's module (fair-esm's ESM2 or ProteinBertModel, ``esmc.ESMC``, ``prott5.ProtT5``)
 - ``esmc``, ``prott5``: ESM C's and ProtT5's modules, without EvolutionaryScale's package or
   transformers
-- ``packed``, ``rotary_kernel``, ``norm_kernel``: every family over packed (unpadded) token streams
+- ``packed``, ``rotary_kernel``, ``norm_kernel``, ``swiglu_kernel``: every family over packed
+  (unpadded) token streams, with Triton kernels on CUDA
 - ``batching``: token-budget batches (a long protein's windows spread over several)
 - ``engine``: the engine interface a rank uses, and the engines: fair-esm reference and packed
 
