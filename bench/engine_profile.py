@@ -33,11 +33,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow" / "scripts"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engine_speed import AMINO, PROTT5_XL, SHAPES, family_of  # noqa: E402
+from engine_speed import AMINO, SHAPES, family_of, random_network  # noqa: E402
 from esmshard.architectures import MAX_RESIDUES  # noqa: E402
 from esmshard.engine import PackedEngine  # noqa: E402
-from esmshard.huggingface import EsmConfig  # noqa: E402
-from esmshard.model import build_module  # noqa: E402
 from esmshard.outputs import OutputSpec  # noqa: E402
 
 # Kinds of kernel, by the first pattern their name matches.
@@ -115,13 +113,9 @@ def busy_microseconds(intervals) -> float:
 
 
 def run_model(name: str, args, dense_rate: float) -> dict:
-    layers, dim, heads = SHAPES[name]
+    layers, dim, _ = SHAPES[name]
     family = family_of(name)
-    config = EsmConfig(layers, dim, heads, family != "esmc", 1e-5, 10000.0, family, emb_layer_norm_before=True)
-    config = PROTT5_XL if family == "prott5" else config
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        network = build_module(config, initialised=True).eval()
+    network = random_network(name)
     cap = MAX_RESIDUES[family]
     spec = OutputSpec.resolve([-1], ["mean"], layers, max_residues=cap)
     engine = PackedEngine(network, network.alphabet, "cuda", "float16", spec)

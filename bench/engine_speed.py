@@ -101,14 +101,21 @@ def reference_means(network, alphabet, sequences: list[str], layer: int, max_res
     return np.stack(means)
 
 
-def run_model(name: str, args, workdir: Path) -> dict:
+def random_network(name: str):
+    """The module of the released model ``name``'s shape (and family), random weights, on the GPU."""
     layers, dim, heads = SHAPES[name]
     family = family_of(name)
     config = EsmConfig(layers, dim, heads, family != "esmc", 1e-5, 10000.0, family, emb_layer_norm_before=True)
     config = PROTT5_XL if family == "prott5" else config
     torch.manual_seed(0)
     with torch.device("cuda"):
-        network = build_module(config, initialised=True).eval()
+        return build_module(config, initialised=True).eval()
+
+
+def run_model(name: str, args, workdir: Path) -> dict:
+    layers, dim, heads = SHAPES[name]
+    family = family_of(name)
+    network = random_network(name)
     alphabet = network.alphabet
     params = sum(p.numel() for p in network.parameters())
     index = SequenceIndex(workdir / "index")
