@@ -15,7 +15,7 @@ as the rule scripts and the rank call them:
   ``segment_sequences`` and ``rank.SEGMENT_BYTES`` (``outputs.blocks``) through ``Store.write``, of
   random float16 mean vectors of width --dim (no model);
 - lookup: what a rank does before it knows what to compute: ``rank_work`` (the index, the plan, its
-  share), ``rank.open_store`` (every segment's keys read, its share's held) and ``Store.find`` of
+  share), ``RankWork.open_store`` (every segment's keys read, its share's held) and ``Store.find`` of
   its share (rank 0);
 - shard assembly: every rank's job in turn, as workflow/scripts/embed.py runs it with everything in
   the store (``rank.run_rank``: its lookup again, then ``assemble_shard``; ``status.write_success``);
@@ -179,12 +179,10 @@ def stage(name: str, folder: Path, dim: int, ranks: int, rank: int) -> dict:
                 segments += 1
         return {"segments": segments}
     if name == "lookup":
-        from esmshard.rank import open_store
-
         started = time.perf_counter()
         work = rank_work(SequenceIndex(index_dir), read_plan(plan_path), rank, settings)
         shared = time.perf_counter()
-        store = open_store(store_root, work, settings)
+        store = work.open_store(store_root, settings)
         opened = time.perf_counter()
         todo = np.flatnonzero(store.find(work.digests)[0] < 0)  # as rank.fill_store_and_assemble
         found = time.perf_counter()

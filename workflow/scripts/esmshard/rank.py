@@ -21,20 +21,20 @@ from esmshard import EsmShardError
 from esmshard.faults import crash_point, fail_if_asked, slow_batch
 from esmshard.files import atomic_output, ensure_space
 from esmshard.gpu import gpu_device, pin_gpu
-from esmshard.index import SequenceIndex
 from esmshard.outputs import blocks
-from esmshard.plan import read_plan
 from esmshard.progress import SNAPSHOT, Progress
 from esmshard.shard import ShardWriter, outputs_nbytes, sequence_nbytes
 from esmshard.stopping import signals_deferred
 from esmshard.store import DamagedSegment, SegmentWriter, Store, discard_damaged, store_directory
-from esmshard.work import RankSettings, RankWork, rank_work
+from esmshard.work import RankSettings, RankWork, read_rank_work
 
 log = logging.getLogger(__name__)
 
 # A store segment's outputs are at most this size: the rank's host memory for outputs stays under
 # ~4x it (the segment filling; the one being written, copied once to sort it).
 SEGMENT_BYTES = 512 << 20
+# ``Engine.stats`` of a rank that computed nothing (and loaded no model)
+NOTHING_COMPUTED = {"bfloat16_batches": 0, "out_of_memory_splits": 0, "cpu_batches": 0, "peak_gpu_memory_gib": None}
 
 
 def run_rank(
@@ -45,7 +45,7 @@ def run_rank(
     segments the shard reads. ``verify_store``: read every checksum of the store segments that hold
     the rank's sequences first (the aggregation could not read the shard's rows)."""
     fail_if_asked(rank)
-    work = rank_work(SequenceIndex(index_dir), read_plan(plan_path), rank, settings)
+    work = read_rank_work(index_dir, plan_path, rank, settings)
     work.checkpoint = {**work.checkpoint, "path": str(checkpoint)}
     embedded = work.spec.embedded_lengths(work.lengths)
     snapshot = Path(store_root).parent / "progress" / SNAPSHOT.format(rank=rank)
@@ -65,7 +65,7 @@ def run_rank(
         progress.stopped()
         raise
     peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    stats = engine_stats(engine)
+    stats = NOTHING_COMPUTED if engine is None else engine.stats()
     peak_gpu_memory = stats["peak_gpu_memory_gib"]
     log.info(
         "rank %d: done; peak host memory %.2f GiB%s",
@@ -86,13 +86,6 @@ def run_rank(
     }
 
 
-def engine_stats(engine) -> dict:
-    """``Engine.stats``, or what they are where the rank computed nothing."""
-    if engine is None:
-        return {"bfloat16_batches": 0, "out_of_memory_splits": 0, "cpu_batches": 0, "peak_gpu_memory_gib": None}
-    return engine.stats()
-
-
 def fill_store_and_assemble(
     work: RankWork, shard_path, store_root, settings: RankSettings, progress: Progress, engine=None, verify=False
 ):
@@ -103,10 +96,10 @@ def fill_store_and_assemble(
     the shard reads)."""
     gpu, computed = None, 0
     if verify:  # a damaged segment is deleted: its sequences are then computed as missing ones
-        store = open_store(store_root, work, settings)
+        store = work.open_store(store_root, settings)
         discard_damaged(store.segments_holding(work.digests), work.spec.names)
     for attempt in range(3):
-        store = open_store(store_root, work, settings)
+        store = work.open_store(store_root, settings)
         todo = np.flatnonzero(store.find(work.digests)[0] < 0)
         if not attempt:
             log.info(
@@ -128,20 +121,13 @@ def fill_store_and_assemble(
                 progress.start_clock()
             compute(work, engine, todo, store, settings, progress)
             computed += len(todo)
-            store = open_store(store_root, work, settings)
+            store = work.open_store(store_root, settings)
         try:
             segments = assemble_shard(shard_path, work, store, settings.dtype, engine)
             return computed, gpu, engine, segments
         except DamagedSegment as error:
             log.warning("rank %d: %s; computing its sequences again", work.rank, error)
     raise EsmShardError(f"the store {store.directory} was found damaged three times; check the disk")
-
-
-def open_store(store_root, work: RankWork, settings: RankSettings) -> Store:
-    """The store of the rank's settings, holding the keys of its share only."""
-    return Store(
-        store_root, work.store_identity, work.spec, work.dim, settings.dtype, writer=f"r{work.rank}", only=work.digests
-    )
 
 
 def compute(work: RankWork, engine, todo: np.ndarray, store: Store, settings: RankSettings, progress: Progress):
@@ -253,7 +239,7 @@ def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str, engine=
             **work.identity,
             **work.shard_attrs(),
             "model": work.checkpoint["path"],
-            "bfloat16_batches": engine_stats(engine)["bfloat16_batches"],
+            "bfloat16_batches": (NOTHING_COMPUTED if engine is None else engine.stats())["bfloat16_batches"],
         }
         writer = ShardWriter(tmp, work.ids, work.lengths, work.spec, work.dim, dtype, attrs, runs)
         store.copy_to(writer, work.digests)

@@ -14,10 +14,10 @@ from esmshard.architectures import MAX_RESIDUES
 from esmshard.gpu import gpu_device
 from esmshard.index import SequenceIndex
 from esmshard.outputs import OutputSpec, pooling_of, sorted_rows
-from esmshard.plan import Plan, sequence_costs
+from esmshard.plan import Plan, read_plan, sequence_costs
 from esmshard.settings import defaults
 from esmshard.shard import dataset_shapes, shard_problem
-from esmshard.store import sequence_keys, settings_identity, store_key
+from esmshard.store import Store, sequence_keys, settings_identity, store_key
 
 
 @dataclass
@@ -67,6 +67,11 @@ class RankWork:
     def store_identity(self) -> dict:
         return {**self.identity, "compute_precision": self.compute_precision}
 
+    def open_store(self, store_root, settings: RankSettings) -> Store:
+        """The store of this work's settings, holding the keys of its share only."""
+        identity, writer = self.store_identity, f"r{self.rank}"
+        return Store(store_root, identity, self.spec, self.dim, settings.dtype, writer=writer, only=self.digests)
+
     def shard_problem(self, path) -> str | None:
         """None when ``path`` is a complete shard of exactly this work, else what is wrong with it."""
         return shard_problem(path, self.ids, self.shard_attrs(), dataset_shapes(self.spec, self.lengths, self.dim))
@@ -110,6 +115,11 @@ class RankWork:
                 done += len(out[name])
             outputs[name] = values
         return self.digests[rows[order]], self.lengths[rows[order]], outputs
+
+
+def read_rank_work(index_dir, plan_path, rank: int, settings: RankSettings) -> RankWork:
+    """``rank_work`` of the index and the plan in these files."""
+    return rank_work(SequenceIndex(index_dir), read_plan(plan_path), rank, settings)
 
 
 def rank_work(
