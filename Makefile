@@ -24,12 +24,16 @@ demo: setup
 # One worker per core, whole files per worker (their module fixtures are shared runs), in the
 # order tests/conftest.py gives them (not xdist's, which starts the files with most tests), and
 # one more worker for the SLURM test alone, which mostly waits (tests/conftest.py). The 20
-# slowest tests are listed at the end, to keep an eye on the suite's time.
+# slowest tests are listed at the end, to keep an eye on the suite's time. The package is
+# byte-compiled first, as a first run would leave it: where PYTHONDONTWRITEBYTECODE is set (CI),
+# each of the suite's ~500 Python processes would compile the modules it imports again.
 test: setup
+	$(PYTHON) -m compileall -q workflow/scripts
 	$(PYTHON) -m pytest -n auto --dist loadfile --no-loadscope-reorder --durations=20
 
 # For iterating: everything but the tests that run the real snakemake (marker "workflow").
 test-fast: setup
+	$(PYTHON) -m compileall -q workflow/scripts
 	$(PYTHON) -m pytest -n auto --dist loadfile --durations=10 -m "not workflow"
 
 # The GPU tests (tests/gpu), in one process: a missing GPU is an error. Not set up here, so that a
