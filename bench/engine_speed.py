@@ -32,10 +32,10 @@ from esmshard.huggingface import EsmConfig, ProtT5Config  # noqa: E402
 from esmshard.index import SequenceIndex, build_index  # noqa: E402
 from esmshard.model import build_module  # noqa: E402
 from esmshard.outputs import OutputSpec  # noqa: E402
-from esmshard.plan import Plan, balance, distinct, read_plan, sequence_costs, write_plan  # noqa: E402
+from esmshard.plan import Plan, balance, distinct, sequence_costs, write_plan  # noqa: E402
 from esmshard.progress import Progress  # noqa: E402
 from esmshard.rank import fill_store_and_assemble  # noqa: E402
-from esmshard.work import RankSettings, rank_work  # noqa: E402
+from esmshard.work import RankSettings, read_rank_work  # noqa: E402
 
 ESM2_MAX_RESIDUES = MAX_RESIDUES["esm2"]  # fair-esm's scripts cut there
 
@@ -128,7 +128,7 @@ def run_model(name: str, args, workdir: Path) -> dict:
         {"precision": args.precision, "tokens_per_batch": args.tokens_per_batch, "progress_seconds": 1e9}
     )
     plan_path = write_bench_plan(workdir, name)
-    work = rank_work(SequenceIndex(workdir / "index"), read_plan(plan_path), 0, settings)
+    work = read_rank_work(workdir / "index", plan_path, 0, settings)
     spec = work.spec
     engine = PackedEngine(network, alphabet, "cuda", args.precision, spec)
     started = time.perf_counter()

@@ -134,7 +134,7 @@ def stage(name: str, folder: Path, dim: int, ranks: int, rank: int) -> dict:
     from esmshard.index import SequenceIndex, build_index
     from esmshard.plan import read_plan
     from esmshard.settings import defaults
-    from esmshard.work import rank_work
+    from esmshard.work import rank_work, read_rank_work
 
     index_dir, plan_path, store_root = folder / "index", folder / "plan.h5", folder / "store"
     settings = rank_settings()
@@ -180,7 +180,7 @@ def stage(name: str, folder: Path, dim: int, ranks: int, rank: int) -> dict:
         return {"segments": segments}
     if name == "lookup":
         started = time.perf_counter()
-        work = rank_work(SequenceIndex(index_dir), read_plan(plan_path), rank, settings)
+        work = read_rank_work(index_dir, plan_path, rank, settings)
         shared = time.perf_counter()
         store = work.open_store(store_root, settings)
         opened = time.perf_counter()

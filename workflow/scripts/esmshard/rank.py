@@ -58,14 +58,13 @@ def run_rank(
         total_cost=work.costs(slice(None)),
     )
     try:
-        computed, gpu, engine, segments = fill_store_and_assemble(
+        computed, gpu, stats, segments = fill_store_and_assemble(
             work, shard_path, store_root, settings, progress, verify=verify_store
         )
     except BaseException:
         progress.stopped()
         raise
     peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    stats = NOTHING_COMPUTED if engine is None else engine.stats()
     peak_gpu_memory = stats["peak_gpu_memory_gib"]
     log.info(
         "rank %d: done; peak host memory %.2f GiB%s",
@@ -92,7 +91,7 @@ def fill_store_and_assemble(
     """Compute what the store lacks (with ``engine``, else the model loaded on a leased GPU), then
     assemble the shard from the store; a store segment found damaged while assembling (or, with
     ``verify``, by reading all its checksums first) is deleted and its sequences computed again.
-    Returns (sequences computed, the GPU leased or None, the engine or None, the store segments
+    Returns (sequences computed, the GPU leased or None, the engine's stats, the store segments
     the shard reads)."""
     gpu, computed = None, 0
     if verify:  # a damaged segment is deleted: its sequences are then computed as missing ones
@@ -123,8 +122,9 @@ def fill_store_and_assemble(
             computed += len(todo)
             store = work.open_store(store_root, settings)
         try:
-            segments = assemble_shard(shard_path, work, store, settings.dtype, engine)
-            return computed, gpu, engine, segments
+            stats = NOTHING_COMPUTED if engine is None else engine.stats()
+            segments = assemble_shard(shard_path, work, store, settings.dtype, stats["bfloat16_batches"])
+            return computed, gpu, stats, segments
         except DamagedSegment as error:
             log.warning("rank %d: %s; computing its sequences again", work.rank, error)
     raise EsmShardError(f"the store {store.directory} was found damaged three times; check the disk")
@@ -219,9 +219,10 @@ def load_engine(work: RankWork, settings: RankSettings, tokens: int):
     return engine, gpu
 
 
-def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str, engine=None) -> list[Path]:
+def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str, bfloat16_batches: int) -> list[Path]:
     """The rank's shard from the store, in plan order; only a complete file lands. Its attributes
-    say how many of this run's batches overflowed float16 and were computed in bfloat16. Returns
+    say how many of this run's batches overflowed float16 and were computed in bfloat16
+    (``bfloat16_batches``). Returns
     the store segments its per-residue rows are read from."""
     runs = store.residue_runs(work.digests) if work.spec.per_residue else None
     log.info(
@@ -239,7 +240,7 @@ def assemble_shard(shard_path, work: RankWork, store: Store, dtype: str, engine=
             **work.identity,
             **work.shard_attrs(),
             "model": work.checkpoint["path"],
-            "bfloat16_batches": (NOTHING_COMPUTED if engine is None else engine.stats())["bfloat16_batches"],
+            "bfloat16_batches": bfloat16_batches,
         }
         writer = ShardWriter(tmp, work.ids, work.lengths, work.spec, work.dim, dtype, attrs, runs)
         store.copy_to(writer, work.digests)
