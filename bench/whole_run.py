@@ -3,7 +3,7 @@
     python bench/whole_run.py --like esm2_t33_650M_UR50D --n 12000 --real ../shared/data/P62593.fasta
     python bench/whole_run.py --like esm1b_t33_650M_UR50S --n 6000 --real ../shared/data/P62593.fasta
     python bench/whole_run.py --like prot_t5_xl --n 3000 --real ../shared/data/P62593.fasta --budgets 16384
-    python bench/whole_run.py --like esmc_600m --n 6000 --esm-site ESM_SITE --budgets 16384 65536
+    python bench/whole_run.py --like esmc_600m --n 60000 --esm-site ESM_SITE --budgets 131072 262144
 
 Input: the first --real-n records of --real (real proteins) and synthetic ones (log-normal
 lengths, median 300, uncapped: some exceed 1022, the limit of ESM-2 and ESM-1b, and are truncated
@@ -73,7 +73,7 @@ PEERS = {
     "esmc": ("esm",),
     "prott5": ("transformers",),
 }
-BUDGETS = (4096, 16384, 65536)
+BUDGETS = (16384, 65536, 131072)  # the peers were fastest at 131,072-262,144 on an H100 (docs/benchmarks.md)
 MIN_COSINE = 0.999
 # Peers that are not installable on the GPU machines (Python 3.12, torch 2.11, no network; wheels
 # carried in at most 64 MiB), by family, with why (checked 2026-12-07).
