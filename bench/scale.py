@@ -24,7 +24,7 @@ as the rule scripts and the rank call them:
 
 Each stage is one process (a fresh interpreter, as Snakemake runs a job): seconds are its wall time,
 start and imports included, peak memory its own ru_maxrss (``os.wait4``), bytes what it left on
-disk. Pooling is mean of the last layer, dtype float16 (the 650M default's shape); --dim takes one
+disk. Outputs: the mean of the last layer (--pooling adds others), float16 (the 650M default's shape); --dim takes one
 width, or one per size (a smaller one where the disk cannot hold store + shards + embeddings.h5 of
 the big sizes; the table says which). Prints one markdown table (progress and each stage's
 details go to stderr), then per stage the exponent k of seconds ~ n^k (linear: k ~ 1; fixed costs
@@ -77,7 +77,8 @@ VECTOR_STAGES = ("store", "assembly", "merge")  # whose cost has a part per byte
 # --- the stages, each run in its own process ---------------------------------------------------
 
 
-PLAN_SETTINGS = {"layers": [-1], "pooling": ["mean"], "dtype": "float16"}  # the 650M default's output, float16
+# The 650M default's output in float16; --pooling (to the stages through SCALE_POOLING) adds others.
+PLAN_SETTINGS = {"layers": [-1], "pooling": os.environ.get("SCALE_POOLING", "mean").split(","), "dtype": "float16"}
 
 
 def rank_settings():
@@ -156,7 +157,7 @@ def stage(name: str, folder: Path, dim: int, ranks: int, rank: int) -> dict:
         with h5py.File(plan_path) as h5:
             return {"distinct": len(h5["position"]), "imbalance": round(float(h5.attrs["imbalance"]), 5)}
     if name == "store":
-        from esmshard.outputs import blocks
+        from esmshard.outputs import blocks, pooling_of
         from esmshard.rank import SEGMENT_BYTES
         from esmshard.shard import sequence_nbytes
         from esmshard.store import Store
@@ -173,8 +174,12 @@ def stage(name: str, folder: Path, dim: int, ranks: int, rank: int) -> dict:
         for work, store in zip(works, stores):
             sizes = sequence_nbytes(work.spec, work.lengths, work.dim, settings.dtype)
             for start, end in blocks(sizes, settings.segment_sequences, SEGMENT_BYTES):
-                at = int(rng.integers(0, POOL_ROWS - (end - start) + 1))
-                outputs = {name: pool[at : at + end - start] for name in work.spec.names}
+                rows = {"per_residue": int(work.spec.embedded_lengths(work.lengths[start:end]).sum())}
+                outputs = {}
+                for name in work.spec.names:
+                    count = rows.get(pooling_of(name), end - start)
+                    at = int(rng.integers(0, max(POOL_ROWS - count, 0) + 1))
+                    outputs[name] = pool[at : at + count] if count <= POOL_ROWS else np.resize(pool, (count, dim))
                 store.write(work.digests[start:end], work.lengths[start:end], outputs)
                 segments += 1
         return {"segments": segments}
@@ -393,6 +398,9 @@ def main() -> int:
     parser.add_argument("--target", type=int, default=100_000_000)
     parser.add_argument("--target-dim", type=int, default=1280)
     parser.add_argument("--keep", action="store_true", help="keep each size's scratch folder")
+    parser.add_argument(
+        "--pooling", nargs="+", default=["mean"], choices=["mean", "bos", "per_residue"], help="the outputs"
+    )
     parser.add_argument("--json", type=Path, help="also write the measurements here")
     parser.add_argument("--from-json", type=Path, help="print the table and extrapolation of saved measurements")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -405,6 +413,7 @@ def main() -> int:
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
     else:
+        os.environ["SCALE_POOLING"] = ",".join(args.pooling)  # for the stages' processes
         dims = args.dim * len(args.sizes) if len(args.dim) == 1 else args.dim
         if len(dims) != len(args.sizes):
             parser.error("--dim takes one width, or one per size")
@@ -420,7 +429,7 @@ def main() -> int:
         saved = {
             "caption": f"bench/scale.py, commit {commit.stdout.strip()}, {time.strftime('%Y-%m-%d')}, "
             f"{platform.node()}, {os.cpu_count()} cores; load average {load[0]:.2f} before, "
-            f"{os.getloadavg()[0]:.2f} after; {time.time() - started:.0f} s in all",
+            f"{os.getloadavg()[0]:.2f} after; {time.time() - started:.0f} s in all; outputs {', '.join(args.pooling)}",
             "ranks": args.ranks,
             "rows": rows,
         }

@@ -220,6 +220,15 @@ def test_store_rows_gone_or_damaged_under_a_finished_run_are_computed_again_neve
     completed_run(tmp_path, config)
     reference = tmp_path / "reference.h5"
     reference.write_bytes((tmp_path / "results/embeddings.h5").read_bytes())
+    # merged again in blocks of 64 KiB, its per-residue rows written in 8 KiB pieces, with and
+    # without O_DIRECT: the same file
+    for direct in (True, False):
+        with monkeypatch.context() as patch:
+            patch.setattr(aggregate_module, "_BLOCK_BYTES", 64 << 10)
+            patch.setattr(aggregate_module, "_STAGE_BYTES", 8 << 10)
+            patch.setattr(aggregate_module, "DIRECT_WRITES", direct)
+            assert aggregate_in_process(tmp_path, config)["complete"]
+        assert_same_outputs(tmp_path, reference)
     gone = [segment for segment in segment_files(tmp_path) if segment.name.startswith("seg_r1_")][1]
     gone.unlink()
     result = run_snakemake(tmp_path, config)

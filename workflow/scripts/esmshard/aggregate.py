@@ -15,8 +15,13 @@ Snakefile retries that rank's own job (``status.retry_failure``), which assemble
 from the store (checking the store's segments first) and computes only what the store lacks.
 """
 
+import errno
 import json
 import logging
+import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import h5py
@@ -35,6 +40,12 @@ log = logging.getLogger(__name__)
 
 _BLOCK_ROWS = 16384  # sequences copied at a time ...
 _BLOCK_BYTES = 256 << 20  # ... and at most this many bytes of their outputs
+# Uncompressed per-residue rows are written with O_DIRECT (past the page cache) where the file
+# system takes it: in aligned pieces of _STAGE_BYTES, each a multiple of _ALIGNMENT (offsets, sizes
+# and buffers of direct writes must be).
+DIRECT_WRITES = True
+_ALIGNMENT = 4096
+_STAGE_BYTES = 32 << 20
 
 
 def aggregate(
@@ -195,7 +206,9 @@ def merge(
 ) -> None:
     """Write the kept IDs in input order, each with its distinct sequence's rows from its shard.
     ``ids_of(positions)`` gives the IDs at increasing index positions: they are read and written
-    block by block, so that the merge never holds every ID (~200 MiB per million proteins)."""
+    block by block, so that the merge never holds every ID (~200 MiB per million proteins).
+    Uncompressed per-residue rows, most of the bytes, go to their datasets' storage through a
+    ``RowAppender`` each."""
     spec = work.spec
     positions = np.flatnonzero(keep)
     distinct = plan.source[positions]  # [k] which distinct sequence each output row is
@@ -210,8 +223,19 @@ def merge(
     sources = {rank: h5py.File(p, "r") for rank, p in shards.items()}
     try:
         dtype = np.dtype(work.identity["dtype"])
-        with h5py.File(path, "w") as out:
-            datasets = create_outputs(out, spec, None, lengths[positions], work.dim, dtype, compression)
+        # big datasets start at a multiple of _ALIGNMENT, as direct writes need
+        with (
+            h5py.File(path, "w", alignment_threshold=1 << 20, alignment_interval=_ALIGNMENT) as out,
+            ExitStack() as appending,  # the appenders' writes end before the file closes
+        ):
+            datasets = create_outputs(
+                out, spec, None, lengths[positions], work.dim, dtype, compression, allocate_residues=True
+            )
+            appenders = {
+                name: appending.enter_context(RowAppender(path, dataset.id.get_offset()))
+                for name, dataset in datasets.items()
+                if dataset.id.get_offset() is not None  # the allocated ones: uncompressed per-residue rows
+            }
             sizes = sequence_nbytes(spec, lengths[positions], work.dim, dtype)
             for start, end in blocks(sizes, _BLOCK_ROWS, _BLOCK_BYTES):
                 out["ids"][start:end] = ids_of(positions[start:end])
@@ -236,7 +260,14 @@ def merge(
                             values = found
                         else:
                             values[mine] = found
-                    dataset[out_start:out_end] = values
+                    if name in appenders:  # blocks come in order: each appends after the last
+                        appenders[name].append(values)
+                    else:
+                        dataset[out_start:out_end] = values
+            for name, appender in appenders.items():
+                appender.finish()
+                if appender.written != datasets[name].nbytes:
+                    raise EsmShardError(f"{name}: {appender.written} bytes merged, {datasets[name].nbytes} expected")
             _check_sources_kept(shards, sources, spec)
             attrs = {**work.identity, **work.run_attrs()}
             write_attrs(
@@ -254,6 +285,87 @@ def merge(
     finally:
         for source in sources.values():
             source.close()
+
+
+class RowAppender:
+    """Appends rows to a contiguous dataset's storage (allocated, at byte ``offset`` of the file at
+    ``path``), gathered in page-aligned buffers of _STAGE_BYTES and written on a thread while the
+    merge reads on: with O_DIRECT (past the page cache) where the offset is aligned and the file
+    system allows it, the unaligned end through the page cache. Copying gigabytes of per-residue
+    rows into the page cache costs more than the disk's time (docs/benchmarks.md)."""
+
+    def __init__(self, path, offset: int):
+        self.written = 0
+        self._offset, self._filled, self._pending = offset, 0, None
+        self._fd = os.open(path, os.O_WRONLY)
+        self._direct_fd = _open_direct(path) if DIRECT_WRITES and offset % _ALIGNMENT == 0 else None
+        self._direct = self._direct_fd is not None
+        self._buffers = [mmap.mmap(-1, _STAGE_BYTES) for _ in range(2)]  # one fills while one is written
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="row-writer")
+
+    def append(self, values: np.ndarray) -> None:
+        with memoryview(np.ascontiguousarray(values)).cast("B") as data:
+            at = 0
+            while at < len(data):
+                n = min(len(data) - at, _STAGE_BYTES - self._filled)
+                self._buffers[0][self._filled : self._filled + n] = data[at : at + n]
+                self._filled, at = self._filled + n, at + n
+                if self._filled == _STAGE_BYTES:
+                    self._submit()
+
+    def finish(self) -> None:
+        """Write what is gathered and wait for every write; raises the first that failed."""
+        if self._filled:
+            self._submit()
+        self._wait()
+
+    def _submit(self) -> None:
+        self._wait()  # the buffer filled next is the one whose write this waits for
+        buffer = self._buffers.pop(0)
+        self._buffers.append(buffer)
+        self._pending = self._thread.submit(self._write, buffer, self._filled, self._offset)
+        self._offset, self.written, self._filled = self._offset + self._filled, self.written + self._filled, 0
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _write(self, buffer: mmap.mmap, nbytes: int, offset: int) -> None:
+        with memoryview(buffer) as view:
+            direct = nbytes - nbytes % _ALIGNMENT if self._direct else 0
+            if direct:
+                try:
+                    _write_at(self._direct_fd, view[:direct], offset)
+                except OSError as error:  # a file system that opens with O_DIRECT but refuses its writes
+                    if error.errno != errno.EINVAL:
+                        raise
+                    self._direct, direct = False, 0
+            _write_at(self._fd, view[direct:nbytes], offset + direct)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)  # no write outlives the file
+        for fd in (self._fd, self._direct_fd):
+            if fd is not None:
+                os.close(fd)
+        for buffer in self._buffers:
+            buffer.close()
+
+
+def _open_direct(path) -> int | None:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+    except (OSError, AttributeError):  # a file system without it (tmpfs on older kernels); not Linux
+        return None
+
+
+def _write_at(fd: int, data: memoryview, offset: int) -> None:
+    while data:  # pwrite may write less than asked
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
 
 
 def _check_sources_kept(shards: dict, sources: dict, spec) -> None:

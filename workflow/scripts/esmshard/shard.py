@@ -63,14 +63,24 @@ def sequence_nbytes(spec: OutputSpec, lengths, dim: int, dtype, per_residue: boo
 
 
 def create_outputs(
-    h5: h5py.File, spec: OutputSpec, ids, lengths, dim: int, dtype, compression: str = "none", residue_runs=None
+    h5: h5py.File,
+    spec: OutputSpec,
+    ids,
+    lengths,
+    dim: int,
+    dtype,
+    compression: str = "none",
+    residue_runs=None,
+    allocate_residues=False,
 ) -> dict[str, h5py.Dataset]:
     """The row datasets, and the empty output datasets of a shard or merged file (returned, to be
     written). ``compression`` (config ``compression``: none, gzip or lzf) applies to the outputs;
     without it they are contiguous, the fastest layout to write and read. With ``residue_runs``
     (``Store.residue_runs``) the per-residue outputs are instead virtual datasets over the store
-    segments that hold their rows, and nothing writes them. ``ids`` None: an ``ids`` dataset for
-    the caller to fill."""
+    segments that hold their rows, and nothing writes them. With ``allocate_residues`` contiguous
+    per-residue outputs get their file space now and are never filled: their bytes are written
+    outside HDF5, at ``Dataset.id.get_offset()``. ``ids`` None: an ``ids`` dataset for the caller
+    to fill."""
     if ids is None:
         h5.create_dataset("ids", (len(lengths),), h5py.string_dtype())
     else:
@@ -85,12 +95,20 @@ def create_outputs(
         if residue_runs and pooling_of(name) == "per_residue":  # (none for an empty share: plain)
             _create_virtual(h5, name, shape, dtype, residue_runs)
         elif compression == "none" or not shape[0]:  # HDF5 wants chunks <= data, so an empty one is plain
-            datasets[name] = h5.create_dataset(name, shape, dtype)
+            allocated = allocate_residues and shape[0] and pooling_of(name) == "per_residue"
+            datasets[name] = h5.create_dataset(name, shape, dtype, **(_allocated_now() if allocated else {}))
         else:  # byte shuffling puts the floats' exponent bytes together: smaller, faster (docs/benchmarks.md)
             datasets[name] = h5.create_dataset(
                 name, shape, dtype, chunks=(min(shape[0], rows_per_chunk), dim), compression=compression, shuffle=True
             )
     return datasets
+
+
+def _allocated_now() -> dict:
+    """create_dataset's options for storage allocated at creation and never filled."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return {"dcpl": dcpl, "fill_time": "never"}
 
 
 def _create_virtual(h5: h5py.File, name: str, shape, dtype, runs) -> None:
