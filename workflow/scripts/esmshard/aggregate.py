@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 _BLOCK_ROWS = 16384  # sequences copied at a time ...
 _BLOCK_BYTES = 256 << 20  # ... and at most this many bytes of their outputs
-# Uncompressed per-residue rows are written with O_DIRECT (past the page cache) where the file
-# system takes it: in aligned pieces of _STAGE_BYTES, each a multiple of _ALIGNMENT (offsets, sizes
+# Uncompressed outputs are written with O_DIRECT (past the page cache) where the file
+# system takes it: in aligned pieces of at most _STAGE_BYTES, each a multiple of _ALIGNMENT (offsets, sizes
 # and buffers of direct writes must be).
 DIRECT_WRITES = True
 _ALIGNMENT = 4096
@@ -207,8 +207,7 @@ def merge(
     """Write the kept IDs in input order, each with its distinct sequence's rows from its shard.
     ``ids_of(positions)`` gives the IDs at increasing index positions: they are read and written
     block by block, so that the merge never holds every ID (~200 MiB per million proteins).
-    Uncompressed per-residue rows, most of the bytes, go to their datasets' storage through a
-    ``RowAppender`` each."""
+    Uncompressed outputs go to their datasets' storage through a ``RowAppender`` each."""
     spec = work.spec
     positions = np.flatnonzero(keep)
     distinct = plan.source[positions]  # [k] which distinct sequence each output row is
@@ -228,13 +227,11 @@ def merge(
             h5py.File(path, "w", alignment_threshold=1 << 20, alignment_interval=_ALIGNMENT) as out,
             ExitStack() as appending,  # the appenders' writes end before the file closes
         ):
-            datasets = create_outputs(
-                out, spec, None, lengths[positions], work.dim, dtype, compression, allocate_residues=True
-            )
+            datasets = create_outputs(out, spec, None, lengths[positions], work.dim, dtype, compression, allocate=True)
             appenders = {
-                name: appending.enter_context(RowAppender(path, dataset.id.get_offset()))
+                name: appending.enter_context(RowAppender(path, dataset.id.get_offset(), dataset.nbytes))
                 for name, dataset in datasets.items()
-                if dataset.id.get_offset() is not None  # the allocated ones: uncompressed per-residue rows
+                if dataset.id.get_offset() is not None  # the allocated ones: uncompressed outputs
             }
             sizes = sequence_nbytes(spec, lengths[positions], work.dim, dtype)
             for start, end in blocks(sizes, _BLOCK_ROWS, _BLOCK_BYTES):
@@ -288,29 +285,30 @@ def merge(
 
 
 class RowAppender:
-    """Appends rows to a contiguous dataset's storage (allocated, at byte ``offset`` of the file at
-    ``path``), gathered in page-aligned buffers of _STAGE_BYTES and written on a thread while the
-    merge reads on: with O_DIRECT (past the page cache) where the offset is aligned and the file
-    system allows it, the unaligned end through the page cache. Copying gigabytes of per-residue
-    rows into the page cache costs more than the disk's time (docs/benchmarks.md)."""
+    """Appends rows to a contiguous dataset's storage (``nbytes`` allocated at byte ``offset`` of the
+    file at ``path``), gathered in page-aligned buffers of at most _STAGE_BYTES and written on a
+    thread while the merge reads on: with O_DIRECT (past the page cache) where the offset is
+    aligned and the file system allows it, the unaligned end through the page cache. Copying
+    gigabytes into the page cache costs more than the disk's time (docs/benchmarks.md)."""
 
-    def __init__(self, path, offset: int):
+    def __init__(self, path, offset: int, nbytes: int):
         self.written = 0
+        self._stage = min(_STAGE_BYTES, -(-nbytes // _ALIGNMENT) * _ALIGNMENT)
         self._offset, self._filled, self._pending = offset, 0, None
         self._fd = os.open(path, os.O_WRONLY)
         self._direct_fd = _open_direct(path) if DIRECT_WRITES and offset % _ALIGNMENT == 0 else None
         self._direct = self._direct_fd is not None
-        self._buffers = [mmap.mmap(-1, _STAGE_BYTES) for _ in range(2)]  # one fills while one is written
+        self._buffers = [mmap.mmap(-1, self._stage) for _ in range(2)]  # one fills while one is written
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="row-writer")
 
     def append(self, values: np.ndarray) -> None:
         with memoryview(np.ascontiguousarray(values)).cast("B") as data:
             at = 0
             while at < len(data):
-                n = min(len(data) - at, _STAGE_BYTES - self._filled)
+                n = min(len(data) - at, self._stage - self._filled)
                 self._buffers[0][self._filled : self._filled + n] = data[at : at + n]
                 self._filled, at = self._filled + n, at + n
-                if self._filled == _STAGE_BYTES:
+                if self._filled == self._stage:
                     self._submit()
 
     def finish(self) -> None:

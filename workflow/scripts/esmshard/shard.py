@@ -71,14 +71,14 @@ def create_outputs(
     dtype,
     compression: str = "none",
     residue_runs=None,
-    allocate_residues=False,
+    allocate=False,
 ) -> dict[str, h5py.Dataset]:
     """The row datasets, and the empty output datasets of a shard or merged file (returned, to be
     written). ``compression`` (config ``compression``: none, gzip or lzf) applies to the outputs;
     without it they are contiguous, the fastest layout to write and read. With ``residue_runs``
     (``Store.residue_runs``) the per-residue outputs are instead virtual datasets over the store
-    segments that hold their rows, and nothing writes them. With ``allocate_residues`` contiguous
-    per-residue outputs get their file space now and are never filled: their bytes are written
+    segments that hold their rows, and nothing writes them. With ``allocate`` the contiguous
+    outputs get their file space now and are never filled: their bytes are written
     outside HDF5, at ``Dataset.id.get_offset()``. ``ids`` None: an ``ids`` dataset for the caller
     to fill."""
     if ids is None:
@@ -95,7 +95,7 @@ def create_outputs(
         if residue_runs and pooling_of(name) == "per_residue":  # (none for an empty share: plain)
             _create_virtual(h5, name, shape, dtype, residue_runs)
         elif compression == "none" or not shape[0]:  # HDF5 wants chunks <= data, so an empty one is plain
-            allocated = allocate_residues and shape[0] and pooling_of(name) == "per_residue"
+            allocated = allocate and shape[0]
             datasets[name] = h5.create_dataset(name, shape, dtype, **(_allocated_now() if allocated else {}))
         else:  # byte shuffling puts the floats' exponent bytes together: smaller, faster (docs/benchmarks.md)
             datasets[name] = h5.create_dataset(
