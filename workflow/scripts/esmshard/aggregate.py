@@ -40,9 +40,9 @@ log = logging.getLogger(__name__)
 
 _BLOCK_ROWS = 16384  # sequences copied at a time ...
 _BLOCK_BYTES = 256 << 20  # ... and at most this many bytes of their outputs
-# Uncompressed outputs are written with O_DIRECT (past the page cache) where the file
-# system takes it: in aligned pieces of at most _STAGE_BYTES, each a multiple of _ALIGNMENT (offsets, sizes
-# and buffers of direct writes must be).
+# Uncompressed outputs are written with O_DIRECT (past the page cache) where the file system
+# takes it: in aligned pieces of at most _STAGE_BYTES, each a multiple of _ALIGNMENT (offsets,
+# sizes and buffers of direct writes must be).
 DIRECT_WRITES = True
 _ALIGNMENT = 4096
 _STAGE_BYTES = 32 << 20
@@ -297,7 +297,6 @@ class RowAppender:
         self._offset, self._filled, self._pending = offset, 0, None
         self._fd = os.open(path, os.O_WRONLY)
         self._direct_fd = _open_direct(path) if DIRECT_WRITES and offset % _ALIGNMENT == 0 else None
-        self._direct = self._direct_fd is not None
         self._buffers = [mmap.mmap(-1, self._stage) for _ in range(2)]  # one fills while one is written
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="row-writer")
 
@@ -331,14 +330,15 @@ class RowAppender:
 
     def _write(self, buffer: mmap.mmap, nbytes: int, offset: int) -> None:
         with memoryview(buffer) as view:
-            direct = nbytes - nbytes % _ALIGNMENT if self._direct else 0
+            direct = nbytes - nbytes % _ALIGNMENT if self._direct_fd is not None else 0
             if direct:
                 try:
                     _write_at(self._direct_fd, view[:direct], offset)
                 except OSError as error:  # a file system that opens with O_DIRECT but refuses its writes
                     if error.errno != errno.EINVAL:
                         raise
-                    self._direct, direct = False, 0
+                    os.close(self._direct_fd)  # (only this thread writes with it)
+                    self._direct_fd, direct = None, 0
             _write_at(self._fd, view[direct:nbytes], offset + direct)
 
     def __enter__(self):
